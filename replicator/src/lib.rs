@@ -1,0 +1,15 @@
+//! replicator: a Linux block-device replicator that needs no kernel module.
+//!
+//! The data path, top to bottom (modules in that order as they land):
+//! tracker (the kernel marks written extents) -> intent log -> shipper -> wire -> secondary
+//! writer -> ack -> logs cleared.
+
+pub mod device;
+pub mod sysfs;
+pub mod tracker;
+
+pub mod commands;
+pub mod testbed;
+pub mod units;
+
+pub use tracker::{Tracker, TrackerCounters, TrackerError, TrackerOptions};

@@ -1,0 +1,409 @@
+//! The tracker: loads the kernel program (`replicator-ebpf`) onto the block-layer tracepoints for
+//! one device, and hands userspace the extents that writes touched.
+//!
+//! Owns the program's links and maps, pinned in bpffs under `<bpffs_root>/<name>/`, and the
+//! `mmap`ed bitmaps. Two bitmaps, one bit per extent:
+//! - intent: set when a write is queued (before it can reach the device). This is the source of
+//!   the write-intent log; userspace reads it (`intent_snapshot`) and never clears it here.
+//! - completed: set when a write has completed. `drain_completed` takes bits atomically (one swap
+//!   per word), so an extent read after the drain holds data at least as new as every write
+//!   whose completion set the bit; a write completing later sets the bit again.
+//!
+//! Invariant: every mark the kernel program sets is either still in the pinned map or has been
+//! returned by `drain_completed`. The links and maps are pinned, so the program keeps marking
+//! while the replicator is down (crash, upgrade); a restart reopens the same maps and finds every
+//! bit. Only `stop` (a clean stop) unpins, which detaches the program and frees the maps.
+
+mod format;
+mod shared;
+
+use std::fs;
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+
+use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::programs::TracePoint;
+use aya::programs::links::FdLink;
+use aya::{Ebpf, EbpfLoader};
+use bitvec::prelude::*;
+use replicator_common::{
+    COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, GLOBAL_CONFIG,
+    MAP_COMPLETED, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_WIDE, MarkKind, TrackerConfig,
+    WideRange,
+};
+
+pub use format::{Field, FormatError, block_field_offsets, parse_fields};
+pub use shared::{Runs, SharedBitmap};
+
+use crate::device::{BlockDevice, DeviceError};
+use crate::sysfs::{self, MountError};
+
+/// Where trackers pin their maps and links, one directory per tracker name.
+pub const BPFFS_ROOT: &str = "/sys/fs/bpf/replicator";
+
+/// The kernel program, built by `build.rs` and embedded so the binary runs from anywhere.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/replicator-ebpf"));
+
+/// The programs and the tracepoints they attach to, in attach order.
+const PROGRAMS: [(&str, &str); 3] = [
+    ("replicator_bio_queue", "block_bio_queue"),
+    ("replicator_rq_complete", "block_rq_complete"),
+    ("replicator_bio_complete", "block_bio_complete"),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrackerError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error(transparent)]
+    Format(#[from] FormatError),
+    #[error("{device}: extent size {extent_bytes} bytes is not a power of two from 4 KiB to 64 MiB")]
+    ExtentSize { device: PathBuf, extent_bytes: u64 },
+    #[error(
+        "{device}: {extents} extents of {extent_bytes} bytes need more map entries than a BPF array holds"
+    )]
+    TooManyExtents { device: PathBuf, extents: u64, extent_bytes: u64 },
+    #[error(
+        "tracker state pinned at {pin_dir} was made for another device or extent size \
+         ({found}); now asked for {wanted}. Its marks belong to that configuration: replicate them \
+         first, or discard them with `replicator untrack --name {name}`"
+    )]
+    StalePins { pin_dir: PathBuf, name: String, found: String, wanted: String },
+    #[error("{device}: {what}: {source}")]
+    Ebpf { device: PathBuf, what: String, source: Box<dyn std::error::Error + Send + Sync> },
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// How to attach a tracker.
+#[derive(Clone, Debug)]
+pub struct TrackerOptions {
+    /// Name of the pin directory; defaults to the device's file name (`loop0p2`).
+    pub name: Option<String>,
+    pub extent_bytes: u64,
+    pub bpffs_root: PathBuf,
+}
+
+impl Default for TrackerOptions {
+    fn default() -> Self {
+        Self {
+            name: None,
+            extent_bytes: replicator_common::extent::EXTENT_BYTES_DEFAULT,
+            bpffs_root: PathBuf::from(BPFFS_ROOT),
+        }
+    }
+}
+
+/// Sums of the kernel program's per-CPU counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TrackerCounters {
+    pub events_seen: u64,
+    pub write_events: u64,
+    pub intent_extents_marked: u64,
+    pub completed_extents_marked: u64,
+    pub wide_ranges: u64,
+    pub wide_lost: u64,
+}
+
+pub struct Tracker {
+    device: BlockDevice,
+    geometry: ExtentGeometry,
+    name: String,
+    pin_dir: PathBuf,
+    /// True when pinned state from an earlier run was found and reused.
+    resumed: bool,
+    intent: SharedBitmap,
+    completed: SharedBitmap,
+    flags: SharedBitmap,
+    wide: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+    /// What `drain_completed` hands out; allocated once, one bit per extent.
+    drained: BitVec<u64, Lsb0>,
+}
+
+impl Tracker {
+    /// Attaches a tracker to `device` with the default options and `extent_bytes`.
+    pub fn attach(device: &Path, extent_bytes: u64) -> Result<Self, TrackerError> {
+        Self::attach_with(device, &TrackerOptions { extent_bytes, ..TrackerOptions::default() })
+    }
+
+    pub fn attach_with(path: &Path, options: &TrackerOptions) -> Result<Self, TrackerError> {
+        let device = BlockDevice::resolve(path)?;
+        let geometry = ExtentGeometry::new(device.start_sector, device.nr_sectors, options.extent_bytes)
+            .ok_or(TrackerError::ExtentSize { device: path.into(), extent_bytes: options.extent_bytes })?;
+        let bitmap_words =
+            u32::try_from(geometry.bitmap_words()).map_err(|_| TrackerError::TooManyExtents {
+                device: path.into(),
+                extents: geometry.extent_count(),
+                extent_bytes: options.extent_bytes,
+            })?;
+        let tracefs = sysfs::ensure_tracefs()?;
+        sysfs::ensure_bpffs()?;
+        let config = TrackerConfig {
+            disk_dev: device.disk_kernel_dev(),
+            geometry,
+            bitmap_words,
+            bio_queue: block_field_offsets(&tracefs, "block_bio_queue")?,
+            rq_complete: block_field_offsets(&tracefs, "block_rq_complete")?,
+            bio_complete: block_field_offsets(&tracefs, "block_bio_complete")?,
+            ..TrackerConfig::EMPTY
+        };
+        let name = options.name.clone().unwrap_or_else(|| default_name(path));
+        let pin_dir = options.bpffs_root.join(&name);
+        let resumed = check_pinned_meta(&pin_dir, &name, &config)?;
+        fs::create_dir_all(&pin_dir).map_err(|source| TrackerError::Io { path: pin_dir.clone(), source })?;
+
+        let ebpf_err = |what: &str| {
+            let device = path.to_path_buf();
+            let what = what.to_owned();
+            move |source: Box<dyn std::error::Error + Send + Sync>| TrackerError::Ebpf {
+                device,
+                what,
+                source,
+            }
+        };
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&pin_dir)
+            .override_global(GLOBAL_CONFIG, &config, true)
+            .map_max_entries(MAP_INTENT, bitmap_words)
+            .map_max_entries(MAP_COMPLETED, bitmap_words)
+            .load(EBPF_OBJECT)
+            .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
+        write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
+        for (program, tracepoint) in PROGRAMS {
+            attach_pinned(&mut ebpf, program, tracepoint, &pin_dir).map_err(ebpf_err(tracepoint))?;
+        }
+        let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
+        let completed =
+            map_bitmap(&mut ebpf, MAP_COMPLETED, bitmap_words).map_err(ebpf_err(MAP_COMPLETED))?;
+        let flags = map_bitmap(&mut ebpf, MAP_FLAGS, 1).map_err(ebpf_err(MAP_FLAGS))?;
+        let wide = take_map(&mut ebpf, MAP_WIDE)
+            .and_then(|m| Ok(RingBuf::try_from(m)?))
+            .map_err(ebpf_err(MAP_WIDE))?;
+        let counters = take_map(&mut ebpf, MAP_COUNTERS)
+            .and_then(|m| Ok(PerCpuArray::try_from(m)?))
+            .map_err(ebpf_err(MAP_COUNTERS))?;
+        tracing::info!(
+            device = %path.display(), pin_dir = %pin_dir.display(), resumed,
+            extent_bytes = geometry.extent_bytes(), extents = geometry.extent_count(),
+            start_sector = device.start_sector, "tracker attached"
+        );
+        // `ebpf` drops here: the links and maps live on through their pins and our fds.
+        let drained = bitvec![u64, Lsb0; 0; geometry.extent_count() as usize];
+        Ok(Self {
+            device,
+            geometry,
+            name,
+            pin_dir,
+            resumed,
+            intent,
+            completed,
+            flags,
+            wide,
+            counters,
+            drained,
+        })
+    }
+
+    pub fn device(&self) -> &BlockDevice {
+        &self.device
+    }
+
+    pub fn geometry(&self) -> &ExtentGeometry {
+        &self.geometry
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Whether this attach found pinned state from an earlier run (and so kept its marks).
+    pub fn resumed(&self) -> bool {
+        self.resumed
+    }
+
+    /// Atomically takes the completed marks and returns them as ascending, maximal runs of
+    /// extents. Each extent is returned once per drain however many writes completed on it.
+    pub fn drain_completed(&mut self) -> Runs<'_> {
+        self.pump_wide_ranges();
+        self.drained.fill(false);
+        self.completed.take_into(&mut self.drained);
+        Runs::new(&self.drained)
+    }
+
+    /// A copy of the intent bitmap (one bit per extent), leaving it unchanged.
+    pub fn intent_snapshot(&mut self) -> BitVec<u64, Lsb0> {
+        self.pump_wide_ranges();
+        let mut snapshot = bitvec![u64, Lsb0; 0; self.geometry.extent_count() as usize];
+        self.intent.copy_into(&mut snapshot);
+        snapshot
+    }
+
+    pub fn counters(&self) -> TrackerCounters {
+        let sum = |c: Counter| self.counters.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
+        debug_assert_eq!(COUNTERS_LEN, 6);
+        TrackerCounters {
+            events_seen: sum(Counter::EventsSeen),
+            write_events: sum(Counter::WriteEvents),
+            intent_extents_marked: sum(Counter::IntentExtentsMarked),
+            completed_extents_marked: sum(Counter::CompletedExtentsMarked),
+            wide_ranges: sum(Counter::WideRanges),
+            wide_lost: sum(Counter::WideLost),
+        }
+    }
+
+    /// A clean stop: unpins the links and maps, so the program detaches when this tracker is
+    /// dropped and the marks are gone. Only call it once nothing still needs them.
+    pub fn stop(self) -> Result<(), TrackerError> {
+        unpin(&self.pin_dir)?;
+        tracing::info!(pin_dir = %self.pin_dir.display(), "tracker stopped and unpinned");
+        Ok(())
+    }
+
+    /// Moves wide ranges from the ring buffer into the shared bitmaps, and honours the flags the
+    /// program sets when a wide range did not fit: then the whole device is marked.
+    fn pump_wide_ranges(&mut self) {
+        while let Some(item) = self.wide.next() {
+            let Some(range) = parse_wide_range(&item) else {
+                tracing::error!(len = item.len(), "malformed WIDE record: marking the whole device");
+                self.intent.set_all(self.geometry.extent_count());
+                self.completed.set_all(self.geometry.extent_count());
+                continue;
+            };
+            let span = ExtentSpan { first: range.first_extent, last: range.last_extent };
+            let extents = self.geometry.extent_count();
+            assert!(
+                span.first <= span.last && span.last < extents,
+                "WIDE range {span:?} beyond {extents} extents"
+            );
+            match range.kind {
+                k if k == MarkKind::Intent as u32 => self.intent.set_span(span),
+                _ => self.completed.set_span(span),
+            }
+        }
+        let lost = self.flags.words()[0].swap(0, std::sync::atomic::Ordering::AcqRel);
+        if lost & FLAG_INTENT_LOST != 0 {
+            tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
+            self.intent.set_all(self.geometry.extent_count());
+        }
+        if lost & FLAG_COMPLETED_LOST != 0 {
+            tracing::warn!("WIDE ring buffer overflowed: marking every extent as written");
+            self.completed.set_all(self.geometry.extent_count());
+        }
+    }
+}
+
+/// Removes a tracker's pins (`replicator untrack`): the program detaches once no process holds
+/// its links, and the marks are discarded.
+pub fn unpin(pin_dir: &Path) -> Result<(), TrackerError> {
+    match fs::remove_dir_all(pin_dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(TrackerError::Io { path: pin_dir.into(), source }),
+    }
+}
+
+fn default_name(device: &Path) -> String {
+    device.file_name().map_or_else(|| "device".into(), |n| n.to_string_lossy().into_owned())
+}
+
+fn parse_wide_range(bytes: &[u8]) -> Option<WideRange> {
+    let bytes: &[u8; size_of::<WideRange>()] = bytes.get(..size_of::<WideRange>())?.try_into().ok()?;
+    let word = |i: usize| u64::from_ne_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
+    Some(WideRange {
+        kind: u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")),
+        _pad: 0,
+        first_extent: word(8),
+        last_extent: word(16),
+    })
+}
+
+/// Returns whether pinned state exists; fails if it was made for another configuration.
+fn check_pinned_meta(pin_dir: &Path, name: &str, wanted: &TrackerConfig) -> Result<bool, TrackerError> {
+    let meta_path = pin_dir.join(MAP_META);
+    if !meta_path.exists() {
+        return Ok(false);
+    }
+    let read = || -> Result<TrackerConfig, Box<dyn std::error::Error + Send + Sync>> {
+        let map = aya::maps::Map::Array(MapData::from_pin(&meta_path)?);
+        let array: Array<_, TrackerConfig> = Array::try_from(map)?;
+        Ok(array.get(&0, 0)?)
+    };
+    let found = read().map_err(|source| TrackerError::Ebpf {
+        device: meta_path.clone(),
+        what: "reading the pinned META map".into(),
+        source,
+    })?;
+    let same = found.disk_dev == wanted.disk_dev
+        && found.geometry == wanted.geometry
+        && found.bitmap_words == wanted.bitmap_words;
+    if !same {
+        let describe = |c: &TrackerConfig| {
+            format!(
+                "disk {}:{} sectors {}+{} extent {} bytes",
+                c.disk_dev >> 20,
+                c.disk_dev & 0xf_ffff,
+                c.geometry.start_sector,
+                c.geometry.nr_sectors,
+                c.geometry.extent_bytes()
+            )
+        };
+        return Err(TrackerError::StalePins {
+            pin_dir: pin_dir.into(),
+            name: name.into(),
+            found: describe(&found),
+            wanted: describe(wanted),
+        });
+    }
+    Ok(true)
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+fn take_map(ebpf: &mut Ebpf, name: &str) -> Result<aya::maps::Map, BoxError> {
+    ebpf.take_map(name).ok_or_else(|| format!("map {name} missing from the object").into())
+}
+
+fn write_meta(ebpf: &mut Ebpf, config: &TrackerConfig) -> Result<(), BoxError> {
+    let map = ebpf.map_mut(MAP_META).ok_or("map META missing from the object")?;
+    let mut meta: Array<_, TrackerConfig> = Array::try_from(map)?;
+    meta.set(0, config, 0)?;
+    Ok(())
+}
+
+fn map_bitmap(ebpf: &mut Ebpf, name: &str, words: u32) -> Result<SharedBitmap, BoxError> {
+    let map = ebpf.map(name).ok_or_else(|| format!("map {name} missing from the object"))?;
+    let aya::maps::Map::Array(data) = map else {
+        return Err(format!("map {name} is not an array").into());
+    };
+    let max_entries = data.info()?.max_entries();
+    if max_entries != words {
+        return Err(format!("pinned map {name} has {max_entries} words, expected {words}").into());
+    }
+    Ok(SharedBitmap::map(data.fd().as_fd(), words as usize)?)
+}
+
+/// Loads and attaches one program, pins its link as `link_<tracepoint>`. A link pinned by an
+/// earlier run is replaced only after the new one is attached, so marking never pauses.
+fn attach_pinned(ebpf: &mut Ebpf, program: &str, tracepoint: &str, pin_dir: &Path) -> Result<(), BoxError> {
+    let prog: &mut TracePoint =
+        ebpf.program_mut(program).ok_or_else(|| format!("program {program} missing"))?.try_into()?;
+    prog.load()?;
+    let link_id = prog.attach("block", tracepoint)?;
+    let link: FdLink = prog.take_link(link_id)?.try_into()?;
+    let pin_path = pin_dir.join(format!("link_{tracepoint}"));
+    let staging = pin_dir.join(format!("link_{tracepoint}_new"));
+    let _ = fs::remove_file(&staging);
+    let pinned = link.pin(&staging)?;
+    // Renaming over the old pin drops the old link's last reference: it detaches now, after the
+    // new one is live.
+    fs::rename(&staging, &pin_path)?;
+    drop(pinned);
+    Ok(())
+}
