@@ -85,6 +85,12 @@ impl LoopDevice {
             });
         }
         let device = Self::attach(backing, true)?;
+        // Kernels built without partition-table parsers (no CONFIG_MSDOS_PARTITION or
+        // CONFIG_EFI_PARTITION) scan nothing: then partx adds the partitions with BLKPG.
+        std::thread::sleep(Duration::from_millis(100));
+        if !device.partition(1).exists() {
+            run_command("partx", &["--add", device.path.to_str().expect("utf-8 path")])?;
+        }
         for n in 1..=partitions.len() {
             wait_for_node(&device.partition(n))?;
         }
