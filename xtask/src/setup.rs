@@ -36,6 +36,8 @@ pub fn run() -> anyhow::Result<()> {
             Command::new("cargo").env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
                 "install",
                 "bpf-linker",
+                "--version",
+                BPF_LINKER_VERSION,
                 "--locked",
                 "--no-default-features",
                 "--features",
