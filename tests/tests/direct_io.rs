@@ -27,6 +27,9 @@ fn direct_writes(extent_bytes: u64) {
     }
     recorder.drain();
     assert_exact(&format!("O_DIRECT, {extent_bytes} B extents"), &written.extents, &recorder.marked, 1.0);
+    // The intent bitmap was set at queue time and is never drained: it holds the same extents.
+    let intent = recorder.tracker().intent_snapshot();
+    assert_exact(&format!("intent, {extent_bytes} B extents"), &written.extents, &intent, 1.0);
     let counters = recorder.tracker().counters();
     assert!(counters.write_events >= writes.len() as u64, "{counters:?}");
     assert_eq!(counters.wide_lost, 0);

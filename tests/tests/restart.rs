@@ -1,0 +1,149 @@
+//! Test 7: `kill -9` the replicator while writes go on, restart it, and every extent written
+//! while it was down is still marked: the maps and links are pinned in bpffs, so the kernel
+//! program never stopped marking.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use replicator_tests::*;
+
+const EXTENT_BYTES: u64 = 64 * KIB;
+const DEVICE_BYTES: u64 = 1024 * MIB;
+
+fn replicator_bin() -> PathBuf {
+    let bin = std::env::var_os("REPLICATOR_BIN")
+        .expect("REPLICATOR_BIN must name the replicator binary (`cargo xtask test` sets it)");
+    let bin = PathBuf::from(bin);
+    assert!(bin.exists(), "REPLICATOR_BIN={} does not exist", bin.display());
+    bin
+}
+
+/// A running `replicator track --json`, with a thread collecting the extents it prints.
+struct TrackProcess {
+    child: Child,
+    reader: JoinHandle<BTreeSet<u64>>,
+}
+
+impl TrackProcess {
+    fn start(device: &Path, name: &str) -> Self {
+        let mut child = Command::new(replicator_bin())
+            .args(["track", "--json", "--interval-ms", "10", "--name", name, "--device"])
+            .arg(device)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("starting replicator track");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let reader = std::thread::spawn(move || {
+            let mut extents = BTreeSet::new();
+            for line in BufReader::new(stdout).lines() {
+                let line = line.expect("reading track output");
+                let run: serde_json::Value = serde_json::from_str(&line).expect("track prints JSON lines");
+                let first = run["first_extent"].as_u64().expect("first_extent");
+                let end = run["end_extent"].as_u64().expect("end_extent");
+                extents.extend(first..end);
+            }
+            extents
+        });
+        Self { child, reader }
+    }
+
+    /// Stops the process with `signal` and returns what it printed.
+    fn stop(mut self, signal: Signal) -> (BTreeSet<u64>, std::process::ExitStatus) {
+        kill(Pid::from_raw(self.child.id() as i32), signal).expect("signalling replicator track");
+        let status = self.child.wait().expect("waiting for replicator track");
+        (self.reader.join().expect("reader thread"), status)
+    }
+}
+
+fn wait_for_links(pin_dir: &Path) {
+    for _ in 0..500 {
+        if pin_dir.join("link_block_rq_complete").exists() && pin_dir.join("link_block_bio_queue").exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("replicator track did not pin its links in {} within 5 s", pin_dir.display());
+}
+
+const PHASE_RUNNING: u8 = 0;
+const PHASE_DOWN: u8 = 1;
+
+#[test]
+fn kill_9_and_restart_keeps_every_mark() {
+    require_root();
+    let device = LoopDevice::create("restart", DEVICE_BYTES).expect("creating a loop device");
+    let name = tracker_name("restart");
+    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    let first = TrackProcess::start(&device.path, &name);
+    wait_for_links(&pin_dir);
+
+    let phase = Arc::new(AtomicU8::new(PHASE_RUNNING));
+    let stop = Arc::new(AtomicBool::new(false));
+    // Every extent written, and those whose write started and completed while nothing ran.
+    let written = Arc::new(Mutex::new((BTreeSet::new(), BTreeSet::new())));
+    let writer = {
+        let (path, phase, stop, written) =
+            (device.path.clone(), Arc::clone(&phase), Arc::clone(&stop), Arc::clone(&written));
+        std::thread::spawn(move || {
+            let mut rng = Rng::new(0x4e57a47);
+            while !stop.load(Ordering::Relaxed) {
+                let extent = rng.below(DEVICE_BYTES / EXTENT_BYTES);
+                let phase_before = phase.load(Ordering::SeqCst);
+                write_direct(&path, extent * EXTENT_BYTES, 4096, 0x77).expect("O_DIRECT write");
+                let phase_after = phase.load(Ordering::SeqCst);
+                let mut sets = written.lock().expect("lock");
+                sets.0.insert(extent);
+                if phase_before == PHASE_DOWN && phase_after == PHASE_DOWN {
+                    sets.1.insert(extent);
+                }
+                drop(sets);
+                std::thread::sleep(Duration::from_micros(500));
+            }
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let (first_reported, _) = first.stop(Signal::SIGKILL);
+    phase.store(PHASE_DOWN, Ordering::SeqCst);
+    assert!(pin_dir.join("INTENT").exists(), "kill -9 must leave the pins in place");
+    std::thread::sleep(Duration::from_millis(400));
+    phase.store(PHASE_RUNNING, Ordering::SeqCst);
+
+    let second = TrackProcess::start(&device.path, &name);
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer thread");
+    std::thread::sleep(Duration::from_millis(100));
+    let (second_reported, status) = second.stop(Signal::SIGTERM);
+    assert!(status.success(), "replicator track exited with {status} after SIGTERM");
+    assert!(!pin_dir.exists(), "a clean stop removes {}", pin_dir.display());
+
+    let (all_written, written_while_down) = std::mem::take(&mut *written.lock().expect("lock"));
+    let reported: BTreeSet<u64> = first_reported.union(&second_reported).copied().collect();
+    let missed: Vec<_> = all_written.difference(&reported).collect();
+    let missed_down: Vec<_> = written_while_down.difference(&second_reported).collect();
+    let spurious = reported.difference(&all_written).count();
+    eprintln!(
+        "written {} extents ({} while down); first run reported {}, second {}; missed {}, spurious {spurious}",
+        all_written.len(),
+        written_while_down.len(),
+        first_reported.len(),
+        second_reported.len(),
+        missed.len()
+    );
+    assert!(written_while_down.len() > 50, "too few writes while the tracker was down");
+    assert!(
+        missed_down.is_empty(),
+        "extents written while down were not reported after restart: {missed_down:?}"
+    );
+    assert!(missed.is_empty(), "written extents never reported: {missed:?}");
+    assert!(spurious == 0, "{spurious} extents reported that were never written");
+}
