@@ -1,1 +1,65 @@
-fn main() {}
+//! The benchmark harness, run by `cargo xtask bench [SCENARIO...]`. Each scenario measures its
+//! baseline in the same run, alternating rounds so drift in the machine hits both sides alike,
+//! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
+
+mod fio;
+mod tracker_overhead;
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(about = "replicator benchmarks; each scenario runs with its baseline")]
+struct Args {
+    /// Scenarios to run (default: all). Known: tracker-overhead.
+    scenarios: Vec<String>,
+    /// Seconds per fio round.
+    #[arg(long, default_value_t = 8)]
+    round_seconds: u32,
+    /// Rounds per side (baseline and measured alternate).
+    #[arg(long, default_value_t = 3)]
+    rounds: u32,
+    /// Where results are written.
+    #[arg(long, default_value = "bench/results")]
+    out_dir: PathBuf,
+}
+
+const SCENARIOS: [&str; 1] = ["tracker-overhead"];
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let scenarios: Vec<String> =
+        if args.scenarios.is_empty() { SCENARIOS.map(String::from).to_vec() } else { args.scenarios.clone() };
+    let mut results = serde_json::Map::new();
+    let mut markdown = String::new();
+    for scenario in &scenarios {
+        let (json, md) = match scenario.as_str() {
+            "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
+            other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
+        };
+        results.insert(scenario.clone(), json);
+        markdown.push_str(&md);
+    }
+    std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
+    let date = replicator_date();
+    let json_path = args.out_dir.join(format!("{date}.json"));
+    let md_path = args.out_dir.join(format!("{date}.md"));
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
+    std::fs::write(&md_path, &markdown)?;
+    println!("{markdown}");
+    println!("results: {} and {}", json_path.display(), md_path.display());
+    Ok(())
+}
+
+/// Today's date as YYYY-MM-DD, from `date` (no time crate needed for a file name).
+fn replicator_date() -> String {
+    std::process::Command::new("date")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| "undated".into())
+}
