@@ -83,15 +83,68 @@ pub enum Counter {
 /// Number of per-CPU counters.
 pub const COUNTERS_LEN: u32 = 6;
 
-/// Where one tracepoint keeps the fields the program reads, taken from the tracepoint's `format`
-/// file at load time (offsets differ between tracepoints and may change between kernels).
+/// Argument positions in the raw tracepoints' `TP_PROTO`s, which the programs read directly
+/// from their context (a context read needs a constant offset). Userspace checks them against
+/// the kernel's BTF (`btf_trace_<name>` typedefs) before loading, and refuses a kernel where
+/// they differ.
+pub const BIO_QUEUE_ARG_BIO: usize = 0; // block_bio_queue(struct bio *bio)
+pub const RQ_COMPLETE_ARG_RQ: usize = 0; // block_rq_complete(struct request *rq, blk_status_t error,
+pub const RQ_COMPLETE_ARG_NR_BYTES: usize = 2; //                   unsigned int nr_bytes)
+pub const BIO_COMPLETE_ARG_BIO: usize = 1; // block_bio_complete(struct request_queue *q, struct bio *bio)
+
+/// Byte offsets of the kernel struct members the programs read, and the request-operation
+/// encoding, taken from the running kernel's BTF at load time: nothing here is compiled in.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FieldOffsets {
-    pub dev: u32,
-    pub sector: u32,
-    pub nr_sector: u32,
-    pub rwbs: u32,
+pub struct KernelLayout {
+    /// `struct bio`: `bi_bdev`, `bi_opf`, `bi_iter.bi_sector`, `bi_iter.bi_size`.
+    pub bio_bdev: u32,
+    pub bio_opf: u32,
+    pub bio_sector: u32,
+    pub bio_size: u32,
+    /// `struct block_device`: `bd_disk`.
+    pub bdev_disk: u32,
+    /// `struct gendisk`: `major`, `first_minor`.
+    pub disk_major: u32,
+    pub disk_first_minor: u32,
+    /// `struct request`: `q`, `__sector`, `cmd_flags`.
+    pub rq_queue: u32,
+    pub rq_sector: u32,
+    pub rq_cmd_flags: u32,
+    /// `struct request_queue`: `disk`.
+    pub queue_disk: u32,
+    /// `REQ_OP_MASK` and `REQ_OP_READ`: the operation is `opf & op_mask`.
+    pub op_mask: u32,
+    pub op_read: u32,
+    pub _pad: u32,
+}
+
+impl KernelLayout {
+    pub const EMPTY: Self = Self {
+        bio_bdev: 0,
+        bio_opf: 0,
+        bio_sector: 0,
+        bio_size: 0,
+        bdev_disk: 0,
+        disk_major: 0,
+        disk_first_minor: 0,
+        rq_queue: 0,
+        rq_sector: 0,
+        rq_cmd_flags: 0,
+        queue_disk: 0,
+        op_mask: 0,
+        op_read: 0,
+        _pad: 0,
+    };
+
+    /// Whether an operation can change data: anything that is not a read. Writes, discards,
+    /// secure erase, write-zeroes and any operation we do not know are marked: a spurious bit
+    /// costs a little copying, a missing one loses data. Flushes carry no sectors and are
+    /// dropped by their zero length.
+    #[inline(always)]
+    pub fn op_may_write(&self, opf: u32) -> bool {
+        opf & self.op_mask != self.op_read
+    }
 }
 
 /// The configuration the program reads from `.rodata`; set by userspace before load, so the
@@ -99,56 +152,28 @@ pub struct FieldOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TrackerConfig {
-    /// The whole disk in the kernel's internal `dev_t` encoding (`major << 20 | minor`), which is
-    /// what block tracepoints report, also for writes to a partition.
-    pub disk_dev: u32,
-    pub _pad: u32,
+    /// The whole disk holding the tracked device (for a partition, its disk): the program
+    /// compares `gendisk.major` and `gendisk.first_minor`, since a write to the disk inside the
+    /// partition's range changes the partition too.
+    pub disk_major: u32,
+    pub disk_minor: u32,
     pub geometry: ExtentGeometry,
     /// Words in each bitmap map.
     pub bitmap_words: u32,
-    pub _pad2: u32,
-    /// `block_bio_queue`: intent marks, for every device.
-    pub bio_queue: FieldOffsets,
-    /// `block_rq_complete`: completion marks for blk-mq devices.
-    pub rq_complete: FieldOffsets,
-    /// `block_bio_complete`: completion marks for bio-based devices.
-    pub bio_complete: FieldOffsets,
-}
-
-impl FieldOffsets {
-    pub const EMPTY: Self = Self { dev: 0, sector: 0, nr_sector: 0, rwbs: 0 };
+    pub _pad: u32,
+    pub layout: KernelLayout,
 }
 
 impl TrackerConfig {
     /// The value compiled into the object; userspace always overrides it before load.
     pub const EMPTY: Self = Self {
-        disk_dev: 0,
-        _pad: 0,
+        disk_major: 0,
+        disk_minor: 0,
         geometry: ExtentGeometry { start_sector: 0, nr_sectors: 0, extent_shift: 0, _pad: 0 },
         bitmap_words: 0,
-        _pad2: 0,
-        bio_queue: FieldOffsets::EMPTY,
-        rq_complete: FieldOffsets::EMPTY,
-        bio_complete: FieldOffsets::EMPTY,
+        _pad: 0,
+        layout: KernelLayout::EMPTY,
     };
-}
-
-/// Kernel `dev_t` encoding used inside the kernel and by block tracepoints.
-pub const fn kernel_dev(major: u32, minor: u32) -> u32 {
-    (major << 20) | (minor & 0xf_ffff)
-}
-
-/// Whether a tracepoint's `rwbs` string describes an operation that can change data.
-///
-/// The kernel writes the operation first (`W`, `D`, `DE`, `F`, `R`, `N` for write-zeroes and
-/// anything else) after an optional `F` for a preflush, then flag letters (`F`, `A`, `S`, `M`),
-/// none of which is `R`. So everything that is not a read may write: when unsure, mark. A flush
-/// carries no sectors and is filtered by its zero length before this is asked.
-#[inline(always)]
-pub fn rwbs_may_write(rwbs: &[u8; 8]) -> bool {
-    // Unrolled for the verifier: no iterator, no early return into a loop.
-    let r = b'R';
-    !(rwbs[0] == r || rwbs[1] == r)
 }
 
 #[cfg(feature = "user")]
@@ -164,23 +189,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rwbs_classifies_reads_and_writes() {
-        let pad = |s: &[u8]| {
-            let mut a = [0u8; 8];
-            a[..s.len()].copy_from_slice(s);
-            a
-        };
-        for w in [&b"W"[..], b"WS", b"FWS", b"WFS", b"D", b"DE", b"N", b"NS", b"WM"] {
-            assert!(rwbs_may_write(&pad(w)), "{:?}", core::str::from_utf8(w));
+    fn only_reads_are_not_marked() {
+        // The encoding of Linux 6.x: REQ_OP_BITS = 8, READ 0, WRITE 1, FLUSH 2, DISCARD 3,
+        // SECURE_ERASE 5, WRITE_ZEROES 9, DRV_IN 34, DRV_OUT 35; flags above bit 8.
+        let layout = KernelLayout { op_mask: 0xff, op_read: 0, ..KernelLayout::EMPTY };
+        for write_like in [1, 3, 5, 9, 35, 1 | 1 << 11, 9 | 1 << 17] {
+            assert!(layout.op_may_write(write_like), "{write_like:#x}");
         }
-        for r in [&b"R"[..], b"RA", b"RS", b"RM", b"FR"] {
-            assert!(!rwbs_may_write(&pad(r)), "{:?}", core::str::from_utf8(r));
+        for read in [0, 1 << 11, 1 << 19] {
+            assert!(!layout.op_may_write(read), "{read:#x}");
         }
-    }
-
-    #[test]
-    fn kernel_dev_matches_tracepoint_encoding() {
-        assert_eq!(kernel_dev(7, 0), 0x70_0000);
-        assert_eq!(kernel_dev(253, 1), (253 << 20) | 1);
     }
 }

@@ -2,13 +2,13 @@
 //!
 //! Owns nothing but the answers read from `stat(2)` and sysfs. Invariant: for a partition,
 //! `start_sector + nr_sectors` lies within its disk, and `disk_dev` is the whole disk, because
-//! block tracepoints report writes to a partition against the disk with absolute sectors.
+//! the block layer remaps a partition's bios to absolute sectors on its disk.
 
 use std::fs;
 use std::path::{Path, PathBuf};
 
 use nix::sys::stat::{SFlag, major, minor, stat};
-use replicator_common::{SECTOR_BYTES, kernel_dev};
+use replicator_common::SECTOR_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -77,11 +77,6 @@ impl BlockDevice {
             nr_sectors,
             logical_block_bytes,
         })
-    }
-
-    /// The whole disk in the encoding block tracepoints use.
-    pub fn disk_kernel_dev(&self) -> u32 {
-        kernel_dev(self.disk_major, self.disk_minor)
     }
 
     pub fn size_bytes(&self) -> u64 {

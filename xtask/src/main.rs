@@ -112,7 +112,17 @@ fn build(root: &Path) -> anyhow::Result<PathBuf> {
 
 fn test(root: &Path, args: &[String]) -> anyhow::Result<()> {
     println!("xtask test: unit and property tests");
-    status(cargo(root).args(["test", "--workspace", "--exclude", "replicator-tests"]), "unit tests")?;
+    status(
+        cargo(root).args([
+            "test",
+            "--workspace",
+            "--exclude",
+            "replicator-tests",
+            "--exclude",
+            "replicator-ebpf",
+        ]),
+        "unit tests",
+    )?;
     require_root("the kernel tests load eBPF programs and create loop and zram devices")?;
     let binary = build(root)?;
     println!("xtask test: kernel tests (root, real block devices)");

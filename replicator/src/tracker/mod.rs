@@ -14,7 +14,8 @@
 //! while the replicator is down (crash, upgrade); a restart reopens the same maps and finds every
 //! bit. Only `stop` (a clean stop) unpins, which detaches the program and frees the maps.
 
-mod format;
+mod btf;
+mod layout;
 mod shared;
 
 use std::fs;
@@ -22,7 +23,7 @@ use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
-use aya::programs::TracePoint;
+use aya::programs::BtfTracePoint;
 use aya::programs::links::FdLink;
 use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
@@ -32,7 +33,8 @@ use replicator_common::{
     WideRange,
 };
 
-pub use format::{Field, FormatError, block_field_offsets, parse_fields};
+pub use btf::{Btf, BtfError};
+pub use layout::{LayoutError, kernel_layout};
 pub use shared::{Runs, SharedBitmap};
 
 use crate::device::{BlockDevice, DeviceError};
@@ -44,7 +46,7 @@ pub const BPFFS_ROOT: &str = "/sys/fs/bpf/replicator";
 /// The kernel program, built by `build.rs` and embedded so the binary runs from anywhere.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/replicator-ebpf"));
 
-/// The programs and the tracepoints they attach to, in attach order.
+/// The programs and the BTF-typed raw tracepoints (`tp_btf`) they attach to, in attach order.
 const PROGRAMS: [(&str, &str); 3] = [
     ("replicator_bio_queue", "block_bio_queue"),
     ("replicator_rq_complete", "block_rq_complete"),
@@ -58,7 +60,7 @@ pub enum TrackerError {
     #[error(transparent)]
     Mount(#[from] MountError),
     #[error(transparent)]
-    Format(#[from] FormatError),
+    Layout(#[from] LayoutError),
     #[error("{device}: extent size {extent_bytes} bytes is not a power of two from 4 KiB to 64 MiB")]
     ExtentSize { device: PathBuf, extent_bytes: u64 },
     #[error(
@@ -139,15 +141,13 @@ impl Tracker {
                 extents: geometry.extent_count(),
                 extent_bytes: options.extent_bytes,
             })?;
-        let tracefs = sysfs::ensure_tracefs()?;
         sysfs::ensure_bpffs()?;
         let config = TrackerConfig {
-            disk_dev: device.disk_kernel_dev(),
+            disk_major: device.disk_major,
+            disk_minor: device.disk_minor,
             geometry,
             bitmap_words,
-            bio_queue: block_field_offsets(&tracefs, "block_bio_queue")?,
-            rq_complete: block_field_offsets(&tracefs, "block_rq_complete")?,
-            bio_complete: block_field_offsets(&tracefs, "block_bio_complete")?,
+            layout: kernel_layout()?,
             ..TrackerConfig::EMPTY
         };
         let name = options.name.clone().unwrap_or_else(|| default_name(path));
@@ -172,8 +172,9 @@ impl Tracker {
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
         write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF")(e.into()))?;
         for (program, tracepoint) in PROGRAMS {
-            attach_pinned(&mut ebpf, program, tracepoint, &pin_dir).map_err(ebpf_err(tracepoint))?;
+            attach_pinned(&mut ebpf, &btf, program, tracepoint, &pin_dir).map_err(ebpf_err(tracepoint))?;
         }
         let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
         let completed =
@@ -340,15 +341,15 @@ fn check_pinned_meta(pin_dir: &Path, name: &str, wanted: &TrackerConfig) -> Resu
         what: "reading the pinned META map".into(),
         source,
     })?;
-    let same = found.disk_dev == wanted.disk_dev
+    let same = (found.disk_major, found.disk_minor) == (wanted.disk_major, wanted.disk_minor)
         && found.geometry == wanted.geometry
         && found.bitmap_words == wanted.bitmap_words;
     if !same {
         let describe = |c: &TrackerConfig| {
             format!(
                 "disk {}:{} sectors {}+{} extent {} bytes",
-                c.disk_dev >> 20,
-                c.disk_dev & 0xf_ffff,
+                c.disk_major,
+                c.disk_minor,
                 c.geometry.start_sector,
                 c.geometry.nr_sectors,
                 c.geometry.extent_bytes()
@@ -391,12 +392,18 @@ fn map_bitmap(ebpf: &mut Ebpf, name: &str, words: u32) -> Result<SharedBitmap, B
 
 /// Loads and attaches one program, pins its link as `link_<tracepoint>`. A link pinned by an
 /// earlier run is replaced only after the new one is attached, so marking never pauses.
-fn attach_pinned(ebpf: &mut Ebpf, program: &str, tracepoint: &str, pin_dir: &Path) -> Result<(), BoxError> {
-    let prog: &mut TracePoint =
+fn attach_pinned(
+    ebpf: &mut Ebpf,
+    btf: &aya::Btf,
+    program: &str,
+    tracepoint: &str,
+    pin_dir: &Path,
+) -> Result<(), BoxError> {
+    let prog: &mut BtfTracePoint =
         ebpf.program_mut(program).ok_or_else(|| format!("program {program} missing"))?.try_into()?;
-    prog.load()?;
-    let link_id = prog.attach("block", tracepoint)?;
-    let link: FdLink = prog.take_link(link_id)?.try_into()?;
+    prog.load(tracepoint, btf)?;
+    let link_id = prog.attach()?;
+    let link: FdLink = prog.take_link(link_id)?.into();
     let pin_path = pin_dir.join(format!("link_{tracepoint}"));
     let staging = pin_dir.join(format!("link_{tracepoint}_new"));
     let _ = fs::remove_file(&staging);
