@@ -19,7 +19,7 @@ struct Args {
     #[arg(long, default_value_t = 8)]
     round_seconds: u32,
     /// Rounds per side (baseline and measured alternate).
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 5)]
     rounds: u32,
     /// Where results are written.
     #[arg(long, default_value = "bench/results")]

@@ -63,6 +63,16 @@ pub fn run(round_seconds: u32, rounds: u32) -> anyhow::Result<(serde_json::Value
             with.p999_us - base.p999_us,
         ));
     }
+    let costs = program_costs(&device, round_seconds)?;
+    md.push_str(
+        "\nPer-event cost of each program (kernel `bpf_stats`, iodepth 32, a separate round: \
+                 enabling the stats adds two clock reads per event, so this is an upper bound):\n\n\
+                 | program | events | ns/event |\n|---|---|---|\n",
+    );
+    for cost in &costs {
+        md.push_str(&format!("| {} | {} | {:.0} |\n", cost.program, cost.events, cost.ns_per_event));
+    }
+    json.insert("program_costs".into(), serde_json::to_value(&costs)?);
     md.push('\n');
     Ok((serde_json::Value::Object(json), md))
 }
@@ -89,4 +99,54 @@ fn median(results: &[FioResult]) -> FioResult {
     let mut sorted = results.to_vec();
     sorted.sort_by(|a, b| a.iops.total_cmp(&b.iops));
     sorted[sorted.len() / 2]
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ProgramCost {
+    program: String,
+    events: u64,
+    ns_per_event: f64,
+}
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+/// Runs one attached round with the kernel's BPF run-time statistics on, and reads each of the
+/// tracker's programs' run time per event from `bpftool prog show --json`.
+fn program_costs(device: &LoopDevice, round_seconds: u32) -> anyhow::Result<Vec<ProgramCost>> {
+    std::fs::write(BPF_STATS, "1").with_context(|| format!("enabling {BPF_STATS}"))?;
+    let result = (|| {
+        let options =
+            TrackerOptions { name: Some(format!("bench-cost-{}", std::process::id())), ..Default::default() };
+        let mut tracker = Tracker::attach_with(&device.path, &options)?;
+        let child = fio::start_randwrite(&device.path, 32, round_seconds)?;
+        let fio_result = fio::finish(child);
+        let listing =
+            run_command("bpftool", &["prog", "show", "--json"]).context("bpftool (package bpftool)");
+        let _ = tracker.drain_completed().count();
+        tracker.stop()?;
+        fio_result?;
+        parse_costs(&listing?)
+    })();
+    std::fs::write(BPF_STATS, "0").with_context(|| format!("disabling {BPF_STATS}"))?;
+    result
+}
+
+fn parse_costs(json: &str) -> anyhow::Result<Vec<ProgramCost>> {
+    let programs: serde_json::Value = serde_json::from_str(json).context("parsing bpftool's JSON")?;
+    let costs = programs
+        .as_array()
+        .context("bpftool printed no list")?
+        .iter()
+        .filter_map(|p| {
+            let program = p["name"].as_str()?.to_owned();
+            let events = p["run_cnt"].as_u64()?;
+            let run_ns = p["run_time_ns"].as_u64()?;
+            (program.starts_with("replicator_") && events > 0).then(|| ProgramCost {
+                program,
+                events,
+                ns_per_event: run_ns as f64 / events as f64,
+            })
+        })
+        .collect();
+    Ok(costs)
 }
