@@ -4,9 +4,11 @@
 //! tracker (the kernel marks written extents) -> intent log -> shipper -> wire -> secondary
 //! writer -> ack -> logs cleared.
 
+pub mod auth;
 pub mod device;
 pub mod sysfs;
 pub mod tracker;
+pub mod wire;
 
 pub mod commands;
 pub mod testbed;

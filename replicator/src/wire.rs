@@ -1,0 +1,491 @@
+//! The wire protocol between a primary and its secondaries: framing, messages, and the
+//! decoders that stand between the network and the secondary's image.
+//!
+//! A frame is a fixed 32-byte header and a payload:
+//!
+//! ```text
+//! 0   magic          u32  "RPLW"
+//! 4   version        u16  VERSION
+//! 6   kind           u16  MessageKind
+//! 8   payload_bytes  u32  <= Limits::payload_bytes_max
+//! 12  crc32c         u32  over the header (this field zero) and the payload
+//! 16  sequence       u64  per connection, per direction, strictly increasing
+//! 24  reserved       u64  zero
+//! ```
+//!
+//! All integers are little-endian. Invariant: nothing from the network reaches the image
+//! unless its frame decoded cleanly: right magic, a version we speak, a known kind, a length
+//! under the limit, a matching checksum, and for extent data an offset and length that are
+//! extent-aligned and inside the image. Every other input is an error (the connection is then
+//! closed); no decoder panics (property-tested below on arbitrary bytes).
+
+pub const MAGIC: u32 = u32::from_le_bytes(*b"RPLW");
+pub const VERSION: u16 = 1;
+pub const HEADER_BYTES: usize = 32;
+/// Bytes of a handshake nonce and of an HMAC-SHA256 proof.
+pub const NONCE_BYTES: usize = 32;
+pub const PROOF_BYTES: usize = 32;
+/// Longest error message carried in an `Error` frame.
+pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum MessageKind {
+    Hello = 1,
+    Welcome = 2,
+    Proof = 3,
+    ExtentData = 4,
+    Ack = 5,
+    Keepalive = 6,
+    Error = 7,
+}
+
+impl MessageKind {
+    fn from_u16(value: u16) -> Option<Self> {
+        Some(match value {
+            1 => Self::Hello,
+            2 => Self::Welcome,
+            3 => Self::Proof,
+            4 => Self::ExtentData,
+            5 => Self::Ack,
+            6 => Self::Keepalive,
+            7 => Self::Error,
+            _ => return None,
+        })
+    }
+}
+
+/// What a connection accepts, fixed when it is set up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub image_bytes: u64,
+    pub extent_bytes: u64,
+    /// The largest payload accepted: the largest coalesced extent run plus its offset field.
+    pub payload_bytes_max: u32,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WireError {
+    #[error("bad magic {found:#010x}")]
+    BadMagic { found: u32 },
+    #[error("protocol version {found}, this build speaks {VERSION}")]
+    Version { found: u16 },
+    #[error("unknown message kind {found}")]
+    UnknownKind { found: u16 },
+    #[error("payload of {found} bytes is over the limit of {limit}")]
+    TooLong { found: u32, limit: u32 },
+    #[error("reserved header bytes are not zero")]
+    Reserved,
+    #[error("checksum mismatch: frame says {expected:#010x}, computed {computed:#010x}")]
+    Checksum { expected: u32, computed: u32 },
+    #[error("{kind:?} payload of {found} bytes, expected {expected}")]
+    PayloadSize { kind: MessageKind, found: usize, expected: &'static str },
+    #[error(
+        "extent data at offset {offset_bytes} length {len_bytes} is not inside the {image_bytes}-byte image"
+    )]
+    OutOfImage { offset_bytes: u64, len_bytes: u64, image_bytes: u64 },
+    #[error(
+        "extent data at offset {offset_bytes} length {len_bytes} is not aligned to {extent_bytes}-byte extents"
+    )]
+    Unaligned { offset_bytes: u64, len_bytes: u64, extent_bytes: u64 },
+    #[error("ack range {first}..={last} is empty or reversed")]
+    AckRange { first: u64, last: u64 },
+    #[error("error message is not UTF-8")]
+    ErrorText,
+}
+
+/// A decoded header; the payload is not checked yet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub kind: MessageKind,
+    pub payload_bytes: u32,
+    pub crc32c: u32,
+    pub sequence: u64,
+}
+
+/// A decoded message, borrowing its payload.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message<'a> {
+    /// Primary to secondary, first: what it replicates, and a challenge.
+    Hello {
+        mirror_id: u64,
+        image_bytes: u64,
+        extent_bytes: u64,
+        nonce: [u8; NONCE_BYTES],
+    },
+    /// Secondary to primary: its proof of the key over the primary's challenge, and its own.
+    Welcome {
+        nonce: [u8; NONCE_BYTES],
+        proof: [u8; PROOF_BYTES],
+    },
+    /// Primary to secondary: its proof of the key over the secondary's challenge.
+    Proof {
+        proof: [u8; PROOF_BYTES],
+    },
+    /// Data of a run of whole extents (the last may be short at the end of the image).
+    ExtentData {
+        offset_bytes: u64,
+        data: &'a [u8],
+    },
+    /// Secondary to primary: extent frames with these sequences are durable.
+    Ack {
+        first_sequence: u64,
+        last_sequence: u64,
+    },
+    Keepalive,
+    Error {
+        code: u32,
+        message: &'a str,
+    },
+}
+
+impl Message<'_> {
+    pub fn kind(&self) -> MessageKind {
+        match self {
+            Self::Hello { .. } => MessageKind::Hello,
+            Self::Welcome { .. } => MessageKind::Welcome,
+            Self::Proof { .. } => MessageKind::Proof,
+            Self::ExtentData { .. } => MessageKind::ExtentData,
+            Self::Ack { .. } => MessageKind::Ack,
+            Self::Keepalive => MessageKind::Keepalive,
+            Self::Error { .. } => MessageKind::Error,
+        }
+    }
+}
+
+fn u16_at(bytes: &[u8], at: usize) -> u16 {
+    u16::from_le_bytes([bytes[at], bytes[at + 1]])
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
+}
+
+fn array_at<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
+    bytes[at..at + N].try_into().expect("N bytes")
+}
+
+/// Checks the fixed part of a header. The checksum is checked by [`decode_payload`].
+pub fn decode_header(bytes: &[u8; HEADER_BYTES], limits: &Limits) -> Result<Header, WireError> {
+    let magic = u32_at(bytes, 0);
+    if magic != MAGIC {
+        return Err(WireError::BadMagic { found: magic });
+    }
+    let version = u16_at(bytes, 4);
+    if version != VERSION {
+        return Err(WireError::Version { found: version });
+    }
+    let kind = u16_at(bytes, 6);
+    let kind = MessageKind::from_u16(kind).ok_or(WireError::UnknownKind { found: kind })?;
+    let payload_bytes = u32_at(bytes, 8);
+    if payload_bytes > limits.payload_bytes_max {
+        return Err(WireError::TooLong { found: payload_bytes, limit: limits.payload_bytes_max });
+    }
+    if u64_at(bytes, 24) != 0 {
+        return Err(WireError::Reserved);
+    }
+    Ok(Header { kind, payload_bytes, crc32c: u32_at(bytes, 12), sequence: u64_at(bytes, 16) })
+}
+
+/// The frame checksum: crc32c over the header with its checksum field zero, then the payload.
+pub fn frame_crc32c(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
+    let mut zeroed = *header;
+    zeroed[12..16].fill(0);
+    crc32c::crc32c_append(crc32c::crc32c(&zeroed), payload)
+}
+
+/// Checks the checksum and decodes the payload of a frame whose header decoded as `header`.
+pub fn decode_payload<'a>(
+    header_bytes: &[u8; HEADER_BYTES],
+    header: &Header,
+    payload: &'a [u8],
+    limits: &Limits,
+) -> Result<Message<'a>, WireError> {
+    assert_eq!(payload.len(), header.payload_bytes as usize, "caller reads exactly payload_bytes");
+    let computed = frame_crc32c(header_bytes, payload);
+    if computed != header.crc32c {
+        return Err(WireError::Checksum { expected: header.crc32c, computed });
+    }
+    let size = |expected_bytes: usize, expected: &'static str| {
+        if payload.len() == expected_bytes {
+            Ok(())
+        } else {
+            Err(WireError::PayloadSize { kind: header.kind, found: payload.len(), expected })
+        }
+    };
+    Ok(match header.kind {
+        MessageKind::Hello => {
+            size(24 + NONCE_BYTES, "56")?;
+            Message::Hello {
+                mirror_id: u64_at(payload, 0),
+                image_bytes: u64_at(payload, 8),
+                extent_bytes: u64_at(payload, 16),
+                nonce: array_at(payload, 24),
+            }
+        }
+        MessageKind::Welcome => {
+            size(NONCE_BYTES + PROOF_BYTES, "64")?;
+            Message::Welcome { nonce: array_at(payload, 0), proof: array_at(payload, NONCE_BYTES) }
+        }
+        MessageKind::Proof => {
+            size(PROOF_BYTES, "32")?;
+            Message::Proof { proof: array_at(payload, 0) }
+        }
+        MessageKind::ExtentData => decode_extent_data(payload, limits)?,
+        MessageKind::Ack => {
+            size(16, "16")?;
+            let (first, last) = (u64_at(payload, 0), u64_at(payload, 8));
+            if first > last {
+                return Err(WireError::AckRange { first, last });
+            }
+            Message::Ack { first_sequence: first, last_sequence: last }
+        }
+        MessageKind::Keepalive => {
+            size(0, "0")?;
+            Message::Keepalive
+        }
+        MessageKind::Error => {
+            if payload.len() < 4 || payload.len() > 4 + ERROR_MESSAGE_BYTES_MAX {
+                return Err(WireError::PayloadSize {
+                    kind: header.kind,
+                    found: payload.len(),
+                    expected: "4..=1028",
+                });
+            }
+            let message = std::str::from_utf8(&payload[4..]).map_err(|_| WireError::ErrorText)?;
+            Message::Error { code: u32_at(payload, 0), message }
+        }
+    })
+}
+
+fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<'a>, WireError> {
+    if payload.len() <= 8 {
+        return Err(WireError::PayloadSize {
+            kind: MessageKind::ExtentData,
+            found: payload.len(),
+            expected: "> 8",
+        });
+    }
+    let offset_bytes = u64_at(payload, 0);
+    let data = &payload[8..];
+    let len_bytes = data.len() as u64;
+    let end = offset_bytes.checked_add(len_bytes);
+    if end.is_none_or(|end| end > limits.image_bytes) {
+        return Err(WireError::OutOfImage { offset_bytes, len_bytes, image_bytes: limits.image_bytes });
+    }
+    // Whole extents, except that the image's last extent may be short.
+    let ends_at_image_end = end == Some(limits.image_bytes);
+    if !offset_bytes.is_multiple_of(limits.extent_bytes)
+        || (!len_bytes.is_multiple_of(limits.extent_bytes) && !ends_at_image_end)
+    {
+        return Err(WireError::Unaligned { offset_bytes, len_bytes, extent_bytes: limits.extent_bytes });
+    }
+    Ok(Message::ExtentData { offset_bytes, data })
+}
+
+/// Writes a frame header for `kind` and `payload` (the payload may be sent from elsewhere, as
+/// zero-copy sends do; only its bytes enter the checksum).
+pub fn encode_header(kind: MessageKind, sequence: u64, payload: &[&[u8]]) -> [u8; HEADER_BYTES] {
+    let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
+    let mut header = [0u8; HEADER_BYTES];
+    header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    header[4..6].copy_from_slice(&VERSION.to_le_bytes());
+    header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
+    header[8..12].copy_from_slice(&u32::try_from(payload_bytes).expect("payload under 4 GiB").to_le_bytes());
+    header[16..24].copy_from_slice(&sequence.to_le_bytes());
+    let crc = payload.iter().fold(crc32c::crc32c(&header), |crc, part| crc32c::crc32c_append(crc, part));
+    header[12..16].copy_from_slice(&crc.to_le_bytes());
+    header
+}
+
+/// Encodes a whole message into `out` (cleared first). For extent data the payload is the
+/// offset followed by the data; a sender that wants zero copy encodes the header with
+/// [`encode_header`] over `[offset, data]` instead.
+pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
+    let mut fixed = [0u8; 24 + NONCE_BYTES + PROOF_BYTES];
+    let parts: [&[u8]; 2] = match message {
+        Message::Hello { mirror_id, image_bytes, extent_bytes, nonce } => {
+            fixed[0..8].copy_from_slice(&mirror_id.to_le_bytes());
+            fixed[8..16].copy_from_slice(&image_bytes.to_le_bytes());
+            fixed[16..24].copy_from_slice(&extent_bytes.to_le_bytes());
+            fixed[24..24 + NONCE_BYTES].copy_from_slice(nonce);
+            [&fixed[..24 + NONCE_BYTES], &[]]
+        }
+        Message::Welcome { nonce, proof } => {
+            fixed[..NONCE_BYTES].copy_from_slice(nonce);
+            fixed[NONCE_BYTES..NONCE_BYTES + PROOF_BYTES].copy_from_slice(proof);
+            [&fixed[..NONCE_BYTES + PROOF_BYTES], &[]]
+        }
+        Message::Proof { proof } => {
+            fixed[..PROOF_BYTES].copy_from_slice(proof);
+            [&fixed[..PROOF_BYTES], &[]]
+        }
+        Message::ExtentData { offset_bytes, data } => {
+            fixed[..8].copy_from_slice(&offset_bytes.to_le_bytes());
+            [&fixed[..8], data]
+        }
+        Message::Ack { first_sequence, last_sequence } => {
+            fixed[..8].copy_from_slice(&first_sequence.to_le_bytes());
+            fixed[8..16].copy_from_slice(&last_sequence.to_le_bytes());
+            [&fixed[..16], &[]]
+        }
+        Message::Keepalive => [&[], &[]],
+        Message::Error { code, message } => {
+            let message = truncate_utf8(message, ERROR_MESSAGE_BYTES_MAX);
+            fixed[..4].copy_from_slice(&code.to_le_bytes());
+            [&fixed[..4], message.as_bytes()]
+        }
+    };
+    out.clear();
+    out.extend_from_slice(&encode_header(message.kind(), sequence, &parts));
+    out.extend_from_slice(parts[0]);
+    out.extend_from_slice(parts[1]);
+}
+
+fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
+    let mut end = text.len().min(bytes_max);
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: Limits =
+        Limits { image_bytes: (1 << 30) + 4096, extent_bytes: 65536, payload_bytes_max: 8 + (1 << 20) };
+
+    fn decode(frame: &[u8]) -> Result<(u64, Message<'_>), WireError> {
+        let header_bytes: &[u8; HEADER_BYTES] = frame[..HEADER_BYTES].try_into().expect("header");
+        let header = decode_header(header_bytes, &LIMITS)?;
+        let payload = frame.get(HEADER_BYTES..HEADER_BYTES + header.payload_bytes as usize).ok_or(
+            WireError::PayloadSize {
+                kind: header.kind,
+                found: frame.len() - HEADER_BYTES,
+                expected: "truncated",
+            },
+        )?;
+        Ok((header.sequence, decode_payload(header_bytes, &header, payload, &LIMITS)?))
+    }
+
+    fn message() -> impl Strategy<Value = (u64, Vec<u8>, u8, [u8; 32], [u8; 32], String)> {
+        (
+            any::<u64>(),
+            proptest::collection::vec(any::<u8>(), 1..4),
+            0u8..7,
+            any::<[u8; 32]>(),
+            any::<[u8; 32]>(),
+            ".{0,40}",
+        )
+    }
+
+    fn build(kind: u8, n: u64, data: &[u8], a: [u8; 32], b: [u8; 32], text: &str) -> Message<'static> {
+        let data: &'static [u8] =
+            Box::leak(data.repeat(65536 / data.len() + 1)[..65536].to_vec().into_boxed_slice());
+        let text: &'static str = Box::leak(text.to_owned().into_boxed_str());
+        match kind {
+            0 => Message::Hello { mirror_id: n, image_bytes: n / 3, extent_bytes: 65536, nonce: a },
+            1 => Message::Welcome { nonce: a, proof: b },
+            2 => Message::Proof { proof: b },
+            3 => Message::ExtentData { offset_bytes: (n % 1024) * 65536, data },
+            4 => Message::Ack { first_sequence: n / 2, last_sequence: n / 2 + n % 7 },
+            5 => Message::Keepalive,
+            _ => Message::Error { code: n as u32, message: text },
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+        #[test]
+        fn every_message_round_trips((n, data, kind, a, b, text) in message(), sequence in any::<u64>()) {
+            let message = build(kind, n, &data, a, b, &text);
+            let mut frame = Vec::new();
+            encode(&message, sequence, &mut frame);
+            prop_assert_eq!(decode(&frame), Ok((sequence, message)));
+        }
+
+        /// Any single flipped bit is caught (by a field check or the checksum): never accepted.
+        #[test]
+        fn a_flipped_bit_is_never_accepted((n, data, kind, a, b, text) in message(), bit in any::<prop::sample::Index>()) {
+            let message = build(kind, n, &data, a, b, &text);
+            let mut frame = Vec::new();
+            encode(&message, 7, &mut frame);
+            let bit = bit.index(frame.len() * 8);
+            frame[bit / 8] ^= 1 << (bit % 8);
+            prop_assert!(decode(&frame).is_err());
+        }
+
+        /// Arbitrary bytes: an error or a message, never a panic.
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), HEADER_BYTES..200), fix_magic in any::<bool>()) {
+            let mut bytes = bytes;
+            if fix_magic {
+                bytes[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+                bytes[4..6].copy_from_slice(&VERSION.to_le_bytes());
+            }
+            let _ = decode(&bytes);
+        }
+    }
+
+    #[test]
+    fn extent_data_must_be_aligned_and_inside_the_image() {
+        let check = |offset_bytes: u64, len: usize| {
+            let data = vec![0u8; len];
+            let mut frame = Vec::new();
+            encode(&Message::ExtentData { offset_bytes, data: &data }, 1, &mut frame);
+            decode(&frame).map(|_| ())
+        };
+        assert_eq!(check(65536, 65536), Ok(()));
+        assert!(matches!(check(4096, 65536), Err(WireError::Unaligned { .. })));
+        assert!(matches!(check(65536, 4096), Err(WireError::Unaligned { .. })));
+        assert!(matches!(check(1 << 30, 65536), Err(WireError::OutOfImage { .. })));
+        assert_eq!(check(1 << 30, 4096), Ok(()), "the image's short last extent");
+        assert!(matches!(check(u64::MAX - 4095, 4096), Err(WireError::OutOfImage { .. })));
+        let mut frame = Vec::new();
+        encode(&Message::ExtentData { offset_bytes: 0, data: &vec![0u8; 2 << 20] }, 1, &mut frame);
+        assert!(matches!(decode(&frame), Err(WireError::TooLong { .. })));
+    }
+}
+
+/// Errors of blocking frame I/O: the transport failed, or the peer sent a bad frame.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Reads one frame into `buffer` (reused; grows at most to the payload limit) and decodes it.
+/// For the handshake and control traffic; the data path decodes from its registered buffers.
+pub fn read_frame<'b>(
+    reader: &mut impl std::io::Read,
+    limits: &Limits,
+    buffer: &'b mut Vec<u8>,
+) -> Result<(u64, Message<'b>), FrameError> {
+    let mut header_bytes = [0u8; HEADER_BYTES];
+    reader.read_exact(&mut header_bytes)?;
+    let header = decode_header(&header_bytes, limits)?;
+    buffer.resize(header.payload_bytes as usize, 0);
+    reader.read_exact(buffer)?;
+    Ok((header.sequence, decode_payload(&header_bytes, &header, buffer, limits)?))
+}
+
+/// Encodes and writes one frame.
+pub fn write_frame(
+    writer: &mut impl std::io::Write,
+    message: &Message<'_>,
+    sequence: u64,
+) -> std::io::Result<()> {
+    let mut frame = Vec::with_capacity(HEADER_BYTES + 64);
+    encode(message, sequence, &mut frame);
+    writer.write_all(&frame)
+}
