@@ -107,6 +107,40 @@ pub struct Params {
     pub extent_bytes: u64,
 }
 
+/// What a secondary checks a primary's `Hello` against: its own image size always; mirror id
+/// and extent size when it has been told them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Expected {
+    pub image_bytes: u64,
+    pub mirror_id: Option<u64>,
+    pub extent_bytes: Option<u64>,
+}
+
+impl Expected {
+    /// Describes how the offered parameters differ, naming both values.
+    fn mismatch(&self, offered: &Params) -> Option<String> {
+        let mut differences = Vec::new();
+        if self.mirror_id.is_some_and(|id| id != offered.mirror_id) {
+            differences.push(format!(
+                "mirror id: here {:#x}, peer {:#x}",
+                self.mirror_id.unwrap_or(0),
+                offered.mirror_id
+            ));
+        }
+        if self.image_bytes != offered.image_bytes {
+            differences.push(format!(
+                "image size: here {} bytes, peer {} bytes",
+                self.image_bytes, offered.image_bytes
+            ));
+        }
+        if self.extent_bytes.is_some_and(|e| e != offered.extent_bytes) {
+            let here = self.extent_bytes.unwrap_or(0);
+            differences.push(format!("extent size: here {here} bytes, peer {} bytes", offered.extent_bytes));
+        }
+        (!differences.is_empty()).then(|| differences.join("; "))
+    }
+}
+
 impl Params {
     fn bytes(&self) -> [u8; 24] {
         let mut out = [0u8; 24];
@@ -114,27 +148,6 @@ impl Params {
         out[8..16].copy_from_slice(&self.image_bytes.to_le_bytes());
         out[16..].copy_from_slice(&self.extent_bytes.to_le_bytes());
         out
-    }
-
-    /// Describes how `other` (the peer's) differs from `self`, naming both values.
-    fn mismatch(&self, other: &Params) -> Option<String> {
-        let mut differences = Vec::new();
-        if self.mirror_id != other.mirror_id {
-            differences.push(format!("mirror id: here {:#x}, peer {:#x}", self.mirror_id, other.mirror_id));
-        }
-        if self.image_bytes != other.image_bytes {
-            differences.push(format!(
-                "image size: here {} bytes, peer {} bytes",
-                self.image_bytes, other.image_bytes
-            ));
-        }
-        if self.extent_bytes != other.extent_bytes {
-            differences.push(format!(
-                "extent size: here {} bytes, peer {} bytes",
-                self.extent_bytes, other.extent_bytes
-            ));
-        }
-        (!differences.is_empty()).then(|| differences.join("; "))
     }
 }
 
@@ -188,12 +201,12 @@ pub fn primary_handshake(
 }
 
 /// The secondary's side: checks the primary's parameters against `expected`, proves the key,
-/// and returns only once the primary has proved it too.
+/// and returns them only once the primary has proved it too.
 pub fn secondary_handshake(
     stream: &mut (impl Read + Write),
     key: &Key,
-    expected: &Params,
-) -> Result<(), AuthError> {
+    expected: &Expected,
+) -> Result<Params, AuthError> {
     let mut buffer = Vec::new();
     let (_, hello) = wire::read_frame(stream, &HANDSHAKE_LIMITS, &mut buffer)?;
     let Message::Hello { mirror_id, image_bytes, extent_bytes, nonce: nonce_p } = hello else {
@@ -208,13 +221,13 @@ pub fn secondary_handshake(
         return Err(refuse(stream, ERROR_PARAMETERS, AuthError::Parameters(difference)));
     }
     let nonce_s = nonce();
-    let proof_s = proof(secondary_mac(key, &nonce_p, &nonce_s, expected));
+    let proof_s = proof(secondary_mac(key, &nonce_p, &nonce_s, &offered));
     wire::write_frame(stream, &Message::Welcome { nonce: nonce_s, proof: proof_s }, 0)
         .map_err(FrameError::from)?;
     let (_, reply) = wire::read_frame(stream, &HANDSHAKE_LIMITS, &mut buffer)?;
     match reply {
         Message::Proof { proof } if primary_mac(key, &nonce_s, &nonce_p).verify_slice(&proof).is_ok() => {
-            Ok(())
+            Ok(offered)
         }
         Message::Proof { .. } => Err(refuse(stream, ERROR_AUTHENTICATION, AuthError::BadProof)),
         Message::Error { message, .. } => Err(AuthError::Refused(message.to_owned())),
@@ -241,14 +254,17 @@ mod tests {
 
     const PARAMS: Params = Params { mirror_id: 0x51, image_bytes: 1 << 30, extent_bytes: 65536 };
 
+    const EXPECTED: Expected = Expected { image_bytes: 1 << 30, mirror_id: Some(0x51), extent_bytes: None };
+
     fn run(
         primary_key: &'static [u8],
         secondary_key: &'static [u8],
         offered: Params,
-    ) -> (Result<u64, AuthError>, Result<(), AuthError>) {
+    ) -> (Result<u64, AuthError>, Result<Params, AuthError>) {
         let (mut a, mut b) = UnixStream::pair().expect("socketpair");
-        let secondary =
-            std::thread::spawn(move || secondary_handshake(&mut b, &Key::from_bytes(secondary_key), &PARAMS));
+        let secondary = std::thread::spawn(move || {
+            secondary_handshake(&mut b, &Key::from_bytes(secondary_key), &EXPECTED)
+        });
         let primary = primary_handshake(&mut a, &Key::from_bytes(primary_key), &offered);
         drop(a);
         (primary, secondary.join().expect("secondary thread"))
@@ -258,7 +274,7 @@ mod tests {
     fn same_key_authenticates_both_ways() {
         let (primary, secondary) = run(b"0123456789abcdef", b"0123456789abcdef", PARAMS);
         assert_eq!(primary.expect("primary side"), 2);
-        secondary.expect("secondary side");
+        assert_eq!(secondary.expect("secondary side"), PARAMS);
     }
 
     #[test]
@@ -281,7 +297,7 @@ mod tests {
     fn random_bytes_are_refused() {
         let (mut a, mut b) = UnixStream::pair().expect("socketpair");
         let secondary = std::thread::spawn(move || {
-            secondary_handshake(&mut b, &Key::from_bytes(b"0123456789abcdef"), &PARAMS)
+            secondary_handshake(&mut b, &Key::from_bytes(b"0123456789abcdef"), &EXPECTED)
         });
         a.write_all(&[0x42; 200]).expect("write");
         drop(a);

@@ -6,6 +6,7 @@
 
 pub mod auth;
 pub mod device;
+pub mod pool;
 pub mod sysfs;
 pub mod tracker;
 pub mod wire;

@@ -9,7 +9,8 @@
 //! 6   kind           u16  MessageKind
 //! 8   payload_bytes  u32  <= Limits::payload_bytes_max
 //! 12  crc32c         u32  over the header (this field zero) and the payload
-//! 16  sequence       u64  per connection, per direction, strictly increasing
+//! 16  sequence       u64  per connection and direction, increasing (gaps allowed: the
+//!                         primary numbers extent frames once for all its secondaries)
 //! 24  reserved       u64  zero
 //! ```
 //!
@@ -196,6 +197,39 @@ pub fn frame_crc32c(header: &[u8; HEADER_BYTES], payload: &[u8]) -> u32 {
     let mut zeroed = *header;
     zeroed[12..16].fill(0);
     crc32c::crc32c_append(crc32c::crc32c(&zeroed), payload)
+}
+
+/// Bytes before an extent's data in its frame: the header and the extent offset.
+pub const EXTENT_PREFIX_BYTES: usize = HEADER_BYTES + 8;
+
+/// The header and offset of an extent-data frame, to send right before `data` (the primary
+/// writes them just before the data in the same buffer, so the frame goes out in one send).
+pub fn encode_extent_prefix(sequence: u64, offset_bytes: u64, data: &[u8]) -> [u8; EXTENT_PREFIX_BYTES] {
+    let offset = offset_bytes.to_le_bytes();
+    let header = encode_header(MessageKind::ExtentData, sequence, &[&offset, data]);
+    let mut prefix = [0u8; EXTENT_PREFIX_BYTES];
+    prefix[..HEADER_BYTES].copy_from_slice(&header);
+    prefix[HEADER_BYTES..].copy_from_slice(&offset);
+    prefix
+}
+
+/// Parses one whole frame from the front of `bytes`, if it is all there: `Ok(None)` asks for
+/// more bytes. A bad header is reported as soon as the header is in, without waiting for the
+/// payload it announces.
+pub fn parse_frame<'a>(
+    bytes: &'a [u8],
+    limits: &Limits,
+) -> Result<Option<(usize, u64, Message<'a>)>, WireError> {
+    let Some(header_bytes) = bytes.first_chunk::<HEADER_BYTES>() else {
+        return Ok(None);
+    };
+    let header = decode_header(header_bytes, limits)?;
+    let frame_bytes = HEADER_BYTES + header.payload_bytes as usize;
+    let Some(payload) = bytes.get(HEADER_BYTES..frame_bytes) else {
+        return Ok(None);
+    };
+    let message = decode_payload(header_bytes, &header, payload, limits)?;
+    Ok(Some((frame_bytes, header.sequence, message)))
 }
 
 /// Checks the checksum and decodes the payload of a frame whose header decoded as `header`.
@@ -433,6 +467,23 @@ mod tests {
             }
             let _ = decode(&bytes);
         }
+    }
+
+    #[test]
+    fn extent_prefix_and_stream_parsing() {
+        let data = vec![9u8; 65536];
+        let mut stream = encode_extent_prefix(42, 131072, &data).to_vec();
+        stream.extend_from_slice(&data);
+        let mut keepalive = Vec::new();
+        encode(&Message::Keepalive, 43, &mut keepalive);
+        stream.extend_from_slice(&keepalive);
+        assert_eq!(parse_frame(&stream[..100], &LIMITS), Ok(None), "a partial frame asks for more");
+        let (used, sequence, message) = parse_frame(&stream, &LIMITS).expect("valid").expect("whole");
+        assert_eq!((used, sequence), (EXTENT_PREFIX_BYTES + 65536, 42));
+        assert_eq!(message, Message::ExtentData { offset_bytes: 131072, data: &data });
+        let (_, sequence, message) = parse_frame(&stream[used..], &LIMITS).expect("valid").expect("whole");
+        assert_eq!((sequence, message), (43, Message::Keepalive));
+        assert!(parse_frame(&[0u8; HEADER_BYTES], &LIMITS).is_err(), "bad header reported early");
     }
 
     #[test]
