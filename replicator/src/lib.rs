@@ -7,6 +7,8 @@
 pub mod auth;
 pub mod device;
 pub mod pool;
+pub mod secondary;
+pub mod shipper;
 pub mod sysfs;
 pub mod tracker;
 pub mod wire;

@@ -1,0 +1,83 @@
+//! One thread per secondary that (re)connects and authenticates, off the engine's thread: a
+//! slow connect or handshake never stalls shipping to the others.
+//!
+//! Owns nothing shared: it hands each authenticated stream to the engine over a channel, then
+//! waits for the engine to ask for a new one. Retries back off from 100 ms to `retry_max_ms`.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
+use std::time::Duration;
+
+use crate::auth::{self, Key, Params};
+
+pub struct Connected {
+    pub peer: usize,
+    pub stream: TcpStream,
+    pub next_sequence: u64,
+}
+
+pub struct ConnectorConfig {
+    pub peer: usize,
+    pub name: String,
+    pub addr: SocketAddr,
+    pub key: Arc<Key>,
+    pub params: Params,
+    pub timeout_ms: u64,
+    pub retry_max_ms: u64,
+}
+
+/// Runs until `stop`. `wanted` receives a message each time the engine needs a connection.
+pub fn run(
+    config: ConnectorConfig,
+    wanted: Receiver<()>,
+    connected: Sender<Connected>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut last_error = String::new();
+    'wait: while !stop.load(Ordering::Relaxed) {
+        match wanted.recv_timeout(Duration::from_millis(200)) {
+            Ok(()) => {}
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+        let mut delay_ms = 100;
+        while !stop.load(Ordering::Relaxed) {
+            match connect(&config) {
+                Ok((stream, next_sequence)) => {
+                    tracing::info!(secondary = %config.name, addr = %config.addr, "connected and authenticated");
+                    last_error.clear();
+                    if connected.send(Connected { peer: config.peer, stream, next_sequence }).is_err() {
+                        return;
+                    }
+                    continue 'wait;
+                }
+                Err(error) => {
+                    // Say it once per distinct failure, not once per retry.
+                    if error != last_error {
+                        tracing::warn!(secondary = %config.name, addr = %config.addr, %error, "cannot reach secondary; retrying");
+                        last_error = error;
+                    }
+                    std::thread::sleep(Duration::from_millis(delay_ms));
+                    delay_ms = (delay_ms * 2).min(config.retry_max_ms);
+                }
+            }
+        }
+    }
+}
+
+fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    let mut stream =
+        TcpStream::connect_timeout(&config.addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
+    let next_sequence = auth::primary_handshake(&mut stream, &config.key, &config.params)
+        .map_err(|e| format!("handshake: {e}"))?;
+    // The engine drives the socket with io_uring from here on; blocking timeouts do not apply.
+    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream.set_write_timeout(None).map_err(|e| e.to_string())?;
+    Ok((stream, next_sequence))
+}

@@ -1,0 +1,749 @@
+//! The primary's engine: drains written extents from the tracker, reads them from the primary
+//! device with O_DIRECT into registered buffers, and ships them to every connected secondary
+//! with `IORING_OP_SEND_ZC`, all on one io_uring driven by one thread.
+//!
+//! Owns the ring, the buffer pool, the primary device, and the per-secondary state (`peer`).
+//! Buffer ownership, in order: free in the pool -> a `Read` op -> after the read, one reference
+//! per target secondary's queued `SendJob` plus one per send op whose zero-copy notification is
+//! outstanding -> back to the pool when the count reaches zero. A zero-copy send releases its
+//! buffer only on its notification CQE, never on its first CQE.
+//!
+//! Limits, all set at start-up: `buffers` (reads and unsent frames), `run_bytes_max` (largest
+//! coalesced read and frame), `backlog_bytes_max` (unacknowledged bytes per secondary; past it a
+//! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
+
+mod connector;
+mod peer;
+
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::fd::AsRawFd as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver};
+use std::time::{Duration, Instant};
+
+use bitvec::prelude::*;
+use io_uring::{IoUring, cqueue, opcode, squeue, types};
+
+pub use peer::PeerStats;
+use peer::{Conn, InFlight, Peer, SendJob};
+
+use crate::auth::{Key, Params};
+use crate::pool::BufferPool;
+use crate::tracker::{Tracker, TrackerOptions};
+use crate::wire::{self, Limits};
+
+/// Most secondaries one primary ships to.
+pub const PEERS_MAX: usize = 8;
+
+/// `IORING_SEND_ZC_REPORT_USAGE` and `IORING_NOTIF_USAGE_ZC_COPIED` from the kernel's uapi
+/// (`io_uring.h`); the io-uring crate keeps its `sys` module private.
+const SEND_ZC_REPORT_USAGE: u16 = 1 << 3;
+const NOTIF_USAGE_ZC_COPIED: i32 = 1 << 31;
+
+#[derive(Clone, Debug)]
+pub struct ShipperConfig {
+    pub device: PathBuf,
+    pub secondaries: Vec<(String, SocketAddr)>,
+    pub state_dir: PathBuf,
+    pub tracker_name: Option<String>,
+    pub mirror_id: u64,
+    pub extent_bytes: u64,
+    pub run_bytes_max: usize,
+    pub buffers: u16,
+    pub backlog_bytes_max: u64,
+    pub timeout_ms: u64,
+    pub keepalive_ms: u64,
+    pub retry_max_ms: u64,
+    /// Ship every extent once at start (safe default: the secondaries' contents are unknown).
+    pub initial_sync: bool,
+    pub zero_copy: bool,
+}
+
+impl ShipperConfig {
+    pub const RUN_BYTES_MAX_DEFAULT: usize = 1 << 20;
+    pub const BUFFERS_DEFAULT: u16 = 32;
+    pub const BACKLOG_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+    pub const TIMEOUT_MS_DEFAULT: u64 = 5000;
+    pub const KEEPALIVE_MS_DEFAULT: u64 = 1000;
+    pub const RETRY_MAX_MS_DEFAULT: u64 = 1000;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShipperError {
+    #[error(transparent)]
+    Tracker(#[from] crate::tracker::TrackerError),
+    #[error("{what}: {source}")]
+    Io { what: String, source: std::io::Error },
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShipperError {
+    let what = what.into();
+    move |source| ShipperError::Io { what, source }
+}
+
+/// An operation in the ring; `user_data` is its index in `Engine::ops`.
+#[derive(Debug)]
+enum Op {
+    Read { buffer: u16, run: Range<u64>, targets: [Option<u32>; PEERS_MAX] },
+    Send { peer: usize, generation: u32, buffer: Option<u16>, notif_pending: bool },
+    Recv { peer: usize, generation: u32 },
+}
+
+/// What the status file reports per secondary.
+#[derive(Debug, serde::Serialize)]
+pub struct PeerStatus {
+    pub name: String,
+    pub addr: String,
+    pub connected: bool,
+    pub in_sync: bool,
+    pub pending_extents: usize,
+    pub inflight_frames: usize,
+    pub backlog_bytes: u64,
+    pub zero_copy: bool,
+    #[serde(flatten)]
+    pub stats: PeerStats,
+}
+
+pub struct Engine {
+    // Field order matters: the ring is dropped before the pool it has registered.
+    ring: IoUring,
+    pool: BufferPool,
+    buffer_refs: Vec<u16>,
+    ops: Vec<Option<Op>>,
+    free_ops: Vec<usize>,
+    device: File,
+    device_bytes: u64,
+    tracker: Tracker,
+    peers: Vec<Peer>,
+    connected: Receiver<connector::Connected>,
+    config: ShipperConfig,
+    limits: Limits,
+    cursor: u64,
+    next_sequence: u64,
+    reads_in_flight: usize,
+    stop_connectors: Arc<AtomicBool>,
+    last_status: Instant,
+}
+
+impl Engine {
+    pub fn new(config: ShipperConfig, key: Arc<Key>) -> Result<Self, ShipperError> {
+        validate(&config)?;
+        let options = TrackerOptions {
+            name: config.tracker_name.clone(),
+            extent_bytes: config.extent_bytes,
+            ..TrackerOptions::default()
+        };
+        let tracker = Tracker::attach_with(&config.device, &options)?;
+        let geometry = *tracker.geometry();
+        let device = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&config.device)
+            .map_err(io_error(format!("opening {} with O_DIRECT", config.device.display())))?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(io_error(format!("creating {}", config.state_dir.display())))?;
+        let buffers = config.buffers;
+        let pool = BufferPool::new(usize::from(buffers), config.run_bytes_max)
+            .map_err(|e| io_error("allocating the buffer pool")(e.into()))?;
+        let op_slots =
+            usize::from(buffers) * (config.secondaries.len() + 1) + 2 * config.secondaries.len() + 8;
+        let ring =
+            IoUring::new((op_slots as u32).next_power_of_two()).map_err(io_error("creating the io_uring"))?;
+        // SAFETY: the pool outlives the ring (field order above).
+        unsafe { ring.submitter().register_buffers(&pool.iovecs()) }
+            .map_err(io_error("registering buffers"))?;
+
+        let params = Params {
+            mirror_id: config.mirror_id,
+            image_bytes: geometry.device_bytes(),
+            extent_bytes: config.extent_bytes,
+        };
+        let stop_connectors = Arc::new(AtomicBool::new(false));
+        let (connected_tx, connected) = mpsc::channel();
+        let mut peers = Vec::new();
+        for (index, (name, addr)) in config.secondaries.iter().enumerate() {
+            let (want_tx, want_rx) = mpsc::channel();
+            let connector_config = connector::ConnectorConfig {
+                peer: index,
+                name: name.clone(),
+                addr: *addr,
+                key: Arc::clone(&key),
+                params,
+                timeout_ms: config.timeout_ms,
+                retry_max_ms: config.retry_max_ms,
+            };
+            let (tx, stop) = (connected_tx.clone(), Arc::clone(&stop_connectors));
+            std::thread::Builder::new()
+                .name(format!("connect-{name}"))
+                .spawn(move || connector::run(connector_config, want_rx, tx, stop))
+                .map_err(io_error("starting a connector thread"))?;
+            want_tx.send(()).expect("connector is running");
+            let pending =
+                bitvec![u64, Lsb0; u64::from(config.initial_sync); geometry.extent_count() as usize];
+            peers.push(Peer {
+                name: name.clone(),
+                addr: *addr,
+                pending,
+                conn: None,
+                generation: 0,
+                want_connection: want_tx,
+                zero_copy: config.zero_copy,
+                stats: PeerStats::default(),
+                in_sync: false,
+            });
+        }
+        // What a secondary may send: acks, keepalives, and errors with their message.
+        let limits = Limits {
+            image_bytes: 0,
+            extent_bytes: 1,
+            payload_bytes_max: 4 + wire::ERROR_MESSAGE_BYTES_MAX as u32,
+        };
+        let ops = (0..op_slots).map(|_| None).collect();
+        Ok(Self {
+            ring,
+            pool,
+            buffer_refs: vec![0; usize::from(buffers)],
+            ops,
+            free_ops: (0..op_slots).rev().collect(),
+            device,
+            device_bytes: geometry.device_bytes(),
+            tracker,
+            peers,
+            connected,
+            config,
+            limits,
+            cursor: 0,
+            next_sequence: 2,
+            reads_in_flight: 0,
+            stop_connectors,
+            last_status: Instant::now(),
+        })
+    }
+
+    /// Runs until `stop` is set, then drains what is in flight (up to the timeout) and stops.
+    pub fn run(mut self, stop: &AtomicBool) -> Result<(), ShipperError> {
+        let mut stopping_since = None;
+        loop {
+            if stop.load(Ordering::Relaxed) && stopping_since.is_none() {
+                tracing::info!("stopping: finishing in-flight reads, sends and acks");
+                stopping_since = Some(Instant::now());
+            }
+            self.accept_connections();
+            self.drain_tracker();
+            if stopping_since.is_none() {
+                self.schedule_reads()?;
+            }
+            self.tick_peers();
+            self.start_sends()?;
+            self.wait_and_reap()?;
+            self.update_status();
+            if let Some(since) = stopping_since
+                && (self.quiescent() || since.elapsed() > Duration::from_millis(self.config.timeout_ms))
+            {
+                break;
+            }
+        }
+        self.shutdown()
+    }
+
+    fn accept_connections(&mut self) {
+        while let Ok(connected) = self.connected.try_recv() {
+            let peer = &mut self.peers[connected.peer];
+            assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
+            peer.conn = Some(Conn::new(connected.stream));
+            peer.stats.connects += 1;
+            self.next_sequence = self.next_sequence.max(connected.next_sequence);
+        }
+    }
+
+    fn drain_tracker(&mut self) {
+        let runs: Vec<Range<u64>> = self.tracker.drain_completed().collect();
+        for run in runs {
+            for peer in &mut self.peers {
+                peer.pending[run.start as usize..run.end as usize].fill(true);
+            }
+        }
+    }
+
+    fn free_slots(&self) -> usize {
+        self.free_ops.len()
+    }
+
+    fn push_op(&mut self, op: Op, entry: squeue::Entry) -> Result<(), ShipperError> {
+        let slot = self.free_ops.pop().expect("op slots are sized with the ring; callers check free_slots");
+        assert!(self.ops[slot].is_none());
+        self.ops[slot] = Some(op);
+        let entry = entry.user_data(slot as u64);
+        // SAFETY: every buffer an entry points at is owned by its op (see the module header)
+        // until the op's last completion.
+        if unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.ring.submit().map_err(io_error("submitting to the io_uring"))?;
+            // SAFETY: as above.
+            unsafe { self.ring.submission().push(&entry) }
+                .map_err(|_| ShipperError::Config("ring full".into()))?;
+        }
+        Ok(())
+    }
+
+    /// Reads the next runs of extents some eligible secondary needs, while buffers last.
+    fn schedule_reads(&mut self) -> Result<(), ShipperError> {
+        let queue_max = usize::from(self.config.buffers);
+        let run_bytes_max = self.config.run_bytes_max as u64;
+        while self.pool.free_count() > 0 && self.free_slots() > 1 + self.peers.len() * 2 {
+            let eligible: Vec<usize> = (0..self.peers.len())
+                .filter(|&i| self.peers[i].eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max))
+                .collect();
+            let Some(run) = self.next_run(&eligible) else {
+                return Ok(());
+            };
+            let mut targets = [None; PEERS_MAX];
+            for &i in &eligible {
+                let pending = &mut self.peers[i].pending[run.start as usize..run.end as usize];
+                if pending.any() {
+                    pending.fill(false);
+                    targets[i] = Some(self.peers[i].generation);
+                }
+            }
+            self.submit_read(run, targets)?;
+        }
+        Ok(())
+    }
+
+    /// The next run (from the cursor, wrapping) of extents pending for any of `eligible`, at
+    /// most `run_bytes_max` long.
+    fn next_run(&mut self, eligible: &[usize]) -> Option<Range<u64>> {
+        let extents = self.peers.first()?.pending.len();
+        let first_from = |from: usize, peers: &[Peer]| {
+            eligible.iter().filter_map(|&i| peers[i].pending[from..].first_one().map(|o| from + o)).min()
+        };
+        let start = first_from(self.cursor as usize, &self.peers).or_else(|| first_from(0, &self.peers))?;
+        let run_extents_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes) as usize;
+        let mut end = start + 1;
+        while end < extents
+            && end - start < run_extents_max
+            && eligible.iter().any(|&i| self.peers[i].pending[end])
+        {
+            end += 1;
+        }
+        self.cursor = end as u64 % extents as u64;
+        Some(start as u64..end as u64)
+    }
+
+    fn run_bytes(&self, run: &Range<u64>) -> (u64, usize) {
+        let offset = run.start * self.config.extent_bytes;
+        let end = (run.end * self.config.extent_bytes).min(self.device_bytes);
+        (offset, (end - offset) as usize)
+    }
+
+    fn submit_read(
+        &mut self,
+        run: Range<u64>,
+        targets: [Option<u32>; PEERS_MAX],
+    ) -> Result<(), ShipperError> {
+        let buffer = self.pool.take().expect("schedule_reads checked a free buffer");
+        let (offset, len) = self.run_bytes(&run);
+        assert!(len <= self.pool.data_bytes_max());
+        let entry = opcode::ReadFixed::new(
+            types::Fd(self.device.as_raw_fd()),
+            self.pool.data_ptr(buffer),
+            len as u32,
+            buffer,
+        )
+        .offset(offset)
+        .build();
+        self.reads_in_flight += 1;
+        self.push_op(Op::Read { buffer, run, targets }, entry)
+    }
+
+    /// Sends keepalives on idle connections, and drops those that have gone quiet.
+    fn tick_peers(&mut self) {
+        let (timeout, keepalive) =
+            (Duration::from_millis(self.config.timeout_ms), Duration::from_millis(self.config.keepalive_ms));
+        for index in 0..self.peers.len() {
+            let Some(conn) = self.peers[index].conn.as_mut() else { continue };
+            if conn.last_heard.elapsed() > timeout {
+                let reason = format!("no ack or keepalive for {} ms", self.config.timeout_ms);
+                self.disconnect(index, &reason);
+                continue;
+            }
+            if conn.queue.is_empty() && conn.last_sent.elapsed() > keepalive {
+                conn.queue.push_back(SendJob::Keepalive { sent: 0 });
+            }
+        }
+    }
+
+    /// Starts a send on every connection with queued frames and no send in flight.
+    fn start_sends(&mut self) -> Result<(), ShipperError> {
+        for index in 0..self.peers.len() {
+            let generation = self.peers[index].generation;
+            let zero_copy = self.peers[index].zero_copy;
+            let Some(conn) = self.peers[index].conn.as_mut() else { continue };
+            if !conn.recv_in_flight {
+                conn.compact_recv();
+                let free = &mut conn.recv[conn.recv_len..];
+                let entry = opcode::Recv::new(
+                    types::Fd(conn.stream.as_raw_fd()),
+                    free.as_mut_ptr(),
+                    free.len() as u32,
+                )
+                .build();
+                conn.recv_in_flight = true;
+                self.push_op(Op::Recv { peer: index, generation }, entry)?;
+            }
+            let conn = self.peers[index].conn.as_mut().expect("still connected");
+            if conn.sending || self.free_ops.is_empty() {
+                continue;
+            }
+            let fd = types::Fd(conn.stream.as_raw_fd());
+            let (entry, buffer) = match conn.queue.front() {
+                None => continue,
+                Some(SendJob::Keepalive { sent }) => {
+                    if *sent == 0 {
+                        *conn.keepalive =
+                            wire::encode_header(wire::MessageKind::Keepalive, self.next_sequence, &[]);
+                        self.next_sequence += 1;
+                    }
+                    let bytes = &conn.keepalive[*sent..];
+                    (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
+                }
+                Some(SendJob::Extent { buffer, frame_bytes, sent }) => {
+                    // SAFETY: the frame starts EXTENT_PREFIX_BYTES before the data, in the prefix.
+                    let start =
+                        unsafe { self.pool.data_ptr(*buffer).sub(wire::EXTENT_PREFIX_BYTES).add(*sent) };
+                    let len = (*frame_bytes - *sent) as u32;
+                    let entry = if zero_copy {
+                        opcode::SendZc::new(fd, start, len)
+                            .buf_index(Some(*buffer))
+                            .zc_flags(SEND_ZC_REPORT_USAGE)
+                            .build()
+                    } else {
+                        opcode::Send::new(fd, start, len).build()
+                    };
+                    (entry, Some(*buffer))
+                }
+            };
+            conn.sending = true;
+            conn.last_sent = Instant::now();
+            let zc = zero_copy && buffer.is_some();
+            if let Some(buffer) = buffer
+                && zc
+            {
+                // The send op's own reference, dropped on its notification.
+                self.buffer_refs[usize::from(buffer)] += 1;
+            }
+            self.push_op(
+                Op::Send { peer: index, generation, buffer: buffer.filter(|_| zc), notif_pending: false },
+                entry,
+            )?;
+        }
+        Ok(())
+    }
+
+    fn wait_and_reap(&mut self) -> Result<(), ShipperError> {
+        let wait = types::Timespec::new().nsec(2_000_000);
+        let args = types::SubmitArgs::new().timespec(&wait);
+        match self.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+            Err(e) => return Err(io_error("waiting on the io_uring")(e)),
+        }
+        let completions: Vec<(u64, i32, u32)> =
+            self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
+        for (user_data, result, flags) in completions {
+            self.complete(user_data as usize, result, flags)?;
+        }
+        Ok(())
+    }
+
+    fn complete(&mut self, slot: usize, result: i32, flags: u32) -> Result<(), ShipperError> {
+        let op = self.ops[slot].take().expect("a completion for an op in flight");
+        match op {
+            Op::Read { buffer, run, targets } => {
+                self.free_op(slot);
+                self.reads_in_flight -= 1;
+                self.complete_read(buffer, run, targets, result)
+            }
+            Op::Send { peer, generation, buffer, notif_pending: true } => {
+                assert!(
+                    cqueue::notif(flags),
+                    "the second completion of a zero-copy send is its notification"
+                );
+                self.free_op(slot);
+                if result & NOTIF_USAGE_ZC_COPIED != 0 && self.peers[peer].generation == generation {
+                    self.peers[peer].stats.copied_sends += 1;
+                }
+                self.release_buffer(buffer.expect("zero-copy sends carry a buffer"));
+                Ok(())
+            }
+            Op::Send { peer, generation, buffer, notif_pending: false } => {
+                if buffer.is_some() && cqueue::more(flags) {
+                    self.ops[slot] = Some(Op::Send { peer, generation, buffer, notif_pending: true });
+                } else {
+                    self.free_op(slot);
+                    if let Some(buffer) = buffer {
+                        self.release_buffer(buffer);
+                    }
+                }
+                self.complete_send(peer, generation, buffer.is_some(), result);
+                Ok(())
+            }
+            Op::Recv { peer, generation } => {
+                self.free_op(slot);
+                self.complete_recv(peer, generation, result);
+                Ok(())
+            }
+        }
+    }
+
+    fn free_op(&mut self, slot: usize) {
+        self.free_ops.push(slot);
+    }
+
+    fn release_buffer(&mut self, buffer: u16) {
+        let refs = &mut self.buffer_refs[usize::from(buffer)];
+        assert!(*refs > 0, "buffer {buffer} released more often than referenced");
+        *refs -= 1;
+        if *refs == 0 {
+            self.pool.give_back(buffer);
+        }
+    }
+
+    fn complete_read(
+        &mut self,
+        buffer: u16,
+        run: Range<u64>,
+        targets: [Option<u32>; PEERS_MAX],
+        result: i32,
+    ) -> Result<(), ShipperError> {
+        let (offset, len) = self.run_bytes(&run);
+        let live: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| {
+                targets[i].is_some_and(|g| g == self.peers[i].generation && self.peers[i].conn.is_some())
+            })
+            .collect();
+        // Targets that disconnected meanwhile get the run back; so do all on a failed read.
+        for (i, peer) in self.peers.iter_mut().enumerate() {
+            if targets[i].is_some() && (result as i64 != len as i64 || !live.contains(&i)) {
+                peer.pending[run.start as usize..run.end as usize].fill(true);
+            }
+        }
+        if result as i64 != len as i64 {
+            tracing::error!(device = %self.config.device.display(), offset, len, result, "read from the primary failed; will retry");
+            self.pool.give_back(buffer);
+            return Ok(());
+        }
+        if live.is_empty() {
+            self.pool.give_back(buffer);
+            return Ok(());
+        }
+        let sequence = self.next_sequence;
+        self.next_sequence += 1;
+        let prefix = wire::encode_extent_prefix(sequence, offset, self.pool.data(buffer, len));
+        self.pool.prefix_tail_mut(buffer, wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
+        let frame_bytes = wire::EXTENT_PREFIX_BYTES + len;
+        assert_eq!(self.buffer_refs[usize::from(buffer)], 0);
+        self.buffer_refs[usize::from(buffer)] = live.len() as u16;
+        for i in live {
+            let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
+            conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
+            conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64 });
+            conn.backlog_bytes += len as u64;
+        }
+        Ok(())
+    }
+
+    fn complete_send(&mut self, index: usize, generation: u32, zero_copy: bool, result: i32) {
+        let peer = &mut self.peers[index];
+        if peer.generation != generation {
+            return;
+        }
+        if zero_copy && (result == -libc::EOPNOTSUPP || result == -libc::EINVAL) {
+            tracing::warn!(secondary = %peer.name, "zero-copy send not supported on this socket; using plain send");
+            peer.zero_copy = false;
+            peer.conn.as_mut().expect("same generation is connected").sending = false;
+            return;
+        }
+        if result < 0 {
+            let reason = format!("send failed: {}", std::io::Error::from_raw_os_error(-result));
+            self.disconnect(index, &reason);
+            return;
+        }
+        let conn = peer.conn.as_mut().expect("same generation is connected");
+        conn.sending = false;
+        let job = conn.queue.front_mut().expect("a send completes the front job");
+        let finished = match job {
+            SendJob::Keepalive { sent } => {
+                *sent += result as usize;
+                *sent == wire::HEADER_BYTES
+            }
+            SendJob::Extent { frame_bytes, sent, .. } => {
+                *sent += result as usize;
+                *sent == *frame_bytes
+            }
+        };
+        if zero_copy {
+            peer.stats.zero_copy_sends += 1;
+        } else {
+            peer.stats.plain_sends += 1;
+        }
+        if finished {
+            let job = conn.queue.pop_front().expect("front job");
+            if let SendJob::Extent { buffer, frame_bytes, .. } = job {
+                peer.stats.shipped_bytes += (frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64;
+                peer.stats.shipped_extents +=
+                    ((frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64).div_ceil(self.config.extent_bytes);
+                self.release_buffer(buffer);
+            }
+        }
+    }
+
+    fn complete_recv(&mut self, index: usize, generation: u32, result: i32) {
+        let peer = &mut self.peers[index];
+        if peer.generation != generation {
+            return;
+        }
+        let conn = peer.conn.as_mut().expect("same generation is connected");
+        conn.recv_in_flight = false;
+        if result <= 0 {
+            let reason = if result == 0 {
+                "secondary closed the connection".to_owned()
+            } else {
+                format!("receive failed: {}", std::io::Error::from_raw_os_error(-result))
+            };
+            self.disconnect(index, &reason);
+            return;
+        }
+        conn.recv_len += result as usize;
+        conn.last_heard = Instant::now();
+        if let Err(reason) = conn.parse_received(&self.limits, &mut peer.stats) {
+            self.disconnect(index, &reason);
+        }
+    }
+
+    /// Drops a connection: everything sent and not acknowledged, or still queued, goes back to
+    /// the peer's pending extents, and its connector is asked for a new connection.
+    fn disconnect(&mut self, index: usize, reason: &str) {
+        let peer = &mut self.peers[index];
+        let Some(conn) = peer.conn.take() else { return };
+        tracing::warn!(secondary = %peer.name, addr = %peer.addr, %reason, unacked_frames = conn.inflight.len(), "secondary disconnected");
+        let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+        for inflight in conn.inflight.values() {
+            peer.pending[inflight.run.start as usize..inflight.run.end as usize].fill(true);
+        }
+        peer.generation += 1;
+        peer.stats.disconnects += 1;
+        peer.in_sync = false;
+        let _ = peer.want_connection.send(());
+        for job in conn.queue {
+            if let SendJob::Extent { buffer, .. } = job {
+                self.release_buffer(buffer);
+            }
+        }
+    }
+
+    /// Nothing in flight and nothing pending for any connected secondary.
+    fn quiescent(&self) -> bool {
+        self.reads_in_flight == 0
+            && self.peers.iter().all(|p| {
+                p.conn.as_ref().is_none_or(|c| c.inflight.is_empty() && c.queue.is_empty() && !c.sending)
+                    && (p.conn.is_none() || p.pending.not_any())
+            })
+    }
+
+    pub fn status(&self) -> Vec<PeerStatus> {
+        self.peers
+            .iter()
+            .map(|p| PeerStatus {
+                name: p.name.clone(),
+                addr: p.addr.to_string(),
+                connected: p.conn.is_some(),
+                in_sync: p.in_sync,
+                pending_extents: p.pending.count_ones(),
+                inflight_frames: p.conn.as_ref().map_or(0, |c| c.inflight.len()),
+                backlog_bytes: p.conn.as_ref().map_or(0, |c| c.backlog_bytes),
+                zero_copy: p.zero_copy,
+                stats: p.stats,
+            })
+            .collect()
+    }
+
+    fn update_status(&mut self) {
+        let reads_idle = self.reads_in_flight == 0;
+        for peer in &mut self.peers {
+            let in_sync = reads_idle
+                && peer.pending.not_any()
+                && peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty());
+            if in_sync != peer.in_sync {
+                tracing::info!(secondary = %peer.name, in_sync, "secondary sync state changed");
+                peer.in_sync = in_sync;
+            }
+        }
+        if self.last_status.elapsed() < Duration::from_millis(200) {
+            return;
+        }
+        self.last_status = Instant::now();
+        let status = serde_json::json!({
+            "device": self.config.device.display().to_string(),
+            "secondaries": self.status(),
+            "tracker": self.tracker.counters(),
+        });
+        let path = self.config.state_dir.join("status.json");
+        let temp = self.config.state_dir.join("status.json.tmp");
+        let written = std::fs::write(&temp, status.to_string()).and_then(|()| std::fs::rename(&temp, &path));
+        if let Err(e) = written {
+            tracing::warn!(path = %path.display(), error = %e, "writing the status file failed");
+        }
+    }
+
+    fn shutdown(mut self) -> Result<(), ShipperError> {
+        self.stop_connectors.store(true, Ordering::Relaxed);
+        for index in 0..self.peers.len() {
+            if let Some(conn) = self.peers[index].conn.as_ref() {
+                let _ = conn.stream.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        // Reap until every op is done, so no buffer is in the kernel's hands when the pool goes.
+        let deadline = Instant::now() + Duration::from_millis(self.config.timeout_ms);
+        while self.free_ops.len() < self.ops.len() && Instant::now() < deadline {
+            self.wait_and_reap()?;
+        }
+        self.update_status();
+        let Engine { ring, pool, tracker, .. } = self;
+        drop(ring);
+        drop(pool);
+        tracker.stop()?;
+        tracing::info!("primary stopped");
+        Ok(())
+    }
+}
+
+fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
+    let fail = |m: String| Err(ShipperError::Config(m));
+    if config.secondaries.is_empty() || config.secondaries.len() > PEERS_MAX {
+        return fail(format!(
+            "{} secondaries; between 1 and {PEERS_MAX} are supported",
+            config.secondaries.len()
+        ));
+    }
+    if !config.run_bytes_max.is_multiple_of(config.extent_bytes as usize) || config.run_bytes_max == 0 {
+        return fail(format!(
+            "run size {} is not a multiple of the extent size {}",
+            config.run_bytes_max, config.extent_bytes
+        ));
+    }
+    if config.backlog_bytes_max < config.run_bytes_max as u64 {
+        return fail(format!(
+            "backlog {} bytes is smaller than one run of {} bytes",
+            config.backlog_bytes_max, config.run_bytes_max
+        ));
+    }
+    Ok(())
+}

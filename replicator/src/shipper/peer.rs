@@ -1,0 +1,151 @@
+//! What the primary keeps per secondary: the extents it still needs (`pending`, the in-memory
+//! form of its fracture log), and while connected, the ordered send queue, the frames sent and
+//! not yet acknowledged, and the bytes of acks and keepalives received and not yet parsed.
+//!
+//! Invariant: every extent a secondary has not acknowledged since it was last written on the
+//! primary is in `pending`, or in a read whose targets include this peer, or in `inflight`.
+//! A disconnect moves `inflight` back into `pending`, so nothing is lost when a link drops.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::net::{SocketAddr, TcpStream};
+use std::ops::Range;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use bitvec::prelude::*;
+
+use crate::wire::{self, Limits, Message};
+
+/// Bytes of the receive buffer for acks and keepalives.
+pub const RECV_BYTES: usize = 64 * 1024;
+
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct PeerStats {
+    pub shipped_bytes: u64,
+    pub shipped_extents: u64,
+    pub acked_frames: u64,
+    pub zero_copy_sends: u64,
+    /// Zero-copy sends the kernel reported it copied anyway (`IORING_NOTIF_USAGE_ZC_COPIED`).
+    pub copied_sends: u64,
+    pub plain_sends: u64,
+    pub connects: u64,
+    pub disconnects: u64,
+}
+
+/// A frame queued or being sent on a connection, in stream order.
+#[derive(Debug)]
+pub enum SendJob {
+    /// An extent frame from a pool buffer: `frame_bytes` from the buffer's frame start.
+    Extent { buffer: u16, frame_bytes: usize, sent: usize },
+    /// A keepalive, from the connection's own keepalive buffer.
+    Keepalive { sent: usize },
+}
+
+#[derive(Debug)]
+pub struct InFlight {
+    pub run: Range<u64>,
+    pub bytes: u64,
+}
+
+pub struct Conn {
+    pub stream: TcpStream,
+    pub queue: VecDeque<SendJob>,
+    /// A send op for the queue's front is in the ring.
+    pub sending: bool,
+    /// Extent frames queued or sent, not yet acknowledged, by sequence.
+    pub inflight: BTreeMap<u64, InFlight>,
+    pub backlog_bytes: u64,
+    pub recv: Box<[u8]>,
+    pub recv_start: usize,
+    pub recv_len: usize,
+    pub recv_in_flight: bool,
+    /// The keepalive frame being sent; fixed address while a send of it is in flight.
+    pub keepalive: Box<[u8; wire::HEADER_BYTES]>,
+    pub last_heard: Instant,
+    pub last_sent: Instant,
+}
+
+impl Conn {
+    pub fn new(stream: TcpStream) -> Self {
+        Self {
+            stream,
+            queue: VecDeque::new(),
+            sending: false,
+            inflight: BTreeMap::new(),
+            backlog_bytes: 0,
+            recv: vec![0u8; RECV_BYTES].into_boxed_slice(),
+            recv_start: 0,
+            recv_len: 0,
+            recv_in_flight: false,
+            keepalive: Box::new([0u8; wire::HEADER_BYTES]),
+            last_heard: Instant::now(),
+            last_sent: Instant::now(),
+        }
+    }
+
+    /// Reclaims parsed bytes; only while no recv is in flight.
+    pub fn compact_recv(&mut self) {
+        assert!(!self.recv_in_flight);
+        self.recv.copy_within(self.recv_start..self.recv_len, 0);
+        self.recv_len -= self.recv_start;
+        self.recv_start = 0;
+    }
+
+    /// Applies the frames received so far. Returns the sequences acknowledged (ranges), or why
+    /// the connection must close.
+    pub fn parse_received(&mut self, limits: &Limits, stats: &mut PeerStats) -> Result<(), String> {
+        loop {
+            let bytes = &self.recv[self.recv_start..self.recv_len];
+            let parsed = wire::parse_frame(bytes, limits)
+                .map_err(|e| format!("malformed frame from secondary: {e}"))?;
+            let Some((used, _, message)) = parsed else {
+                return Ok(());
+            };
+            match message {
+                Message::Ack { first_sequence, last_sequence } => {
+                    let acked: Vec<u64> =
+                        self.inflight.range(first_sequence..=last_sequence).map(|(s, _)| *s).collect();
+                    for sequence in acked {
+                        let done = self.inflight.remove(&sequence).expect("key just listed");
+                        self.backlog_bytes -= done.bytes;
+                        stats.acked_frames += 1;
+                    }
+                }
+                Message::Keepalive => {}
+                Message::Error { code, message } => {
+                    return Err(format!("secondary reported error {code}: {message}"));
+                }
+                other => {
+                    return Err(format!(
+                        "secondary sent {:?}, which a primary does not accept",
+                        other.kind()
+                    ));
+                }
+            }
+            self.recv_start += used;
+        }
+    }
+}
+
+pub struct Peer {
+    pub name: String,
+    pub addr: SocketAddr,
+    /// Extents this secondary still needs.
+    pub pending: BitVec<u64, Lsb0>,
+    pub conn: Option<Conn>,
+    /// Bumped at each disconnect; completions of older connections are recognised by it.
+    pub generation: u32,
+    pub want_connection: Sender<()>,
+    pub zero_copy: bool,
+    pub stats: PeerStats,
+    pub in_sync: bool,
+}
+
+impl Peer {
+    /// Whether this peer can take another extent frame now.
+    pub fn eligible(&self, backlog_bytes_max: u64, run_bytes_max: u64, queue_max: usize) -> bool {
+        self.conn.as_ref().is_some_and(|c| {
+            c.backlog_bytes + run_bytes_max <= backlog_bytes_max && c.queue.len() < queue_max
+        })
+    }
+}
