@@ -209,3 +209,323 @@ pub fn write_direct(
 fn libc_o_direct() -> i32 {
     nix::fcntl::OFlag::O_DIRECT.bits()
 }
+
+/// A network namespace of our own (`ip netns add`), deleted on drop with everything in it.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn create(name: &str) -> Result<Self, TestbedError> {
+        let _ = run_command("ip", &["netns", "del", name]);
+        run_command("ip", &["netns", "add", name])?;
+        let netns = Self { name: name.into() };
+        run_command("ip", &["-n", name, "link", "set", "lo", "up"])?;
+        Ok(netns)
+    }
+
+    /// A command that runs `program` inside this namespace's network (the mount namespace, and
+    /// so bpffs and the block devices, stay the host's).
+    pub fn command(&self, program: &Path) -> Command {
+        let mut command = Command::new("nsenter");
+        command.arg(format!("--net=/run/netns/{}", self.name)).arg(program);
+        command
+    }
+
+    pub fn run(&self, args: &[&str]) -> Result<String, TestbedError> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        run_command("ip", &all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = run_command("ip", &["netns", "del", &self.name]) {
+            eprintln!("testbed: deleting netns {}: {e}", self.name);
+        }
+    }
+}
+
+/// Connects two namespaces with a veth pair, addresses `a_cidr` and `b_cidr` (private ranges,
+/// inside the namespaces only).
+pub fn veth(
+    a: &Netns,
+    a_if: &str,
+    a_cidr: &str,
+    b: &Netns,
+    b_if: &str,
+    b_cidr: &str,
+) -> Result<(), TestbedError> {
+    run_command(
+        "ip",
+        &["link", "add", a_if, "netns", &a.name, "type", "veth", "peer", "name", b_if, "netns", &b.name],
+    )?;
+    a.run(&["addr", "add", a_cidr, "dev", a_if])?;
+    b.run(&["addr", "add", b_cidr, "dev", b_if])?;
+    a.run(&["link", "set", a_if, "up"])?;
+    b.run(&["link", "set", b_if, "up"])?;
+    Ok(())
+}
+
+/// A process that is stopped (SIGTERM, then SIGKILL after 3 s) when dropped.
+pub struct Process {
+    pub name: String,
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Process {
+    pub fn spawn(name: &str, mut command: Command, log: PathBuf) -> Result<Self, TestbedError> {
+        let out = fs::File::create(&log).map_err(io(format!("creating {}", log.display())))?;
+        let err = out.try_clone().map_err(io("duplicating a log file"))?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .map_err(io(format!("starting {name}")))?;
+        Ok(Self { name: name.into(), child, log })
+    }
+
+    /// Sends SIGTERM and waits up to 3 s; returns whether it exited by itself.
+    pub fn stop(&mut self) -> bool {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        false
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.stop();
+        }
+    }
+}
+
+/// A primary and its secondaries on loop devices, each member in its own network namespace,
+/// the primary linked to each secondary by a veth pair on its own 10.x subnet.
+pub struct Lab {
+    pub binary: PathBuf,
+    pub dir: PathBuf,
+    pub key_file: PathBuf,
+    pub primary_device: LoopDevice,
+    pub secondary_devices: Vec<LoopDevice>,
+    pub primary_ns: Netns,
+    pub secondary_ns: Vec<Netns>,
+    /// The veth interface in the primary's namespace towards each secondary.
+    pub primary_ifs: Vec<String>,
+    pub secondary_addrs: Vec<std::net::SocketAddr>,
+    pub processes: Vec<Process>,
+}
+
+static NEXT_LAB: AtomicU32 = AtomicU32::new(0);
+
+impl Lab {
+    pub const PORT: u16 = 7788;
+
+    pub fn new(
+        binary: &Path,
+        label: &str,
+        secondaries: usize,
+        device_bytes: u64,
+    ) -> Result<Self, TestbedError> {
+        assert!((1..=8).contains(&secondaries));
+        let id = (std::process::id() % 1000) * 10 + NEXT_LAB.fetch_add(1, Ordering::Relaxed) % 10;
+        let dir = PathBuf::from(format!("/dev/shm/replicator-lab-{label}-{id}"));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        let key_file = dir.join("key");
+        let mut key = [0u8; 32];
+        getrandom::fill(&mut key).map_err(|e| TestbedError::Setup { what: format!("random key: {e}") })?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        write_private(&key_file, &hex)?;
+        let primary_device = LoopDevice::create(&format!("{label}-p"), device_bytes)?;
+        let secondary_devices = (0..secondaries)
+            .map(|i| LoopDevice::create(&format!("{label}-s{i}"), device_bytes))
+            .collect::<Result<Vec<_>, _>>()?;
+        let primary_ns = Netns::create(&format!("rpl{id}p"))?;
+        let mut secondary_ns = Vec::new();
+        let mut primary_ifs = Vec::new();
+        let mut secondary_addrs = Vec::new();
+        for i in 0..secondaries {
+            let ns = Netns::create(&format!("rpl{id}s{i}"))?;
+            let (third, net) = (i + 1, 10 + (id % 200));
+            let (p_if, s_if) = (format!("rp{id}p{i}"), format!("rp{id}s{i}"));
+            veth(
+                &primary_ns,
+                &p_if,
+                &format!("10.{net}.{third}.1/24"),
+                &ns,
+                &s_if,
+                &format!("10.{net}.{third}.2/24"),
+            )?;
+            secondary_addrs
+                .push(format!("10.{net}.{third}.2:{}", Self::PORT).parse().expect("valid address"));
+            primary_ifs.push(p_if);
+            secondary_ns.push(ns);
+        }
+        Ok(Self {
+            binary: binary.into(),
+            dir,
+            key_file,
+            primary_device,
+            secondary_devices,
+            primary_ns,
+            secondary_ns,
+            primary_ifs,
+            secondary_addrs,
+            processes: Vec::new(),
+        })
+    }
+
+    pub fn state_dir(&self, member: &str) -> PathBuf {
+        self.dir.join(member)
+    }
+
+    /// Starts secondary `i` with `extra` arguments; returns its index in `processes`.
+    pub fn start_secondary(&mut self, i: usize, extra: &[&str]) -> Result<usize, TestbedError> {
+        let mut command = self.secondary_ns[i].command(&self.binary);
+        command
+            .arg("secondary")
+            .arg("--device")
+            .arg(&self.secondary_devices[i].path)
+            .arg("--listen")
+            .arg(format!("0.0.0.0:{}", Self::PORT))
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .arg("--state-dir")
+            .arg(self.state_dir(&format!("s{i}")))
+            .args(extra);
+        let log = self.dir.join(format!("s{i}.log"));
+        self.processes.push(Process::spawn(&format!("secondary {i}"), command, log)?);
+        Ok(self.processes.len() - 1)
+    }
+
+    /// Starts the primary with `extra` arguments; returns its index in `processes`.
+    pub fn start_primary(&mut self, extra: &[&str]) -> Result<usize, TestbedError> {
+        let mut command = self.primary_ns.command(&self.binary);
+        command.arg("primary").arg("--device").arg(&self.primary_device.path);
+        for (i, addr) in self.secondary_addrs.iter().enumerate() {
+            command.arg("--secondary").arg(format!("s{i}={addr}"));
+        }
+        command.arg("--key-file").arg(&self.key_file).arg("--state-dir").arg(self.state_dir("p")).args(extra);
+        let log = self.dir.join("p.log");
+        self.processes.push(Process::spawn("primary", command, log)?);
+        Ok(self.processes.len() - 1)
+    }
+
+    /// The primary's status file, if written yet.
+    pub fn status(&self) -> Option<serde_json::Value> {
+        let text = fs::read_to_string(self.state_dir("p").join("status.json")).ok()?;
+        serde_json::from_str(&text).ok()
+    }
+
+    /// Waits until every secondary is connected and in sync, and stays so for `settle`.
+    pub fn wait_in_sync(&self, timeout: Duration) -> Result<serde_json::Value, TestbedError> {
+        let deadline = Instant::now() + timeout;
+        let settle = Duration::from_millis(600);
+        let mut synced_since: Option<Instant> = None;
+        loop {
+            let status = self.status();
+            let all = status.as_ref().and_then(|s| s["secondaries"].as_array()).is_some_and(|peers| {
+                !peers.is_empty() && peers.iter().all(|p| p["in_sync"].as_bool() == Some(true))
+            });
+            match (all, synced_since) {
+                (true, Some(since)) if since.elapsed() > settle => return Ok(status.expect("checked")),
+                (true, None) => synced_since = Some(Instant::now()),
+                (false, _) => synced_since = None,
+                _ => {}
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Setup {
+                    what: format!("secondaries not in sync after {timeout:?}; status: {status:?}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SHA-256 of each image, primary first, read with O_DIRECT.
+    pub fn hashes(&self) -> Result<Vec<String>, TestbedError> {
+        std::iter::once(&self.primary_device)
+            .chain(&self.secondary_devices)
+            .map(|d| hash_device(&d.path))
+            .collect()
+    }
+
+    /// Every log, for a failure message.
+    pub fn logs(&self) -> String {
+        self.processes.iter().map(|p| format!("--- {} ---\n{}\n", p.name, p.log_text())).collect()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for process in self.processes.iter_mut().rev() {
+            if let Ok(None) = process.child.try_wait() {
+                process.stop();
+            }
+        }
+        self.processes.clear();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn write_private(path: &Path, text: &str) -> Result<(), TestbedError> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io(format!("creating {}", path.display())))?;
+    file.write_all(text.as_bytes()).map_err(io(format!("writing {}", path.display())))
+}
+
+/// SHA-256 of a whole block device, read with O_DIRECT (the device, not a page cache).
+pub fn hash_device(device: &Path) -> Result<String, TestbedError> {
+    use sha2::Digest as _;
+    const CHUNK_BYTES: usize = 1 << 20;
+    const ALIGN: usize = 4096;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_direct())
+        .open(device)
+        .map_err(io(format!("opening {} with O_DIRECT", device.display())))?;
+    let mut buffer = vec![0u8; CHUNK_BYTES + ALIGN];
+    let skip = buffer.as_ptr().align_offset(ALIGN);
+    let chunk = &mut buffer[skip..skip + CHUNK_BYTES];
+    let mut hasher = sha2::Sha256::new();
+    let mut offset = 0u64;
+    loop {
+        let n =
+            file.read_at(chunk, offset).map_err(io(format!("reading {} at {offset}", device.display())))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&chunk[..n]);
+        offset += n as u64;
+    }
+    Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
+}

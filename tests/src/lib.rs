@@ -14,7 +14,16 @@ use bitvec::prelude::*;
 use replicator::{Tracker, TrackerOptions};
 use replicator_common::ExtentGeometry;
 
-pub use replicator::testbed::{LoopDevice, ZramDevice, run_command, write_direct};
+pub use replicator::testbed::{Lab, LoopDevice, ZramDevice, hash_device, run_command, write_direct};
+
+/// The `replicator` binary under test; `cargo xtask test` sets REPLICATOR_BIN.
+pub fn replicator_bin() -> std::path::PathBuf {
+    let bin = std::env::var_os("REPLICATOR_BIN")
+        .expect("REPLICATOR_BIN must name the replicator binary (`cargo xtask test` sets it)");
+    let bin = std::path::PathBuf::from(bin);
+    assert!(bin.exists(), "REPLICATOR_BIN={} does not exist", bin.display());
+    bin
+}
 
 pub const KIB: u64 = 1024;
 pub const MIB: u64 = 1024 * 1024;

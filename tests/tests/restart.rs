@@ -18,14 +18,6 @@ use replicator_tests::*;
 const EXTENT_BYTES: u64 = 64 * KIB;
 const DEVICE_BYTES: u64 = 1024 * MIB;
 
-fn replicator_bin() -> PathBuf {
-    let bin = std::env::var_os("REPLICATOR_BIN")
-        .expect("REPLICATOR_BIN must name the replicator binary (`cargo xtask test` sets it)");
-    let bin = PathBuf::from(bin);
-    assert!(bin.exists(), "REPLICATOR_BIN={} does not exist", bin.display());
-    bin
-}
-
 /// A running `replicator track --json`, with a thread collecting the extents it prints.
 struct TrackProcess {
     child: Child,

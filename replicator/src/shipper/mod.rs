@@ -303,12 +303,18 @@ impl Engine {
             let Some(run) = self.next_run(&eligible) else {
                 return Ok(());
             };
+            let (_, len) = self.run_bytes(&run);
             let mut targets = [None; PEERS_MAX];
             for &i in &eligible {
-                let pending = &mut self.peers[i].pending[run.start as usize..run.end as usize];
+                let peer = &mut self.peers[i];
+                let pending = &mut peer.pending[run.start as usize..run.end as usize];
                 if pending.any() {
                     pending.fill(false);
-                    targets[i] = Some(self.peers[i].generation);
+                    targets[i] = Some(peer.generation);
+                    // Reserved now, so reads in flight count against the backlog limit too.
+                    let conn = peer.conn.as_mut().expect("eligible peers are connected");
+                    conn.backlog_bytes += len as u64;
+                    assert!(conn.backlog_bytes <= self.config.backlog_bytes_max, "backlog limit");
                 }
             }
             self.submit_read(run, targets)?;
@@ -530,12 +536,16 @@ impl Engine {
             })
             .collect();
         // Targets that disconnected meanwhile get the run back; so do all on a failed read.
+        let read_ok = result as i64 == len as i64;
         for (i, peer) in self.peers.iter_mut().enumerate() {
-            if targets[i].is_some() && (result as i64 != len as i64 || !live.contains(&i)) {
+            if targets[i].is_some() && (!read_ok || !live.contains(&i)) {
                 peer.pending[run.start as usize..run.end as usize].fill(true);
             }
+            if !read_ok && live.contains(&i) {
+                peer.conn.as_mut().expect("live targets are connected").backlog_bytes -= len as u64;
+            }
         }
-        if result as i64 != len as i64 {
+        if !read_ok {
             tracing::error!(device = %self.config.device.display(), offset, len, result, "read from the primary failed; will retry");
             self.pool.give_back(buffer);
             return Ok(());
@@ -554,8 +564,8 @@ impl Engine {
         for i in live {
             let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
             conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
+            // The bytes were reserved in the backlog when the read was scheduled.
             conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64 });
-            conn.backlog_bytes += len as u64;
         }
         Ok(())
     }

@@ -1,0 +1,294 @@
+//! A live mirror on the real kernel: a primary and secondaries on loop devices, each in its own
+//! network namespace over veth. Every test ends by hashing the images and comparing, and checks
+//! how much was shipped.
+
+use std::time::{Duration, Instant};
+
+use replicator_tests::*;
+
+const DEVICE_BYTES: u64 = 256 * MIB;
+
+fn lab(label: &str, secondaries: usize) -> Lab {
+    require_root();
+    Lab::new(&replicator_bin(), label, secondaries, DEVICE_BYTES)
+        .expect("setting up namespaces, veths and loop devices")
+}
+
+fn assert_images_equal(lab: &Lab) {
+    let hashes = lab.hashes().expect("hashing the images");
+    eprintln!("image hashes: {hashes:?}");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+fn peer_u64(status: &serde_json::Value, peer: usize, field: &str) -> u64 {
+    status["secondaries"][peer][field].as_u64().unwrap_or_else(|| panic!("status has no {field}: {status}"))
+}
+
+fn fio(device: &std::path::Path, args: &[&str]) {
+    let filename = format!("--filename={}", device.display());
+    let mut all = vec![
+        "--name=workload",
+        filename.as_str(),
+        "--direct=1",
+        "--ioengine=io_uring",
+        "--output-format=terse",
+    ];
+    all.extend_from_slice(args);
+    run_command("fio", &all).expect("fio (package fio)");
+}
+
+/// 1. A fio random-write workload for 20 s while replicating to two secondaries, with the
+///    initial full sync running underneath; afterwards the three images are equal.
+#[test]
+fn steady_state_random_writes_two_secondaries() {
+    let mut lab = lab("steady", 2);
+    lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(1, &[]).expect("secondary 1");
+    lab.start_primary(&[]).expect("primary");
+    fio(
+        &lab.primary_device.path,
+        &["--rw=randwrite", "--bsrange=4k-1m", "--iodepth=8", "--runtime=20", "--time_based"],
+    );
+    let status = lab.wait_in_sync(Duration::from_secs(90)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_images_equal(&lab);
+    for peer in 0..2 {
+        let shipped = peer_u64(&status, peer, "shipped_bytes");
+        eprintln!("secondary {peer}: shipped {} MiB", shipped / MIB);
+        assert!(shipped >= DEVICE_BYTES, "the initial sync ships the whole device at least once");
+        assert_eq!(peer_u64(&status, peer, "disconnects"), 0, "{}", lab.logs());
+    }
+}
+
+/// Without an initial sync, exactly the extents written are shipped, once each.
+#[test]
+fn ships_exactly_the_extents_written() {
+    let mut lab = lab("exact", 2);
+    lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(1, &[]).expect("secondary 1");
+    lab.start_primary(&["--skip-initial-sync"]).expect("primary");
+    let started = Instant::now();
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    eprintln!("connected and in sync after {:?}", started.elapsed());
+    let mut rng = Rng::new(0xe7ac7);
+    let mut extents = std::collections::BTreeSet::new();
+    while extents.len() < 100 {
+        let extent = rng.below(DEVICE_BYTES / (64 * KIB));
+        if extents.contains(&extent) {
+            continue;
+        }
+        write_direct(&lab.primary_device.path, extent * 64 * KIB + 4096 * rng.below(16), 4096, 0xab)
+            .expect("write");
+        extents.insert(extent);
+    }
+    let started = Instant::now();
+    let status = lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    eprintln!("in sync {:?} after the writes", started.elapsed());
+    assert_images_equal(&lab);
+    for peer in 0..2 {
+        let shipped_extents = peer_u64(&status, peer, "shipped_extents");
+        eprintln!("secondary {peer}: {} extents written, {shipped_extents} shipped", extents.len());
+        assert_eq!(shipped_extents, extents.len() as u64, "each written extent is shipped exactly once");
+        assert_eq!(peer_u64(&status, peer, "shipped_bytes"), extents.len() as u64 * 64 * KIB);
+    }
+}
+
+/// 2. A filesystem workload gives identical images too.
+#[test]
+fn filesystem_workload_two_secondaries() {
+    let mut lab = lab("fs", 2);
+    lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(1, &[]).expect("secondary 1");
+    lab.start_primary(&["--skip-initial-sync"]).expect("primary");
+    // Writes made before the primary's tracker is attached are not tracked: wait for it.
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let dev = lab.primary_device.path.to_str().expect("utf-8").to_owned();
+    run_command("mkfs.ext4", &["-q", "-F", &dev]).expect("mkfs.ext4");
+    let mut mount = Mount::new(&lab.primary_device.path, "rw");
+    let tree = mount.dir.join("tree");
+    run_command("cp", &["-a", "/usr/share/doc", tree.to_str().expect("utf-8")])
+        .expect("copying a tree of files");
+    run_command(
+        "cp",
+        &["-a", "/usr/lib/x86_64-linux-gnu/perl-base", mount.dir.join("perl").to_str().expect("utf-8")],
+    )
+    .or_else(|_| run_command("cp", &["-a", "/etc", mount.dir.join("etc").to_str().expect("utf-8")]))
+    .expect("copying a second tree");
+    for entry in std::fs::read_dir(&tree).expect("listing the tree").flatten().step_by(3) {
+        let _ = std::fs::remove_dir_all(entry.path()).or_else(|_| std::fs::remove_file(entry.path()));
+    }
+    run_command("sync", &[]).expect("sync");
+    mount.unmount();
+    let status = lab.wait_in_sync(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_images_equal(&lab);
+    eprintln!("shipped {} KiB to each secondary", peer_u64(&status, 0, "shipped_bytes") / KIB);
+}
+
+fn primary_rss_kib(lab: &Lab, index: usize) -> u64 {
+    let pid = lab.processes[index].child.id();
+    let status =
+        std::fs::read_to_string(format!("/proc/{pid}/status")).expect("reading the primary's status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// 3. A secondary rate-limited with tbf does not slow shipping to the fast one, its backlog
+///    stays within its limit, and it catches up once the limit is lifted.
+#[test]
+fn slow_secondary_does_not_hold_back_the_fast_one() {
+    let mut lab = lab("slow", 2);
+    lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(1, &[]).expect("secondary 1");
+    let primary = lab.start_primary(&["--skip-initial-sync", "--backlog", "8MiB"]).expect("primary");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let slow_if = lab.primary_ifs[1].clone();
+    run_command(
+        "tc",
+        &[
+            "-n",
+            &lab.primary_ns.name,
+            "qdisc",
+            "add",
+            "dev",
+            &slow_if,
+            "root",
+            "tbf",
+            "rate",
+            "16mbit",
+            "burst",
+            "64kb",
+            "latency",
+            "3000ms",
+        ],
+    )
+    .expect("tc qdisc add tbf");
+    fio(&lab.primary_device.path, &["--rw=write", "--bs=1m", "--size=96m", "--iodepth=4"]);
+
+    let started = Instant::now();
+    let mut fast_in_sync_with_slow_behind = false;
+    let mut backlog_max = 0;
+    let mut rss_max_kib = 0;
+    while started.elapsed() < Duration::from_secs(30) && !fast_in_sync_with_slow_behind {
+        if let Some(status) = lab.status() {
+            backlog_max = backlog_max.max(peer_u64(&status, 1, "backlog_bytes"));
+            rss_max_kib = rss_max_kib.max(primary_rss_kib(&lab, primary));
+            let fast = status["secondaries"][0]["in_sync"].as_bool() == Some(true);
+            let slow_pending =
+                peer_u64(&status, 1, "pending_extents") + peer_u64(&status, 1, "inflight_frames");
+            fast_in_sync_with_slow_behind = fast && slow_pending > 0;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let fast_secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "fast secondary in sync {fast_secs:.1} s after the workload, slow backlog max {} KiB, primary RSS max {} MiB",
+        backlog_max / KIB,
+        rss_max_kib / 1024
+    );
+    assert!(
+        fast_in_sync_with_slow_behind,
+        "the fast secondary did not get in sync while the slow one lagged\n{}",
+        lab.logs()
+    );
+    assert!(backlog_max <= 8 * MIB, "slow secondary's backlog {backlog_max} passed its 8 MiB limit");
+    assert!(rss_max_kib < 160 * 1024, "primary RSS {rss_max_kib} KiB: memory must stay bounded");
+
+    run_command("tc", &["-n", &lab.primary_ns.name, "qdisc", "del", "dev", &slow_if, "root"])
+        .expect("tc qdisc del");
+    lab.wait_in_sync(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_images_equal(&lab);
+}
+
+/// Runs `f` on a thread inside the network namespace `netns` (setns affects only that thread).
+fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .expect("setns into the primary's namespace");
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// 4. Hostile peers: a wrong key, a wrong image size, random bytes, and a valid handshake
+///    followed by malformed frames. Each is refused with a log line, the image is unchanged,
+///    and the secondary then serves the real primary.
+#[test]
+fn hostile_peers_are_refused_and_write_nothing() {
+    use std::io::{Read as _, Write as _};
+
+    use replicator::auth::{self, Key, Params};
+    use replicator::wire::{self, Message};
+
+    let mut lab = lab("hostile", 1);
+    let secondary = lab.start_secondary(0, &[]).expect("secondary");
+    std::thread::sleep(Duration::from_millis(500));
+    let before = hash_device(&lab.secondary_devices[0].path).expect("hash");
+    let addr = lab.secondary_addrs[0];
+    let key_bytes = std::fs::read(&lab.key_file).expect("key file");
+    let right = Params { mirror_id: 1, image_bytes: DEVICE_BYTES, extent_bytes: 64 * KIB };
+
+    let outcomes = in_netns(&lab.primary_ns.name, move || {
+        let connect = || std::net::TcpStream::connect(addr).expect("connecting to the secondary");
+        let mut outcomes = Vec::new();
+        // Wrong key.
+        let wrong = Key::from_bytes(b"definitely-not-the-right-key");
+        outcomes
+            .push(format!("wrong key: {:?}", auth::primary_handshake(&mut connect(), &wrong, &right).err()));
+        // Right key, wrong image size.
+        let key = Key::from_bytes(key_bytes.trim_ascii());
+        let small = Params { image_bytes: DEVICE_BYTES / 2, ..right };
+        outcomes
+            .push(format!("wrong size: {:?}", auth::primary_handshake(&mut connect(), &key, &small).err()));
+        // Random bytes.
+        let mut stream = connect();
+        let mut rng = Rng::new(0xbad);
+        let garbage: Vec<u8> = (0..4096).map(|_| rng.next_u64() as u8).collect();
+        let _ = stream.write_all(&garbage);
+        let mut sink = Vec::new();
+        let _ = stream.read_to_end(&mut sink);
+        outcomes.push("random bytes: sent".into());
+        // A valid handshake, then an extent outside the image, then one with a bad checksum.
+        let data = vec![0xeeu8; 64 * KIB as usize];
+        for corrupt in [false, true] {
+            let mut stream = connect();
+            let sequence = auth::primary_handshake(&mut stream, &key, &right).expect("valid handshake");
+            let offset_bytes = if corrupt { 0 } else { DEVICE_BYTES };
+            let mut frame = Vec::new();
+            wire::encode(&Message::ExtentData { offset_bytes, data: &data }, sequence, &mut frame);
+            if corrupt {
+                let last = frame.len() - 1;
+                frame[last] ^= 1;
+            }
+            let _ = stream.write_all(&frame);
+            let mut reply = Vec::new();
+            let _ = stream.read_to_end(&mut reply);
+            outcomes.push(format!("malformed frame (corrupt={corrupt}): {} bytes of reply", reply.len()));
+        }
+        outcomes
+    });
+    eprintln!("{outcomes:#?}");
+    assert!(outcomes[0].contains("BadProof") || outcomes[0].contains("Refused"), "{}", outcomes[0]);
+    assert!(outcomes[1].contains("268435456") && outcomes[1].contains("134217728"), "{}", outcomes[1]);
+
+    std::thread::sleep(Duration::from_millis(300));
+    let log = lab.processes[secondary].log_text();
+    assert!(log.matches("refused a connection").count() >= 3, "three refusals logged:\n{log}");
+    assert!(log.matches("session ended").count() >= 2, "two sessions ended on malformed frames:\n{log}");
+    assert_eq!(
+        hash_device(&lab.secondary_devices[0].path).expect("hash"),
+        before,
+        "hostile peers changed the image"
+    );
+
+    // The real primary is still served.
+    lab.start_primary(&["--skip-initial-sync"]).expect("primary");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    write_direct(&lab.primary_device.path, 5 * MIB, 128 * KIB as usize, 0x42).expect("write");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert_images_equal(&lab);
+}
