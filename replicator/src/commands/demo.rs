@@ -1,6 +1,10 @@
-//! `replicator demo` (what `cargo xtask run` runs with no arguments): a loop device over a file in
-//! /dev/shm, the tracker attached, a short write workload with O_DIRECT and a discard, and the
-//! extents the kernel reported, checked against what was written.
+//! `replicator demo` (what `cargo xtask run` runs with no arguments), in two parts:
+//! 1. the tracker alone: a loop device over a file in /dev/shm, a short write workload with
+//!    O_DIRECT and a discard, and the extents the kernel reported, checked against what was
+//!    written;
+//! 2. a live mirror: a primary and two secondaries on loop devices, each in its own network
+//!    namespace over veth, a fio workload on the primary with live progress, and a final hash
+//!    comparison of the three images.
 
 use std::collections::BTreeSet;
 
@@ -25,7 +29,13 @@ const WORKLOAD: [(u64, u64, &str); 5] = [
 const DISCARD: (u64, u64) = (128 * MIB, 8 * MIB);
 
 pub fn run() -> anyhow::Result<()> {
-    println!("replicator demo: tracking writes to a loop device with eBPF, no kernel module");
+    track_demo()?;
+    println!();
+    mirror_demo()
+}
+
+fn track_demo() -> anyhow::Result<()> {
+    println!("replicator demo, part 1: tracking writes to a loop device with eBPF, no kernel module");
     let device = LoopDevice::create("demo", DEVICE_BYTES).context("creating the demo loop device")?;
     println!(
         "  device   {} over {} ({})",
@@ -81,4 +91,90 @@ pub fn run() -> anyhow::Result<()> {
     anyhow::ensure!(missed.is_empty(), "the tracker missed extents {missed:?}");
     println!("ok: every written extent was reported");
     Ok(())
+}
+
+const MIRROR_DEVICE_BYTES: u64 = 256 << 20;
+const WORKLOAD_SECONDS: u32 = 6;
+
+fn mirror_demo() -> anyhow::Result<()> {
+    use std::time::{Duration, Instant};
+
+    use crate::testbed::Lab;
+
+    println!("replicator demo, part 2: a primary and two secondaries, each in its own network namespace");
+    let binary = std::env::current_exe().context("locating the replicator binary")?;
+    let mut lab =
+        Lab::new(&binary, "demo", 2, MIRROR_DEVICE_BYTES).context("setting up namespaces and devices")?;
+    for (i, addr) in lab.secondary_addrs.iter().enumerate() {
+        println!(
+            "  secondary s{i}  {} in netns {}, listening on {addr}",
+            lab.secondary_devices[i].path.display(),
+            lab.secondary_ns[i].name
+        );
+    }
+    println!("  primary       {} in netns {}", lab.primary_device.path.display(), lab.primary_ns.name);
+    lab.start_secondary(0, &[])?;
+    lab.start_secondary(1, &[])?;
+    lab.start_primary(&[])?;
+    println!("initial sync of {} to both secondaries...", format_bytes(MIRROR_DEVICE_BYTES));
+    let started = Instant::now();
+    lab.wait_in_sync(Duration::from_secs(60)).map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    println!("  in sync after {:.1} s", started.elapsed().as_secs_f64());
+
+    println!(
+        "fio: {WORKLOAD_SECONDS} s of random writes, 4 KiB to 1 MiB, on the primary while it replicates"
+    );
+    let mut fio = std::process::Command::new("fio")
+        .args([
+            "--name=demo",
+            "--rw=randwrite",
+            "--bsrange=4k-1m",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=8",
+        ])
+        .arg(format!("--runtime={WORKLOAD_SECONDS}"))
+        .args(["--time_based", "--output-format=terse"])
+        .arg(format!("--filename={}", lab.primary_device.path.display()))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .context("starting fio (cargo xtask setup installs it)")?;
+    while fio.try_wait()?.is_none() {
+        std::thread::sleep(Duration::from_millis(1000));
+        print_progress(&lab);
+    }
+    anyhow::ensure!(fio.wait()?.success(), "fio failed");
+    let status =
+        lab.wait_in_sync(Duration::from_secs(60)).map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    print_progress(&lab);
+    let hashes = lab.hashes()?;
+    println!("sha256 primary {}", hashes[0]);
+    for (i, hash) in hashes[1..].iter().enumerate() {
+        println!("sha256 s{i}      {hash}");
+    }
+    anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "the images differ\n{}", lab.logs());
+    let shipped: u64 = status["secondaries"][0]["shipped_bytes"].as_u64().unwrap_or(0);
+    println!(
+        "ok: the three images are identical ({} shipped to each secondary, initial sync included)",
+        format_bytes(shipped)
+    );
+    Ok(())
+}
+
+fn print_progress(lab: &crate::testbed::Lab) {
+    let Some(status) = lab.status() else { return };
+    let Some(peers) = status["secondaries"].as_array() else { return };
+    let line: Vec<String> = peers
+        .iter()
+        .map(|p| {
+            format!(
+                "{}: {} shipped, {} extents behind{}",
+                p["name"].as_str().unwrap_or("?"),
+                format_bytes(p["shipped_bytes"].as_u64().unwrap_or(0)),
+                p["pending_extents"].as_u64().unwrap_or(0) + p["inflight_frames"].as_u64().unwrap_or(0),
+                if p["in_sync"].as_bool() == Some(true) { ", in sync" } else { "" }
+            )
+        })
+        .collect();
+    println!("  {}", line.join(" | "));
 }
