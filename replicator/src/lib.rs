@@ -1,20 +1,21 @@
 //! replicator: a Linux block-device replicator that needs no kernel module.
 //!
-//! The data path, top to bottom (modules in that order as they land):
-//! tracker (the kernel marks written extents) -> intent log -> shipper -> wire -> secondary
-//! writer -> ack -> logs cleared.
+//! The modules in data-path order: the tracker (the kernel marks written extents) -> the
+//! shipper (the primary's io_uring engine: read, send, track acks) -> the wire protocol and its
+//! authentication -> the secondary writer (write durably, acknowledge). Then what they stand on.
 
-pub mod auth;
 pub mod device;
-pub mod pool;
-pub mod secondary;
-pub mod shipper;
-pub mod sysfs;
 pub mod tracker;
+pub mod shipper;
+pub mod pool;
 pub mod wire;
+pub mod auth;
+pub mod secondary;
+pub mod metrics;
 
+pub mod sysfs;
+pub mod units;
 pub mod commands;
 pub mod testbed;
-pub mod units;
 
 pub use tracker::{Tracker, TrackerCounters, TrackerError, TrackerOptions};

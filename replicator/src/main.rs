@@ -93,6 +93,9 @@ enum Command {
         /// Use plain sends instead of zero-copy sends.
         #[arg(long)]
         no_zero_copy: bool,
+        /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Hold a secondary image and write what an authenticated primary sends (foreground).
     ///
@@ -120,6 +123,9 @@ enum Command {
         /// A session with no frame from the primary for this long ends.
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+        #[arg(long)]
+        metrics: Option<std::net::SocketAddr>,
     },
 }
 
@@ -164,6 +170,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             timeout_ms,
             skip_initial_sync,
             no_zero_copy,
+            metrics,
         } => {
             let stop = commands::stop_flag()?;
             let config = ShipperConfig {
@@ -182,9 +189,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 initial_sync: !skip_initial_sync,
                 zero_copy: !no_zero_copy,
             };
-            commands::replicate::primary(config, &key_file, &stop)
+            commands::replicate::primary(config, &key_file, metrics, &stop)
         }
-        Command::Secondary { device, listen, key_file, state_dir, mirror_id, extent_size, timeout_ms } => {
+        Command::Secondary {
+            device,
+            listen,
+            key_file,
+            state_dir,
+            mirror_id,
+            extent_size,
+            timeout_ms,
+            metrics,
+        } => {
             let stop = commands::stop_flag()?;
             let config = SecondaryConfig {
                 device,
@@ -196,7 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 frame_data_bytes_max: SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT,
                 timeout_ms,
             };
-            commands::replicate::secondary(&config, &key_file, &stop)
+            commands::replicate::secondary(&config, &key_file, metrics, &stop)
         }
     }
 }

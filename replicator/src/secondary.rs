@@ -25,6 +25,7 @@ use io_uring::{IoUring, opcode, types};
 
 use crate::auth::{self, Expected, Key};
 use crate::device::BlockDevice;
+use crate::metrics::SecondaryMetrics;
 use crate::pool::BufferPool;
 use crate::wire::{self, Limits, Message};
 
@@ -84,22 +85,13 @@ enum SessionEnd {
     Stop,
 }
 
-/// Counters a test or the metrics read.
-#[derive(Debug, Default)]
-pub struct SecondaryStats {
-    pub sessions: std::sync::atomic::AtomicU64,
-    pub refused: std::sync::atomic::AtomicU64,
-    pub written_bytes: std::sync::atomic::AtomicU64,
-    pub acked_frames: std::sync::atomic::AtomicU64,
-}
-
 /// Serves primaries until `stop` is set: one authenticated session at a time; a connection
 /// that fails the handshake is logged with its address and dropped.
 pub fn serve(
     config: &SecondaryConfig,
     key: Arc<Key>,
     stop: &AtomicBool,
-    stats: &SecondaryStats,
+    stats: &SecondaryMetrics,
 ) -> Result<(), SecondaryError> {
     let device = BlockDevice::resolve(&config.device)?;
     std::fs::create_dir_all(&config.state_dir).map_err(|source| SecondaryError::Io {
@@ -157,7 +149,7 @@ fn handle_connection(
     image: &File,
     session_active: &Mutex<()>,
     stop: &AtomicBool,
-    stats: &SecondaryStats,
+    stats: &SecondaryMetrics,
 ) {
     let timeout = Some(Duration::from_millis(config.timeout_ms));
     let setup = stream.set_nonblocking(false).and_then(|()| stream.set_read_timeout(timeout));
@@ -168,7 +160,7 @@ fn handle_connection(
     let params = match auth::secondary_handshake(&mut stream, key, expected) {
         Ok(params) => params,
         Err(e) => {
-            stats.refused.fetch_add(1, Ordering::Relaxed);
+            stats.refused_connections.inc();
             tracing::warn!(%peer, error = %e, "refused a connection: handshake failed");
             return;
         }
@@ -179,7 +171,8 @@ fn handle_connection(
         tracing::warn!(%peer, "refused an authenticated primary: another session is active");
         return;
     };
-    stats.sessions.fetch_add(1, Ordering::Relaxed);
+    stats.sessions.inc();
+    stats.primary_connected.set(1);
     tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, "primary connected");
     let limits = Limits {
         image_bytes: expected.image_bytes,
@@ -190,6 +183,10 @@ fn handle_connection(
     let end = Session::new(config, limits, image, &device)
         .map_err(SessionEnd::Io)
         .and_then(|mut session| session.run(&mut stream, stop, stats));
+    stats.primary_connected.set(0);
+    if matches!(end, Err(SessionEnd::Write { .. })) {
+        stats.write_errors.inc();
+    }
     match end {
         Err(SessionEnd::Write { .. }) | Err(SessionEnd::Wire(_)) | Err(SessionEnd::Unexpected(_)) => {
             let error = end.err().map(|e| e.to_string()).unwrap_or_default();
@@ -269,7 +266,7 @@ impl<'a> Session<'a> {
         &mut self,
         stream: &mut TcpStream,
         stop: &AtomicBool,
-        stats: &SecondaryStats,
+        stats: &SecondaryMetrics,
     ) -> Result<(), SessionEnd> {
         let mut last_frame = Instant::now();
         loop {
@@ -325,7 +322,7 @@ impl<'a> Session<'a> {
     }
 
     /// Handles completions; returns whether bytes arrived.
-    fn reap(&mut self, stream: &mut TcpStream, stats: &SecondaryStats) -> Result<bool, SessionEnd> {
+    fn reap(&mut self, stream: &mut TcpStream, stats: &SecondaryMetrics) -> Result<bool, SessionEnd> {
         let mut received = false;
         let completions: Vec<(u64, i32)> =
             self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
@@ -352,7 +349,7 @@ impl<'a> Session<'a> {
         buffer: u16,
         result: i32,
         stream: &mut TcpStream,
-        stats: &SecondaryStats,
+        stats: &SecondaryMetrics,
     ) -> Result<(), SessionEnd> {
         let write = self.writes[usize::from(buffer)].take().expect("a completion for a write in flight");
         self.pool.give_back(buffer);
@@ -369,8 +366,8 @@ impl<'a> Session<'a> {
                 error,
             });
         }
-        stats.written_bytes.fetch_add(write.len_bytes as u64, Ordering::Relaxed);
-        stats.acked_frames.fetch_add(1, Ordering::Relaxed);
+        stats.written_bytes.inc_by(write.len_bytes as u64);
+        stats.acked_frames.inc();
         let ack = Message::Ack { first_sequence: write.sequence, last_sequence: write.sequence };
         wire::write_frame(stream, &ack, self.next_ack_sequence)?;
         self.next_ack_sequence += 1;
@@ -440,7 +437,11 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    fn wait_for_writes(&mut self, stream: &mut TcpStream, stats: &SecondaryStats) -> Result<(), SessionEnd> {
+    fn wait_for_writes(
+        &mut self,
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<(), SessionEnd> {
         while self.writes.iter().any(Option::is_some) {
             self.ring.submit_and_wait(1)?;
             self.reap(stream, stats)?;

@@ -63,9 +63,9 @@ fn steady_state_random_writes_two_secondaries() {
 #[test]
 fn ships_exactly_the_extents_written() {
     let mut lab = lab("exact", 2);
-    lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(0, &["--metrics", "127.0.0.1:9102"]).expect("secondary 0");
     lab.start_secondary(1, &[]).expect("secondary 1");
-    lab.start_primary(&["--skip-initial-sync"]).expect("primary");
+    lab.start_primary(&["--skip-initial-sync", "--metrics", "127.0.0.1:9101"]).expect("primary");
     let started = Instant::now();
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     eprintln!("connected and in sync after {:?}", started.elapsed());
@@ -90,6 +90,39 @@ fn ships_exactly_the_extents_written() {
         assert_eq!(shipped_extents, extents.len() as u64, "each written extent is shipped exactly once");
         assert_eq!(peer_u64(&status, peer, "shipped_bytes"), extents.len() as u64 * 64 * KIB);
     }
+    // The same figures through Prometheus metrics, on the primary and on a secondary.
+    let shipped = extents.len() as u64 * 64 * KIB;
+    let primary_metrics = scrape(&lab.primary_ns.name, "127.0.0.1:9101");
+    for line in [
+        format!("replicator_shipped_bytes_total{{secondary=\"s0\"}} {shipped}"),
+        format!("replicator_shipped_bytes_total{{secondary=\"s1\"}} {shipped}"),
+        "replicator_secondary_connected{secondary=\"s0\"} 1".to_owned(),
+        "replicator_out_of_sync_bytes{secondary=\"s1\"} 0".to_owned(),
+    ] {
+        assert!(
+            primary_metrics.lines().any(|l| l == line),
+            "primary metrics lack {line:?}:\n{primary_metrics}"
+        );
+    }
+    let secondary_metrics = scrape(&lab.secondary_ns[0].name, "127.0.0.1:9102");
+    let written = format!("replicator_written_bytes_total {shipped}");
+    assert!(
+        secondary_metrics.lines().any(|l| l == written),
+        "secondary metrics lack {written:?}:\n{secondary_metrics}"
+    );
+}
+
+/// GET /metrics from inside a namespace.
+fn scrape(netns: &str, addr: &'static str) -> String {
+    use std::io::{Read as _, Write as _};
+    in_netns(netns, move || {
+        let mut stream = std::net::TcpStream::connect(addr).expect("connecting to the metrics endpoint");
+        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
+        let mut response = String::new();
+        stream.read_to_string(&mut response).expect("response");
+        assert!(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"), "{response}");
+        response
+    })
 }
 
 /// 2. A filesystem workload gives identical images too.

@@ -8,7 +8,8 @@ use std::sync::atomic::AtomicBool;
 use anyhow::Context as _;
 
 use crate::auth::Key;
-use crate::secondary::{self, SecondaryConfig, SecondaryStats};
+use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
+use crate::secondary::{self, SecondaryConfig};
 use crate::shipper::{Engine, ShipperConfig};
 
 /// `NAME=ADDR:PORT`, as `--secondary` takes it.
@@ -21,18 +22,39 @@ pub fn parse_secondary(text: &str) -> Result<(String, SocketAddr), String> {
     Ok((name.to_owned(), addr))
 }
 
-pub fn primary(config: ShipperConfig, key_file: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
+pub fn primary(
+    config: ShipperConfig,
+    key_file: &Path,
+    metrics_addr: Option<SocketAddr>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     let key = Arc::new(Key::from_file(key_file)?);
     let device = config.device.clone();
-    let engine =
-        Engine::new(config, key).with_context(|| format!("starting the primary on {}", device.display()))?;
+    let metrics = Arc::new(PrimaryMetrics::default());
+    if let Some(addr) = metrics_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        metrics.register(&mut registry);
+        metrics::serve(addr, registry)?;
+    }
+    let engine = Engine::new(config, key, metrics)
+        .with_context(|| format!("starting the primary on {}", device.display()))?;
     engine.run(stop).context("primary engine")?;
     Ok(())
 }
 
-pub fn secondary(config: &SecondaryConfig, key_file: &Path, stop: &AtomicBool) -> anyhow::Result<()> {
+pub fn secondary(
+    config: &SecondaryConfig,
+    key_file: &Path,
+    metrics_addr: Option<SocketAddr>,
+    stop: &AtomicBool,
+) -> anyhow::Result<()> {
     let key = Arc::new(Key::from_file(key_file)?);
-    let stats = SecondaryStats::default();
+    let stats = SecondaryMetrics::default();
+    if let Some(addr) = metrics_addr {
+        let mut registry = prometheus_client::registry::Registry::default();
+        stats.register(&mut registry);
+        metrics::serve(addr, registry)?;
+    }
     secondary::serve(config, key, stop, &stats)
         .with_context(|| format!("serving {}", config.device.display()))?;
     Ok(())

@@ -33,6 +33,7 @@ pub use peer::PeerStats;
 use peer::{Conn, InFlight, Peer, SendJob};
 
 use crate::auth::{Key, Params};
+use crate::metrics::PrimaryMetrics;
 use crate::pool::BufferPool;
 use crate::tracker::{Tracker, TrackerOptions};
 use crate::wire::{self, Limits};
@@ -133,7 +134,11 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(config: ShipperConfig, key: Arc<Key>) -> Result<Self, ShipperError> {
+    pub fn new(
+        config: ShipperConfig,
+        key: Arc<Key>,
+        metrics: Arc<PrimaryMetrics>,
+    ) -> Result<Self, ShipperError> {
         validate(&config)?;
         let options = TrackerOptions {
             name: config.tracker_name.clone(),
@@ -196,6 +201,7 @@ impl Engine {
                 want_connection: want_tx,
                 zero_copy: config.zero_copy,
                 stats: PeerStats::default(),
+                metrics: metrics.peer(name),
                 in_sync: false,
             });
         }
@@ -259,6 +265,8 @@ impl Engine {
             assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
             peer.conn = Some(Conn::new(connected.stream));
             peer.stats.connects += 1;
+            peer.metrics.connects.inc();
+            peer.metrics.connected.set(1);
             self.next_sequence = self.next_sequence.max(connected.next_sequence);
         }
     }
@@ -485,6 +493,7 @@ impl Engine {
                 self.free_op(slot);
                 if result & NOTIF_USAGE_ZC_COPIED != 0 && self.peers[peer].generation == generation {
                     self.peers[peer].stats.copied_sends += 1;
+                    self.peers[peer].metrics.copied_sends.inc();
                 }
                 self.release_buffer(buffer.expect("zero-copy sends carry a buffer"));
                 Ok(())
@@ -601,15 +610,22 @@ impl Engine {
         };
         if zero_copy {
             peer.stats.zero_copy_sends += 1;
+            peer.metrics.zero_copy_sends.inc();
         } else {
             peer.stats.plain_sends += 1;
         }
         if finished {
             let job = conn.queue.pop_front().expect("front job");
             if let SendJob::Extent { buffer, frame_bytes, .. } = job {
-                peer.stats.shipped_bytes += (frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64;
-                peer.stats.shipped_extents +=
-                    ((frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64).div_ceil(self.config.extent_bytes);
+                let bytes = (frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64;
+                let extents = bytes.div_ceil(self.config.extent_bytes);
+                peer.stats.shipped_bytes += bytes;
+                peer.stats.shipped_extents += extents;
+                peer.metrics.shipped_bytes.inc_by(bytes);
+                peer.metrics.shipped_extents.inc_by(extents);
+                if !peer.in_sync {
+                    peer.metrics.resync_bytes.inc_by(bytes);
+                }
                 self.release_buffer(buffer);
             }
         }
@@ -650,6 +666,8 @@ impl Engine {
         }
         peer.generation += 1;
         peer.stats.disconnects += 1;
+        peer.metrics.disconnects.inc();
+        peer.metrics.connected.set(0);
         peer.in_sync = false;
         let _ = peer.want_connection.send(());
         for job in conn.queue {
@@ -700,6 +718,11 @@ impl Engine {
             return;
         }
         self.last_status = Instant::now();
+        for peer in &self.peers {
+            let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
+            let pending = peer.pending.count_ones() as u64 * self.config.extent_bytes;
+            peer.metrics.out_of_sync_bytes.set((pending + backlog).min(i64::MAX as u64) as i64);
+        }
         let status = serde_json::json!({
             "device": self.config.device.display().to_string(),
             "secondaries": self.status(),

@@ -138,6 +138,7 @@ pub struct Peer {
     pub want_connection: Sender<()>,
     pub zero_copy: bool,
     pub stats: PeerStats,
+    pub metrics: crate::metrics::PeerMetrics,
     pub in_sync: bool,
 }
 
