@@ -3,6 +3,8 @@
 //!
 //! Owns the secondary image (opened `O_EXCL | O_DIRECT`, so nothing mounts or writes it behind
 //! our back), the listening socket, and per session a ring and a buffer pool sized at start-up.
+//! One session writes at a time; a newly authenticated primary supersedes the current session
+//! (a primary that reconnects after a link failure must not wait for our timeout).
 //! Invariants:
 //! - nothing is written before the primary has proved the key and every byte of the frame has
 //!   passed the decoder (checksum, extent alignment, inside the image);
@@ -115,7 +117,7 @@ pub fn serve(
         extent_bytes: config.extent_bytes,
     };
     tracing::info!(device = %config.device.display(), listen = %config.listen, image_bytes = expected.image_bytes, "secondary ready");
-    let session_active = Arc::new(Mutex::new(()));
+    let sessions = SessionSlot::default();
     std::thread::scope(|scope| {
         while !stop.load(Ordering::Relaxed) {
             let (stream, peer) = match listener.accept() {
@@ -129,9 +131,9 @@ pub fn serve(
                     continue;
                 }
             };
-            let (key, image, session_active) = (Arc::clone(&key), &image, Arc::clone(&session_active));
+            let (key, image, sessions) = (Arc::clone(&key), &image, &sessions);
             scope.spawn(move || {
-                handle_connection(stream, peer, &key, &expected, config, image, &session_active, stop, stats)
+                handle_connection(stream, peer, &key, &expected, config, image, sessions, stop, stats)
             });
         }
     });
@@ -147,7 +149,7 @@ fn handle_connection(
     expected: &Expected,
     config: &SecondaryConfig,
     image: &File,
-    session_active: &Mutex<()>,
+    sessions: &SessionSlot,
     stop: &AtomicBool,
     stats: &SecondaryMetrics,
 ) {
@@ -165,12 +167,17 @@ fn handle_connection(
             return;
         }
     };
-    let Ok(_session) = session_active.try_lock() else {
-        let message = "another primary is connected to this secondary";
-        let _ = wire::write_frame(&mut stream, &Message::Error { code: auth::ERROR_PROTOCOL, message }, 2);
-        tracing::warn!(%peer, "refused an authenticated primary: another session is active");
+    let superseded = Arc::new(AtomicBool::new(false));
+    if let Some(previous) = sessions.current.lock().expect("session slot").replace(Arc::clone(&superseded)) {
+        // The primary reconnected (its old link is dead but our side has not timed out yet):
+        // the newest authenticated session wins, after the old one has finished its writes.
+        tracing::info!(%peer, "primary reconnected: ending the previous session");
+        previous.store(true, Ordering::Relaxed);
+    }
+    let _image = sessions.image.lock().expect("image lock");
+    if superseded.load(Ordering::Relaxed) {
         return;
-    };
+    }
     stats.sessions.inc();
     stats.primary_connected.set(1);
     tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, "primary connected");
@@ -182,7 +189,7 @@ fn handle_connection(
     let device = config.device.display().to_string();
     let end = Session::new(config, limits, image, &device)
         .map_err(SessionEnd::Io)
-        .and_then(|mut session| session.run(&mut stream, stop, stats));
+        .and_then(|mut session| session.run(&mut stream, [stop, &superseded], stats));
     stats.primary_connected.set(0);
     if matches!(end, Err(SessionEnd::Write { .. })) {
         stats.write_errors.inc();
@@ -200,6 +207,14 @@ fn handle_connection(
         Err(e) => tracing::info!(%peer, reason = %e, "session ended"),
         Ok(()) => {}
     }
+}
+
+/// The one session allowed to write the image: `image` is held while a session runs; `current`
+/// is the flag that asks the running session to end when a newer one authenticates.
+#[derive(Default)]
+struct SessionSlot {
+    image: Mutex<()>,
+    current: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 const OP_RECV: u64 = u64::MAX;
@@ -265,12 +280,12 @@ impl<'a> Session<'a> {
     fn run(
         &mut self,
         stream: &mut TcpStream,
-        stop: &AtomicBool,
+        stops: [&AtomicBool; 2],
         stats: &SecondaryMetrics,
     ) -> Result<(), SessionEnd> {
         let mut last_frame = Instant::now();
         loop {
-            if stop.load(Ordering::Relaxed) {
+            if stops.iter().any(|s| s.load(Ordering::Relaxed)) {
                 self.wait_for_writes(stream, stats)?;
                 return Err(SessionEnd::Stop);
             }

@@ -8,9 +8,12 @@ use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::auth::{self, Key, Params};
+
+/// The first retry delay; it doubles up to `retry_max_ms`.
+const RETRY_FIRST_MS: u64 = 100;
 
 pub struct Connected {
     pub peer: usize,
@@ -36,18 +39,28 @@ pub fn run(
     stop: Arc<AtomicBool>,
 ) {
     let mut last_error = String::new();
+    let mut delay_ms = RETRY_FIRST_MS;
+    let mut last_connected: Option<Instant> = None;
     'wait: while !stop.load(Ordering::Relaxed) {
         match wanted.recv_timeout(Duration::from_millis(200)) {
             Ok(()) => {}
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
         }
-        let mut delay_ms = 100;
+        // A connection that failed soon after it was made (refused by the secondary, say) backs
+        // off like a failed connect, so a persistent problem cannot become a reconnect storm.
+        if last_connected.is_some_and(|at| at.elapsed() < Duration::from_millis(config.retry_max_ms)) {
+            std::thread::sleep(Duration::from_millis(delay_ms));
+            delay_ms = (delay_ms * 2).min(config.retry_max_ms);
+        } else {
+            delay_ms = RETRY_FIRST_MS;
+        }
         while !stop.load(Ordering::Relaxed) {
             match connect(&config) {
                 Ok((stream, next_sequence)) => {
                     tracing::info!(secondary = %config.name, addr = %config.addr, "connected and authenticated");
                     last_error.clear();
+                    last_connected = Some(Instant::now());
                     if connected.send(Connected { peer: config.peer, stream, next_sequence }).is_err() {
                         return;
                     }
