@@ -5,8 +5,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use replicator::commands::{self, track::TrackArgs};
-use replicator::secondary::SecondaryConfig;
-use replicator::shipper::ShipperConfig;
 use replicator::units::parse_bytes;
 
 /// Block-device replication with eBPF change tracking; no kernel module.
@@ -61,72 +59,13 @@ enum Command {
     /// secondaries' contents are unknown, unless --skip-initial-sync. A secondary that cannot be
     /// reached is retried every second at most; the extents it misses are kept and shipped when
     /// it returns. Progress is written to STATE_DIR/status.json. SIGINT/SIGTERM stop cleanly.
-    Primary {
-        /// Block device to replicate.
-        #[arg(long)]
-        device: PathBuf,
-        /// A secondary as NAME=ADDR:PORT; repeat for more (up to 8).
-        #[arg(long = "secondary", required = true, value_parser = commands::replicate::parse_secondary)]
-        secondaries: Vec<(String, std::net::SocketAddr)>,
-        /// File holding the shared key (at least 16 bytes, mode 0600); the same on every member.
-        #[arg(long)]
-        key_file: PathBuf,
-        /// Directory for this member's state (status.json).
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Extent size: a power of two from 4KiB to 64MiB. Must match the secondaries'.
-        #[arg(long, default_value = "64KiB", value_parser = parse_bytes)]
-        extent_size: u64,
-        /// Identifies the mirror; secondaries started with --mirror-id refuse another.
-        #[arg(long, default_value_t = 1)]
-        mirror_id: u64,
-        /// Unacknowledged bytes allowed per secondary before it stops being fed.
-        #[arg(long, default_value = "64MiB", value_parser = parse_bytes)]
-        backlog: u64,
-        /// A secondary silent for this long (no ack, no keepalive) is disconnected.
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u64,
-        /// Do not ship the whole device at start: only for secondaries known to be identical
-        /// (e.g. all freshly zeroed).
-        #[arg(long)]
-        skip_initial_sync: bool,
-        /// Use plain sends instead of zero-copy sends.
-        #[arg(long)]
-        no_zero_copy: bool,
-        /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-    },
+    Primary(replicator::commands::replicate::PrimaryArgs),
     /// Hold a secondary image and write what an authenticated primary sends (foreground).
     ///
     /// Opens DEVICE exclusively (nothing can mount or write it meanwhile), listens on ADDR:PORT,
     /// and after a mutual key check writes each extent with RWF_DSYNC before acknowledging it.
-    Secondary {
-        /// Block device holding the secondary image; same size as the primary.
-        #[arg(long)]
-        device: PathBuf,
-        /// Address and port to listen on, e.g. 0.0.0.0:7788.
-        #[arg(long)]
-        listen: std::net::SocketAddr,
-        /// File holding the shared key (at least 16 bytes, mode 0600).
-        #[arg(long)]
-        key_file: PathBuf,
-        /// Directory for this member's state.
-        #[arg(long)]
-        state_dir: PathBuf,
-        /// Refuse primaries of another mirror.
-        #[arg(long)]
-        mirror_id: Option<u64>,
-        /// Refuse primaries with another extent size.
-        #[arg(long, value_parser = parse_bytes)]
-        extent_size: Option<u64>,
-        /// A session with no frame from the primary for this long ends.
-        #[arg(long, default_value_t = 5000)]
-        timeout_ms: u64,
-        /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
-        #[arg(long)]
-        metrics: Option<std::net::SocketAddr>,
-    },
+    /// A primary that reconnects supersedes its previous session.
+    Secondary(replicator::commands::replicate::SecondaryArgs),
 }
 
 fn main() -> ExitCode {
@@ -159,60 +98,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Demo => commands::demo::run(),
-        Command::Primary {
-            device,
-            secondaries,
-            key_file,
-            state_dir,
-            extent_size,
-            mirror_id,
-            backlog,
-            timeout_ms,
-            skip_initial_sync,
-            no_zero_copy,
-            metrics,
-        } => {
-            let stop = commands::stop_flag()?;
-            let config = ShipperConfig {
-                device,
-                secondaries,
-                state_dir,
-                tracker_name: None,
-                mirror_id,
-                extent_bytes: extent_size,
-                run_bytes_max: ShipperConfig::RUN_BYTES_MAX_DEFAULT,
-                buffers: ShipperConfig::BUFFERS_DEFAULT,
-                backlog_bytes_max: backlog,
-                timeout_ms,
-                keepalive_ms: (timeout_ms / 5).max(100),
-                retry_max_ms: ShipperConfig::RETRY_MAX_MS_DEFAULT,
-                initial_sync: !skip_initial_sync,
-                zero_copy: !no_zero_copy,
-            };
-            commands::replicate::primary(config, &key_file, metrics, &stop)
-        }
-        Command::Secondary {
-            device,
-            listen,
-            key_file,
-            state_dir,
-            mirror_id,
-            extent_size,
-            timeout_ms,
-            metrics,
-        } => {
-            let stop = commands::stop_flag()?;
-            let config = SecondaryConfig {
-                device,
-                listen,
-                state_dir,
-                mirror_id,
-                extent_bytes: extent_size,
-                queue_depth: SecondaryConfig::QUEUE_DEPTH_DEFAULT,
-                frame_data_bytes_max: SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT,
-                timeout_ms,
-            };
-            commands::replicate::secondary(&config, &key_file, metrics, &stop)
-        }
+        Command::Primary(args) => commands::replicate::run_primary(args, &*commands::stop_flag()?),
+        Command::Secondary(args) => commands::replicate::run_secondary(args, &*commands::stop_flag()?),
     }
 }

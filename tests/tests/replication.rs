@@ -64,7 +64,11 @@ fn steady_state_random_writes_two_secondaries() {
 fn ships_exactly_the_extents_written() {
     let mut lab = lab("exact", 2);
     lab.start_secondary(0, &["--metrics", "127.0.0.1:9102"]).expect("secondary 0");
-    lab.start_secondary(1, &[]).expect("secondary 1");
+    // Secondary 1 takes part of its settings from a config file.
+    let config = lab.dir.join("s1.toml");
+    std::fs::write(&config, "mirror-id = 1\nextent-size = \"64KiB\"\ntimeout-ms = 4000\n")
+        .expect("config file");
+    lab.start_secondary(1, &["--config", config.to_str().expect("utf-8")]).expect("secondary 1");
     lab.start_primary(&["--skip-initial-sync", "--metrics", "127.0.0.1:9101"]).expect("primary");
     let started = Instant::now();
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));

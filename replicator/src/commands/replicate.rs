@@ -1,16 +1,184 @@
 //! `replicator primary` and `replicator secondary`: the two ends of a live mirror.
+//!
+//! Every setting can come from the command line or from `--config FILE` (TOML, the same names
+//! in kebab-case); the command line wins. Defaults are applied after the two are merged.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
 use anyhow::Context as _;
 
+use serde::Deserialize;
+
 use crate::auth::Key;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::secondary::{self, SecondaryConfig};
 use crate::shipper::{Engine, ShipperConfig};
+
+/// A size from the config file: a number of bytes or a string such as "64KiB".
+fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(deserializer)? {
+        None => Ok(None),
+        Some(Size::Bytes(bytes)) => Ok(Some(bytes)),
+        Some(Size::Text(text)) => {
+            crate::units::parse_bytes(&text).map(Some).map_err(serde::de::Error::custom)
+        }
+    }
+}
+
+fn read_config<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> anyhow::Result<T> {
+    let Some(path) = path else { return Ok(T::default()) };
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+fn required<T>(value: Option<T>, flag: &str) -> anyhow::Result<T> {
+    value
+        .ok_or_else(|| anyhow::anyhow!("--{flag} is required (on the command line or as {flag} in --config)"))
+}
+
+/// `replicator primary` settings.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct PrimaryArgs {
+    /// TOML file with any of these settings (kebab-case names); the command line wins.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Block device to replicate.
+    #[arg(long)]
+    pub device: Option<PathBuf>,
+    /// A secondary as NAME=ADDR:PORT; repeat for more (up to 8).
+    #[arg(long = "secondary", value_name = "NAME=ADDR:PORT")]
+    #[serde(default, rename = "secondary")]
+    pub secondaries: Vec<String>,
+    /// File holding the shared key (at least 16 bytes, mode 0600); the same on every member.
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Directory for this member's state (status.json).
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Extent size, a power of two from 4KiB to 64MiB [default: 64KiB]. Must match the
+    /// secondaries'.
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    #[serde(default, deserialize_with = "size")]
+    pub extent_size: Option<u64>,
+    /// Identifies the mirror [default: 1]; secondaries started with --mirror-id refuse another.
+    #[arg(long)]
+    pub mirror_id: Option<u64>,
+    /// Unacknowledged bytes allowed per secondary before it stops being fed [default: 64MiB].
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    #[serde(default, deserialize_with = "size")]
+    pub backlog: Option<u64>,
+    /// A secondary silent this long (no ack, no keepalive) is disconnected [default: 5000].
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Do not ship the whole device at start: only for secondaries known to be identical
+    /// (e.g. all freshly zeroed).
+    #[arg(long)]
+    #[serde(default)]
+    pub skip_initial_sync: bool,
+    /// Use plain sends instead of zero-copy sends.
+    #[arg(long)]
+    #[serde(default)]
+    pub no_zero_copy: bool,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// `replicator secondary` settings.
+#[derive(clap::Args, Debug, Default, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct SecondaryArgs {
+    /// TOML file with any of these settings (kebab-case names); the command line wins.
+    #[arg(long)]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Block device holding the secondary image; same size as the primary.
+    #[arg(long)]
+    pub device: Option<PathBuf>,
+    /// Address and port to listen on, e.g. 0.0.0.0:7788.
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// File holding the shared key (at least 16 bytes, mode 0600).
+    #[arg(long)]
+    pub key_file: Option<PathBuf>,
+    /// Directory for this member's state.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
+    /// Refuse primaries of another mirror.
+    #[arg(long)]
+    pub mirror_id: Option<u64>,
+    /// Refuse primaries with another extent size.
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    #[serde(default, deserialize_with = "size")]
+    pub extent_size: Option<u64>,
+    /// A session with no frame from the primary for this long ends [default: 5000].
+    #[arg(long)]
+    pub timeout_ms: Option<u64>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long)]
+    pub metrics: Option<SocketAddr>,
+}
+
+/// Runs `replicator primary` with command-line `cli` merged over its config file.
+pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+    let file: PrimaryArgs = read_config(cli.config.as_deref())?;
+    let secondaries = if cli.secondaries.is_empty() { file.secondaries } else { cli.secondaries };
+    let secondaries = secondaries
+        .iter()
+        .map(|s| parse_secondary(s).map_err(|e| anyhow::anyhow!("--secondary {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(!secondaries.is_empty(), "--secondary NAME=ADDR:PORT is required, at least once");
+    let timeout_ms = cli.timeout_ms.or(file.timeout_ms).unwrap_or(ShipperConfig::TIMEOUT_MS_DEFAULT);
+    let config = ShipperConfig {
+        device: required(cli.device.or(file.device), "device")?,
+        secondaries,
+        state_dir: required(cli.state_dir.or(file.state_dir), "state-dir")?,
+        tracker_name: None,
+        mirror_id: cli.mirror_id.or(file.mirror_id).unwrap_or(1),
+        extent_bytes: cli
+            .extent_size
+            .or(file.extent_size)
+            .unwrap_or(replicator_common::extent::EXTENT_BYTES_DEFAULT),
+        run_bytes_max: ShipperConfig::RUN_BYTES_MAX_DEFAULT,
+        buffers: ShipperConfig::BUFFERS_DEFAULT,
+        backlog_bytes_max: cli.backlog.or(file.backlog).unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
+        timeout_ms,
+        keepalive_ms: (timeout_ms / 5).max(100),
+        retry_max_ms: ShipperConfig::RETRY_MAX_MS_DEFAULT,
+        initial_sync: !(cli.skip_initial_sync || file.skip_initial_sync),
+        zero_copy: !(cli.no_zero_copy || file.no_zero_copy),
+    };
+    let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
+    primary(config, &key_file, cli.metrics.or(file.metrics), stop)
+}
+
+/// Runs `replicator secondary` with command-line `cli` merged over its config file.
+pub fn run_secondary(cli: SecondaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
+    let file: SecondaryArgs = read_config(cli.config.as_deref())?;
+    let config = SecondaryConfig {
+        device: required(cli.device.or(file.device), "device")?,
+        listen: required(cli.listen.or(file.listen), "listen")?,
+        state_dir: required(cli.state_dir.or(file.state_dir), "state-dir")?,
+        mirror_id: cli.mirror_id.or(file.mirror_id),
+        extent_bytes: cli.extent_size.or(file.extent_size),
+        queue_depth: SecondaryConfig::QUEUE_DEPTH_DEFAULT,
+        frame_data_bytes_max: SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT,
+        timeout_ms: cli.timeout_ms.or(file.timeout_ms).unwrap_or(SecondaryConfig::TIMEOUT_MS_DEFAULT),
+    };
+    let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
+    secondary(&config, &key_file, cli.metrics.or(file.metrics), stop)
+}
 
 /// `NAME=ADDR:PORT`, as `--secondary` takes it.
 pub fn parse_secondary(text: &str) -> Result<(String, SocketAddr), String> {
@@ -63,6 +231,19 @@ pub fn secondary(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_file_settings() {
+        let file: PrimaryArgs = toml::from_str(
+            "device = \"/dev/vdb\"\nsecondary = [\"b=10.0.0.2:7788\"]\nextent-size = \"128KiB\"\nbacklog = 1048576\n",
+        )
+        .expect("valid config");
+        assert_eq!(file.extent_size, Some(128 * 1024));
+        assert_eq!(file.backlog, Some(1 << 20));
+        assert_eq!(file.secondaries, ["b=10.0.0.2:7788"]);
+        let unknown = toml::from_str::<PrimaryArgs>("devcie = \"/dev/vdb\"\n").unwrap_err().to_string();
+        assert!(unknown.contains("devcie"), "{unknown}");
+    }
 
     #[test]
     fn secondary_arguments() {
