@@ -3,6 +3,7 @@
 //! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
 
 mod fio;
+mod ship_throughput;
 mod tracker_overhead;
 
 use std::path::PathBuf;
@@ -13,7 +14,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "replicator benchmarks; each scenario runs with its baseline")]
 struct Args {
-    /// Scenarios to run (default: all). Known: tracker-overhead.
+    /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput.
     scenarios: Vec<String>,
     /// Seconds per fio round.
     #[arg(long, default_value_t = 8)]
@@ -26,7 +27,7 @@ struct Args {
     out_dir: PathBuf,
 }
 
-const SCENARIOS: [&str; 1] = ["tracker-overhead"];
+const SCENARIOS: [&str; 2] = ["tracker-overhead", "ship-throughput"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -37,6 +38,7 @@ fn main() -> anyhow::Result<()> {
     for scenario in &scenarios {
         let (json, md) = match scenario.as_str() {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
+            "ship-throughput" => ship_throughput::run(&replicator_binary()?)?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);
@@ -51,6 +53,15 @@ fn main() -> anyhow::Result<()> {
     println!("{markdown}");
     println!("results: {} and {}", json_path.display(), md_path.display());
     Ok(())
+}
+
+/// The replicator binary the multi-process scenarios start (`cargo xtask bench` sets it).
+fn replicator_binary() -> anyhow::Result<PathBuf> {
+    let binary = std::env::var_os("REPLICATOR_BIN")
+        .map(PathBuf::from)
+        .context("REPLICATOR_BIN is not set; run `cargo xtask bench`")?;
+    anyhow::ensure!(binary.exists(), "REPLICATOR_BIN={} does not exist", binary.display());
+    Ok(binary)
 }
 
 /// Today's date as YYYY-MM-DD, from `date` (no time crate needed for a file name).
