@@ -33,12 +33,22 @@ fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let scenarios: Vec<String> =
         if args.scenarios.is_empty() { SCENARIOS.map(String::from).to_vec() } else { args.scenarios.clone() };
+    // Check up front what a later scenario needs, rather than fail after minutes of measuring.
+    for scenario in &scenarios {
+        anyhow::ensure!(
+            SCENARIOS.contains(&scenario.as_str()),
+            "unknown scenario {scenario:?}; known: {}",
+            SCENARIOS.join(", ")
+        );
+    }
+    let binary =
+        if scenarios.iter().any(|s| s == "ship-throughput") { Some(replicator_binary()?) } else { None };
     let mut results = serde_json::Map::new();
     let mut markdown = String::new();
     for scenario in &scenarios {
         let (json, md) = match scenario.as_str() {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
-            "ship-throughput" => ship_throughput::run(&replicator_binary()?)?,
+            "ship-throughput" => ship_throughput::run(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);

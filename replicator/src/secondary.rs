@@ -187,9 +187,14 @@ fn handle_connection(
         payload_bytes_max: (config.frame_data_bytes_max + 8) as u32,
     };
     let device = config.device.display().to_string();
-    let end = Session::new(config, limits, image, &device)
-        .map_err(SessionEnd::Io)
-        .and_then(|mut session| session.run(&mut stream, [stop, &superseded], stats));
+    let mut session = match Session::new(config, limits, image, &device) {
+        Ok(session) => session,
+        Err(e) => {
+            tracing::error!(%peer, error = %e, "cannot set up a session");
+            return;
+        }
+    };
+    let end = session.run(&mut stream, [stop, &superseded], stats);
     stats.primary_connected.set(0);
     if matches!(end, Err(SessionEnd::Write { .. })) {
         stats.write_errors.inc();
@@ -207,6 +212,7 @@ fn handle_connection(
         Err(e) => tracing::info!(%peer, reason = %e, "session ended"),
         Ok(()) => {}
     }
+    session.finish(&stream);
 }
 
 /// The one session allowed to write the image: `image` is held while a session runs; `current`
@@ -219,6 +225,9 @@ struct SessionSlot {
 
 const OP_RECV: u64 = u64::MAX;
 
+/// The longest non-extent payload a primary sends (an `Error` frame).
+const SMALL_PAYLOAD_BYTES_MAX: usize = 4 + wire::ERROR_MESSAGE_BYTES_MAX;
+
 /// One write in flight: which buffer, where, and which frame to acknowledge.
 #[derive(Clone, Copy, Debug)]
 struct Write {
@@ -228,6 +237,23 @@ struct Write {
     sequence: u64,
 }
 
+/// What the one receive in flight is filling. Frames are received one at a time: a header,
+/// then its payload, an extent's straight into a registered pool buffer so that the data is
+/// copied once, by the kernel, on its way from the socket to the buffer that is written.
+#[derive(Clone, Copy, Debug)]
+enum Receiving {
+    Header,
+    /// An extent frame's offset and data, into `buffer` just before and at its data area.
+    Extent {
+        header: wire::Header,
+        buffer: u16,
+    },
+    /// Any other frame's payload, into `small`.
+    Small {
+        header: wire::Header,
+    },
+}
+
 struct Session<'a> {
     ring: IoUring,
     pool: BufferPool,
@@ -235,15 +261,22 @@ struct Session<'a> {
     image: &'a File,
     device: &'a str,
     timeout_ms: u64,
-    /// Bytes received and not yet parsed: `stream[stream_start..stream_len]`. A recv in flight
-    /// owns `stream[stream_len..]`; the parsed prefix is reclaimed only when none is.
-    stream: Vec<u8>,
-    stream_start: usize,
-    stream_len: usize,
+    header_bytes: [u8; wire::HEADER_BYTES],
+    small: Box<[u8; SMALL_PAYLOAD_BYTES_MAX]>,
+    receiving: Receiving,
     recv_in_flight: bool,
+    /// A received extent that waits for an overlapping write to finish (or a header that waits
+    /// for a free buffer): nothing more is received meanwhile.
+    waiting: Option<Waiting>,
     /// Indexed by buffer: the write that owns it.
     writes: Vec<Option<Write>>,
     next_ack_sequence: u64,
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Waiting {
+    Buffer(wire::Header),
+    Overlap(Write),
 }
 
 impl<'a> Session<'a> {
@@ -260,7 +293,6 @@ impl<'a> Session<'a> {
         // SAFETY: the pool outlives the ring: `ring` is declared before `pool` in Session and so
         // is dropped first.
         unsafe { ring.submitter().register_buffers(&pool.iovecs())? };
-        let frame_bytes_max = wire::HEADER_BYTES + limits.payload_bytes_max as usize;
         Ok(Self {
             ring,
             pool,
@@ -268,10 +300,11 @@ impl<'a> Session<'a> {
             image,
             device,
             timeout_ms: config.timeout_ms,
-            stream: vec![0; 2 * frame_bytes_max],
-            stream_start: 0,
-            stream_len: 0,
+            header_bytes: [0; wire::HEADER_BYTES],
+            small: Box::new([0; SMALL_PAYLOAD_BYTES_MAX]),
+            receiving: Receiving::Header,
             recv_in_flight: false,
+            waiting: None,
             writes: vec![None; usize::from(depth)],
             next_ack_sequence: 0,
         })
@@ -289,14 +322,9 @@ impl<'a> Session<'a> {
                 self.wait_for_writes(stream, stats)?;
                 return Err(SessionEnd::Stop);
             }
-            if self.parse_frames(stream)? {
-                last_frame = Instant::now();
-            }
-            if !self.recv_in_flight {
-                self.compact();
-                if self.stream_len < self.stream.len() {
-                    self.submit_recv(stream)?;
-                }
+            self.retry_waiting(stream)?;
+            if !self.recv_in_flight && self.waiting.is_none() {
+                self.submit_recv(stream)?;
             }
             let wait = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&wait);
@@ -314,23 +342,26 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// Moves the unparsed bytes to the front. Only while no recv is in flight.
-    fn compact(&mut self) {
-        assert!(!self.recv_in_flight);
-        if self.stream_start > 0 {
-            self.stream.copy_within(self.stream_start..self.stream_len, 0);
-            self.stream_len -= self.stream_start;
-            self.stream_start = 0;
+    /// Where the current receive goes and how many bytes it waits for (MSG_WAITALL).
+    fn recv_target(&mut self) -> (*mut u8, usize) {
+        match self.receiving {
+            Receiving::Header => (self.header_bytes.as_mut_ptr(), wire::HEADER_BYTES),
+            Receiving::Extent { header, buffer } => {
+                let len = header.payload_bytes as usize;
+                (self.pool.prefix_tail_mut(buffer, 8).as_mut_ptr(), len)
+            }
+            Receiving::Small { header } => (self.small.as_mut_ptr(), header.payload_bytes as usize),
         }
     }
 
     fn submit_recv(&mut self, stream: &TcpStream) -> Result<(), SessionEnd> {
-        let free = &mut self.stream[self.stream_len..];
-        let recv = opcode::Recv::new(types::Fd(stream.as_raw_fd()), free.as_mut_ptr(), free.len() as u32)
+        let (target, len) = self.recv_target();
+        let recv = opcode::Recv::new(types::Fd(stream.as_raw_fd()), target, len as u32)
+            .flags(libc::MSG_WAITALL)
             .build()
             .user_data(OP_RECV);
-        // SAFETY: `self.stream` is never resized, and `stream[stream_len..]` is not touched
-        // while the recv is in flight (parsing reads below `stream_len`; `compact` asserts).
+        // SAFETY: the target (header array, small buffer, or a pool buffer taken for this frame)
+        // is owned by the session and not touched until this recv completes.
         unsafe { self.ring.submission().push(&recv) }.map_err(|_| std::io::Error::other("ring full"))?;
         self.recv_in_flight = true;
         Ok(())
@@ -344,12 +375,14 @@ impl<'a> Session<'a> {
         for (user_data, result) in completions {
             if user_data == OP_RECV {
                 self.recv_in_flight = false;
+                let (_, expected) = self.recv_target();
                 match result {
                     0 => return Err(SessionEnd::Closed),
                     r if r < 0 => return Err(SessionEnd::Io(std::io::Error::from_raw_os_error(-r))),
-                    r => {
-                        self.stream_len += r as usize;
+                    r if r as usize != expected => return Err(SessionEnd::Closed),
+                    _ => {
                         received = true;
+                        self.received(stream)?;
                     }
                 }
             } else {
@@ -357,6 +390,105 @@ impl<'a> Session<'a> {
             }
         }
         Ok(received)
+    }
+
+    /// A whole header or payload has arrived: decide what comes next.
+    fn received(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match self.receiving {
+            Receiving::Header => {
+                let header = wire::decode_header(&self.header_bytes, &self.limits)?;
+                self.start_payload(header, stream)
+            }
+            Receiving::Extent { header, buffer } => {
+                let len = header.payload_bytes as usize;
+                // SAFETY: the 8 offset bytes before the data area and the data are one region
+                // of this buffer, just filled by the recv.
+                let payload = unsafe { std::slice::from_raw_parts(self.pool.data_ptr(buffer).sub(8), len) };
+                let decoded = wire::decode_payload(&self.header_bytes, &header, payload, &self.limits);
+                let (offset_bytes, len_bytes) = match decoded {
+                    Ok(Message::ExtentData { offset_bytes, data }) => (offset_bytes, data.len()),
+                    Ok(other) => {
+                        unreachable!("an ExtentData header decodes to ExtentData, not {:?}", other.kind())
+                    }
+                    Err(e) => {
+                        self.pool.give_back(buffer);
+                        return Err(e.into());
+                    }
+                };
+                self.receiving = Receiving::Header;
+                let write = Write { buffer, offset_bytes, len_bytes, sequence: header.sequence };
+                if self.overlaps(&write) {
+                    self.waiting = Some(Waiting::Overlap(write));
+                    Ok(())
+                } else {
+                    self.submit_write(write)
+                }
+            }
+            Receiving::Small { header } => {
+                self.receiving = Receiving::Header;
+                let payload = &self.small[..header.payload_bytes as usize];
+                match wire::decode_payload(&self.header_bytes, &header, payload, &self.limits)? {
+                    Message::Keepalive => {
+                        wire::write_frame(stream, &Message::Keepalive, self.next_ack_sequence)?;
+                        self.next_ack_sequence += 1;
+                        Ok(())
+                    }
+                    Message::Error { message, .. } => Err(SessionEnd::PrimaryError(message.into())),
+                    other => Err(SessionEnd::Unexpected(other.kind())),
+                }
+            }
+        }
+    }
+
+    fn start_payload(&mut self, header: wire::Header, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match header.kind {
+            wire::MessageKind::ExtentData => {
+                if (header.payload_bytes as usize) <= 8 {
+                    return Err(wire::WireError::PayloadSize {
+                        kind: header.kind,
+                        found: header.payload_bytes as usize,
+                        expected: "> 8",
+                    }
+                    .into());
+                }
+                match self.pool.take() {
+                    Some(buffer) => self.receiving = Receiving::Extent { header, buffer },
+                    None => self.waiting = Some(Waiting::Buffer(header)),
+                }
+                Ok(())
+            }
+            wire::MessageKind::Keepalive | wire::MessageKind::Error => {
+                if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
+                    return Err(wire::WireError::TooLong {
+                        found: header.payload_bytes,
+                        limit: SMALL_PAYLOAD_BYTES_MAX as u32,
+                    }
+                    .into());
+                }
+                self.receiving = Receiving::Small { header };
+                if header.payload_bytes == 0 {
+                    // Nothing to receive: handle it now.
+                    return self.received(stream);
+                }
+                Ok(())
+            }
+            other => Err(SessionEnd::Unexpected(other)),
+        }
+    }
+
+    /// Resumes a frame that waited for a buffer or for an overlapping write.
+    fn retry_waiting(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match self.waiting {
+            Some(Waiting::Buffer(header)) if self.pool.free_count() > 0 => {
+                self.waiting = None;
+                self.start_payload(header, stream)
+            }
+            Some(Waiting::Overlap(write)) if !self.overlaps(&write) => {
+                self.waiting = None;
+                self.submit_write(write)
+            }
+            _ => Ok(()),
+        }
     }
 
     fn complete_write(
@@ -389,53 +521,18 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Parses whole frames from the stream buffer and starts their writes; stops at a partial
-    /// frame, or when the next write must wait (no buffer, or it overlaps a write in flight).
-    /// Returns whether a frame was consumed.
-    fn parse_frames(&mut self, stream: &mut TcpStream) -> Result<bool, SessionEnd> {
-        let mut any = false;
-        loop {
-            let consumed = self.stream_start;
-            let bytes = &self.stream[consumed..self.stream_len];
-            let Some((used, sequence, message)) = wire::parse_frame(bytes, &self.limits)? else {
-                break;
-            };
-            match message {
-                Message::ExtentData { offset_bytes, data } => {
-                    let len_bytes = data.len();
-                    if !self.can_start(offset_bytes, len_bytes) {
-                        break;
-                    }
-                    let buffer = self.pool.take().expect("can_start checked a free buffer");
-                    // Copy out of the stream buffer into an aligned, registered buffer for O_DIRECT.
-                    let data_start = consumed + wire::EXTENT_PREFIX_BYTES;
-                    let (source, pool) = (&self.stream[data_start..data_start + len_bytes], &mut self.pool);
-                    pool.data_mut(buffer, len_bytes).copy_from_slice(source);
-                    self.submit_write(Write { buffer, offset_bytes, len_bytes, sequence })?;
-                }
-                Message::Keepalive => wire::write_frame(stream, &Message::Keepalive, self.next_ack_sequence)
-                    .map(|()| self.next_ack_sequence += 1)?,
-                Message::Error { message, .. } => return Err(SessionEnd::PrimaryError(message.into())),
-                other => return Err(SessionEnd::Unexpected(other.kind())),
-            }
-            self.stream_start += used;
-            any = true;
-        }
-        Ok(any)
-    }
-
-    fn can_start(&self, offset_bytes: u64, len_bytes: usize) -> bool {
-        let end = offset_bytes + len_bytes as u64;
-        self.pool.free_count() > 0
-            && self
-                .writes
-                .iter()
-                .flatten()
-                .all(|w| end <= w.offset_bytes || offset_bytes >= w.offset_bytes + w.len_bytes as u64)
+    /// Whether `write` overlaps a write in flight (a newer copy must not be overtaken).
+    fn overlaps(&self, write: &Write) -> bool {
+        let (start, end) = (write.offset_bytes, write.offset_bytes + write.len_bytes as u64);
+        self.writes
+            .iter()
+            .flatten()
+            .any(|w| start < w.offset_bytes + w.len_bytes as u64 && w.offset_bytes < end)
     }
 
     fn submit_write(&mut self, write: Write) -> Result<(), SessionEnd> {
         assert!(self.writes[usize::from(write.buffer)].is_none());
+        assert!(!self.overlaps(&write), "overlapping writes are never in flight together");
         let entry = opcode::WriteFixed::new(
             types::Fd(self.image.as_raw_fd()),
             self.pool.data_ptr(write.buffer),
@@ -450,6 +547,26 @@ impl<'a> Session<'a> {
         unsafe { self.ring.submission().push(&entry) }.map_err(|_| std::io::Error::other("ring full"))?;
         self.writes[usize::from(write.buffer)] = Some(write);
         Ok(())
+    }
+
+    /// Ends the session's use of its buffers: shuts the socket so a receive in flight
+    /// completes, and reaps until no operation holds a buffer (up to the timeout), before the
+    /// ring and the pool are dropped. Writes that still complete are not acknowledged.
+    fn finish(&mut self, stream: &TcpStream) {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let deadline = Instant::now() + Duration::from_millis(self.timeout_ms);
+        while (self.recv_in_flight || self.writes.iter().any(Option::is_some)) && Instant::now() < deadline {
+            let wait = types::Timespec::new().nsec(100_000_000);
+            let _ = self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&wait));
+            let completions: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
+            for user_data in completions {
+                if user_data == OP_RECV {
+                    self.recv_in_flight = false;
+                } else if let Some(write) = self.writes[user_data as usize].take() {
+                    self.pool.give_back(write.buffer);
+                }
+            }
+        }
     }
 
     fn wait_for_writes(

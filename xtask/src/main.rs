@@ -69,8 +69,10 @@ fn run(task: Task) -> anyhow::Result<()> {
         Task::Bench { scenarios } => {
             setup::run()?;
             require_root("the benchmarks create loop devices and load eBPF programs")?;
+            let binary = build(&root)?;
             status(
                 cargo(&root)
+                    .env("REPLICATOR_BIN", &binary)
                     .args(["run", "--release", "--package", "replicator-benches", "--"])
                     .args(&scenarios),
                 "benchmarks",
