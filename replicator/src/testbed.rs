@@ -503,9 +503,10 @@ fn write_private(path: &Path, text: &str) -> Result<(), TestbedError> {
     file.write_all(text.as_bytes()).map_err(io(format!("writing {}", path.display())))
 }
 
-/// SHA-256 of a whole block device, read with O_DIRECT (the device, not a page cache).
-pub fn hash_device(device: &Path) -> Result<String, TestbedError> {
-    use sha2::Digest as _;
+/// Reads a whole block device with O_DIRECT (what is on the device, not what a page cache
+/// remembers: a filesystem writes file data around the block device's cache), handing each
+/// chunk to `consume` in order.
+pub fn read_device_direct(device: &Path, mut consume: impl FnMut(&[u8])) -> Result<u64, TestbedError> {
     const CHUNK_BYTES: usize = 1 << 20;
     const ALIGN: usize = 4096;
     let file = OpenOptions::new()
@@ -516,16 +517,22 @@ pub fn hash_device(device: &Path) -> Result<String, TestbedError> {
     let mut buffer = vec![0u8; CHUNK_BYTES + ALIGN];
     let skip = buffer.as_ptr().align_offset(ALIGN);
     let chunk = &mut buffer[skip..skip + CHUNK_BYTES];
-    let mut hasher = sha2::Sha256::new();
     let mut offset = 0u64;
     loop {
         let n =
             file.read_at(chunk, offset).map_err(io(format!("reading {} at {offset}", device.display())))?;
         if n == 0 {
-            break;
+            return Ok(offset);
         }
-        hasher.update(&chunk[..n]);
+        consume(&chunk[..n]);
         offset += n as u64;
     }
+}
+
+/// SHA-256 of a whole block device, read with O_DIRECT.
+pub fn hash_device(device: &Path) -> Result<String, TestbedError> {
+    use sha2::Digest as _;
+    let mut hasher = sha2::Sha256::new();
+    read_device_direct(device, |chunk| hasher.update(chunk))?;
     Ok(hasher.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }

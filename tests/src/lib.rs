@@ -5,8 +5,6 @@
 //! with the reason, when they cannot set up: a CI run that cannot run them must not pass.
 
 use std::collections::BTreeSet;
-use std::fs::OpenOptions;
-use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -14,7 +12,9 @@ use bitvec::prelude::*;
 use replicator::{Tracker, TrackerOptions};
 use replicator_common::ExtentGeometry;
 
-pub use replicator::testbed::{Lab, LoopDevice, ZramDevice, hash_device, run_command, write_direct};
+pub use replicator::testbed::{
+    Lab, LoopDevice, ZramDevice, hash_device, read_device_direct, run_command, write_direct,
+};
 
 /// The `replicator` binary under test; `cargo xtask test` sets REPLICATOR_BIN.
 pub fn replicator_bin() -> std::path::PathBuf {
@@ -144,29 +144,12 @@ pub fn assert_exact(
     (n_written, n_marked, spurious)
 }
 
-/// Reads the whole device with O_DIRECT: what is on the device, not what the block device's
-/// page cache remembers (a filesystem writes file data around that cache, so it can be stale).
+/// The whole device, read with O_DIRECT.
 pub fn read_image(device: &Path) -> Vec<u8> {
-    const CHUNK_BYTES: usize = 1 << 20;
-    const ALIGN: usize = 4096;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_DIRECT.bits())
-        .open(device)
-        .unwrap_or_else(|e| panic!("opening {} with O_DIRECT: {e}", device.display()));
-    let mut buffer = vec![0u8; CHUNK_BYTES + ALIGN];
-    let skip = buffer.as_ptr().align_offset(ALIGN);
-    let chunk = &mut buffer[skip..skip + CHUNK_BYTES];
     let mut image = Vec::new();
-    loop {
-        let n = file
-            .read_at(chunk, image.len() as u64)
-            .unwrap_or_else(|e| panic!("reading {} at {}: {e}", device.display(), image.len()));
-        if n == 0 {
-            return image;
-        }
-        image.extend_from_slice(&chunk[..n]);
-    }
+    read_device_direct(device, |chunk| image.extend_from_slice(chunk))
+        .unwrap_or_else(|e| panic!("reading {}: {e}", device.display()));
+    image
 }
 
 /// The extents whose bytes differ between two images of the device.
