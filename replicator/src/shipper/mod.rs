@@ -8,6 +8,10 @@
 //! outstanding -> back to the pool when the count reaches zero. A zero-copy send releases its
 //! buffer only on its notification CQE, never on its first CQE.
 //!
+//! Ordering: frames for one extent reach a secondary in the order their reads were issued, so
+//! the newest data always lands last. Frames are queued when their read completes, so an extent
+//! is never read again while a read of it is in flight (`reading`).
+//!
 //! Limits, all set at start-up: `buffers` (reads and unsent frames), `run_bytes_max` (largest
 //! coalesced read and frame), `backlog_bytes_max` (unacknowledged bytes per secondary; past it a
 //! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
@@ -127,6 +131,10 @@ pub struct Engine {
     config: ShipperConfig,
     limits: Limits,
     cursor: u64,
+    /// Extents with a read in flight. Frames are queued when their read completes, so two
+    /// reads of one extent in flight together could queue the older data last; an extent is
+    /// therefore never read again before its last read completed.
+    reading: BitVec<u64, Lsb0>,
     next_sequence: u64,
     reads_in_flight: usize,
     stop_connectors: Arc<AtomicBool>,
@@ -226,6 +234,7 @@ impl Engine {
             config,
             limits,
             cursor: 0,
+            reading: bitvec![u64, Lsb0; 0; geometry.extent_count() as usize],
             next_sequence: 2,
             reads_in_flight: 0,
             stop_connectors,
@@ -337,11 +346,27 @@ impl Engine {
         let first_from = |from: usize, peers: &[Peer]| {
             eligible.iter().filter_map(|&i| peers[i].pending[from..].first_one().map(|o| from + o)).min()
         };
-        let start = first_from(self.cursor as usize, &self.peers).or_else(|| first_from(0, &self.peers))?;
+        // An extent with a read in flight waits: its next read must be queued after that one.
+        let mut start = None;
+        for pass_from in [self.cursor as usize, 0] {
+            let mut from = pass_from;
+            while let Some(candidate) = first_from(from, &self.peers) {
+                if !self.reading[candidate] {
+                    start = Some(candidate);
+                    break;
+                }
+                from = candidate + 1;
+            }
+            if start.is_some() {
+                break;
+            }
+        }
+        let start = start?;
         let run_extents_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes) as usize;
         let mut end = start + 1;
         while end < extents
             && end - start < run_extents_max
+            && !self.reading[end]
             && eligible.iter().any(|&i| self.peers[i].pending[end])
         {
             end += 1;
@@ -361,6 +386,9 @@ impl Engine {
         run: Range<u64>,
         targets: [Option<u32>; PEERS_MAX],
     ) -> Result<(), ShipperError> {
+        let reading = &mut self.reading[run.start as usize..run.end as usize];
+        assert!(reading.not_any(), "two reads of one extent in flight could queue its frames out of order");
+        reading.fill(true);
         let buffer = self.pool.take().expect("schedule_reads checked a free buffer");
         let (offset, len) = self.run_bytes(&run);
         assert!(len <= self.pool.data_bytes_max());
@@ -538,6 +566,7 @@ impl Engine {
         targets: [Option<u32>; PEERS_MAX],
         result: i32,
     ) -> Result<(), ShipperError> {
+        self.reading[run.start as usize..run.end as usize].fill(false);
         let (offset, len) = self.run_bytes(&run);
         let live: Vec<usize> = (0..self.peers.len())
             .filter(|&i| {

@@ -77,6 +77,8 @@ pub enum TrackerError {
     Ebpf { device: PathBuf, what: String, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
+    #[error("tracker name {name:?}: use letters, digits, '-' and '_' (bpffs reserves '.' and '/')")]
+    Name { name: String },
 }
 
 /// How to attach a tracker.
@@ -151,6 +153,9 @@ impl Tracker {
             ..TrackerConfig::EMPTY
         };
         let name = options.name.clone().unwrap_or_else(|| default_name(path));
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+            return Err(TrackerError::Name { name });
+        }
         let pin_dir = options.bpffs_root.join(&name);
         let resumed = check_pinned_meta(&pin_dir, &name, &config)?;
         fs::create_dir_all(&pin_dir).map_err(|source| TrackerError::Io { path: pin_dir.clone(), source })?;
