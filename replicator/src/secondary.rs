@@ -270,6 +270,8 @@ struct Session<'a> {
     waiting: Option<Waiting>,
     /// Indexed by buffer: the write that owns it.
     writes: Vec<Option<Write>>,
+    /// Completions copied out of the ring; reused, capacity = queue depth + 1.
+    completions: Vec<(u64, i32)>,
     next_ack_sequence: u64,
 }
 
@@ -306,6 +308,7 @@ impl<'a> Session<'a> {
             recv_in_flight: false,
             waiting: None,
             writes: vec![None; usize::from(depth)],
+            completions: Vec::with_capacity(usize::from(depth) + 1),
             next_ack_sequence: 0,
         })
     }
@@ -369,10 +372,23 @@ impl<'a> Session<'a> {
 
     /// Handles completions; returns whether bytes arrived.
     fn reap(&mut self, stream: &mut TcpStream, stats: &SecondaryMetrics) -> Result<bool, SessionEnd> {
+        // Copied out first (handling one submits more), into a vector reused across calls.
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        let outcome = self.handle_completions(&completions, stream, stats);
+        completions.clear();
+        self.completions = completions;
+        outcome
+    }
+
+    fn handle_completions(
+        &mut self,
+        completions: &[(u64, i32)],
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<bool, SessionEnd> {
         let mut received = false;
-        let completions: Vec<(u64, i32)> =
-            self.ring.completion().map(|c| (c.user_data(), c.result())).collect();
-        for (user_data, result) in completions {
+        for &(user_data, result) in completions {
             if user_data == OP_RECV {
                 self.recv_in_flight = false;
                 let (_, expected) = self.recv_target();

@@ -135,6 +135,8 @@ pub struct Engine {
     /// reads of one extent in flight together could queue the older data last; an extent is
     /// therefore never read again before its last read completed.
     reading: BitVec<u64, Lsb0>,
+    /// Completions copied out of the ring; reused, capacity = op slots.
+    completions: Vec<(u64, i32, u32)>,
     next_sequence: u64,
     reads_in_flight: usize,
     stop_connectors: Arc<AtomicBool>,
@@ -235,6 +237,7 @@ impl Engine {
             limits,
             cursor: 0,
             reading: bitvec![u64, Lsb0; 0; geometry.extent_count() as usize],
+            completions: Vec::with_capacity(op_slots),
             next_sequence: 2,
             reads_in_flight: 0,
             stop_connectors,
@@ -281,8 +284,7 @@ impl Engine {
     }
 
     fn drain_tracker(&mut self) {
-        let runs: Vec<Range<u64>> = self.tracker.drain_completed().collect();
-        for run in runs {
+        for run in self.tracker.drain_completed() {
             for peer in &mut self.peers {
                 peer.pending[run.start as usize..run.end as usize].fill(true);
             }
@@ -314,15 +316,22 @@ impl Engine {
         let queue_max = usize::from(self.config.buffers);
         let run_bytes_max = self.config.run_bytes_max as u64;
         while self.pool.free_count() > 0 && self.free_slots() > 1 + self.peers.len() * 2 {
-            let eligible: Vec<usize> = (0..self.peers.len())
-                .filter(|&i| self.peers[i].eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max))
-                .collect();
-            let Some(run) = self.next_run(&eligible) else {
+            // Indexes of the peers that can take a frame now; a fixed array, no allocation.
+            let mut eligible_at = [0usize; PEERS_MAX];
+            let mut eligible_count = 0;
+            for (i, peer) in self.peers.iter().enumerate() {
+                if peer.eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max) {
+                    eligible_at[eligible_count] = i;
+                    eligible_count += 1;
+                }
+            }
+            let eligible = &eligible_at[..eligible_count];
+            let Some(run) = self.next_run(eligible) else {
                 return Ok(());
             };
             let (_, len) = self.run_bytes(&run);
             let mut targets = [None; PEERS_MAX];
-            for &i in &eligible {
+            for &i in eligible {
                 let peer = &mut self.peers[i];
                 let pending = &mut peer.pending[run.start as usize..run.end as usize];
                 if pending.any() {
@@ -497,12 +506,20 @@ impl Engine {
                 if matches!(e.raw_os_error(), Some(libc::ETIME) | Some(libc::EINTR) | Some(libc::EBUSY)) => {}
             Err(e) => return Err(io_error("waiting on the io_uring")(e)),
         }
-        let completions: Vec<(u64, i32, u32)> =
-            self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())).collect();
-        for (user_data, result, flags) in completions {
-            self.complete(user_data as usize, result, flags)?;
+        // Copied out first (handling a completion pushes new entries), into a vector reused
+        // across calls and sized with the ring, so the hot path does not allocate.
+        let mut completions = std::mem::take(&mut self.completions);
+        completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result(), c.flags())));
+        let mut result = Ok(());
+        for &(user_data, res, flags) in &completions {
+            result = self.complete(user_data as usize, res, flags);
+            if result.is_err() {
+                break;
+            }
         }
-        Ok(())
+        completions.clear();
+        self.completions = completions;
+        result
     }
 
     fn complete(&mut self, slot: usize, result: i32, flags: u32) -> Result<(), ShipperError> {
@@ -568,18 +585,18 @@ impl Engine {
     ) -> Result<(), ShipperError> {
         self.reading[run.start as usize..run.end as usize].fill(false);
         let (offset, len) = self.run_bytes(&run);
-        let live: Vec<usize> = (0..self.peers.len())
-            .filter(|&i| {
-                targets[i].is_some_and(|g| g == self.peers[i].generation && self.peers[i].conn.is_some())
-            })
-            .collect();
+        let mut live = [false; PEERS_MAX];
+        for (i, peer) in self.peers.iter().enumerate() {
+            live[i] = targets[i].is_some_and(|g| g == peer.generation && peer.conn.is_some());
+        }
+        let live_count = live.iter().filter(|&&l| l).count();
         // Targets that disconnected meanwhile get the run back; so do all on a failed read.
         let read_ok = result as i64 == len as i64;
         for (i, peer) in self.peers.iter_mut().enumerate() {
-            if targets[i].is_some() && (!read_ok || !live.contains(&i)) {
+            if targets[i].is_some() && (!read_ok || !live[i]) {
                 peer.pending[run.start as usize..run.end as usize].fill(true);
             }
-            if !read_ok && live.contains(&i) {
+            if !read_ok && live[i] {
                 peer.conn.as_mut().expect("live targets are connected").backlog_bytes -= len as u64;
             }
         }
@@ -588,7 +605,7 @@ impl Engine {
             self.pool.give_back(buffer);
             return Ok(());
         }
-        if live.is_empty() {
+        if live_count == 0 {
             self.pool.give_back(buffer);
             return Ok(());
         }
@@ -598,8 +615,8 @@ impl Engine {
         self.pool.prefix_tail_mut(buffer, wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
         let frame_bytes = wire::EXTENT_PREFIX_BYTES + len;
         assert_eq!(self.buffer_refs[usize::from(buffer)], 0);
-        self.buffer_refs[usize::from(buffer)] = live.len() as u16;
-        for i in live {
+        self.buffer_refs[usize::from(buffer)] = live_count as u16;
+        for i in (0..self.peers.len()).filter(|&i| live[i]) {
             let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
             conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
             // The bytes were reserved in the backlog when the read was scheduled.

@@ -91,8 +91,8 @@ impl Conn {
         self.recv_start = 0;
     }
 
-    /// Applies the frames received so far. Returns the sequences acknowledged (ranges), or why
-    /// the connection must close.
+    /// Applies the frames received so far (acks release backlog), or says why the connection
+    /// must close.
     pub fn parse_received(&mut self, limits: &Limits, stats: &mut PeerStats) -> Result<(), String> {
         loop {
             let bytes = &self.recv[self.recv_start..self.recv_len];
@@ -103,10 +103,9 @@ impl Conn {
             };
             match message {
                 Message::Ack { first_sequence, last_sequence } => {
-                    let acked: Vec<u64> =
-                        self.inflight.range(first_sequence..=last_sequence).map(|(s, _)| *s).collect();
-                    for sequence in acked {
-                        let done = self.inflight.remove(&sequence).expect("key just listed");
+                    while let Some(entry) = self.inflight.range(first_sequence..=last_sequence).next() {
+                        let sequence = *entry.0;
+                        let done = self.inflight.remove(&sequence).expect("key just found");
                         self.backlog_bytes -= done.bytes;
                         stats.acked_frames += 1;
                     }
