@@ -16,6 +16,7 @@
 
 mod btf;
 mod layout;
+mod misses;
 mod shared;
 
 use std::fs;
@@ -24,7 +25,8 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
 use aya::programs::BtfTracePoint;
-use aya::programs::links::FdLink;
+use aya::programs::ProgramFd;
+use aya::programs::links::{FdLink, PinnedLink};
 use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
 use replicator_common::{
@@ -109,6 +111,8 @@ pub struct TrackerCounters {
     pub completed_extents_marked: u64,
     pub wide_ranges: u64,
     pub wide_lost: u64,
+    /// Program runs the kernel skipped (see `misses.rs`); each increase marked the device.
+    pub recursion_misses: u64,
 }
 
 pub struct Tracker {
@@ -125,6 +129,12 @@ pub struct Tracker {
     counters: PerCpuArray<MapData, u64>,
     /// What `drain_completed` hands out; allocated once, one bit per extent.
     drained: BitVec<u64, Lsb0>,
+    /// Our programs, to read their recursion misses.
+    programs: Vec<ProgramFd>,
+    /// The sum of their recursion misses when last checked.
+    recursion_misses: u64,
+    /// Set once reading them failed (said once in the log).
+    misses_unreadable: bool,
 }
 
 impl Tracker {
@@ -178,8 +188,13 @@ impl Tracker {
             .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
         write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
         let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF")(e.into()))?;
+        // Marks the previous run's programs may have skipped, read before they are replaced.
+        let missed_before = if resumed { pinned_recursion_misses(&pin_dir) } else { 0 };
+        let mut programs = Vec::new();
         for (program, tracepoint) in PROGRAMS {
-            attach_pinned(&mut ebpf, &btf, program, tracepoint, &pin_dir).map_err(ebpf_err(tracepoint))?;
+            let fd = attach_pinned(&mut ebpf, &btf, program, tracepoint, &pin_dir)
+                .map_err(ebpf_err(tracepoint))?;
+            programs.push(fd);
         }
         let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
         let completed =
@@ -198,6 +213,14 @@ impl Tracker {
         );
         // `ebpf` drops here: the links and maps live on through their pins and our fds.
         let drained = bitvec![u64, Lsb0; 0; geometry.extent_count() as usize];
+        if missed_before > 0 {
+            tracing::warn!(
+                missed_before,
+                "the previous tracker's programs skipped runs: marking every extent"
+            );
+            intent.set_all(geometry.extent_count());
+            completed.set_all(geometry.extent_count());
+        }
         Ok(Self {
             device,
             geometry,
@@ -210,6 +233,9 @@ impl Tracker {
             wide,
             counters,
             drained,
+            programs,
+            recursion_misses: 0,
+            misses_unreadable: false,
         })
     }
 
@@ -261,6 +287,7 @@ impl Tracker {
             completed_extents_marked: sum(Counter::CompletedExtentsMarked),
             wide_ranges: sum(Counter::WideRanges),
             wide_lost: sum(Counter::WideLost),
+            recursion_misses: self.recursion_misses,
         }
     }
 
@@ -293,6 +320,7 @@ impl Tracker {
                 _ => self.completed.set_span(span),
             }
         }
+        self.check_recursion_misses();
         let lost = self.flags.words()[0].swap(0, std::sync::atomic::Ordering::AcqRel);
         if lost & FLAG_INTENT_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
@@ -303,6 +331,56 @@ impl Tracker {
             self.completed.set_all(self.geometry.extent_count());
         }
     }
+}
+
+impl Tracker {
+    /// Marks the whole device if the kernel skipped a run of one of our programs since the
+    /// last check (a mark that may never have been set).
+    fn check_recursion_misses(&mut self) {
+        use std::os::fd::AsFd as _;
+        let mut total = 0;
+        for program in &self.programs {
+            match misses::recursion_misses(program.as_fd()) {
+                Ok(misses) => total += misses,
+                Err(error) => {
+                    if !self.misses_unreadable {
+                        tracing::warn!(%error, "cannot read the tracker programs' recursion misses");
+                        self.misses_unreadable = true;
+                    }
+                }
+            }
+        }
+        if total > self.recursion_misses {
+            tracing::warn!(
+                skipped = total - self.recursion_misses,
+                "the kernel skipped tracker runs (nested on one CPU): marking every extent"
+            );
+            self.intent.set_all(self.geometry.extent_count());
+            self.completed.set_all(self.geometry.extent_count());
+            self.recursion_misses = total;
+        }
+    }
+}
+
+/// The recursion misses of the programs behind a pin directory's links (a previous run's).
+/// An unreadable one counts as a miss: better a full resync than a hidden gap.
+fn pinned_recursion_misses(pin_dir: &Path) -> u64 {
+    use std::os::fd::AsFd as _;
+    let mut total = 0;
+    for (_, tracepoint) in PROGRAMS {
+        let path = pin_dir.join(format!("link_{tracepoint}"));
+        if !path.exists() {
+            continue;
+        }
+        let misses = (|| -> Option<u64> {
+            let link = FdLink::from(PinnedLink::from_pin(&path).ok()?);
+            let program_id = link.info().ok()?.program_id();
+            let program = aya::programs::loaded_programs().flatten().find(|p| p.id() == program_id)?;
+            misses::recursion_misses(program.fd().ok()?.as_fd()).ok()
+        })();
+        total += misses.unwrap_or(1);
+    }
+    total
 }
 
 /// Removes a tracker's pins (`replicator untrack`): the program detaches once no process holds
@@ -403,10 +481,11 @@ fn attach_pinned(
     program: &str,
     tracepoint: &str,
     pin_dir: &Path,
-) -> Result<(), BoxError> {
+) -> Result<ProgramFd, BoxError> {
     let prog: &mut BtfTracePoint =
         ebpf.program_mut(program).ok_or_else(|| format!("program {program} missing"))?.try_into()?;
     prog.load(tracepoint, btf)?;
+    let program_fd = prog.fd()?.try_clone()?;
     let link_id = prog.attach()?;
     let link: FdLink = prog.take_link(link_id)?.into();
     let pin_path = pin_dir.join(format!("link_{tracepoint}"));
@@ -417,5 +496,5 @@ fn attach_pinned(
     // new one is live.
     fs::rename(&staging, &pin_path)?;
     drop(pinned);
-    Ok(())
+    Ok(program_fd)
 }
