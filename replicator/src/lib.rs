@@ -6,6 +6,7 @@
 
 pub mod device;
 pub mod tracker;
+pub mod logs;
 pub mod shipper;
 pub mod pool;
 pub mod wire;

@@ -28,6 +28,14 @@ pub const NONCE_BYTES: usize = 32;
 pub const PROOF_BYTES: usize = 32;
 /// Longest error message carried in an `Error` frame.
 pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
+/// Most extents one verify request covers, and bytes of one extent's hash (XXH3-128).
+pub const VERIFY_EXTENTS_MAX: u32 = 256;
+pub const VERIFY_HASH_BYTES: usize = 16;
+/// Bytes of a `VerifyHashes` payload before its hashes.
+pub const VERIFY_FIXED_BYTES: usize = 16;
+/// The largest `VerifyHashes` payload.
+pub const VERIFY_HASHES_BYTES_MAX: usize =
+    VERIFY_FIXED_BYTES + VERIFY_EXTENTS_MAX as usize * VERIFY_HASH_BYTES;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -39,6 +47,8 @@ pub enum MessageKind {
     Ack = 5,
     Keepalive = 6,
     Error = 7,
+    VerifyRequest = 8,
+    VerifyHashes = 9,
 }
 
 impl MessageKind {
@@ -51,6 +61,8 @@ impl MessageKind {
             5 => Self::Ack,
             6 => Self::Keepalive,
             7 => Self::Error,
+            8 => Self::VerifyRequest,
+            9 => Self::VerifyHashes,
             _ => return None,
         })
     }
@@ -93,6 +105,10 @@ pub enum WireError {
     AckRange { first: u64, last: u64 },
     #[error("error message is not UTF-8")]
     ErrorText,
+    #[error(
+        "verify of {count} extents from extent {first_extent}: empty, over {VERIFY_EXTENTS_MAX}, or past the image"
+    )]
+    VerifyRange { first_extent: u64, count: u32 },
 }
 
 /// A decoded header; the payload is not checked yet.
@@ -138,6 +154,17 @@ pub enum Message<'a> {
         code: u32,
         message: &'a str,
     },
+    /// Primary to secondary: hash extents `first_extent..first_extent + count` once every
+    /// extent frame sent before this one is durable, and reply with `VerifyHashes`.
+    VerifyRequest {
+        first_extent: u64,
+        count: u32,
+    },
+    /// Secondary to primary: XXH3-128 of each requested extent, `VERIFY_HASH_BYTES` each.
+    VerifyHashes {
+        first_extent: u64,
+        hashes: &'a [u8],
+    },
 }
 
 impl Message<'_> {
@@ -150,6 +177,8 @@ impl Message<'_> {
             Self::Ack { .. } => MessageKind::Ack,
             Self::Keepalive => MessageKind::Keepalive,
             Self::Error { .. } => MessageKind::Error,
+            Self::VerifyRequest { .. } => MessageKind::VerifyRequest,
+            Self::VerifyHashes { .. } => MessageKind::VerifyHashes,
         }
     }
 }
@@ -293,7 +322,45 @@ pub fn decode_payload<'a>(
             let message = std::str::from_utf8(&payload[4..]).map_err(|_| WireError::ErrorText)?;
             Message::Error { code: u32_at(payload, 0), message }
         }
+        MessageKind::VerifyRequest => {
+            size(VERIFY_FIXED_BYTES, "16")?;
+            let (first_extent, count) = (u64_at(payload, 0), u32_at(payload, 8));
+            check_verify_range(first_extent, count, limits)?;
+            if u32_at(payload, 12) != 0 {
+                return Err(WireError::Reserved);
+            }
+            Message::VerifyRequest { first_extent, count }
+        }
+        MessageKind::VerifyHashes => {
+            if payload.len() < VERIFY_FIXED_BYTES {
+                return Err(WireError::PayloadSize {
+                    kind: header.kind,
+                    found: payload.len(),
+                    expected: ">= 16",
+                });
+            }
+            let (first_extent, count) = (u64_at(payload, 0), u32_at(payload, 8));
+            if u32_at(payload, 12) != 0 {
+                return Err(WireError::Reserved);
+            }
+            let hashes = &payload[VERIFY_FIXED_BYTES..];
+            if count > VERIFY_EXTENTS_MAX || hashes.len() != count as usize * VERIFY_HASH_BYTES || count == 0
+            {
+                return Err(WireError::VerifyRange { first_extent, count });
+            }
+            Message::VerifyHashes { first_extent, hashes }
+        }
     })
+}
+
+/// A verify range is 1..=VERIFY_EXTENTS_MAX extents inside the image.
+fn check_verify_range(first_extent: u64, count: u32, limits: &Limits) -> Result<(), WireError> {
+    let extents = limits.image_bytes.div_ceil(limits.extent_bytes);
+    let inside = first_extent.checked_add(u64::from(count)).is_some_and(|end| end <= extents);
+    if count == 0 || count > VERIFY_EXTENTS_MAX || !inside {
+        return Err(WireError::VerifyRange { first_extent, count });
+    }
+    Ok(())
 }
 
 fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<'a>, WireError> {
@@ -373,6 +440,17 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             fixed[..4].copy_from_slice(&code.to_le_bytes());
             [&fixed[..4], message.as_bytes()]
         }
+        Message::VerifyRequest { first_extent, count } => {
+            fixed[..8].copy_from_slice(&first_extent.to_le_bytes());
+            fixed[8..12].copy_from_slice(&count.to_le_bytes());
+            [&fixed[..VERIFY_FIXED_BYTES], &[]]
+        }
+        Message::VerifyHashes { first_extent, hashes } => {
+            let count = u32::try_from(hashes.len() / VERIFY_HASH_BYTES).expect("at most VERIFY_EXTENTS_MAX");
+            fixed[..8].copy_from_slice(&first_extent.to_le_bytes());
+            fixed[8..12].copy_from_slice(&count.to_le_bytes());
+            [&fixed[..VERIFY_FIXED_BYTES], hashes]
+        }
     };
     out.clear();
     out.extend_from_slice(&encode_header(message.kind(), sequence, &parts));
@@ -413,7 +491,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..7,
+            0u8..9,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -431,6 +509,8 @@ mod tests {
             3 => Message::ExtentData { offset_bytes: (n % 1024) * 65536, data },
             4 => Message::Ack { first_sequence: n / 2, last_sequence: n / 2 + n % 7 },
             5 => Message::Keepalive,
+            6 => Message::VerifyRequest { first_extent: n % 1000, count: (n % 256) as u32 + 1 },
+            7 => Message::VerifyHashes { first_extent: n, hashes: &data[..(n % 256 + 1) as usize * 16] },
             _ => Message::Error { code: n as u32, message: text },
         }
     }
@@ -503,6 +583,21 @@ mod tests {
         let mut frame = Vec::new();
         encode(&Message::ExtentData { offset_bytes: 0, data: &vec![0u8; 2 << 20] }, 1, &mut frame);
         assert!(matches!(decode(&frame), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn verify_requests_stay_inside_the_image() {
+        let check = |first_extent: u64, count: u32| {
+            let mut frame = Vec::new();
+            encode(&Message::VerifyRequest { first_extent, count }, 1, &mut frame);
+            decode(&frame).map(|_| ())
+        };
+        let extents = LIMITS.image_bytes.div_ceil(LIMITS.extent_bytes);
+        assert_eq!(check(extents - 1, 1), Ok(()));
+        assert!(matches!(check(extents - 1, 2), Err(WireError::VerifyRange { .. })));
+        assert!(matches!(check(0, 0), Err(WireError::VerifyRange { .. })));
+        assert!(matches!(check(0, VERIFY_EXTENTS_MAX + 1), Err(WireError::VerifyRange { .. })));
+        assert!(matches!(check(u64::MAX, 1), Err(WireError::VerifyRange { .. })));
     }
 }
 

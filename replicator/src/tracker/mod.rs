@@ -3,8 +3,9 @@
 //!
 //! Owns the program's links and maps, pinned in bpffs under `<bpffs_root>/<name>/`, and the
 //! `mmap`ed bitmaps. Two bitmaps, one bit per extent:
-//! - intent: set when a write is queued (before it can reach the device). This is the source of
-//!   the write-intent log; userspace reads it (`intent_snapshot`) and never clears it here.
+//! - intent: set when a write is queued (before it can reach the device), and again when its
+//!   completion is drained. This is the pinned write-intent log; the shipper clears an extent
+//!   from it only when the extent is clean everywhere and quiet (`logs`).
 //! - completed: set when a write has completed. `drain_completed` takes bits atomically (one swap
 //!   per word), so an extent read after the drain holds data at least as new as every write
 //!   whose completion set the bit; a write completing later sets the bit again.
@@ -265,8 +266,27 @@ impl Tracker {
     pub fn drain_completed(&mut self) -> Runs<'_> {
         self.pump_wide_ranges();
         self.drained.fill(false);
-        self.completed.take_into(&mut self.drained);
+        self.completed.take_into_marking(&mut self.drained, &self.intent);
         Runs::new(&self.drained)
+    }
+
+    /// Copies the intent bitmap into `out` (which it clears first), leaving the map unchanged.
+    pub fn intent_into(&mut self, out: &mut BitVec<u64, Lsb0>) {
+        self.pump_wide_ranges();
+        out.clear();
+        out.resize(self.geometry.extent_count() as usize, false);
+        self.intent.copy_into(out);
+    }
+
+    /// Removes extents from the write-intent log: only extents that every unfractured
+    /// secondary holds and that stayed quiet (see `logs::IntentQuiet`).
+    pub fn clear_intent(&mut self, extents: &BitSlice<u64, Lsb0>) {
+        self.intent.clear_bits(extents);
+    }
+
+    /// Adds extents to the write-intent log (recovered from its checkpoint after a host crash).
+    pub fn mark_intent(&mut self, extents: &BitSlice<u64, Lsb0>) {
+        self.intent.set_bits(extents);
     }
 
     /// A copy of the intent bitmap (one bit per extent), leaving it unchanged.

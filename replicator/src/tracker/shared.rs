@@ -71,6 +71,45 @@ impl SharedBitmap {
         taken_words
     }
 
+    /// Like `take_into`, and ORs every taken word into `also` right after taking it: the
+    /// tracker re-marks drained extents in the intent map, so an extent whose intent mark was
+    /// cleared while a write to it was in flight is back in the pinned intent log as soon as
+    /// that write's completion is drained.
+    pub fn take_into_marking(&self, out: &mut BitVec<u64, Lsb0>, also: &SharedBitmap) -> usize {
+        let out = out.as_raw_mut_slice();
+        assert!(out.len() >= self.words && also.words >= self.words);
+        let mut taken_words = 0;
+        for ((word, also_word), out_word) in self.words().iter().zip(also.words()).zip(out.iter_mut()) {
+            if word.load(Ordering::Relaxed) != 0 {
+                let taken = word.swap(0, Ordering::AcqRel);
+                also_word.fetch_or(taken, Ordering::AcqRel);
+                *out_word |= taken;
+                taken_words += 1;
+            }
+        }
+        taken_words
+    }
+
+    /// Clears the bits set in `bits` (one atomic AND per word that has any).
+    pub fn clear_bits(&self, bits: &BitSlice<u64, Lsb0>) {
+        for (word, clear) in self.words().iter().zip(bits.chunks(64)) {
+            let mask = clear.load_le::<u64>();
+            if mask != 0 {
+                word.fetch_and(!mask, Ordering::AcqRel);
+            }
+        }
+    }
+
+    /// Sets the bits set in `bits`.
+    pub fn set_bits(&self, bits: &BitSlice<u64, Lsb0>) {
+        for (word, set) in self.words().iter().zip(bits.chunks(64)) {
+            let mask = set.load_le::<u64>();
+            if mask != 0 {
+                word.fetch_or(mask, Ordering::AcqRel);
+            }
+        }
+    }
+
     /// Copies the bits without clearing them.
     pub fn copy_into(&self, out: &mut BitVec<u64, Lsb0>) {
         let out = out.as_raw_mut_slice();
