@@ -237,13 +237,12 @@ pub fn remove_file(dir: &Path, name: &str) -> Result<(), LogError> {
     }
 }
 
+/// A log read back: its header and its bitmap (one bit per extent).
+pub type Loaded = (LogHeader, BitVec<u64, Lsb0>);
+
 /// Loads `dir/name`: `Ok(None)` when there is no such file, an error when it is damaged or
 /// belongs to another mirror, secondary or geometry.
-pub fn load(
-    dir: &Path,
-    name: &str,
-    identity: &LogIdentity,
-) -> Result<Option<(LogHeader, BitVec<u64, Lsb0>)>, LogError> {
+pub fn load(dir: &Path, name: &str, identity: &LogIdentity) -> Result<Option<Loaded>, LogError> {
     let path = dir.join(name);
     let bytes = match std::fs::read(&path) {
         Ok(bytes) => bytes,
