@@ -13,6 +13,7 @@ pub mod wire;
 pub mod auth;
 pub mod secondary;
 pub mod metrics;
+pub mod control;
 
 pub mod sysfs;
 pub mod units;

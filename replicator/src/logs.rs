@@ -292,15 +292,35 @@ impl IntentQuiet {
         self.recent[self.head][run].fill(true);
     }
 
-    /// Ends the current interval and writes into `clearable` the extents of `intent` that were
-    /// not dirty in any recent interval.
-    pub fn end_interval(&mut self, intent: &BitSlice<u64, Lsb0>, clearable: &mut BitVec<u64, Lsb0>) {
+    /// Ends the current interval. Extents in `intent` but not in `previous` (the last
+    /// interval's intent log: writes queued since, maybe not completed) count as dirty; the
+    /// extents of `intent` not dirty in any recent interval go into `clearable` and out of
+    /// `intent`. Word at a time: this runs over the whole bitmap at every checkpoint.
+    pub fn end_interval(
+        &mut self,
+        intent: &mut BitVec<u64, Lsb0>,
+        previous: Option<&BitVec<u64, Lsb0>>,
+        clearable: &mut BitVec<u64, Lsb0>,
+    ) {
+        if let Some(previous) = previous {
+            let current = &mut self.recent[self.head];
+            for ((dirty, now), before) in
+                current.as_raw_mut_slice().iter_mut().zip(intent.as_raw_slice()).zip(previous.as_raw_slice())
+            {
+                *dirty |= now & !before;
+            }
+        } else {
+            *self.recent[self.head] |= intent.as_bitslice();
+        }
         clearable.clear();
         clearable.extend_from_bitslice(intent);
         for interval in &self.recent {
             for (out, dirty) in clearable.as_raw_mut_slice().iter_mut().zip(interval.as_raw_slice()) {
                 *out &= !dirty;
             }
+        }
+        for (kept, clear) in intent.as_raw_mut_slice().iter_mut().zip(clearable.as_raw_slice()) {
+            *kept &= !clear;
         }
         self.head = (self.head + 1) % self.recent.len();
         self.recent[self.head].fill(false);
@@ -400,15 +420,23 @@ mod tests {
     #[test]
     fn intent_extents_leave_after_quiet_checkpoints() {
         let mut quiet = IntentQuiet::new(8);
-        let intent = bitvec![u64, Lsb0; 1, 1, 0, 0, 0, 0, 0, 0];
+        let full = bitvec![u64, Lsb0; 1, 1, 0, 0, 0, 0, 0, 0];
         let mut clearable = BitVec::new();
         quiet.note_dirty_run(0..2);
         for _ in 0..INTENT_QUIET_CHECKPOINTS {
-            quiet.end_interval(&intent, &mut clearable);
+            let mut intent = full.clone();
+            quiet.end_interval(&mut intent, Some(&full), &mut clearable);
             assert!(clearable.not_any(), "dirty within the window");
+            assert_eq!(intent, full);
         }
         quiet.note_dirty_run(1..2);
-        quiet.end_interval(&intent, &mut clearable);
+        let mut intent = full.clone();
+        quiet.end_interval(&mut intent, Some(&full), &mut clearable);
         assert_eq!(clearable, bitvec![u64, Lsb0; 1, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(intent, bitvec![u64, Lsb0; 0, 1, 0, 0, 0, 0, 0, 0]);
+        // An extent new in the intent log (a write queued, not completed) stays.
+        let mut intent = bitvec![u64, Lsb0; 0, 1, 1, 0, 0, 0, 0, 0];
+        quiet.end_interval(&mut intent, Some(&bitvec![u64, Lsb0; 0, 1, 0, 0, 0, 0, 0, 0]), &mut clearable);
+        assert!(!clearable[2] && intent[2]);
     }
 }

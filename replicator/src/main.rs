@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use replicator::commands::operate::{self, Target};
 use replicator::commands::{self, track::TrackArgs};
+use replicator::control::Request;
 use replicator::units::parse_bytes;
 
 /// Block-device replication with eBPF change tracking; no kernel module.
@@ -55,10 +57,14 @@ enum Command {
     /// Replicate DEVICE to one or more secondaries (runs in the foreground).
     ///
     /// Attaches the tracker, then ships every extent written to DEVICE to each secondary over
-    /// TCP (io_uring, zero-copy send). At start every extent is shipped once, since the
-    /// secondaries' contents are unknown, unless --skip-initial-sync. A secondary that cannot be
-    /// reached is retried every second at most; the extents it misses are kept and shipped when
-    /// it returns. Progress is written to STATE_DIR/status.json. SIGINT/SIGTERM stop cleanly.
+    /// TCP (io_uring, zero-copy send). A secondary seen for the first time gets every extent
+    /// (a full sync) unless --skip-initial-sync. A secondary that cannot be reached is
+    /// fractured: the extents it misses are kept in its fracture log in STATE_DIR (persisted at
+    /// once and at every checkpoint), and only those are copied when it returns. The
+    /// write-intent log is the tracker's pinned map plus its checkpoint, so a restart after a
+    /// crash copies only what may differ; after a host restart every secondary is verified
+    /// (hashes compared, only differing extents shipped). SIGINT/SIGTERM stop cleanly and leave
+    /// the tracker attached (`replicator untrack` removes it).
     Primary(replicator::commands::replicate::PrimaryArgs),
     /// Hold a secondary image and write what an authenticated primary sends (foreground).
     ///
@@ -66,6 +72,47 @@ enum Command {
     /// and after a mutual key check writes each extent with RWF_DSYNC before acknowledging it.
     /// A primary that reconnects supersedes its previous session.
     Secondary(replicator::commands::replicate::SecondaryArgs),
+    /// Show each secondary of a running primary: state, out-of-sync bytes, resync progress.
+    Status(Target),
+    /// Stop replicating to a secondary; the extents it misses go to its fracture log until
+    /// `restore`.
+    Fracture {
+        /// The secondary's name, as in --secondary NAME=ADDR:PORT.
+        secondary: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Bring back a secondary fractured by `fracture` (or, under the manual recovery policy,
+    /// by a failure): it reconnects and copies only the extents in its fracture log.
+    Restore {
+        secondary: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Compare a secondary with the primary extent by extent (both sides hash, XXH3-128) and
+    /// ship only the extents that differ.
+    Verify {
+        secondary: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Copy every extent to a secondary again (a full sync).
+    Sync {
+        secondary: String,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Change settings of a running primary: sync-rate=BYTES_PER_S (0: unlimited),
+    /// recovery-policy=automatic|manual.
+    Set {
+        /// KEY=VALUE, e.g. sync-rate=200MiB.
+        settings: Vec<String>,
+        /// Only this secondary (default: all).
+        #[arg(long)]
+        secondary: Option<String>,
+        #[command(flatten)]
+        target: Target,
+    },
 }
 
 fn main() -> ExitCode {
@@ -100,5 +147,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => commands::demo::run(),
         Command::Primary(args) => commands::replicate::run_primary(args, &*commands::stop_flag()?),
         Command::Secondary(args) => commands::replicate::run_secondary(args, &*commands::stop_flag()?),
+        Command::Status(target) => operate::run(&target, Request::Status),
+        Command::Fracture { secondary, target } => operate::run(&target, Request::Fracture { secondary }),
+        Command::Restore { secondary, target } => operate::run(&target, Request::Restore { secondary }),
+        Command::Verify { secondary, target } => operate::run(&target, Request::Verify { secondary }),
+        Command::Sync { secondary, target } => operate::run(&target, Request::Sync { secondary }),
+        Command::Set { settings, secondary, target } => operate::set(&target, secondary, &settings),
     }
 }

@@ -30,6 +30,13 @@ pub struct PrimaryMetrics {
     pub copied_sends: Family<SecondaryLabel, Counter>,
     pub connects: Family<SecondaryLabel, Counter>,
     pub disconnects: Family<SecondaryLabel, Counter>,
+    pub fracture_log_extents: Family<SecondaryLabel, Gauge>,
+    pub fractures: Family<SecondaryLabel, Counter>,
+    pub verify_differing_extents: Family<SecondaryLabel, Counter>,
+    pub sync_rate_limit_bytes: Family<SecondaryLabel, Gauge>,
+    pub intent_log_extents: Gauge,
+    pub checkpoints: Counter,
+    pub log_write_errors: Counter,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -44,6 +51,10 @@ pub struct PeerMetrics {
     pub copied_sends: Counter,
     pub connects: Counter,
     pub disconnects: Counter,
+    pub fracture_log_extents: Gauge,
+    pub fractures: Counter,
+    pub verify_differing_extents: Counter,
+    pub sync_rate_limit_bytes: Gauge,
 }
 
 impl PrimaryMetrics {
@@ -90,6 +101,33 @@ impl PrimaryMetrics {
             "Connections to a secondary lost",
             self.disconnects.clone(),
         );
+        r.register(
+            "replicator_fracture_log_extents",
+            "Extents in a fractured secondary's fracture log (what its resync will copy)",
+            self.fracture_log_extents.clone(),
+        );
+        r.register("replicator_fractures", "Times a secondary was fractured", self.fractures.clone());
+        r.register(
+            "replicator_verify_differing_extents",
+            "Extents a verify found different on a secondary (shipped again)",
+            self.verify_differing_extents.clone(),
+        );
+        r.register(
+            "replicator_sync_rate_limit_bytes",
+            "Resync rate limit per secondary, in bytes per second (0: unlimited)",
+            self.sync_rate_limit_bytes.clone(),
+        );
+        r.register(
+            "replicator_intent_log_extents",
+            "Extents in the write-intent log",
+            self.intent_log_extents.clone(),
+        );
+        r.register("replicator_checkpoints", "Log checkpoints written", self.checkpoints.clone());
+        r.register(
+            "replicator_log_write_errors",
+            "Intent or fracture log writes that failed",
+            self.log_write_errors.clone(),
+        );
     }
 
     pub fn peer(&self, secondary: &str) -> PeerMetrics {
@@ -104,6 +142,10 @@ impl PrimaryMetrics {
             copied_sends: self.copied_sends.get_or_create(&label).clone(),
             connects: self.connects.get_or_create(&label).clone(),
             disconnects: self.disconnects.get_or_create(&label).clone(),
+            fracture_log_extents: self.fracture_log_extents.get_or_create(&label).clone(),
+            fractures: self.fractures.get_or_create(&label).clone(),
+            verify_differing_extents: self.verify_differing_extents.get_or_create(&label).clone(),
+            sync_rate_limit_bytes: self.sync_rate_limit_bytes.get_or_create(&label).clone(),
         }
     }
 }

@@ -83,6 +83,8 @@ enum SessionEnd {
     PrimaryError(String),
     #[error("write of {len} bytes at offset {offset} on {device} failed: {error}")]
     Write { device: String, offset: u64, len: usize, error: std::io::Error },
+    #[error("read of {len} bytes at offset {offset} on {device} for a verify failed: {error}")]
+    Read { device: String, offset: u64, len: usize, error: std::io::Error },
     #[error("stopping")]
     Stop,
 }
@@ -200,7 +202,10 @@ fn handle_connection(
         stats.write_errors.inc();
     }
     match end {
-        Err(SessionEnd::Write { .. }) | Err(SessionEnd::Wire(_)) | Err(SessionEnd::Unexpected(_)) => {
+        Err(SessionEnd::Write { .. })
+        | Err(SessionEnd::Read { .. })
+        | Err(SessionEnd::Wire(_))
+        | Err(SessionEnd::Unexpected(_)) => {
             let error = end.err().map(|e| e.to_string()).unwrap_or_default();
             tracing::error!(%peer, %error, "session ended");
             let _ = wire::write_frame(
@@ -279,6 +284,11 @@ struct Session<'a> {
 enum Waiting {
     Buffer(wire::Header),
     Overlap(Write),
+    /// A verify request: answered once every write before it has completed.
+    Verify {
+        first_extent: u64,
+        count: u32,
+    },
 }
 
 impl<'a> Session<'a> {
@@ -450,6 +460,10 @@ impl<'a> Session<'a> {
                         Ok(())
                     }
                     Message::Error { message, .. } => Err(SessionEnd::PrimaryError(message.into())),
+                    Message::VerifyRequest { first_extent, count } => {
+                        self.waiting = Some(Waiting::Verify { first_extent, count });
+                        self.retry_waiting(stream)
+                    }
                     other => Err(SessionEnd::Unexpected(other.kind())),
                 }
             }
@@ -473,7 +487,7 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            wire::MessageKind::Keepalive | wire::MessageKind::Error => {
+            wire::MessageKind::Keepalive | wire::MessageKind::Error | wire::MessageKind::VerifyRequest => {
                 if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
                     return Err(wire::WireError::TooLong {
                         found: header.payload_bytes,
@@ -503,8 +517,55 @@ impl<'a> Session<'a> {
                 self.waiting = None;
                 self.submit_write(write)
             }
+            Some(Waiting::Verify { first_extent, count }) if self.writes.iter().all(Option::is_none) => {
+                self.waiting = None;
+                self.answer_verify(first_extent, count, stream)
+            }
             _ => Ok(()),
         }
+    }
+
+    /// Hashes extents `first_extent..first_extent + count` as they are on the image (every
+    /// write before the request has completed) and replies with their XXH3-128 hashes. Reads
+    /// through a pool buffer with O_DIRECT, a buffer at a time; no write is in flight meanwhile.
+    fn answer_verify(
+        &mut self,
+        first_extent: u64,
+        count: u32,
+        stream: &mut TcpStream,
+    ) -> Result<(), SessionEnd> {
+        use std::os::unix::fs::FileExt as _;
+        let extent_bytes = self.limits.extent_bytes;
+        let buffer = self.pool.take().expect("no write in flight, so every buffer is free");
+        let chunk_bytes_max = (self.pool.data_bytes_max() as u64).min(extent_bytes);
+        let mut hashes = [0u8; wire::VERIFY_EXTENTS_MAX as usize * wire::VERIFY_HASH_BYTES];
+        let mut outcome = Ok(());
+        'extents: for i in 0..u64::from(count) {
+            let extent_start = (first_extent + i) * extent_bytes;
+            let extent_end = (extent_start + extent_bytes).min(self.limits.image_bytes);
+            let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+            let mut offset = extent_start;
+            while offset < extent_end {
+                let len = (extent_end - offset).min(chunk_bytes_max) as usize;
+                let chunk = self.pool.data_mut(buffer, len);
+                match self.image.read_exact_at(chunk, offset) {
+                    Ok(()) => hasher.update(chunk),
+                    Err(error) => {
+                        outcome = Err(SessionEnd::Read { device: self.device.into(), offset, len, error });
+                        break 'extents;
+                    }
+                }
+                offset += len as u64;
+            }
+            let at = i as usize * wire::VERIFY_HASH_BYTES;
+            hashes[at..at + wire::VERIFY_HASH_BYTES].copy_from_slice(&hasher.digest128().to_le_bytes());
+        }
+        self.pool.give_back(buffer);
+        outcome?;
+        let hashes = &hashes[..count as usize * wire::VERIFY_HASH_BYTES];
+        wire::write_frame(stream, &Message::VerifyHashes { first_extent, hashes }, self.next_ack_sequence)?;
+        self.next_ack_sequence += 1;
+        Ok(())
     }
 
     fn complete_write(

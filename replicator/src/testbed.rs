@@ -97,6 +97,11 @@ impl LoopDevice {
         Ok(device)
     }
 
+    /// A loop device over an existing file (removed with the device).
+    pub fn over_file(backing: PathBuf) -> Result<Self, TestbedError> {
+        Self::attach(backing, false)
+    }
+
     fn attach(backing: PathBuf, partitioned: bool) -> Result<Self, TestbedError> {
         let file = backing.to_str().expect("utf-8 path");
         let args: &[&str] = if partitioned { &["-f", "--show", "-P", file] } else { &["-f", "--show", file] };
@@ -465,12 +470,47 @@ impl Lab {
         }
     }
 
+    /// Waits until every secondary is SYNCHRONIZED (connected, not fractured, nothing pending)
+    /// and stays so for a moment.
+    pub fn wait_synchronized(&self, timeout: Duration) -> Result<serde_json::Value, TestbedError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let status = self.wait_in_sync(deadline.saturating_duration_since(Instant::now()))?;
+            let peers = status["secondaries"].as_array().cloned().unwrap_or_default();
+            if peers.iter().all(|p| p["state"] == "SYNCHRONIZED" && p["in_sync"] == true) {
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(TestbedError::Setup {
+                    what: format!("secondaries not SYNCHRONIZED after {timeout:?}; status: {status}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Runs an operator command (`fracture s0`, `set sync-rate=0`, ...) against the primary.
+    pub fn operate(&self, args: &[&str]) -> Result<String, TestbedError> {
+        let state_dir = self.state_dir("p");
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend(["--state-dir", state_dir.to_str().expect("utf-8 path"), "--json"]);
+        run_command(self.binary.to_str().expect("utf-8 path"), &all)
+    }
+
     /// SHA-256 of each image, primary first, read with O_DIRECT.
     pub fn hashes(&self) -> Result<Vec<String>, TestbedError> {
         std::iter::once(&self.primary_device)
             .chain(&self.secondary_devices)
             .map(|d| hash_device(&d.path))
             .collect()
+    }
+
+    /// Removes the primary's pinned tracker (named after its device, the primary's default), as
+    /// a host reboot would.
+    pub fn untrack_primary(&self) {
+        if let Some(name) = self.primary_device.path.file_name() {
+            let _ = crate::tracker::unpin(&Path::new(crate::tracker::BPFFS_ROOT).join(name));
+        }
     }
 
     /// Every log, for a failure message.
@@ -487,6 +527,8 @@ impl Drop for Lab {
             }
         }
         self.processes.clear();
+        // A stopped primary leaves its tracker pinned (by design); the lab's loop device goes.
+        self.untrack_primary();
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

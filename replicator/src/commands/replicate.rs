@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::auth::Key;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::secondary::{self, SecondaryConfig};
-use crate::shipper::{Engine, ShipperConfig};
+use crate::shipper::{Engine, RecoveryPolicy, ShipperConfig};
 
 /// A size from the config file: a number of bytes or a string such as "64KiB".
 fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
@@ -63,7 +63,8 @@ pub struct PrimaryArgs {
     /// File holding the shared key (at least 16 bytes, mode 0600); the same on every member.
     #[arg(long)]
     pub key_file: Option<PathBuf>,
-    /// Directory for this member's state (status.json).
+    /// Directory for this member's state: the write-intent and fracture logs, status.json, and
+    /// the control socket that `replicator status|fracture|restore|verify|sync|set` talk to.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
     /// Extent size, a power of two from 4KiB to 64MiB [default: 64KiB]. Must match the
@@ -81,8 +82,8 @@ pub struct PrimaryArgs {
     /// A secondary silent this long (no ack, no keepalive) is disconnected [default: 5000].
     #[arg(long)]
     pub timeout_ms: Option<u64>,
-    /// Do not ship the whole device at start: only for secondaries known to be identical
-    /// (e.g. all freshly zeroed).
+    /// Do not ship the whole device to a secondary that has no fracture log yet: only for
+    /// secondaries known to be identical (e.g. all freshly zeroed).
     #[arg(long)]
     #[serde(default)]
     pub skip_initial_sync: bool,
@@ -90,6 +91,21 @@ pub struct PrimaryArgs {
     #[arg(long)]
     #[serde(default)]
     pub no_zero_copy: bool,
+    /// Resync rate limit per secondary, bytes per second (0: unlimited) [default: 100MiB]. It
+    /// applies while a secondary catches up (resync, full sync, verify), so the application's
+    /// I/O keeps its share; `replicator set sync-rate=...` changes it at run time.
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    #[serde(default, deserialize_with = "size")]
+    pub sync_rate: Option<u64>,
+    /// What brings a fractured secondary back: automatic (it resyncs as soon as it is
+    /// reachable) or manual (it waits for `replicator restore NAME`) [default: automatic].
+    #[arg(long, value_enum)]
+    pub recovery_policy: Option<RecoveryPolicy>,
+    /// How often the write-intent and fracture logs are checkpointed, in ms [default: 1000]. A
+    /// host crash loses at most this interval of tracking, which the verify after restart
+    /// covers.
+    #[arg(long)]
+    pub checkpoint_ms: Option<u64>,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -158,6 +174,16 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         retry_max_ms: ShipperConfig::RETRY_MAX_MS_DEFAULT,
         initial_sync: !(cli.skip_initial_sync || file.skip_initial_sync),
         zero_copy: !(cli.no_zero_copy || file.no_zero_copy),
+        checkpoint_ms: cli
+            .checkpoint_ms
+            .or(file.checkpoint_ms)
+            .unwrap_or(ShipperConfig::CHECKPOINT_MS_DEFAULT)
+            .max(10),
+        sync_rate_bytes_per_s: cli
+            .sync_rate
+            .or(file.sync_rate)
+            .unwrap_or(ShipperConfig::SYNC_RATE_BYTES_PER_S_DEFAULT),
+        recovery_policy: cli.recovery_policy.or(file.recovery_policy).unwrap_or(RecoveryPolicy::Automatic),
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     primary(config, &key_file, cli.metrics.or(file.metrics), stop)

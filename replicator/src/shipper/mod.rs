@@ -18,6 +18,7 @@
 
 mod connector;
 mod peer;
+mod resync;
 
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
@@ -35,8 +36,12 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 pub use peer::PeerStats;
 use peer::{Conn, InFlight, Peer, SendJob};
+pub use resync::{ImageState, RecoveryPolicy};
+use resync::{PeerLog, Throttle, VerifyBatch};
 
 use crate::auth::{Key, Params};
+use crate::control::{self, Call, Request};
+use crate::logs::{self, IntentQuiet, LogHeader, LogIdentity, LogKind};
 use crate::metrics::PrimaryMetrics;
 use crate::pool::BufferPool;
 use crate::tracker::{Tracker, TrackerOptions};
@@ -64,9 +69,15 @@ pub struct ShipperConfig {
     pub timeout_ms: u64,
     pub keepalive_ms: u64,
     pub retry_max_ms: u64,
-    /// Ship every extent once at start (safe default: the secondaries' contents are unknown).
+    /// Ship every extent once to a secondary that has no fracture log yet (safe default: its
+    /// contents are unknown).
     pub initial_sync: bool,
     pub zero_copy: bool,
+    /// How often the intent and fracture logs are checkpointed.
+    pub checkpoint_ms: u64,
+    /// Resync rate limit per secondary, bytes per second; 0 is unlimited.
+    pub sync_rate_bytes_per_s: u64,
+    pub recovery_policy: RecoveryPolicy,
 }
 
 impl ShipperConfig {
@@ -76,6 +87,8 @@ impl ShipperConfig {
     pub const TIMEOUT_MS_DEFAULT: u64 = 5000;
     pub const KEEPALIVE_MS_DEFAULT: u64 = 1000;
     pub const RETRY_MAX_MS_DEFAULT: u64 = 1000;
+    pub const CHECKPOINT_MS_DEFAULT: u64 = 1000;
+    pub const SYNC_RATE_BYTES_PER_S_DEFAULT: u64 = 100 << 20;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +99,10 @@ pub enum ShipperError {
     Io { what: String, source: std::io::Error },
     #[error("configuration: {0}")]
     Config(String),
+    #[error(transparent)]
+    Log(#[from] logs::LogError),
+    #[error(transparent)]
+    Control(#[from] control::ControlError),
 }
 
 fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShipperError {
@@ -96,9 +113,29 @@ fn io_error(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ShipperEr
 /// An operation in the ring; `user_data` is its index in `Engine::ops`.
 #[derive(Debug)]
 enum Op {
-    Read { buffer: u16, run: Range<u64>, targets: [Option<u32>; PEERS_MAX] },
-    Send { peer: usize, generation: u32, buffer: Option<u16>, notif_pending: bool },
-    Recv { peer: usize, generation: u32 },
+    Read {
+        buffer: u16,
+        run: Range<u64>,
+        targets: [Option<u32>; PEERS_MAX],
+    },
+    Send {
+        peer: usize,
+        generation: u32,
+        buffer: Option<u16>,
+        notif_pending: bool,
+    },
+    Recv {
+        peer: usize,
+        generation: u32,
+    },
+    /// The primary's side of a verify batch: the extents read to be hashed.
+    VerifyRead {
+        peer: usize,
+        generation: u32,
+        buffer: u16,
+        first_extent: u64,
+        count: u32,
+    },
 }
 
 /// What the status file reports per secondary.
@@ -112,6 +149,17 @@ pub struct PeerStatus {
     pub inflight_frames: usize,
     pub backlog_bytes: u64,
     pub zero_copy: bool,
+    pub state: ImageState,
+    pub fractured: bool,
+    pub admin_fractured: bool,
+    pub full_sync: bool,
+    pub verifying: bool,
+    pub verify_next_extent: u64,
+    pub verify_differing_extents: u64,
+    pub recovery_policy: RecoveryPolicy,
+    pub sync_rate_bytes_per_s: u64,
+    pub resync_bytes_done: u64,
+    pub out_of_sync_bytes: u64,
     #[serde(flatten)]
     pub stats: PeerStats,
 }
@@ -141,6 +189,18 @@ pub struct Engine {
     reads_in_flight: usize,
     stop_connectors: Arc<AtomicBool>,
     last_status: Instant,
+    metrics: Arc<PrimaryMetrics>,
+    control: Receiver<Call>,
+    _control_server: control::ControlServer,
+    /// The lazy clearing of the write-intent log, and its checkpoint state.
+    quiet: IntentQuiet,
+    last_checkpoint: Instant,
+    checkpoint_sequence: u64,
+    persisted_intent: Option<BitVec<u64, Lsb0>>,
+    /// Scratch bitmaps for checkpoints, sized once (one bit per extent).
+    scratch_dirty: BitVec<u64, Lsb0>,
+    scratch_intent: BitVec<u64, Lsb0>,
+    scratch_clearable: BitVec<u64, Lsb0>,
 }
 
 impl Engine {
@@ -150,25 +210,27 @@ impl Engine {
         metrics: Arc<PrimaryMetrics>,
     ) -> Result<Self, ShipperError> {
         validate(&config)?;
+        std::fs::create_dir_all(&config.state_dir)
+            .map_err(io_error(format!("creating {}", config.state_dir.display())))?;
+        // First, so that a second primary on the same state directory stops here.
+        let (control_server, control) = control::serve(&config.state_dir)?;
         let options = TrackerOptions {
             name: config.tracker_name.clone(),
             extent_bytes: config.extent_bytes,
             ..TrackerOptions::default()
         };
-        let tracker = Tracker::attach_with(&config.device, &options)?;
+        let mut tracker = Tracker::attach_with(&config.device, &options)?;
         let geometry = *tracker.geometry();
         let device = OpenOptions::new()
             .read(true)
             .custom_flags(libc::O_DIRECT)
             .open(&config.device)
             .map_err(io_error(format!("opening {} with O_DIRECT", config.device.display())))?;
-        std::fs::create_dir_all(&config.state_dir)
-            .map_err(io_error(format!("creating {}", config.state_dir.display())))?;
         let buffers = config.buffers;
         let pool = BufferPool::new(usize::from(buffers), config.run_bytes_max)
             .map_err(|e| io_error("allocating the buffer pool")(e.into()))?;
         let op_slots =
-            usize::from(buffers) * (config.secondaries.len() + 1) + 2 * config.secondaries.len() + 8;
+            usize::from(buffers) * (config.secondaries.len() + 1) + 3 * config.secondaries.len() + 8;
         let ring =
             IoUring::new((op_slots as u32).next_power_of_two()).map_err(io_error("creating the io_uring"))?;
         // SAFETY: the pool outlives the ring (field order above).
@@ -180,6 +242,7 @@ impl Engine {
             image_bytes: geometry.device_bytes(),
             extent_bytes: config.extent_bytes,
         };
+        let recovered = recover_intent(&config, &mut tracker)?;
         let stop_connectors = Arc::new(AtomicBool::new(false));
         let (connected_tx, connected) = mpsc::channel();
         let mut peers = Vec::new();
@@ -199,9 +262,12 @@ impl Engine {
                 .name(format!("connect-{name}"))
                 .spawn(move || connector::run(connector_config, want_rx, tx, stop))
                 .map_err(io_error("starting a connector thread"))?;
-            want_tx.send(()).expect("connector is running");
-            let pending =
-                bitvec![u64, Lsb0; u64::from(config.initial_sync); geometry.extent_count() as usize];
+            let (pending, log) = recover_peer(&config, name, &recovered, geometry.device_bytes());
+            if !log.held {
+                want_tx.send(()).expect("connector is running");
+            }
+            let peer_metrics = metrics.peer(name);
+            peer_metrics.sync_rate_limit_bytes.set(log.throttle.rate_bytes_per_s.min(i64::MAX as u64) as i64);
             peers.push(Peer {
                 name: name.clone(),
                 addr: *addr,
@@ -211,17 +277,19 @@ impl Engine {
                 want_connection: want_tx,
                 zero_copy: config.zero_copy,
                 stats: PeerStats::default(),
-                metrics: metrics.peer(name),
+                metrics: peer_metrics,
                 in_sync: false,
+                log,
             });
         }
-        // What a secondary may send: acks, keepalives, and errors with their message.
+        // What a secondary may send: acks, keepalives, verify hashes, errors with their message.
         let limits = Limits {
             image_bytes: 0,
             extent_bytes: 1,
-            payload_bytes_max: 4 + wire::ERROR_MESSAGE_BYTES_MAX as u32,
+            payload_bytes_max: (4 + wire::ERROR_MESSAGE_BYTES_MAX).max(wire::VERIFY_HASHES_BYTES_MAX) as u32,
         };
         let ops = (0..op_slots).map(|_| None).collect();
+        let extents = geometry.extent_count() as usize;
         Ok(Self {
             ring,
             pool,
@@ -236,12 +304,22 @@ impl Engine {
             config,
             limits,
             cursor: 0,
-            reading: bitvec![u64, Lsb0; 0; geometry.extent_count() as usize],
+            reading: bitvec![u64, Lsb0; 0; extents],
             completions: Vec::with_capacity(op_slots),
             next_sequence: 2,
             reads_in_flight: 0,
             stop_connectors,
             last_status: Instant::now(),
+            metrics,
+            control,
+            _control_server: control_server,
+            quiet: IntentQuiet::new(extents),
+            last_checkpoint: Instant::now(),
+            checkpoint_sequence: 0,
+            persisted_intent: None,
+            scratch_dirty: bitvec![u64, Lsb0; 0; extents],
+            scratch_intent: bitvec![u64, Lsb0; 0; extents],
+            scratch_clearable: bitvec![u64, Lsb0; 0; extents],
         })
     }
 
@@ -254,14 +332,20 @@ impl Engine {
                 stopping_since = Some(Instant::now());
             }
             self.accept_connections();
+            self.handle_control();
             self.drain_tracker();
             if stopping_since.is_none() {
                 self.schedule_reads()?;
+                self.schedule_verify()?;
             }
             self.tick_peers();
             self.start_sends()?;
             self.wait_and_reap()?;
             self.update_status();
+            self.persist_fracture_logs();
+            if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_ms) {
+                self.checkpoint();
+            }
             if let Some(since) = stopping_since
                 && (self.quiescent() || since.elapsed() > Duration::from_millis(self.config.timeout_ms))
             {
@@ -285,8 +369,10 @@ impl Engine {
 
     fn drain_tracker(&mut self) {
         for run in self.tracker.drain_completed() {
+            let run = run.start as usize..run.end as usize;
+            self.quiet.note_dirty_run(run.clone());
             for peer in &mut self.peers {
-                peer.pending[run.start as usize..run.end as usize].fill(true);
+                peer.pending[run.clone()].fill(true);
             }
         }
     }
@@ -315,14 +401,28 @@ impl Engine {
     fn schedule_reads(&mut self) -> Result<(), ShipperError> {
         let queue_max = usize::from(self.config.buffers);
         let run_bytes_max = self.config.run_bytes_max as u64;
-        while self.pool.free_count() > 0 && self.free_slots() > 1 + self.peers.len() * 2 {
+        for peer in &mut self.peers {
+            peer.log.throttle.refill(run_bytes_max);
+        }
+        while self.pool.free_count() > 0 && self.free_slots() > 1 + self.peers.len() * 3 {
             // Indexes of the peers that can take a frame now; a fixed array, no allocation.
             let mut eligible_at = [0usize; PEERS_MAX];
             let mut eligible_count = 0;
-            for (i, peer) in self.peers.iter().enumerate() {
+            for i in 0..self.peers.len() {
+                let peer = &self.peers[i];
                 if peer.eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max) {
-                    eligible_at[eligible_count] = i;
-                    eligible_count += 1;
+                    if !peer.log.fractured() || peer.log.throttle.allows() {
+                        eligible_at[eligible_count] = i;
+                        eligible_count += 1;
+                    }
+                } else if !peer.log.fractured()
+                    && peer
+                        .conn
+                        .as_ref()
+                        .is_some_and(|c| c.backlog_bytes + run_bytes_max > self.config.backlog_bytes_max)
+                    && peer.pending.any()
+                {
+                    self.fracture(i, "unacknowledged backlog over its limit");
                 }
             }
             let eligible = &eligible_at[..eligible_count];
@@ -337,6 +437,9 @@ impl Engine {
                 if pending.any() {
                     pending.fill(false);
                     targets[i] = Some(peer.generation);
+                    if peer.log.fractured() {
+                        peer.log.throttle.take(len as u64);
+                    }
                     // Reserved now, so reads in flight count against the backlog limit too.
                     let conn = peer.conn.as_mut().expect("eligible peers are connected");
                     conn.backlog_bytes += len as u64;
@@ -455,6 +558,23 @@ impl Engine {
             let fd = types::Fd(conn.stream.as_raw_fd());
             let (entry, buffer) = match conn.queue.front() {
                 None => continue,
+                Some(SendJob::VerifyRequest { first_extent, count, sent }) => {
+                    if *sent == 0 {
+                        let mut payload = [0u8; wire::VERIFY_FIXED_BYTES];
+                        payload[..8].copy_from_slice(&first_extent.to_le_bytes());
+                        payload[8..12].copy_from_slice(&count.to_le_bytes());
+                        let header = wire::encode_header(
+                            wire::MessageKind::VerifyRequest,
+                            self.next_sequence,
+                            &[&payload],
+                        );
+                        conn.verify_frame[..wire::HEADER_BYTES].copy_from_slice(&header);
+                        conn.verify_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
+                        self.next_sequence += 1;
+                    }
+                    let bytes = &conn.verify_frame[*sent..];
+                    (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
+                }
                 Some(SendJob::Keepalive { sent }) => {
                     if *sent == 0 {
                         *conn.keepalive =
@@ -560,6 +680,17 @@ impl Engine {
                 self.complete_recv(peer, generation, result);
                 Ok(())
             }
+            Op::VerifyRead { peer, generation, buffer, first_extent, count } => {
+                self.free_op(slot);
+                self.complete_verify_read(
+                    peer,
+                    generation,
+                    buffer,
+                    first_extent..first_extent + u64::from(count),
+                    result,
+                );
+                Ok(())
+            }
         }
     }
 
@@ -649,6 +780,10 @@ impl Engine {
                 *sent += result as usize;
                 *sent == wire::HEADER_BYTES
             }
+            SendJob::VerifyRequest { sent, .. } => {
+                *sent += result as usize;
+                *sent == wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES
+            }
             SendJob::Extent { frame_bytes, sent, .. } => {
                 *sent += result as usize;
                 *sent == *frame_bytes
@@ -669,7 +804,9 @@ impl Engine {
                 peer.stats.shipped_extents += extents;
                 peer.metrics.shipped_bytes.inc_by(bytes);
                 peer.metrics.shipped_extents.inc_by(extents);
-                if !peer.in_sync {
+                if peer.log.fractured() {
+                    peer.stats.resync_bytes += bytes;
+                    peer.log.resync_bytes_done += bytes;
                     peer.metrics.resync_bytes.inc_by(bytes);
                 }
                 self.release_buffer(buffer);
@@ -695,9 +832,11 @@ impl Engine {
         }
         conn.recv_len += result as usize;
         conn.last_heard = Instant::now();
-        if let Err(reason) = conn.parse_received(&self.limits, &mut peer.stats) {
+        if let Err(reason) = conn.parse_received(&self.limits, &mut peer.stats, peer.log.verify.as_mut()) {
             self.disconnect(index, &reason);
+            return;
         }
+        self.compare_verify(index);
     }
 
     /// Drops a connection: everything sent and not acknowledged, or still queued, goes back to
@@ -706,6 +845,10 @@ impl Engine {
         let peer = &mut self.peers[index];
         let Some(conn) = peer.conn.take() else { return };
         tracing::warn!(secondary = %peer.name, addr = %peer.addr, %reason, unacked_frames = conn.inflight.len(), "secondary disconnected");
+        if let Some(verify) = peer.log.verify.as_mut() {
+            // Asked again after the reconnect; a read still in flight is recognised as stale.
+            verify.batch = None;
+        }
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         for inflight in conn.inflight.values() {
             peer.pending[inflight.run.start as usize..inflight.run.end as usize].fill(true);
@@ -715,12 +858,26 @@ impl Engine {
         peer.metrics.disconnects.inc();
         peer.metrics.connected.set(0);
         peer.in_sync = false;
-        let _ = peer.want_connection.send(());
         for job in conn.queue {
             if let SendJob::Extent { buffer, .. } = job {
                 self.release_buffer(buffer);
             }
         }
+        self.fracture(index, reason);
+        if !self.peers[index].log.held {
+            let _ = self.peers[index].want_connection.send(());
+        }
+    }
+
+    /// Marks a secondary fractured: from now on its missed extents live in its fracture log,
+    /// which is persisted before this loop turn ends.
+    fn fracture(&mut self, index: usize, reason: &str) {
+        let peer = &mut self.peers[index];
+        if peer.log.flags & logs::FLAG_FRACTURED == 0 {
+            tracing::warn!(secondary = %peer.name, %reason, "secondary fractured: the extents it misses are kept in its fracture log");
+            peer.metrics.fractures.inc();
+        }
+        peer.log.fracture();
     }
 
     /// Nothing in flight and nothing pending for any connected secondary.
@@ -744,20 +901,54 @@ impl Engine {
                 inflight_frames: p.conn.as_ref().map_or(0, |c| c.inflight.len()),
                 backlog_bytes: p.conn.as_ref().map_or(0, |c| c.backlog_bytes),
                 zero_copy: p.zero_copy,
+                state: image_state(p),
+                fractured: p.log.fractured(),
+                admin_fractured: p.log.admin_fractured(),
+                full_sync: p.log.full_sync(),
+                verifying: p.log.verify.is_some(),
+                verify_next_extent: p.log.verify.as_ref().map_or(0, |v| v.next_extent),
+                verify_differing_extents: p.log.verify.as_ref().map_or(0, |v| v.differing_extents),
+                recovery_policy: p.log.recovery,
+                sync_rate_bytes_per_s: p.log.throttle.rate_bytes_per_s,
+                resync_bytes_done: p.log.resync_bytes_done,
+                out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes),
                 stats: p.stats,
             })
             .collect()
     }
 
+    fn status_json(&mut self) -> serde_json::Value {
+        serde_json::json!({
+            "device": self.config.device.display().to_string(),
+            "mirror_id": self.config.mirror_id,
+            "extent_bytes": self.config.extent_bytes,
+            "image_bytes": self.device_bytes,
+            "intent_log_extents": self.persisted_intent.as_ref().map_or(0, |i| i.count_ones()),
+            "secondaries": self.status(),
+            "tracker": self.tracker.counters(),
+        })
+    }
+
     fn update_status(&mut self) {
-        let reads_idle = self.reads_in_flight == 0;
-        for peer in &mut self.peers {
-            let in_sync = reads_idle
+        for index in 0..self.peers.len() {
+            let peer = &self.peers[index];
+            let in_sync = peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty())
                 && peer.pending.not_any()
-                && peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty());
+                && !self.reads_target(index);
+            let peer = &mut self.peers[index];
             if in_sync != peer.in_sync {
-                tracing::info!(secondary = %peer.name, in_sync, "secondary sync state changed");
+                tracing::debug!(secondary = %peer.name, in_sync, "secondary caught up or fell behind");
                 peer.in_sync = in_sync;
+            }
+            if in_sync && peer.log.fractured() && !peer.log.admin_fractured() && peer.log.verify.is_none() {
+                tracing::info!(
+                    secondary = %peer.name,
+                    resync_bytes = peer.log.resync_bytes_done,
+                    "secondary SYNCHRONIZED: its fracture log is empty and acknowledged"
+                );
+                peer.log.flags = 0;
+                peer.log.resync_bytes_done = 0;
+                peer.log.persist_now = true;
             }
         }
         if self.last_status.elapsed() < Duration::from_millis(200) {
@@ -765,15 +956,10 @@ impl Engine {
         }
         self.last_status = Instant::now();
         for peer in &self.peers {
-            let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
-            let pending = peer.pending.count_ones() as u64 * self.config.extent_bytes;
-            peer.metrics.out_of_sync_bytes.set((pending + backlog).min(i64::MAX as u64) as i64);
+            let bytes = out_of_sync_bytes(peer, self.config.extent_bytes);
+            peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
         }
-        let status = serde_json::json!({
-            "device": self.config.device.display().to_string(),
-            "secondaries": self.status(),
-            "tracker": self.tracker.counters(),
-        });
+        let status = self.status_json();
         let path = self.config.state_dir.join("status.json");
         let temp = self.config.state_dir.join("status.json.tmp");
         let written = std::fs::write(&temp, status.to_string()).and_then(|()| std::fs::rename(&temp, &path));
@@ -784,6 +970,10 @@ impl Engine {
 
     fn shutdown(mut self) -> Result<(), ShipperError> {
         self.stop_connectors.store(true, Ordering::Relaxed);
+        // The last checkpoint, while the connections are still up: a secondary in sync now is
+        // recorded as such.
+        self.persist_fracture_logs();
+        self.checkpoint();
         for index in 0..self.peers.len() {
             if let Some(conn) = self.peers[index].conn.as_ref() {
                 let _ = conn.stream.shutdown(std::net::Shutdown::Both);
@@ -794,14 +984,385 @@ impl Engine {
         while self.free_ops.len() < self.ops.len() && Instant::now() < deadline {
             self.wait_and_reap()?;
         }
-        self.update_status();
         let Engine { ring, pool, tracker, .. } = self;
         drop(ring);
         drop(pool);
-        tracker.stop()?;
-        tracing::info!("primary stopped");
+        // The tracker stays pinned and marking: writes made while no primary runs are found by
+        // the next one. `replicator untrack` removes it.
+        tracing::info!(pin_dir = %tracker.pin_dir().display(), "primary stopped; the tracker stays attached");
+        drop(tracker);
         Ok(())
     }
+}
+
+/// The logs: checkpoints, fracture-log persistence, verify, and operator requests.
+impl Engine {
+    /// Whether a read in flight will queue a frame for peer `index`.
+    fn reads_target(&self, index: usize) -> bool {
+        self.reads_in_flight > 0
+            && self
+                .ops
+                .iter()
+                .flatten()
+                .any(|op| matches!(op, Op::Read { targets, .. } if targets[index].is_some()))
+    }
+
+    /// Every extent peer `index` may lack: pending, being read for it, or sent and unacked.
+    fn dirty_into(&self, index: usize, out: &mut BitVec<u64, Lsb0>) {
+        let peer = &self.peers[index];
+        out.clear();
+        out.extend_from_bitslice(&peer.pending);
+        if let Some(conn) = &peer.conn {
+            for frame in conn.inflight.values() {
+                out[frame.run.start as usize..frame.run.end as usize].fill(true);
+            }
+        }
+        for op in self.ops.iter().flatten() {
+            if let Op::Read { run, targets, .. } = op
+                && targets[index].is_some()
+            {
+                out[run.start as usize..run.end as usize].fill(true);
+            }
+        }
+    }
+
+    /// Persists the fracture logs of the secondaries fractured (or restored) this turn.
+    fn persist_fracture_logs(&mut self) {
+        for index in 0..self.peers.len() {
+            if self.peers[index].log.persist_now {
+                self.persist_peer(index);
+            }
+        }
+    }
+
+    /// Writes peer `index`'s fracture log if it changed: its dirty extents while fractured, an
+    /// empty log otherwise (the intent log covers an unfractured secondary). Returns whether
+    /// the file on disk now holds them.
+    fn persist_peer(&mut self, index: usize) -> bool {
+        let mut dirty = std::mem::take(&mut self.scratch_dirty);
+        if self.peers[index].log.fractured() {
+            self.dirty_into(index, &mut dirty);
+        } else {
+            dirty.clear();
+            dirty.resize(self.reading.len(), false);
+        }
+        let peer = &mut self.peers[index];
+        peer.log.persist_now = false;
+        peer.metrics.fracture_log_extents.set(dirty.count_ones() as i64);
+        let verify_next_extent = peer.log.verify.as_ref().map_or(0, |v| v.next_extent);
+        let unchanged = peer.log.persisted.as_ref().is_some_and(|(flags, next, bits)| {
+            *flags == peer.log.flags && *next == verify_next_extent && *bits == dirty
+        });
+        let mut on_disk = true;
+        if !unchanged {
+            let header = LogHeader {
+                kind: LogKind::Fracture,
+                flags: peer.log.flags,
+                mirror_id: self.config.mirror_id,
+                secondary_id: peer.log.secondary_id,
+                generation: 1,
+                sequence: self.checkpoint_sequence,
+                extent_bytes: self.config.extent_bytes,
+                image_bytes: self.device_bytes,
+                resync_bytes_done: peer.log.resync_bytes_done,
+                verify_next_extent,
+                saved_unix_ms: logs::unix_ms_now(),
+            };
+            let bytes = logs::encode(&header, &dirty);
+            match logs::replace_file(&self.config.state_dir, &peer.log.file_name, &bytes) {
+                Ok(()) => peer.log.persisted = Some((peer.log.flags, verify_next_extent, dirty.clone())),
+                Err(error) => {
+                    tracing::error!(secondary = %peer.name, %error, "persisting the fracture log failed; its extents stay in the intent log");
+                    self.metrics.log_write_errors.inc();
+                    peer.log.persisted = None;
+                    on_disk = false;
+                }
+            }
+        }
+        self.scratch_dirty = dirty;
+        on_disk
+    }
+
+    /// A checkpoint: fracture logs of fractured secondaries first, then the extents that have
+    /// been clean on every other secondary for a while leave the intent log, which is saved.
+    /// The order matters: an extent leaves the intent log only once every secondary that may
+    /// lack it has it in a fracture log on disk.
+    fn checkpoint(&mut self) {
+        let started = Instant::now();
+        self.last_checkpoint = started;
+        self.checkpoint_sequence += 1;
+        self.drain_tracker();
+        let mut dirty = BitVec::new();
+        for index in 0..self.peers.len() {
+            let persisted = self.peers[index].log.fractured() && self.persist_peer(index);
+            if !persisted {
+                self.dirty_into(index, &mut dirty);
+                self.quiet.note_dirty(&dirty);
+            }
+        }
+        let mut intent = std::mem::take(&mut self.scratch_intent);
+        let mut clearable = std::mem::take(&mut self.scratch_clearable);
+        self.tracker.intent_into(&mut intent);
+        self.quiet.end_interval(&mut intent, self.persisted_intent.as_ref(), &mut clearable);
+        self.tracker.clear_intent(&clearable);
+        if self.persisted_intent.as_ref() != Some(&intent) {
+            let header = LogHeader {
+                kind: LogKind::Intent,
+                flags: 0,
+                mirror_id: self.config.mirror_id,
+                secondary_id: 0,
+                generation: 1,
+                sequence: self.checkpoint_sequence,
+                extent_bytes: self.config.extent_bytes,
+                image_bytes: self.device_bytes,
+                resync_bytes_done: 0,
+                verify_next_extent: 0,
+                saved_unix_ms: logs::unix_ms_now(),
+            };
+            let bytes = logs::encode(&header, &intent);
+            match logs::replace_file(&self.config.state_dir, logs::INTENT_LOG_FILE, &bytes) {
+                Ok(()) => self.persisted_intent = Some(intent.clone()),
+                Err(error) => {
+                    tracing::error!(%error, "persisting the write-intent log failed");
+                    self.metrics.log_write_errors.inc();
+                    self.persisted_intent = None;
+                }
+            }
+        }
+        self.metrics.intent_log_extents.set(intent.count_ones() as i64);
+        self.metrics.checkpoints.inc();
+        self.scratch_intent = intent;
+        self.scratch_clearable = clearable;
+        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "checkpoint");
+    }
+
+    /// Starts the next verify batch of every verifying, connected secondary: the request goes
+    /// down its connection (behind the frames already queued) while the primary reads the same
+    /// extents to hash them.
+    fn schedule_verify(&mut self) -> Result<(), ShipperError> {
+        let extents = self.reading.len() as u64;
+        let batch_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes)
+            .min(u64::from(wire::VERIFY_EXTENTS_MAX))
+            .max(1);
+        let peer_count = self.peers.len();
+        for index in 0..peer_count {
+            let peer = &mut self.peers[index];
+            let Some(verify) = peer.log.verify.as_mut() else { continue };
+            if verify.batch.is_some() {
+                continue;
+            }
+            if verify.next_extent >= extents {
+                tracing::info!(
+                    secondary = %peer.name,
+                    differing_extents = verify.differing_extents,
+                    seconds = verify.started.elapsed().as_secs_f64(),
+                    "verify finished"
+                );
+                peer.log.verify = None;
+                peer.log.flags &= !logs::FLAG_VERIFY;
+                peer.log.persist_now = true;
+                continue;
+            }
+            let Some(conn) = peer.conn.as_mut() else { continue };
+            if self.pool.free_count() == 0
+                || self.free_ops.len() < 2 + peer_count
+                || !peer.log.throttle.allows()
+                || conn.queue.len() >= usize::from(self.config.buffers)
+            {
+                continue;
+            }
+            let first_extent = verify.next_extent;
+            let count = batch_max.min(extents - first_extent) as u32;
+            verify.batch = Some(VerifyBatch {
+                first_extent,
+                count,
+                local_ready: false,
+                remote_ready: false,
+                local_failed: false,
+            });
+            conn.queue.push_back(SendJob::VerifyRequest { first_extent, count, sent: 0 });
+            peer.log.throttle.take(u64::from(count) * self.config.extent_bytes);
+            let generation = peer.generation;
+            let buffer = self.pool.take().expect("checked a free buffer");
+            let (offset, len) = self.run_bytes(&(first_extent..first_extent + u64::from(count)));
+            let entry = opcode::ReadFixed::new(
+                types::Fd(self.device.as_raw_fd()),
+                self.pool.data_ptr(buffer),
+                len as u32,
+                buffer,
+            )
+            .offset(offset)
+            .build();
+            self.push_op(Op::VerifyRead { peer: index, generation, buffer, first_extent, count }, entry)?;
+        }
+        Ok(())
+    }
+
+    /// The primary's side of a verify batch has been read: hash it.
+    fn complete_verify_read(
+        &mut self,
+        index: usize,
+        generation: u32,
+        buffer: u16,
+        run: Range<u64>,
+        result: i32,
+    ) {
+        let (offset, len) = self.run_bytes(&run);
+        let extent_bytes = self.config.extent_bytes as usize;
+        let peer = &mut self.peers[index];
+        let current = peer.generation == generation;
+        if let Some(verify) = peer.log.verify.as_mut().filter(|_| current)
+            && let Some(batch) = verify.batch.as_mut().filter(|b| b.first_extent == run.start)
+        {
+            if result as i64 == len as i64 {
+                let data = self.pool.data(buffer, len);
+                for (slot, extent) in verify.local.iter_mut().zip(data.chunks(extent_bytes)) {
+                    *slot = xxhash_rust::xxh3::xxh3_128(extent);
+                }
+            } else {
+                tracing::error!(device = %self.config.device.display(), offset, len, result, "verify read from the primary failed; those extents will be shipped");
+                batch.local_failed = true;
+            }
+            batch.local_ready = true;
+        }
+        self.pool.give_back(buffer);
+        self.compare_verify(index);
+    }
+
+    /// Once both sides of a verify batch are in, the differing extents become pending.
+    fn compare_verify(&mut self, index: usize) {
+        let peer = &mut self.peers[index];
+        let Some(verify) = peer.log.verify.as_mut() else { return };
+        if let Some(differing) = verify.compare(&mut peer.pending)
+            && differing > 0
+        {
+            peer.metrics.verify_differing_extents.inc_by(differing);
+        }
+    }
+
+    fn handle_control(&mut self) {
+        while let Ok(call) = self.control.try_recv() {
+            tracing::info!(request = ?call.request, "operator request");
+            let reply = self.apply(call.request);
+            if let Err(error) = &reply {
+                tracing::warn!(%error, "operator request refused");
+            }
+            let _ = call.reply.send(reply);
+        }
+    }
+
+    fn peer_index(&self, name: &str) -> Result<usize, String> {
+        self.peers.iter().position(|p| p.name == name).ok_or_else(|| {
+            let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+            format!("no secondary named {name:?}; this primary has {}", names.join(", "))
+        })
+    }
+
+    fn apply(&mut self, request: Request) -> control::Reply {
+        let index = match &request {
+            Request::Status | Request::Set { secondary: None, .. } => None,
+            Request::Fracture { secondary }
+            | Request::Restore { secondary }
+            | Request::Verify { secondary }
+            | Request::Sync { secondary }
+            | Request::Set { secondary: Some(secondary), .. } => Some(self.peer_index(secondary)?),
+        };
+        match request {
+            Request::Status => return Ok(self.status_json()),
+            Request::Fracture { secondary } => {
+                let i = index.expect("named");
+                if self.peers[i].log.admin_fractured() {
+                    return Err(format!(
+                        "{secondary} is already fractured; `restore {secondary}` brings it back"
+                    ));
+                }
+                tracing::warn!(%secondary, "fractured by the administrator: the extents it misses are kept in its fracture log until restore");
+                self.peers[i].metrics.fractures.inc();
+                self.peers[i].log.admin_fracture();
+                self.disconnect(i, "fractured by the administrator");
+                self.persist_peer(i);
+            }
+            Request::Restore { secondary } => {
+                let i = index.expect("named");
+                let peer = &mut self.peers[i];
+                if !peer.log.held {
+                    return Err(format!("{secondary} is not fractured and held; nothing to restore"));
+                }
+                peer.log.restore();
+                if peer.conn.is_none() {
+                    let _ = peer.want_connection.send(());
+                }
+                self.persist_peer(i);
+            }
+            Request::Verify { secondary } => {
+                let i = index.expect("named");
+                let log = &mut self.peers[i].log;
+                if log.full_sync() {
+                    return Err(format!("{secondary} is in a full sync; a verify would not shorten it"));
+                }
+                if log.verify.is_some() {
+                    return Err(format!("{secondary} is already being verified"));
+                }
+                log.fracture();
+                log.start_verify(0);
+                self.persist_peer(i);
+            }
+            Request::Sync { secondary: _ } => {
+                let i = index.expect("named");
+                let peer = &mut self.peers[i];
+                peer.pending.fill(true);
+                peer.log.verify = None;
+                peer.log.flags = (peer.log.flags & !logs::FLAG_VERIFY) | logs::FLAG_FULL_SYNC;
+                peer.log.fracture();
+                self.persist_peer(i);
+            }
+            Request::Set { secondary: _, key, value } => self.set(index, &key, &value)?,
+        }
+        Ok(serde_json::to_value(self.status()).expect("status serializes"))
+    }
+
+    /// `set KEY=VALUE` for one secondary (`index`) or all.
+    fn set(&mut self, index: Option<usize>, key: &str, value: &str) -> Result<(), String> {
+        let range = index.map_or(0..self.peers.len(), |i| i..i + 1);
+        match key {
+            "sync-rate" => {
+                let rate = crate::units::parse_bytes(value).map_err(|e| {
+                    format!("sync-rate {value:?}: {e}; bytes per second, e.g. 200MiB, 0 for unlimited")
+                })?;
+                for peer in &mut self.peers[range] {
+                    peer.log.throttle = Throttle::new(rate);
+                    peer.metrics.sync_rate_limit_bytes.set(rate.min(i64::MAX as u64) as i64);
+                }
+            }
+            "recovery-policy" => {
+                let policy = match value {
+                    "automatic" => RecoveryPolicy::Automatic,
+                    "manual" => RecoveryPolicy::Manual,
+                    other => return Err(format!("recovery-policy {other:?}: automatic or manual")),
+                };
+                for peer in &mut self.peers[range] {
+                    peer.log.recovery = policy;
+                }
+            }
+            other => return Err(format!("unknown setting {other:?}; settable: sync-rate, recovery-policy")),
+        }
+        Ok(())
+    }
+}
+
+/// A secondary's image state, as reported.
+fn image_state(peer: &Peer) -> ImageState {
+    match (&peer.conn, peer.log.fractured()) {
+        (None, _) => ImageState::Unsynchronized,
+        (Some(_), false) => ImageState::Synchronized,
+        (Some(_), true) => ImageState::Synchronizing,
+    }
+}
+
+/// Bytes of the extents a secondary lacks: pending, plus sent and not acknowledged.
+fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64) -> u64 {
+    let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
+    peer.pending.count_ones() as u64 * extent_bytes + backlog
 }
 
 fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
@@ -825,4 +1386,131 @@ fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
         ));
     }
     Ok(())
+}
+
+/// What start-up recovered of the write-intent log.
+struct Recovered {
+    /// Extents that may differ on any secondary.
+    intent: BitVec<u64, Lsb0>,
+    /// Writes may have been missed (host restart, damaged checkpoint): verify every secondary.
+    verify_all: bool,
+}
+
+/// Whether the state directory holds logs from an earlier run.
+fn logs_exist(state_dir: &std::path::Path) -> bool {
+    std::fs::read_dir(state_dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name == logs::INTENT_LOG_FILE || (name.starts_with("fracture-") && name.ends_with(".log"))
+        })
+    })
+}
+
+/// Rebuilds the write-intent log: the pinned map when the tracker resumed (a process restart
+/// loses nothing), else the last checkpoint, whose gap is closed by verifying every secondary.
+fn recover_intent(config: &ShipperConfig, tracker: &mut Tracker) -> Result<Recovered, ShipperError> {
+    let extents = tracker.geometry().extent_count() as usize;
+    let state_existed = logs_exist(&config.state_dir);
+    let identity = LogIdentity {
+        kind: LogKind::Intent,
+        mirror_id: config.mirror_id,
+        secondary_id: 0,
+        extent_bytes: config.extent_bytes,
+        image_bytes: tracker.geometry().device_bytes(),
+    };
+    let mut intent = bitvec![u64, Lsb0; 0; extents];
+    let checkpoint_trusted = match logs::load(&config.state_dir, logs::INTENT_LOG_FILE, &identity) {
+        Ok(Some((_, bits))) => {
+            *intent |= bits.as_bitslice();
+            true
+        }
+        Ok(None) => !state_existed,
+        Err(error) => {
+            tracing::error!(%error, "the write-intent log checkpoint cannot be trusted");
+            false
+        }
+    };
+    let verify_all = if tracker.resumed() {
+        let mut pinned = BitVec::new();
+        tracker.intent_into(&mut pinned);
+        tracing::info!(
+            intent_extents = pinned.count_ones(),
+            "resumed the pinned tracker: its write-intent log is complete"
+        );
+        *intent |= pinned.as_bitslice();
+        false
+    } else if state_existed {
+        tracing::warn!(
+            "no pinned tracker but logs in the state directory: the host restarted or the tracker was \
+             removed, so writes after the last checkpoint are unknown; every secondary will be verified"
+        );
+        true
+    } else {
+        !checkpoint_trusted
+    };
+    tracker.mark_intent(&intent);
+    Ok(Recovered { intent, verify_all: verify_all || (!checkpoint_trusted && !tracker.resumed()) })
+}
+
+/// A secondary's pending extents and log state at start-up: its fracture log plus the intent
+/// log; a full sync when it has none; a verify when its log (or the intent log) is not trusted.
+fn recover_peer(
+    config: &ShipperConfig,
+    name: &str,
+    recovered: &Recovered,
+    image_bytes: u64,
+) -> (BitVec<u64, Lsb0>, PeerLog) {
+    let secondary_id = logs::secondary_id(name);
+    let file_name = logs::fracture_log_file(name);
+    let identity = LogIdentity {
+        kind: LogKind::Fracture,
+        mirror_id: config.mirror_id,
+        secondary_id,
+        extent_bytes: config.extent_bytes,
+        image_bytes,
+    };
+    let loaded = logs::load(&config.state_dir, &file_name, &identity);
+    let mut log = PeerLog {
+        file_name,
+        secondary_id,
+        flags: 0,
+        resync_bytes_done: 0,
+        verify: None,
+        persisted: None,
+        persist_now: true,
+        throttle: Throttle::new(config.sync_rate_bytes_per_s),
+        recovery: config.recovery_policy,
+        held: false,
+    };
+    let mut pending = recovered.intent.clone();
+    match loaded {
+        Ok(Some((header, bits))) => {
+            *pending |= bits.as_bitslice();
+            log.flags = header.flags;
+            log.resync_bytes_done = header.resync_bytes_done;
+            if header.flags & logs::FLAG_VERIFY != 0 {
+                log.start_verify(header.verify_next_extent);
+            }
+            tracing::info!(secondary = %name, fracture_log_extents = bits.count_ones(), flags = header.flags, "recovered the fracture log");
+        }
+        Ok(None) if config.initial_sync => {
+            pending.fill(true);
+            log.flags = logs::FLAG_FULL_SYNC;
+            tracing::info!(secondary = %name, "no fracture log yet: a full sync");
+        }
+        Ok(None) => {}
+        Err(error) => {
+            tracing::error!(secondary = %name, %error, "the fracture log cannot be trusted: this secondary will be verified");
+            log.fracture();
+            log.start_verify(0);
+        }
+    }
+    if recovered.verify_all && !log.full_sync() && log.verify.is_none() {
+        log.fracture();
+        log.start_verify(0);
+    }
+    log.held = log.admin_fractured()
+        || (config.recovery_policy == RecoveryPolicy::Manual && log.flags & logs::FLAG_FRACTURED != 0);
+    (pending, log)
 }

@@ -28,6 +28,8 @@ pub struct PeerStats {
     /// Zero-copy sends the kernel reported it copied anyway (`IORING_NOTIF_USAGE_ZC_COPIED`).
     pub copied_sends: u64,
     pub plain_sends: u64,
+    /// Bytes shipped while the secondary was fractured (resync, full sync, verify repairs).
+    pub resync_bytes: u64,
     pub connects: u64,
     pub disconnects: u64,
 }
@@ -39,6 +41,8 @@ pub enum SendJob {
     Extent { buffer: u16, frame_bytes: usize, sent: usize },
     /// A keepalive, from the connection's own keepalive buffer.
     Keepalive { sent: usize },
+    /// A verify request, encoded into the connection's `verify_frame` when its send starts.
+    VerifyRequest { first_extent: u64, count: u32, sent: usize },
 }
 
 #[derive(Debug)]
@@ -61,6 +65,8 @@ pub struct Conn {
     pub recv_in_flight: bool,
     /// The keepalive frame being sent; fixed address while a send of it is in flight.
     pub keepalive: Box<[u8; wire::HEADER_BYTES]>,
+    /// The verify request being sent (one batch per secondary at a time).
+    pub verify_frame: Box<[u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]>,
     pub last_heard: Instant,
     pub last_sent: Instant,
 }
@@ -78,6 +84,7 @@ impl Conn {
             recv_len: 0,
             recv_in_flight: false,
             keepalive: Box::new([0u8; wire::HEADER_BYTES]),
+            verify_frame: Box::new([0u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]),
             last_heard: Instant::now(),
             last_sent: Instant::now(),
         }
@@ -93,7 +100,12 @@ impl Conn {
 
     /// Applies the frames received so far (acks release backlog), or says why the connection
     /// must close.
-    pub fn parse_received(&mut self, limits: &Limits, stats: &mut PeerStats) -> Result<(), String> {
+    pub fn parse_received(
+        &mut self,
+        limits: &Limits,
+        stats: &mut PeerStats,
+        mut verify: Option<&mut super::resync::Verify>,
+    ) -> Result<(), String> {
         loop {
             let bytes = &self.recv[self.recv_start..self.recv_len];
             let parsed = wire::parse_frame(bytes, limits)
@@ -111,6 +123,10 @@ impl Conn {
                     }
                 }
                 Message::Keepalive => {}
+                Message::VerifyHashes { first_extent, hashes } => match verify.as_deref_mut() {
+                    Some(verify) => verify.take_reply(first_extent, hashes)?,
+                    None => return Err("secondary sent verify hashes nobody asked for".into()),
+                },
                 Message::Error { code, message } => {
                     return Err(format!("secondary reported error {code}: {message}"));
                 }
@@ -139,6 +155,8 @@ pub struct Peer {
     pub stats: PeerStats,
     pub metrics: crate::metrics::PeerMetrics,
     pub in_sync: bool,
+    /// Its fracture-log state, throttle and verify pass.
+    pub log: super::resync::PeerLog,
 }
 
 impl Peer {

@@ -1,0 +1,87 @@
+//! The operator's commands on a running primary: `status`, `fracture`, `restore`, `verify`,
+//! `sync`, `set`. Each sends one request over the control socket in the state directory and
+//! prints what the primary answers.
+
+use std::path::PathBuf;
+
+use crate::control::{self, Request};
+use crate::units::format_bytes;
+
+/// The state directory when none is given.
+pub const STATE_DIR_DEFAULT: &str = "/var/lib/replicator";
+
+#[derive(clap::Args, Debug)]
+pub struct Target {
+    /// The primary's state directory (where its control socket is).
+    #[arg(long, default_value = STATE_DIR_DEFAULT)]
+    pub state_dir: PathBuf,
+    /// Print the primary's answer as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Sends `request` and prints the answer: JSON, or a table of the secondaries.
+pub fn run(target: &Target, request: Request) -> anyhow::Result<()> {
+    let result = control::call(&target.state_dir, &request)?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+        return Ok(());
+    }
+    let secondaries = result.get("secondaries").unwrap_or(&result);
+    print_table(secondaries);
+    Ok(())
+}
+
+/// `set KEY=VALUE...`: one request per setting.
+pub fn set(target: &Target, secondary: Option<String>, settings: &[String]) -> anyhow::Result<()> {
+    anyhow::ensure!(!settings.is_empty(), "nothing to set: give KEY=VALUE, e.g. sync-rate=200MiB");
+    for setting in settings {
+        let (key, value) = setting
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("{setting:?}: expected KEY=VALUE, e.g. sync-rate=200MiB"))?;
+        let request = Request::Set { secondary: secondary.clone(), key: key.into(), value: value.into() };
+        control::call(&target.state_dir, &request)?;
+    }
+    run(target, Request::Status)
+}
+
+fn print_table(secondaries: &serde_json::Value) {
+    let Some(peers) = secondaries.as_array() else {
+        println!("{secondaries}");
+        return;
+    };
+    println!(
+        "{:<12} {:<21} {:<15} {:>12} {:>12} {:>10}  NOTES",
+        "SECONDARY", "ADDRESS", "STATE", "OUT-OF-SYNC", "RESYNCED", "SYNC-RATE"
+    );
+    for p in peers {
+        let bytes = |field: &str| format_bytes(p[field].as_u64().unwrap_or(0));
+        let mut notes = Vec::new();
+        for (flag, note) in [
+            ("admin_fractured", "fractured by admin"),
+            ("full_sync", "full sync"),
+            ("verifying", "verifying"),
+        ] {
+            if p[flag].as_bool() == Some(true) {
+                notes.push(note.to_owned());
+            }
+        }
+        if p["verifying"].as_bool() == Some(true) {
+            notes.push(format!("verify at extent {}", p["verify_next_extent"]));
+        }
+        let rate = match p["sync_rate_bytes_per_s"].as_u64() {
+            Some(0) | None => "unlimited".to_owned(),
+            Some(rate) => format!("{}/s", format_bytes(rate)),
+        };
+        println!(
+            "{:<12} {:<21} {:<15} {:>12} {:>12} {:>10}  {}",
+            p["name"].as_str().unwrap_or("?"),
+            p["addr"].as_str().unwrap_or("?"),
+            p["state"].as_str().unwrap_or("?"),
+            bytes("out_of_sync_bytes"),
+            bytes("resync_bytes_done"),
+            rate,
+            notes.join(", ")
+        );
+    }
+}

@@ -1,0 +1,185 @@
+//! The control socket: `STATE_DIR/control.sock`, a unix socket (mode 0600) on which the CLI's
+//! operator commands (`fracture`, `restore`, `verify`, `sync`, `set`, `status`) reach a running
+//! primary.
+//!
+//! One JSON request per connection, one JSON reply: `{"ok":true,"result":...}` or
+//! `{"ok":false,"error":"..."}`. Owns the listening thread; requests are handed to the engine,
+//! which applies them between two turns of its loop, so no lock is shared with the data path.
+
+use std::io::{BufRead as _, BufReader, Read as _, Write as _};
+use std::os::unix::fs::PermissionsExt as _;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::time::Duration;
+
+pub const SOCKET_FILE: &str = "control.sock";
+/// Longest request accepted.
+const REQUEST_BYTES_MAX: u64 = 64 * 1024;
+/// How long a client waits for the engine's answer.
+const REPLY_TIMEOUT_MS: u64 = 30_000;
+
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    Status,
+    /// Stop replicating to a secondary and keep its fracture log until `restore`.
+    Fracture {
+        secondary: String,
+    },
+    /// Let a fractured secondary reconnect and resync from its fracture log.
+    Restore {
+        secondary: String,
+    },
+    /// Hash every extent on both sides; ship only those that differ.
+    Verify {
+        secondary: String,
+    },
+    /// Copy every extent to the secondary (a full sync).
+    Sync {
+        secondary: String,
+    },
+    /// Change a setting at run time: `sync-rate` (bytes/s, 0 unlimited), `recovery-policy`.
+    Set {
+        secondary: Option<String>,
+        key: String,
+        value: String,
+    },
+}
+
+pub type Reply = Result<serde_json::Value, String>;
+
+/// A request and where its reply goes.
+pub struct Call {
+    pub request: Request,
+    pub reply: Sender<Reply>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("another replicator is running with this state directory ({path} answers)")]
+    InUse { path: PathBuf },
+    #[error("no replicator is running with state directory {dir} ({path}: {source})")]
+    NotRunning { dir: PathBuf, path: PathBuf, source: std::io::Error },
+    #[error("reply from {path}: {reason}")]
+    Reply { path: PathBuf, reason: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The listening socket; removed when dropped.
+pub struct ControlServer {
+    path: PathBuf,
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Binds `state_dir/control.sock` and answers requests on a thread of its own, handing each to
+/// the receiver returned.
+pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), ControlError> {
+    let path = state_dir.join(SOCKET_FILE);
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    if path.exists() {
+        if UnixStream::connect(&path).is_ok() {
+            return Err(ControlError::InUse { path });
+        }
+        std::fs::remove_file(&path).map_err(io)?;
+    }
+    let listener = UnixListener::bind(&path).map_err(io)?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let (calls, receiver) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for stream in listener.incoming().flatten() {
+                if let Err(error) = answer(stream, &calls) {
+                    tracing::warn!(%error, "control request failed");
+                }
+            }
+        })
+        .map_err(io)?;
+    Ok((ControlServer { path }, receiver))
+}
+
+fn answer(stream: UnixStream, calls: &Sender<Call>) -> std::io::Result<()> {
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(REQUEST_BYTES_MAX)).read_line(&mut line)?;
+    let reply = match serde_json::from_str::<Request>(&line) {
+        Err(e) => Err(format!("malformed request: {e}")),
+        Ok(request) => {
+            let (reply, answer) = mpsc::channel();
+            if calls.send(Call { request, reply }).is_err() {
+                Err("the engine has stopped".to_owned())
+            } else {
+                answer
+                    .recv_timeout(Duration::from_millis(REPLY_TIMEOUT_MS))
+                    .unwrap_or_else(|_| Err("the engine did not answer in time".to_owned()))
+            }
+        }
+    };
+    let body = match reply {
+        Ok(result) => serde_json::json!({ "ok": true, "result": result }),
+        Err(error) => serde_json::json!({ "ok": false, "error": error }),
+    };
+    let mut stream = stream;
+    writeln!(stream, "{body}")
+}
+
+/// Sends `request` to the primary running with `state_dir` and returns its result.
+pub fn call(state_dir: &Path, request: &Request) -> Result<serde_json::Value, ControlError> {
+    let path = state_dir.join(SOCKET_FILE);
+    let mut stream = UnixStream::connect(&path).map_err(|source| ControlError::NotRunning {
+        dir: state_dir.into(),
+        path: path.clone(),
+        source,
+    })?;
+    let io = |source| ControlError::Io { path: path.clone(), source };
+    stream.set_read_timeout(Some(Duration::from_millis(REPLY_TIMEOUT_MS + 5000))).map_err(io)?;
+    let text = serde_json::to_string(request).expect("requests serialize");
+    writeln!(stream, "{text}").map_err(io)?;
+    let mut line = String::new();
+    BufReader::new(&stream).read_line(&mut line).map_err(io)?;
+    let reply: serde_json::Value = serde_json::from_str(&line)
+        .map_err(|e| ControlError::Reply { path: path.clone(), reason: e.to_string() })?;
+    if reply["ok"].as_bool() == Some(true) {
+        Ok(reply["result"].clone())
+    } else {
+        Err(ControlError::Refused(reply["error"].as_str().unwrap_or("no reason given").to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip_and_are_answered() {
+        let dir = std::env::temp_dir().join(format!("replicator-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, calls) = serve(&dir).expect("bind");
+        assert!(matches!(serve(&dir), Err(ControlError::InUse { .. })));
+        let engine = std::thread::spawn(move || {
+            for call in calls.iter().take(2) {
+                let reply = match call.request {
+                    Request::Fracture { secondary } => Ok(serde_json::json!({ "fractured": secondary })),
+                    _ => Err("no".to_owned()),
+                };
+                call.reply.send(reply).unwrap();
+            }
+        });
+        let result = call(&dir, &Request::Fracture { secondary: "b".into() }).expect("answered");
+        assert_eq!(result["fractured"], "b");
+        assert!(matches!(call(&dir, &Request::Status), Err(ControlError::Refused(_))));
+        engine.join().unwrap();
+        drop(server);
+        assert!(matches!(call(&dir, &Request::Status), Err(ControlError::NotRunning { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,240 @@
+//! What the primary keeps per secondary beyond the connection: its fracture-log state (why it
+//! is fractured, whether it needs a full sync or a verify, resync progress), the resync rate
+//! throttle, and the verify pass in progress.
+//!
+//! Invariant: a secondary whose `flags` are zero is SYNCHRONIZED or merely lagging while
+//! connected, and every extent it lacks is in the write-intent log; a secondary with any flag
+//! set has every extent it lacks in its own fracture log (persisted at each checkpoint and at
+//! once when it is fractured), so the intent log may forget those extents.
+
+use std::time::Instant;
+
+use bitvec::prelude::*;
+
+use crate::logs::{FLAG_ADMIN_FRACTURED, FLAG_FRACTURED, FLAG_FULL_SYNC, FLAG_VERIFY};
+use crate::wire::{VERIFY_EXTENTS_MAX, VERIFY_HASH_BYTES};
+
+/// A secondary image's state, as the seed names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum ImageState {
+    /// Connected, not fractured: it receives every write as it happens.
+    Synchronized,
+    /// Connected and copying what its fracture log, a full sync or a verify says it lacks.
+    Synchronizing,
+    /// Not connected (fractured, unreachable), or never copied yet.
+    Unsynchronized,
+}
+
+/// What brings a fractured secondary back: a reconnect (automatic) or `restore` (manual).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RecoveryPolicy {
+    Automatic,
+    Manual,
+}
+
+/// A token bucket over resync bytes; `rate_bytes_per_s == 0` is unlimited.
+#[derive(Debug)]
+pub struct Throttle {
+    pub rate_bytes_per_s: u64,
+    tokens_bytes: f64,
+    last: Instant,
+}
+
+impl Throttle {
+    pub fn new(rate_bytes_per_s: u64) -> Self {
+        Self { rate_bytes_per_s, tokens_bytes: 0.0, last: Instant::now() }
+    }
+
+    /// Adds the tokens earned since the last refill, up to one burst (a tenth of a second of
+    /// rate, and at least `burst_bytes_min`).
+    pub fn refill(&mut self, burst_bytes_min: u64) {
+        let now = Instant::now();
+        let earned = now.duration_since(self.last).as_secs_f64() * self.rate_bytes_per_s as f64;
+        self.last = now;
+        let burst = (self.rate_bytes_per_s / 10).max(burst_bytes_min) as f64;
+        self.tokens_bytes = (self.tokens_bytes + earned).min(burst);
+    }
+
+    pub fn allows(&self) -> bool {
+        self.rate_bytes_per_s == 0 || self.tokens_bytes > 0.0
+    }
+
+    pub fn take(&mut self, bytes: u64) {
+        if self.rate_bytes_per_s != 0 {
+            self.tokens_bytes -= bytes as f64;
+        }
+    }
+}
+
+/// A verify batch in flight: the primary's hashes (after its read) and the secondary's (after
+/// its reply) are compared once both are in.
+#[derive(Debug)]
+pub struct VerifyBatch {
+    pub first_extent: u64,
+    pub count: u32,
+    pub local_ready: bool,
+    pub remote_ready: bool,
+    /// The primary's read failed: every extent of the batch is shipped.
+    pub local_failed: bool,
+}
+
+/// A verify pass over the whole image, one batch at a time.
+#[derive(Debug)]
+pub struct Verify {
+    pub next_extent: u64,
+    pub batch: Option<VerifyBatch>,
+    pub differing_extents: u64,
+    pub started: Instant,
+    /// Hashes of the batch, preallocated: the primary's and the secondary's.
+    pub local: Box<[u128]>,
+    pub remote: Box<[u128]>,
+}
+
+impl Verify {
+    pub fn new(next_extent: u64) -> Self {
+        let hashes = || vec![0u128; VERIFY_EXTENTS_MAX as usize].into_boxed_slice();
+        Self {
+            next_extent,
+            batch: None,
+            differing_extents: 0,
+            started: Instant::now(),
+            local: hashes(),
+            remote: hashes(),
+        }
+    }
+
+    /// Stores a secondary's reply; an unexpected one is a protocol error.
+    pub fn take_reply(&mut self, first_extent: u64, hashes: &[u8]) -> Result<(), String> {
+        let count = hashes.len() / VERIFY_HASH_BYTES;
+        let batch = self
+            .batch
+            .as_mut()
+            .filter(|b| b.first_extent == first_extent && b.count as usize == count && !b.remote_ready)
+            .ok_or_else(|| {
+                format!("unexpected verify reply for {count} extents from extent {first_extent}")
+            })?;
+        for (slot, hash) in self.remote.iter_mut().zip(hashes.chunks_exact(VERIFY_HASH_BYTES)) {
+            *slot = u128::from_le_bytes(hash.try_into().expect("16 bytes"));
+        }
+        batch.remote_ready = true;
+        Ok(())
+    }
+
+    /// Once both sides' hashes are in: marks the differing extents in `pending`, advances, and
+    /// returns how many differed.
+    pub fn compare(&mut self, pending: &mut BitSlice<u64, Lsb0>) -> Option<u64> {
+        let batch = self.batch.as_ref().filter(|b| b.local_ready && b.remote_ready)?;
+        let count = batch.count as usize;
+        let mut differing = 0;
+        for i in 0..count {
+            if batch.local_failed || self.local[i] != self.remote[i] {
+                pending.set(batch.first_extent as usize + i, true);
+                differing += 1;
+            }
+        }
+        self.next_extent = batch.first_extent + batch.count as u64;
+        self.differing_extents += differing;
+        self.batch = None;
+        Some(differing)
+    }
+}
+
+/// The fracture-log state of one secondary.
+#[derive(Debug)]
+pub struct PeerLog {
+    pub file_name: String,
+    pub secondary_id: u64,
+    /// `logs::FLAG_*`.
+    pub flags: u32,
+    pub resync_bytes_done: u64,
+    pub verify: Option<Verify>,
+    /// The flags and extents last persisted, so an unchanged log is not rewritten.
+    pub persisted: Option<(u32, u64, BitVec<u64, Lsb0>)>,
+    /// Persist at the end of this loop turn (it was just fractured).
+    pub persist_now: bool,
+    pub throttle: Throttle,
+    pub recovery: RecoveryPolicy,
+    /// Not reconnected until `restore`: fractured by the administrator, or fractured by a
+    /// failure under the manual recovery policy.
+    pub held: bool,
+}
+
+impl PeerLog {
+    pub fn fractured(&self) -> bool {
+        self.flags != 0
+    }
+
+    pub fn admin_fractured(&self) -> bool {
+        self.flags & FLAG_ADMIN_FRACTURED != 0
+    }
+
+    /// Marks it fractured (by a failure); under the manual policy it then waits for `restore`.
+    pub fn fracture(&mut self) {
+        self.flags |= FLAG_FRACTURED;
+        self.persist_now = true;
+        if self.recovery == RecoveryPolicy::Manual {
+            self.held = true;
+        }
+    }
+
+    pub fn admin_fracture(&mut self) {
+        self.flags |= FLAG_FRACTURED | FLAG_ADMIN_FRACTURED;
+        self.persist_now = true;
+        self.held = true;
+    }
+
+    pub fn restore(&mut self) {
+        self.flags &= !FLAG_ADMIN_FRACTURED;
+        self.persist_now = true;
+        self.held = false;
+    }
+
+    pub fn start_verify(&mut self, from_extent: u64) {
+        self.flags |= FLAG_VERIFY;
+        self.verify = Some(Verify::new(from_extent));
+    }
+
+    pub fn full_sync(&self) -> bool {
+        self.flags & FLAG_FULL_SYNC != 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verify_marks_exactly_the_differing_extents() {
+        let mut verify = Verify::new(4);
+        verify.batch = Some(VerifyBatch {
+            first_extent: 4,
+            count: 3,
+            local_ready: true,
+            remote_ready: false,
+            local_failed: false,
+        });
+        verify.local[..3].copy_from_slice(&[1, 2, 3]);
+        let reply: Vec<u8> = [1u128, 9, 3].iter().flat_map(|h| h.to_le_bytes()).collect();
+        assert!(verify.take_reply(5, &reply).is_err(), "wrong batch");
+        verify.take_reply(4, &reply).expect("the batch asked for");
+        let mut pending = bitvec![u64, Lsb0; 0; 8];
+        assert_eq!(verify.compare(&mut pending), Some(1));
+        assert_eq!(pending.iter_ones().collect::<Vec<_>>(), [5]);
+        assert_eq!(verify.next_extent, 7);
+        assert!(verify.take_reply(4, &reply).is_err(), "no batch outstanding");
+    }
+
+    #[test]
+    fn throttle_limits_to_its_rate() {
+        let mut throttle = Throttle::new(1_000_000);
+        assert!(!throttle.allows(), "starts empty");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        throttle.refill(0);
+        assert!(throttle.allows());
+        throttle.take(1_000_000);
+        assert!(!throttle.allows());
+        assert!(Throttle::new(0).allows(), "0 is unlimited");
+    }
+}

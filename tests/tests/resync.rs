@@ -1,0 +1,380 @@
+//! The persistent fracture log under injected faults, on the real kernel: a primary and
+//! secondaries on loop devices, each secondary in its own network namespace over veth.
+//!
+//! Each case writes on the primary, injects a fault, keeps writing, heals, waits for every
+//! secondary to be SYNCHRONIZED, then checks (a) the images hash equal and (b) the bytes the
+//! resync shipped are at most twice the bytes of the extents written during the fault (the
+//! writes of the batch just before the fault count as during it: they may be in flight when
+//! it strikes). No full copy.
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::time::Duration;
+
+use replicator_tests::*;
+
+const DEVICE_BYTES: u64 = 256 * MIB;
+const EXTENT_BYTES: u64 = 64 * KIB;
+/// Fast checkpoints and fault detection, so that each case takes seconds.
+const PRIMARY_ARGS: &[&str] = &["--checkpoint-ms", "200", "--timeout-ms", "2000", "--sync-rate", "0"];
+const SYNC_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn lab(label: &str, secondaries: usize, device_bytes: u64) -> Lab {
+    require_root();
+    Lab::new(&replicator_bin(), label, secondaries, device_bytes)
+        .expect("setting up namespaces, veths and loop devices")
+}
+
+/// Random whole-extent writes on the primary, remembering which extents they touched.
+struct Workload {
+    rng: Rng,
+    extents: u64,
+}
+
+impl Workload {
+    fn new(seed: u64, device_bytes: u64) -> Self {
+        Self { rng: Rng::new(seed), extents: device_bytes / EXTENT_BYTES }
+    }
+
+    fn write(&mut self, device: &Path, count: usize) -> BTreeSet<u64> {
+        let mut touched = BTreeSet::new();
+        for _ in 0..count {
+            let extent = self.rng.below(self.extents);
+            let fill = (self.rng.below(255) + 1) as u8;
+            write_direct(device, extent * EXTENT_BYTES, EXTENT_BYTES as usize, fill)
+                .expect("writing the primary");
+            touched.insert(extent);
+        }
+        touched
+    }
+}
+
+fn synchronized(lab: &Lab) -> serde_json::Value {
+    lab.wait_synchronized(SYNC_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()))
+}
+
+fn resync_bytes(status: &serde_json::Value, peer: usize) -> u64 {
+    status["secondaries"][peer]["resync_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no resync_bytes: {status}"))
+}
+
+fn assert_images_equal(lab: &Lab) {
+    let hashes = lab.hashes().expect("hashing the images");
+    eprintln!("image hashes: {hashes:?}");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// The resync shipped at most twice the extents written during the fault, and at least one.
+fn assert_resync_bounded(lab: &Lab, resynced_bytes: u64, during_fault: &BTreeSet<u64>) {
+    let fault_bytes = during_fault.len() as u64 * EXTENT_BYTES;
+    eprintln!(
+        "resync shipped {} KiB for {} extents ({} KiB) written during the fault",
+        resynced_bytes / KIB,
+        during_fault.len(),
+        fault_bytes / KIB
+    );
+    assert!(resynced_bytes > 0, "nothing was resynced\n{}", lab.logs());
+    assert!(
+        resynced_bytes <= 2 * fault_bytes,
+        "resync shipped {resynced_bytes} bytes for {fault_bytes} bytes written during the fault\n{}",
+        lab.logs()
+    );
+}
+
+fn until(what: &str, lab: &Lab, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    loop {
+        if let Some(status) = lab.status()
+            && check(&status)
+        {
+            return status;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn fractured(lab: &Lab, peer: usize) -> serde_json::Value {
+    until("the secondary to be fractured", lab, |s| s["secondaries"][peer]["fractured"] == true)
+}
+
+/// Waits for the checkpoints after the last write to pass the intent log's quiet window.
+fn quiet_intent_log() {
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+/// 1. Kill -9 the secondary in the middle of writes; restart it.
+#[test]
+fn secondary_killed_and_restarted() {
+    let mut lab = lab("r-kill-s", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(1, DEVICE_BYTES);
+    let secondary = lab.start_secondary(0, &[]).expect("secondary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    let before = resync_bytes(&synchronized(&lab), 0);
+    let mut during = workload.write(&device, 20);
+    lab.processes[secondary].kill();
+    during.extend(workload.write(&device, 100));
+    fractured(&lab, 0);
+    during.extend(workload.write(&device, 100));
+    lab.start_secondary(0, &[]).expect("secondary again");
+    let after = resync_bytes(&synchronized(&lab), 0);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, after - before, &during);
+}
+
+/// 2. The link goes down for 10 s (`ip link set ... down`), then up.
+#[test]
+fn link_down_for_ten_seconds() {
+    let mut lab = lab("r-link", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(2, DEVICE_BYTES);
+    lab.start_secondary(0, &[]).expect("secondary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    let before = resync_bytes(&synchronized(&lab), 0);
+    let link = lab.primary_ifs[0].clone();
+    let mut during = workload.write(&device, 20);
+    lab.primary_ns.run(&["link", "set", &link, "down"]).expect("link down");
+    let down_at = std::time::Instant::now();
+    during.extend(workload.write(&device, 150));
+    fractured(&lab, 0);
+    std::thread::sleep(Duration::from_secs(10).saturating_sub(down_at.elapsed()));
+    lab.primary_ns.run(&["link", "set", &link, "up"]).expect("link up");
+    let after = resync_bytes(&synchronized(&lab), 0);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, after - before, &during);
+}
+
+/// 3. Kill -9 the primary while a secondary is fractured; restart it: the fracture log and the
+///    pinned maps bring it back without a full copy, writes made while no primary ran included.
+#[test]
+fn primary_killed_while_a_secondary_is_fractured() {
+    let mut lab = lab("r-kill-p", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(3, DEVICE_BYTES);
+    let secondary = lab.start_secondary(0, &[]).expect("secondary");
+    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    synchronized(&lab);
+    quiet_intent_log();
+    lab.processes[secondary].kill();
+    let mut during = workload.write(&device, 100);
+    fractured(&lab, 0);
+    during.extend(workload.write(&device, 100));
+    std::thread::sleep(Duration::from_millis(500));
+    lab.processes[primary].kill();
+    // No primary runs: only the pinned tracker sees these.
+    during.extend(workload.write(&device, 100));
+    lab.start_primary(PRIMARY_ARGS).expect("primary again");
+    lab.start_secondary(0, &[]).expect("secondary again");
+    let status = synchronized(&lab);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, resync_bytes(&status, 0), &during);
+    assert!(lab.logs().contains("resumed the pinned tracker"), "{}", lab.logs());
+}
+
+/// 4. A simulated host crash of the primary: kill -9 and remove the pinned maps (as a reboot
+///    would), write more (nothing tracks it), restart: the persisted logs and a verify of every
+///    secondary bring it back; the verify ships only the extents that differ.
+#[test]
+fn host_crash_of_the_primary() {
+    let mut lab = lab("r-host", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(4, DEVICE_BYTES);
+    lab.start_secondary(0, &[]).expect("secondary");
+    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    synchronized(&lab);
+    quiet_intent_log();
+    let mut during = workload.write(&device, 50);
+    lab.processes[primary].kill();
+    lab.untrack_primary();
+    during.extend(workload.write(&device, 50));
+    lab.start_primary(PRIMARY_ARGS).expect("primary after the crash");
+    let status = synchronized(&lab);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, resync_bytes(&status, 0), &during);
+    let logs = lab.logs();
+    assert!(logs.contains("every secondary will be verified") && logs.contains("verify finished"), "{logs}");
+}
+
+/// 5. A fracture log truncated, and one with a flipped byte: each is reported, never trusted
+///    as empty; that secondary is verified and ends equal, without a full copy.
+#[test]
+fn damaged_fracture_logs_fall_back_to_verify() {
+    let mut lab = lab("r-damage", 2, DEVICE_BYTES);
+    let mut workload = Workload::new(5, DEVICE_BYTES);
+    let s0 = lab.start_secondary(0, &[]).expect("secondary 0");
+    let s1 = lab.start_secondary(1, &[]).expect("secondary 1");
+    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    synchronized(&lab);
+    quiet_intent_log();
+    lab.processes[s0].kill();
+    lab.processes[s1].kill();
+    let during = workload.write(&device, 100);
+    fractured(&lab, 0);
+    fractured(&lab, 1);
+    quiet_intent_log();
+    assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
+    let state = lab.state_dir("p");
+    let truncated = state.join("fracture-s0.log");
+    let bytes = std::fs::read(&truncated).expect("s0's fracture log exists");
+    std::fs::write(&truncated, &bytes[..bytes.len() / 2]).expect("truncating");
+    let flipped = state.join("fracture-s1.log");
+    let mut bytes = std::fs::read(&flipped).expect("s1's fracture log exists");
+    let at = bytes.len() - 1;
+    bytes[at] ^= 0x10;
+    std::fs::write(&flipped, &bytes).expect("flipping a byte");
+    lab.start_primary(PRIMARY_ARGS).expect("primary again");
+    lab.start_secondary(0, &[]).expect("secondary 0 again");
+    lab.start_secondary(1, &[]).expect("secondary 1 again");
+    let status = synchronized(&lab);
+    assert_images_equal(&lab);
+    let logs = lab.logs();
+    assert_eq!(logs.matches("the fracture log cannot be trusted").count(), 2, "{logs}");
+    for peer in 0..2 {
+        assert_resync_bounded(&lab, resync_bytes(&status, peer), &during);
+    }
+}
+
+/// 6. Administrator fracture and restore while writes continue; the fractured image does not
+///    change until restore.
+#[test]
+fn administrator_fracture_and_restore() {
+    let mut lab = lab("r-admin", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(6, DEVICE_BYTES);
+    lab.start_secondary(0, &[]).expect("secondary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    let before = resync_bytes(&synchronized(&lab), 0);
+    let mut during = workload.write(&device, 20);
+    lab.operate(&["fracture", "s0"]).unwrap_or_else(|e| panic!("fracture: {e}\n{}", lab.logs()));
+    let status = fractured(&lab, 0);
+    assert_eq!(status["secondaries"][0]["state"], "UNSYNCHRONIZED", "{status}");
+    let frozen = hash_device(&lab.secondary_devices[0].path).expect("hashing s0");
+    during.extend(workload.write(&device, 200));
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        hash_device(&lab.secondary_devices[0].path).expect("hashing s0"),
+        frozen,
+        "nothing reaches a fractured secondary"
+    );
+    assert!(lab.operate(&["fracture", "s0"]).is_err(), "fracturing twice is refused");
+    lab.operate(&["restore", "s0"]).unwrap_or_else(|e| panic!("restore: {e}\n{}", lab.logs()));
+    let after = resync_bytes(&synchronized(&lab), 0);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, after - before, &during);
+}
+
+/// 7. Two secondaries, one fractured and one healthy: the healthy one never falls behind.
+#[test]
+fn healthy_secondary_keeps_up_while_another_is_fractured() {
+    let mut lab = lab("r-two", 2, DEVICE_BYTES);
+    let mut workload = Workload::new(7, DEVICE_BYTES);
+    let s0 = lab.start_secondary(0, &[]).expect("secondary 0");
+    lab.start_secondary(1, &[]).expect("secondary 1");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    let before = resync_bytes(&synchronized(&lab), 0);
+    let mut during = workload.write(&device, 20);
+    lab.processes[s0].kill();
+    fractured(&lab, 0);
+    for _ in 0..5 {
+        during.extend(workload.write(&device, 60));
+        let status = until("the healthy secondary to catch up", &lab, |s| {
+            s["secondaries"][1]["in_sync"] == true && s["secondaries"][1]["out_of_sync_bytes"] == 0
+        });
+        assert_eq!(status["secondaries"][1]["state"], "SYNCHRONIZED", "{status}");
+        assert_eq!(status["secondaries"][1]["fractured"], false, "{status}");
+        assert_eq!(status["secondaries"][0]["fractured"], true, "{status}");
+    }
+    let s1_resync = resync_bytes(&lab.status().expect("status"), 1);
+    lab.start_secondary(0, &[]).expect("secondary 0 again");
+    let status = synchronized(&lab);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, resync_bytes(&status, 0) - before, &during);
+    assert_eq!(resync_bytes(&status, 1), s1_resync, "the healthy secondary needed no resync");
+}
+
+/// 8. A secondary whose device returns write errors (a loop device over a file on a tmpfs that
+///    fills up): the primary fractures it, keeps its log, and resyncs it when space is freed.
+#[test]
+fn secondary_write_errors_fracture_until_space_is_freed() {
+    const SMALL_BYTES: u64 = 64 * MIB;
+    let mut lab = lab("r-enospc", 1, SMALL_BYTES);
+    let mut workload = Workload::new(8, SMALL_BYTES);
+    let tmpfs = lab.dir.join("tmpfs");
+    std::fs::create_dir_all(&tmpfs).expect("tmpfs mount point");
+    let mount = TmpfsMount::new(&tmpfs, SMALL_BYTES + 8 * MIB);
+    let backing = tmpfs.join("s0.img");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(SMALL_BYTES)).expect("backing file");
+    lab.secondary_devices[0] = LoopDevice::over_file(backing.clone()).expect("loop over tmpfs");
+    lab.start_secondary(0, &[]).expect("secondary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    let before = resync_bytes(&synchronized(&lab), 0);
+    // The initial sync allocated the whole image; hole-punch the first 8 MiB (zero on both
+    // sides), then fill the tmpfs so that rewriting those extents finds no space.
+    run_command(
+        "fallocate",
+        &["--punch-hole", "--offset", "0", "--length", "8MiB", backing.to_str().unwrap()],
+    )
+    .expect("fallocate (package util-linux)");
+    let filler = mount.fill();
+    let mut during = BTreeSet::new();
+    for extent in 0..(8 * MIB / EXTENT_BYTES) {
+        write_direct(&device, extent * EXTENT_BYTES, EXTENT_BYTES as usize, 0x5a)
+            .expect("writing the primary");
+        during.insert(extent);
+    }
+    during.extend(workload.write(&device, 20));
+    fractured(&lab, 0);
+    std::thread::sleep(Duration::from_secs(2));
+    let logs = lab.logs();
+    assert!(
+        logs.contains("write of") && logs.contains("failed"),
+        "the secondary reports the write error\n{logs}"
+    );
+    std::fs::remove_file(&filler).expect("freeing space");
+    let after = resync_bytes(&synchronized(&lab), 0);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, after - before, &during);
+}
+
+/// A tmpfs of a given size, unmounted on drop.
+struct TmpfsMount {
+    path: std::path::PathBuf,
+}
+
+impl TmpfsMount {
+    fn new(path: &Path, size_bytes: u64) -> Self {
+        let options = format!("size={size_bytes}");
+        run_command("mount", &["-t", "tmpfs", "-o", &options, "tmpfs", path.to_str().unwrap()])
+            .expect("mounting a tmpfs");
+        Self { path: path.into() }
+    }
+
+    /// Fills the rest of the tmpfs; returns the filler file.
+    fn fill(&self) -> std::path::PathBuf {
+        use std::io::Write as _;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let chunk = vec![0xffu8; 64 * 1024];
+        while file.write_all(&chunk).is_ok() {}
+        let _ = file.sync_all();
+        filler
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = run_command("umount", &["--lazy", self.path.to_str().unwrap()]);
+    }
+}
