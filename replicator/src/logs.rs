@@ -328,6 +328,10 @@ impl IntentQuiet {
 }
 
 #[cfg(test)]
+#[path = "logs_model.rs"]
+mod model;
+
+#[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;

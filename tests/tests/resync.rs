@@ -236,7 +236,9 @@ fn damaged_fracture_logs_fall_back_to_verify() {
     let status = synchronized(&lab);
     assert_images_equal(&lab);
     let logs = lab.logs();
-    assert_eq!(logs.matches("the fracture log cannot be trusted").count(), 2, "{logs}");
+    for name in ["fracture-s0.log", "fracture-s1.log"] {
+        assert!(logs.contains(&format!("{name}: damaged log")), "{name} reported as damaged\n{logs}");
+    }
     for peer in 0..2 {
         assert_resync_bounded(&lab, resync_bytes(&status, peer), &during);
     }
@@ -342,10 +344,15 @@ fn secondary_write_errors_fracture_until_space_is_freed() {
         logs.contains("write of") && logs.contains("failed"),
         "the secondary reports the write error\n{logs}"
     );
+    // Until space is freed every retry ships some extents that fail again; what counts is
+    // what the resync ships once it can succeed.
+    let retried = resync_bytes(&lab.status().expect("status"), 0) - before;
     std::fs::remove_file(&filler).expect("freeing space");
+    let freed_at = resync_bytes(&lab.status().expect("status"), 0);
     let after = resync_bytes(&synchronized(&lab), 0);
     assert_images_equal(&lab);
-    assert_resync_bounded(&lab, after - before, &during);
+    eprintln!("{} KiB shipped in failed retries before space was freed", retried / KIB);
+    assert_resync_bounded(&lab, after - freed_at, &during);
 }
 
 /// A tmpfs of a given size, unmounted on drop.
