@@ -156,7 +156,11 @@ fn handle_connection(
     stats: &SecondaryMetrics,
 ) {
     let timeout = Some(Duration::from_millis(config.timeout_ms));
-    let setup = stream.set_nonblocking(false).and_then(|()| stream.set_read_timeout(timeout));
+    // Acks and verify replies are small and latency-bound: no Nagle delay.
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_read_timeout(timeout));
     if let Err(e) = setup.and_then(|()| stream.set_write_timeout(timeout)) {
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
