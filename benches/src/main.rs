@@ -3,6 +3,7 @@
 //! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
 
 mod fio;
+mod resync;
 mod ship_throughput;
 mod tracker_overhead;
 
@@ -14,7 +15,7 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "replicator benchmarks; each scenario runs with its baseline")]
 struct Args {
-    /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput.
+    /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput, resync.
     scenarios: Vec<String>,
     /// Seconds per fio round.
     #[arg(long, default_value_t = 8)]
@@ -27,7 +28,7 @@ struct Args {
     out_dir: PathBuf,
 }
 
-const SCENARIOS: [&str; 2] = ["tracker-overhead", "ship-throughput"];
+const SCENARIOS: [&str; 3] = ["tracker-overhead", "ship-throughput", "resync"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -42,13 +43,14 @@ fn main() -> anyhow::Result<()> {
         );
     }
     let binary =
-        if scenarios.iter().any(|s| s == "ship-throughput") { Some(replicator_binary()?) } else { None };
+        if scenarios.iter().any(|s| s != "tracker-overhead") { Some(replicator_binary()?) } else { None };
     let mut results = serde_json::Map::new();
     let mut markdown = String::new();
     for scenario in &scenarios {
         let (json, md) = match scenario.as_str() {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
             "ship-throughput" => ship_throughput::run(binary.as_deref().expect("resolved above"))?,
+            "resync" => resync::run(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);

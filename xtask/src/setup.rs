@@ -7,8 +7,19 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker; the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 9] =
-    ["llvm-22-dev", "fio", "e2fsprogs", "fdisk", "util-linux", "kmod", "iproute2", "bpftool", "iperf3"];
+const PACKAGES: [&str; 11] = [
+    "llvm-22-dev",
+    "fio",
+    "e2fsprogs",
+    "fdisk",
+    "util-linux",
+    "kmod",
+    "iproute2",
+    "bpftool",
+    "iperf3",
+    "rsync",
+    "netcat-openbsd",
+];
 
 const NIGHTLY: &str = "nightly";
 

@@ -31,10 +31,19 @@ pub struct ConnectorConfig {
     pub retry_max_ms: u64,
 }
 
+/// Why the engine asks for a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Want {
+    /// After a failure: back off if the last connection was short-lived.
+    Reconnect,
+    /// The operator restored the secondary: connect now.
+    Now,
+}
+
 /// Runs until `stop`. `wanted` receives a message each time the engine needs a connection.
 pub fn run(
     config: ConnectorConfig,
-    wanted: Receiver<()>,
+    wanted: Receiver<Want>,
     connected: Sender<Connected>,
     stop: Arc<AtomicBool>,
 ) {
@@ -42,14 +51,16 @@ pub fn run(
     let mut delay_ms = RETRY_FIRST_MS;
     let mut last_connected: Option<Instant> = None;
     'wait: while !stop.load(Ordering::Relaxed) {
-        match wanted.recv_timeout(Duration::from_millis(200)) {
-            Ok(()) => {}
+        let want = match wanted.recv_timeout(Duration::from_millis(200)) {
+            Ok(want) => want,
             Err(RecvTimeoutError::Timeout) => continue,
             Err(RecvTimeoutError::Disconnected) => return,
-        }
+        };
         // A connection that failed soon after it was made (refused by the secondary, say) backs
         // off like a failed connect, so a persistent problem cannot become a reconnect storm.
-        if last_connected.is_some_and(|at| at.elapsed() < Duration::from_millis(config.retry_max_ms)) {
+        let short_lived =
+            last_connected.is_some_and(|at| at.elapsed() < Duration::from_millis(config.retry_max_ms));
+        if want == Want::Reconnect && short_lived {
             std::thread::sleep(Duration::from_millis(delay_ms));
             delay_ms = (delay_ms * 2).min(config.retry_max_ms);
         } else {

@@ -160,6 +160,11 @@ pub struct PeerStatus {
     pub sync_rate_bytes_per_s: u64,
     pub resync_bytes_done: u64,
     pub out_of_sync_bytes: u64,
+    /// Resync time left at the current rate, when resyncing.
+    pub resync_eta_seconds: Option<f64>,
+    /// Wall-clock time (Unix ms) of the last transition to SYNCHRONIZED, and of the last fracture.
+    pub synchronized_at_unix_ms: u64,
+    pub fractured_at_unix_ms: u64,
     #[serde(flatten)]
     pub stats: PeerStats,
 }
@@ -264,7 +269,7 @@ impl Engine {
                 .map_err(io_error("starting a connector thread"))?;
             let (pending, log) = recover_peer(&config, name, &recovered, geometry.device_bytes());
             if !log.held {
-                want_tx.send(()).expect("connector is running");
+                want_tx.send(connector::Want::Now).expect("connector is running");
             }
             let peer_metrics = metrics.peer(name);
             peer_metrics.sync_rate_limit_bytes.set(log.throttle.rate_bytes_per_s.min(i64::MAX as u64) as i64);
@@ -411,7 +416,7 @@ impl Engine {
             for i in 0..self.peers.len() {
                 let peer = &self.peers[i];
                 if peer.eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max) {
-                    if !peer.log.fractured() || peer.log.throttle.allows() {
+                    if !peer.log.throttled || peer.log.throttle.allows() {
                         eligible_at[eligible_count] = i;
                         eligible_count += 1;
                     }
@@ -422,7 +427,10 @@ impl Engine {
                         .is_some_and(|c| c.backlog_bytes + run_bytes_max > self.config.backlog_bytes_max)
                     && peer.pending.any()
                 {
-                    self.fracture(i, "unacknowledged backlog over its limit");
+                    let peer = &mut self.peers[i];
+                    tracing::info!(secondary = %peer.name, "secondary behind: backlog over its limit; its missed extents go to its fracture log");
+                    peer.metrics.fractures.inc();
+                    peer.log.fall_behind();
                 }
             }
             let eligible = &eligible_at[..eligible_count];
@@ -437,7 +445,7 @@ impl Engine {
                 if pending.any() {
                     pending.fill(false);
                     targets[i] = Some(peer.generation);
-                    if peer.log.fractured() {
+                    if peer.log.throttled {
                         peer.log.throttle.take(len as u64);
                     }
                     // Reserved now, so reads in flight count against the backlog limit too.
@@ -865,7 +873,7 @@ impl Engine {
         }
         self.fracture(index, reason);
         if !self.peers[index].log.held {
-            let _ = self.peers[index].want_connection.send(());
+            let _ = self.peers[index].want_connection.send(connector::Want::Reconnect);
         }
     }
 
@@ -912,6 +920,9 @@ impl Engine {
                 sync_rate_bytes_per_s: p.log.throttle.rate_bytes_per_s,
                 resync_bytes_done: p.log.resync_bytes_done,
                 out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes),
+                resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes(p, self.config.extent_bytes)),
+                synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
+                fractured_at_unix_ms: p.log.fractured_at_unix_ms,
                 stats: p.stats,
             })
             .collect()
@@ -946,9 +957,7 @@ impl Engine {
                     resync_bytes = peer.log.resync_bytes_done,
                     "secondary SYNCHRONIZED: its fracture log is empty and acknowledged"
                 );
-                peer.log.flags = 0;
-                peer.log.resync_bytes_done = 0;
-                peer.log.persist_now = true;
+                peer.log.synchronized();
             }
         }
         if self.last_status.elapsed() < Duration::from_millis(200) {
@@ -1290,7 +1299,7 @@ impl Engine {
                 }
                 peer.log.restore();
                 if peer.conn.is_none() {
-                    let _ = peer.want_connection.send(());
+                    let _ = peer.want_connection.send(connector::Want::Now);
                 }
                 self.persist_peer(i);
             }
@@ -1303,7 +1312,6 @@ impl Engine {
                 if log.verify.is_some() {
                     return Err(format!("{secondary} is already being verified"));
                 }
-                log.fracture();
                 log.start_verify(0);
                 self.persist_peer(i);
             }
@@ -1311,9 +1319,11 @@ impl Engine {
                 let i = index.expect("named");
                 let peer = &mut self.peers[i];
                 peer.pending.fill(true);
+                peer.log.fall_behind();
                 peer.log.verify = None;
                 peer.log.flags = (peer.log.flags & !logs::FLAG_VERIFY) | logs::FLAG_FULL_SYNC;
-                peer.log.fracture();
+                peer.log.throttled = true;
+                peer.log.persist_now = true;
                 self.persist_peer(i);
             }
             Request::Set { secondary: _, key, value } => self.set(index, &key, &value)?,
@@ -1482,6 +1492,10 @@ fn recover_peer(
         throttle: Throttle::new(config.sync_rate_bytes_per_s),
         recovery: config.recovery_policy,
         held: false,
+        throttled: false,
+        synchronized_at_unix_ms: 0,
+        fractured_at_unix_ms: 0,
+        resync_started: None,
     };
     let mut pending = recovered.intent.clone();
     match loaded {
@@ -1502,15 +1516,17 @@ fn recover_peer(
         Ok(None) => {}
         Err(error) => {
             tracing::error!(secondary = %name, %error, "the fracture log cannot be trusted: this secondary will be verified");
-            log.fracture();
             log.start_verify(0);
         }
     }
     if recovered.verify_all && !log.full_sync() && log.verify.is_none() {
-        log.fracture();
         log.start_verify(0);
     }
     log.held = log.admin_fractured()
         || (config.recovery_policy == RecoveryPolicy::Manual && log.flags & logs::FLAG_FRACTURED != 0);
+    log.throttled = log.fractured();
+    if log.fractured() {
+        log.resync_started = Some(Instant::now());
+    }
     (pending, log)
 }

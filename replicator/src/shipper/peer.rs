@@ -150,7 +150,7 @@ pub struct Peer {
     pub conn: Option<Conn>,
     /// Bumped at each disconnect; completions of older connections are recognised by it.
     pub generation: u32,
-    pub want_connection: Sender<()>,
+    pub want_connection: Sender<super::connector::Want>,
     pub zero_copy: bool,
     pub stats: PeerStats,
     pub metrics: crate::metrics::PeerMetrics,

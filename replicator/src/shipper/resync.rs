@@ -159,6 +159,13 @@ pub struct PeerLog {
     /// Not reconnected until `restore`: fractured by the administrator, or fractured by a
     /// failure under the manual recovery policy.
     pub held: bool,
+    /// Its shipping counts against the sync rate: it is resyncing after a failure, a full
+    /// sync or a verify. A secondary merely behind its backlog limit is not throttled.
+    pub throttled: bool,
+    pub synchronized_at_unix_ms: u64,
+    pub fractured_at_unix_ms: u64,
+    /// When this resync started shipping, and the bytes done then, for the ETA.
+    pub resync_started: Option<Instant>,
 }
 
 impl PeerLog {
@@ -172,17 +179,47 @@ impl PeerLog {
 
     /// Marks it fractured (by a failure); under the manual policy it then waits for `restore`.
     pub fn fracture(&mut self) {
-        self.flags |= FLAG_FRACTURED;
-        self.persist_now = true;
+        self.fall_behind();
+        self.throttled = true;
         if self.recovery == RecoveryPolicy::Manual {
             self.held = true;
         }
     }
 
+    /// Marks it fractured because its backlog is over the limit: its missed extents go to its
+    /// fracture log, it is fed again as its acks come in, at full speed.
+    pub fn fall_behind(&mut self) {
+        if self.flags & FLAG_FRACTURED == 0 {
+            self.fractured_at_unix_ms = crate::logs::unix_ms_now();
+            self.resync_started = Some(Instant::now());
+        }
+        self.flags |= FLAG_FRACTURED;
+        self.persist_now = true;
+    }
+
+    /// Seconds left to resync `left_bytes` at the rate seen since the resync started.
+    pub fn eta_seconds(&self, left_bytes: u64) -> Option<f64> {
+        let started = self.resync_started.filter(|_| self.fractured())?;
+        let rate = self.resync_bytes_done as f64 / started.elapsed().as_secs_f64().max(1e-3);
+        (rate > 0.0).then(|| left_bytes as f64 / rate)
+    }
+
+    /// Back in sync: nothing to resync, no throttle.
+    pub fn synchronized(&mut self) {
+        self.synchronized_at_unix_ms = crate::logs::unix_ms_now();
+        self.resync_started = None;
+        self.flags = 0;
+        self.resync_bytes_done = 0;
+        self.persist_now = true;
+        self.throttled = false;
+    }
+
     pub fn admin_fracture(&mut self) {
-        self.flags |= FLAG_FRACTURED | FLAG_ADMIN_FRACTURED;
+        self.fall_behind();
+        self.flags |= FLAG_ADMIN_FRACTURED;
         self.persist_now = true;
         self.held = true;
+        self.throttled = true;
     }
 
     pub fn restore(&mut self) {
@@ -192,7 +229,10 @@ impl PeerLog {
     }
 
     pub fn start_verify(&mut self, from_extent: u64) {
+        self.fall_behind();
         self.flags |= FLAG_VERIFY;
+        self.throttled = true;
+        self.persist_now = true;
         self.verify = Some(Verify::new(from_extent));
     }
 
