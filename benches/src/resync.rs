@@ -43,6 +43,7 @@ struct Verify {
 pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     let mut lab = Lab::new(binary, "resync", 1, DEVICE_BYTES)?;
     fill_random(&lab.primary_device.path)?;
+    prefill(&lab.secondary_devices[0].path)?;
     lab.start_secondary(0, &[])?;
     let started = Instant::now();
     lab.start_primary(PRIMARY_ARGS)?;
@@ -203,10 +204,16 @@ fn verify(lab: &Lab, rng: &mut Rng, full_copy_seconds: f64) -> anyhow::Result<Ve
 
 /// `dd | nc` of the primary device to a file on the secondary's side, over the same veth path.
 fn full_copy(lab: &Lab) -> anyhow::Result<(f64, u64)> {
+    // Into a file whose pages exist already, as the secondary's image does: first-touch page
+    // allocation in this VM would otherwise dominate.
     let sink = lab.dir.join("full-copy.img");
+    if std::fs::metadata(&sink).map_or(true, |m| m.len() != DEVICE_BYTES) {
+        prefill(&sink)?;
+    }
     let port = "7799";
     let mut listener = lab.secondary_ns[0].command(Path::new("sh"));
-    listener.args(["-c", &format!("nc -l -p {port} > {}", sink.display())]);
+    listener
+        .args(["-c", &format!("nc -l -p {port} | dd of={} bs=1M conv=notrunc status=none", sink.display())]);
     let mut listener = Process::spawn("nc listener", listener, lab.dir.join("nc.log"))?;
     std::thread::sleep(Duration::from_millis(300));
     let addr = lab.secondary_addrs[0].ip().to_string();
@@ -228,9 +235,16 @@ fn full_copy(lab: &Lab) -> anyhow::Result<(f64, u64)> {
     let _ = listener.child.wait();
     let seconds = started.elapsed().as_secs_f64();
     let bytes = std::fs::metadata(&sink).map(|m| m.len()).unwrap_or(0);
-    let _ = std::fs::remove_file(&sink);
     anyhow::ensure!(bytes == DEVICE_BYTES, "the full copy moved {bytes} bytes, not {DEVICE_BYTES}");
     Ok((seconds, bytes))
+}
+
+/// Writes zeros over a file or device of DEVICE_BYTES, so its pages are allocated.
+fn prefill(path: &Path) -> anyhow::Result<()> {
+    let of = format!("of={}", path.display());
+    let count = format!("count={}", DEVICE_BYTES >> 20);
+    run_command("dd", &["if=/dev/zero", &of, "bs=1M", &count, "conv=notrunc", "status=none"])?;
+    Ok(())
 }
 
 /// `rsync --inplace --no-whole-file` of the primary's image file to `target_dir/image` served by
@@ -254,7 +268,15 @@ fn rsync(lab: &Lab, target_dir: &Path) -> anyhow::Result<(f64, u64)> {
     let output = lab
         .primary_ns
         .command(Path::new("rsync"))
-        .args(["--inplace", "--no-whole-file", "--stats", &source, &format!("rsync://{addr}:8873/m/image")])
+        // --ignore-times: the sizes match, so rsync's quick check would skip the file.
+        .args([
+            "--inplace",
+            "--no-whole-file",
+            "--ignore-times",
+            "--stats",
+            &source,
+            &format!("rsync://{addr}:8873/m/image"),
+        ])
         .output()
         .context("rsync (package rsync)")?;
     let seconds = started.elapsed().as_secs_f64();

@@ -89,6 +89,9 @@ enum SessionEnd {
     Stop,
 }
 
+/// How often the listener is polled for a connection (and the stop flag checked).
+const ACCEPT_POLL_MS: u64 = 5;
+
 /// Serves primaries until `stop` is set: one authenticated session at a time; a connection
 /// that fails the handshake is logged with its address and dropped.
 pub fn serve(
@@ -125,7 +128,7 @@ pub fn serve(
             let (stream, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
                     continue;
                 }
                 Err(e) => {
