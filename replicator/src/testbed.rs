@@ -489,11 +489,19 @@ impl Lab {
         }
     }
 
-    /// Runs an operator command (`fracture s0`, `set sync-rate=0`, ...) against the primary.
+    /// Runs an operator command (`fracture s0`, `set sync-rate=0`, ...) against the primary;
+    /// returns its JSON answer.
     pub fn operate(&self, args: &[&str]) -> Result<String, TestbedError> {
+        let mut all: Vec<&str> = args.to_vec();
+        all.push("--json");
+        self.operate_text(&all)
+    }
+
+    /// Runs an operator command and returns what it prints for a person (`status`: a table).
+    pub fn operate_text(&self, args: &[&str]) -> Result<String, TestbedError> {
         let state_dir = self.state_dir("p");
         let mut all: Vec<&str> = args.to_vec();
-        all.extend(["--state-dir", state_dir.to_str().expect("utf-8 path"), "--json"]);
+        all.extend(["--state-dir", state_dir.to_str().expect("utf-8 path")]);
         run_command(self.binary.to_str().expect("utf-8 path"), &all)
     }
 
