@@ -73,7 +73,7 @@ fn print_table(secondaries: &serde_json::Value) {
             Some(0) | None => "unlimited".to_owned(),
             Some(rate) => format!("{}/s", format_bytes(rate)),
         };
-        println!(
+        let line = format!(
             "{:<12} {:<21} {:<15} {:>12} {:>12} {:>10}  {}",
             p["name"].as_str().unwrap_or("?"),
             p["addr"].as_str().unwrap_or("?"),
@@ -83,5 +83,6 @@ fn print_table(secondaries: &serde_json::Value) {
             rate,
             notes.join(", ")
         );
+        println!("{}", line.trim_end());
     }
 }
