@@ -13,6 +13,26 @@ pub struct FioResult {
     pub p999_us: f64,
 }
 
+/// Writes the first `size` of `device` sequentially: 1 MiB O_DIRECT writes, 8 in flight.
+pub fn sequential_write(device: &Path, size: &str) -> anyhow::Result<()> {
+    let status = Command::new("fio")
+        .args([
+            "--name=sequential",
+            "--rw=write",
+            "--bs=1m",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=8",
+        ])
+        .arg(format!("--size={size}"))
+        .arg(format!("--filename={}", device.display()))
+        .stdout(Stdio::null())
+        .status()
+        .context("running fio (package fio)")?;
+    anyhow::ensure!(status.success(), "fio failed on {}", device.display());
+    Ok(())
+}
+
 /// Starts fio: 4 KiB random writes, O_DIRECT, io_uring, `iodepth` in flight, for `seconds`.
 pub fn start_randwrite(device: &Path, iodepth: u32, seconds: u32) -> anyhow::Result<Child> {
     Command::new("fio")

@@ -42,7 +42,7 @@ struct Verify {
 
 pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     let mut lab = Lab::new(binary, "resync", 1, DEVICE_BYTES)?;
-    fill_random(&lab.primary_device.path)?;
+    crate::fio::sequential_write(&lab.primary_device.path, "2g")?;
     prefill(&lab.secondary_devices[0].path)?;
     lab.start_secondary(0, &[])?;
     let started = Instant::now();
@@ -292,24 +292,6 @@ fn rsync(lab: &Lab, target_dir: &Path) -> anyhow::Result<(f64, u64)> {
             .unwrap_or(0)
     };
     Ok((seconds, number("Total bytes sent:") + number("Total bytes received:")))
-}
-
-fn fill_random(device: &Path) -> anyhow::Result<()> {
-    let filename = format!("--filename={}", device.display());
-    run_command(
-        "fio",
-        &[
-            "--name=fill",
-            &filename,
-            "--rw=write",
-            "--bs=1m",
-            "--direct=1",
-            "--ioengine=io_uring",
-            "--iodepth=8",
-            "--size=2g",
-        ],
-    )?;
-    Ok(())
 }
 
 fn synchronized(lab: &Lab) -> anyhow::Result<serde_json::Value> {

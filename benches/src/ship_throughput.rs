@@ -97,20 +97,7 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
     let pid = lab.processes[primary].child.id();
     let cpu_before = cpu_seconds(pid)?;
     let started = Instant::now();
-    let dev = format!("--filename={}", lab.primary_device.path.display());
-    run_command(
-        "fio",
-        &[
-            "--name=rewrite",
-            &dev,
-            "--rw=write",
-            "--bs=1m",
-            "--direct=1",
-            "--ioengine=io_uring",
-            "--iodepth=8",
-            "--size=2g",
-        ],
-    )?;
+    crate::fio::sequential_write(&lab.primary_device.path, "2g")?;
     let status =
         lab.wait_in_sync(Duration::from_secs(120)).map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
     // wait_in_sync holds for a settle period after the last ack; take it off.

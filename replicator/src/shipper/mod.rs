@@ -510,18 +510,23 @@ impl Engine {
         assert!(reading.not_any(), "two reads of one extent in flight could queue its frames out of order");
         reading.fill(true);
         let buffer = self.pool.take().expect("schedule_reads checked a free buffer");
-        let (offset, len) = self.run_bytes(&run);
-        assert!(len <= self.pool.data_bytes_max());
-        let entry = opcode::ReadFixed::new(
+        let entry = self.read_entry(buffer, &run);
+        self.reads_in_flight += 1;
+        self.push_op(Op::Read { buffer, run, targets }, entry)
+    }
+
+    /// An O_DIRECT read of extents `run` of the primary device into pool buffer `buffer`.
+    fn read_entry(&self, buffer: u16, run: &Range<u64>) -> squeue::Entry {
+        let (offset, len) = self.run_bytes(run);
+        assert!(len <= self.pool.data_bytes_max(), "a run fits in one buffer");
+        opcode::ReadFixed::new(
             types::Fd(self.device.as_raw_fd()),
             self.pool.data_ptr(buffer),
             len as u32,
             buffer,
         )
         .offset(offset)
-        .build();
-        self.reads_in_flight += 1;
-        self.push_op(Op::Read { buffer, run, targets }, entry)
+        .build()
     }
 
     /// Sends keepalives on idle connections, and drops those that have gone quiet.
@@ -1193,15 +1198,7 @@ impl Engine {
             peer.log.throttle.take(u64::from(count) * self.config.extent_bytes);
             let generation = peer.generation;
             let buffer = self.pool.take().expect("checked a free buffer");
-            let (offset, len) = self.run_bytes(&(first_extent..first_extent + u64::from(count)));
-            let entry = opcode::ReadFixed::new(
-                types::Fd(self.device.as_raw_fd()),
-                self.pool.data_ptr(buffer),
-                len as u32,
-                buffer,
-            )
-            .offset(offset)
-            .build();
+            let entry = self.read_entry(buffer, &(first_extent..first_extent + u64::from(count)));
             self.push_op(Op::VerifyRead { peer: index, generation, buffer, first_extent, count }, entry)?;
         }
         Ok(())
