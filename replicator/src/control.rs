@@ -16,8 +16,10 @@ use std::time::Duration;
 pub const SOCKET_FILE: &str = "control.sock";
 /// Longest request accepted.
 const REQUEST_BYTES_MAX: u64 = 64 * 1024;
-/// How long a client waits for the engine's answer.
+/// How long a client waits for the engine's answer (a consistency point may take its own
+/// timeout, up to `CONSISTENCY_TIMEOUT_MS_MAX`).
 const REPLY_TIMEOUT_MS: u64 = 30_000;
+pub const CONSISTENCY_TIMEOUT_MS_MAX: u64 = 300_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
@@ -44,6 +46,11 @@ pub enum Request {
         secondary: Option<String>,
         key: String,
         value: String,
+    },
+    /// Wait until every SYNCHRONIZED secondary has acknowledged every extent written so far,
+    /// then have each record that its image is consistent as of now.
+    ConsistencyPoint {
+        timeout_ms: u64,
     },
 }
 
@@ -114,12 +121,18 @@ fn answer(stream: UnixStream, calls: &Sender<Call>) -> std::io::Result<()> {
     let reply = match serde_json::from_str::<Request>(&line) {
         Err(e) => Err(format!("malformed request: {e}")),
         Ok(request) => {
+            let wait_ms = match &request {
+                Request::ConsistencyPoint { timeout_ms } => {
+                    (*timeout_ms).min(CONSISTENCY_TIMEOUT_MS_MAX) + 5000
+                }
+                _ => REPLY_TIMEOUT_MS,
+            };
             let (reply, answer) = mpsc::channel();
             if calls.send(Call { request, reply }).is_err() {
                 Err("the engine has stopped".to_owned())
             } else {
                 answer
-                    .recv_timeout(Duration::from_millis(REPLY_TIMEOUT_MS))
+                    .recv_timeout(Duration::from_millis(wait_ms))
                     .unwrap_or_else(|_| Err("the engine did not answer in time".to_owned()))
             }
         }
@@ -141,7 +154,8 @@ pub fn call(state_dir: &Path, request: &Request) -> Result<serde_json::Value, Co
         source,
     })?;
     let io = |source| ControlError::Io { path: path.clone(), source };
-    stream.set_read_timeout(Some(Duration::from_millis(REPLY_TIMEOUT_MS + 5000))).map_err(io)?;
+    let wait_ms = CONSISTENCY_TIMEOUT_MS_MAX + 10_000;
+    stream.set_read_timeout(Some(Duration::from_millis(wait_ms))).map_err(io)?;
     let text = serde_json::to_string(request).expect("requests serialize");
     writeln!(stream, "{text}").map_err(io)?;
     let mut line = String::new();

@@ -14,6 +14,7 @@ pub mod auth;
 pub mod secondary;
 pub mod metrics;
 pub mod control;
+pub mod consistency;
 
 pub mod sysfs;
 pub mod units;

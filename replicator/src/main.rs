@@ -102,6 +102,23 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Take a consistency point: wait until every SYNCHRONIZED secondary has every extent
+    /// written so far, then have each record that its image is CONSISTENT as of now.
+    ///
+    /// Writes must pause meanwhile for the point to be consistent: --freeze freezes the
+    /// filesystem at MOUNTPOINT on the primary (fsfreeze) and thaws it afterwards, always.
+    /// Without it, quiesce the application first. Useful before a backup taken from a
+    /// secondary.
+    Checkpoint {
+        /// Freeze this mounted filesystem (on the primary's device) while the point is taken.
+        #[arg(long, value_name = "MOUNTPOINT")]
+        freeze: Option<PathBuf>,
+        /// Give up after this long (writes that never stop).
+        #[arg(long, default_value_t = 20_000)]
+        timeout_ms: u64,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Change settings of a running primary: sync-rate=BYTES_PER_S (0: unlimited),
     /// recovery-policy=automatic|manual.
     Set {
@@ -153,5 +170,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Verify { secondary, target } => operate::run(&target, Request::Verify { secondary }),
         Command::Sync { secondary, target } => operate::run(&target, Request::Sync { secondary }),
         Command::Set { settings, secondary, target } => operate::set(&target, secondary, &settings),
+        Command::Checkpoint { freeze, timeout_ms, target } => {
+            operate::consistency_point(&target, freeze, timeout_ms)
+        }
     }
 }

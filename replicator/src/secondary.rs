@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 use io_uring::{IoUring, opcode, types};
 
 use crate::auth::{self, Expected, Key};
+use crate::consistency::{self, ConsistencyRecord};
 use crate::device::BlockDevice;
 use crate::metrics::SecondaryMetrics;
 use crate::pool::BufferPool;
@@ -122,6 +123,15 @@ pub fn serve(
         extent_bytes: config.extent_bytes,
     };
     tracing::info!(device = %config.device.display(), listen = %config.listen, image_bytes = expected.image_bytes, "secondary ready");
+    match ConsistencyRecord::load(&config.state_dir) {
+        Ok(Some(point)) => tracing::info!(
+            generation = point.generation,
+            point_unix_ms = point.point_unix_ms,
+            "last consistency point recorded here"
+        ),
+        Ok(None) => {}
+        Err(error) => tracing::warn!(%error, "the consistency point record is damaged; ignoring it"),
+    }
     let sessions = SessionSlot::default();
     std::thread::scope(|scope| {
         while !stop.load(Ordering::Relaxed) {
@@ -272,6 +282,7 @@ struct Session<'a> {
     limits: Limits,
     image: &'a File,
     device: &'a str,
+    state_dir: &'a std::path::Path,
     timeout_ms: u64,
     header_bytes: [u8; wire::HEADER_BYTES],
     small: Box<[u8; SMALL_PAYLOAD_BYTES_MAX]>,
@@ -296,11 +307,17 @@ enum Waiting {
         first_extent: u64,
         count: u32,
     },
+    /// A consistency point: recorded and acknowledged once every write before it completed.
+    Point {
+        generation: u64,
+        point_unix_ms: u64,
+        sequence: u64,
+    },
 }
 
 impl<'a> Session<'a> {
     fn new(
-        config: &SecondaryConfig,
+        config: &'a SecondaryConfig,
         limits: Limits,
         image: &'a File,
         device: &'a str,
@@ -318,6 +335,7 @@ impl<'a> Session<'a> {
             limits,
             image,
             device,
+            state_dir: &config.state_dir,
             timeout_ms: config.timeout_ms,
             header_bytes: [0; wire::HEADER_BYTES],
             small: Box::new([0; SMALL_PAYLOAD_BYTES_MAX]),
@@ -471,6 +489,11 @@ impl<'a> Session<'a> {
                         self.waiting = Some(Waiting::Verify { first_extent, count });
                         self.retry_waiting(stream)
                     }
+                    Message::ConsistencyPoint { generation, point_unix_ms } => {
+                        let sequence = header.sequence;
+                        self.waiting = Some(Waiting::Point { generation, point_unix_ms, sequence });
+                        self.retry_waiting(stream)
+                    }
                     other => Err(SessionEnd::Unexpected(other.kind())),
                 }
             }
@@ -494,7 +517,10 @@ impl<'a> Session<'a> {
                 }
                 Ok(())
             }
-            wire::MessageKind::Keepalive | wire::MessageKind::Error | wire::MessageKind::VerifyRequest => {
+            wire::MessageKind::Keepalive
+            | wire::MessageKind::Error
+            | wire::MessageKind::VerifyRequest
+            | wire::MessageKind::ConsistencyPoint => {
                 if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
                     return Err(wire::WireError::TooLong {
                         found: header.payload_bytes,
@@ -527,6 +553,12 @@ impl<'a> Session<'a> {
             Some(Waiting::Verify { first_extent, count }) if self.writes.iter().all(Option::is_none) => {
                 self.waiting = None;
                 self.answer_verify(first_extent, count, stream)
+            }
+            Some(Waiting::Point { generation, point_unix_ms, sequence })
+                if self.writes.iter().all(Option::is_none) =>
+            {
+                self.waiting = None;
+                self.record_point(generation, point_unix_ms, sequence, stream)
             }
             _ => Ok(()),
         }
@@ -571,6 +603,30 @@ impl<'a> Session<'a> {
         outcome?;
         let hashes = &hashes[..count as usize * wire::VERIFY_HASH_BYTES];
         wire::write_frame(stream, &Message::VerifyHashes { first_extent, hashes }, self.next_ack_sequence)?;
+        self.next_ack_sequence += 1;
+        Ok(())
+    }
+
+    /// Every write before the point has completed (and was durable when it did): records the
+    /// point durably, then acknowledges its frame.
+    fn record_point(
+        &mut self,
+        generation: u64,
+        point_unix_ms: u64,
+        sequence: u64,
+        stream: &mut TcpStream,
+    ) -> Result<(), SessionEnd> {
+        let record = ConsistencyRecord {
+            generation,
+            point_unix_ms,
+            image_bytes: self.limits.image_bytes,
+            recorded_unix_ms: crate::logs::unix_ms_now(),
+        };
+        crate::logs::replace_file(self.state_dir, consistency::POINT_FILE, &record.encode())
+            .map_err(|e| SessionEnd::Io(std::io::Error::other(e.to_string())))?;
+        tracing::info!(device = self.device, generation, point_unix_ms, "image CONSISTENT as of this point");
+        let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+        wire::write_frame(stream, &ack, self.next_ack_sequence)?;
         self.next_ack_sequence += 1;
         Ok(())
     }

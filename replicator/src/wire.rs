@@ -31,6 +31,8 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 /// Most extents one verify request covers, and bytes of one extent's hash (XXH3-128).
 pub const VERIFY_EXTENTS_MAX: u32 = 256;
 pub const VERIFY_HASH_BYTES: usize = 16;
+/// Bytes of a `ConsistencyPoint` payload.
+pub const POINT_PAYLOAD_BYTES: usize = 16;
 /// Bytes of a `VerifyHashes` payload before its hashes.
 pub const VERIFY_FIXED_BYTES: usize = 16;
 /// The largest `VerifyHashes` payload.
@@ -49,6 +51,7 @@ pub enum MessageKind {
     Error = 7,
     VerifyRequest = 8,
     VerifyHashes = 9,
+    ConsistencyPoint = 10,
 }
 
 impl MessageKind {
@@ -63,6 +66,7 @@ impl MessageKind {
             7 => Self::Error,
             8 => Self::VerifyRequest,
             9 => Self::VerifyHashes,
+            10 => Self::ConsistencyPoint,
             _ => return None,
         })
     }
@@ -165,6 +169,12 @@ pub enum Message<'a> {
         first_extent: u64,
         hashes: &'a [u8],
     },
+    /// Primary to secondary, sent when every extent written before the point is acknowledged:
+    /// the image is consistent as of this point; record it durably, then ack this frame.
+    ConsistencyPoint {
+        generation: u64,
+        point_unix_ms: u64,
+    },
 }
 
 impl Message<'_> {
@@ -179,6 +189,7 @@ impl Message<'_> {
             Self::Error { .. } => MessageKind::Error,
             Self::VerifyRequest { .. } => MessageKind::VerifyRequest,
             Self::VerifyHashes { .. } => MessageKind::VerifyHashes,
+            Self::ConsistencyPoint { .. } => MessageKind::ConsistencyPoint,
         }
     }
 }
@@ -331,6 +342,10 @@ pub fn decode_payload<'a>(
             }
             Message::VerifyRequest { first_extent, count }
         }
+        MessageKind::ConsistencyPoint => {
+            size(16, "16")?;
+            Message::ConsistencyPoint { generation: u64_at(payload, 0), point_unix_ms: u64_at(payload, 8) }
+        }
         MessageKind::VerifyHashes => {
             if payload.len() < VERIFY_FIXED_BYTES {
                 return Err(WireError::PayloadSize {
@@ -445,6 +460,11 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             fixed[8..12].copy_from_slice(&count.to_le_bytes());
             [&fixed[..VERIFY_FIXED_BYTES], &[]]
         }
+        Message::ConsistencyPoint { generation, point_unix_ms } => {
+            fixed[..8].copy_from_slice(&generation.to_le_bytes());
+            fixed[8..16].copy_from_slice(&point_unix_ms.to_le_bytes());
+            [&fixed[..16], &[]]
+        }
         Message::VerifyHashes { first_extent, hashes } => {
             let count = u32::try_from(hashes.len() / VERIFY_HASH_BYTES).expect("at most VERIFY_EXTENTS_MAX");
             fixed[..8].copy_from_slice(&first_extent.to_le_bytes());
@@ -491,7 +511,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..9,
+            0u8..10,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -511,6 +531,7 @@ mod tests {
             5 => Message::Keepalive,
             6 => Message::VerifyRequest { first_extent: n % 1000, count: (n % 256) as u32 + 1 },
             7 => Message::VerifyHashes { first_extent: n, hashes: &data[..(n % 256 + 1) as usize * 16] },
+            8 => Message::ConsistencyPoint { generation: n, point_unix_ms: n / 7 },
             _ => Message::Error { code: n as u32, message: text },
         }
     }

@@ -45,6 +45,59 @@ pub fn set(target: &Target, secondary: Option<String>, settings: &[String]) -> a
     run(target, Request::Status)
 }
 
+/// `checkpoint [--freeze MOUNTPOINT]`: a consistency point, the filesystem frozen meanwhile.
+pub fn consistency_point(target: &Target, freeze: Option<PathBuf>, timeout_ms: u64) -> anyhow::Result<()> {
+    let frozen = freeze.map(|mount| Frozen::new(mount, &target.state_dir)).transpose()?;
+    let result = control::call(&target.state_dir, &Request::ConsistencyPoint { timeout_ms });
+    drop(frozen);
+    let result = result?;
+    if target.json {
+        println!("{}", serde_json::to_string_pretty(&result)?);
+    } else {
+        let names: Vec<&str> =
+            result["secondaries"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
+        println!(
+            "consistency point {} (generation {}) recorded on {}",
+            result["point_unix_ms"],
+            result["generation"],
+            names.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// A filesystem frozen with `fsfreeze`; thawed when dropped, whatever happened meanwhile.
+struct Frozen {
+    mount: PathBuf,
+}
+
+impl Frozen {
+    fn new(mount: PathBuf, state_dir: &std::path::Path) -> anyhow::Result<Self> {
+        use std::os::unix::fs::MetadataExt as _;
+        let device_of = |path: &std::path::Path| {
+            std::fs::metadata(path).map(|m| m.dev()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        };
+        anyhow::ensure!(
+            device_of(&mount)? != device_of(state_dir)?,
+            "{} is on the filesystem to freeze: the primary could not write its logs while it is frozen",
+            state_dir.display()
+        );
+        let mount_text = mount.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", mount.display()))?;
+        crate::testbed::run_command("fsfreeze", &["--freeze", mount_text])
+            .map_err(|e| anyhow::anyhow!("freezing {}: {e}", mount.display()))?;
+        Ok(Self { mount })
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let mount = self.mount.to_string_lossy();
+        if let Err(e) = crate::testbed::run_command("fsfreeze", &["--unfreeze", &mount]) {
+            eprintln!("replicator: THAWING {mount} FAILED: {e}; run `fsfreeze --unfreeze {mount}`");
+        }
+    }
+}
+
 fn print_table(secondaries: &serde_json::Value) {
     let Some(peers) = secondaries.as_array() else {
         println!("{secondaries}");

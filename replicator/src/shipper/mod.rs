@@ -162,6 +162,8 @@ pub struct PeerStatus {
     pub out_of_sync_bytes: u64,
     /// Resync time left at the current rate, when resyncing.
     pub resync_eta_seconds: Option<f64>,
+    /// The last consistency point this secondary recorded (Unix ms), 0 if none yet.
+    pub consistency_point_unix_ms: u64,
     /// Wall-clock time (Unix ms) of the last transition to SYNCHRONIZED, and of the last fracture.
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
@@ -206,6 +208,28 @@ pub struct Engine {
     scratch_dirty: BitVec<u64, Lsb0>,
     scratch_intent: BitVec<u64, Lsb0>,
     scratch_clearable: BitVec<u64, Lsb0>,
+    /// Consistency points waiting for their secondaries, at most `POINTS_MAX`.
+    points: Vec<PendingPoint>,
+}
+
+/// Most consistency points waiting at once: one, so a connection has one point frame queued.
+const POINTS_MAX: usize = 1;
+
+/// A consistency point waiting for its secondaries.
+struct PendingPoint {
+    reply: std::sync::mpsc::Sender<control::Reply>,
+    deadline: Instant,
+    /// When the first point frame was queued (the point's time), 0 before.
+    point_unix_ms: u64,
+    targets: [Option<PointTarget>; PEERS_MAX],
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PointTarget {
+    /// The connection it must be recorded over.
+    generation: u32,
+    /// The point frame's sequence, once queued.
+    sequence: Option<u64>,
 }
 
 impl Engine {
@@ -285,6 +309,7 @@ impl Engine {
                 metrics: peer_metrics,
                 in_sync: false,
                 log,
+                consistency_point_unix_ms: 0,
             });
         }
         // What a secondary may send: acks, keepalives, verify hashes, errors with their message.
@@ -325,6 +350,7 @@ impl Engine {
             scratch_dirty: bitvec![u64, Lsb0; 0; extents],
             scratch_intent: bitvec![u64, Lsb0; 0; extents],
             scratch_clearable: bitvec![u64, Lsb0; 0; extents],
+            points: Vec::with_capacity(POINTS_MAX),
         })
     }
 
@@ -348,6 +374,7 @@ impl Engine {
             self.wait_and_reap()?;
             self.update_status();
             self.persist_fracture_logs();
+            self.advance_points();
             if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_ms) {
                 self.checkpoint();
             }
@@ -588,6 +615,10 @@ impl Engine {
                     let bytes = &conn.verify_frame[*sent..];
                     (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
                 }
+                Some(SendJob::Point { sent }) => {
+                    let bytes = &conn.point_frame[*sent..];
+                    (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
+                }
                 Some(SendJob::Keepalive { sent }) => {
                     if *sent == 0 {
                         *conn.keepalive =
@@ -797,6 +828,10 @@ impl Engine {
                 *sent += result as usize;
                 *sent == wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES
             }
+            SendJob::Point { sent } => {
+                *sent += result as usize;
+                *sent == wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES
+            }
             SendJob::Extent { frame_bytes, sent, .. } => {
                 *sent += result as usize;
                 *sent == *frame_bytes
@@ -926,6 +961,7 @@ impl Engine {
                 resync_bytes_done: p.log.resync_bytes_done,
                 out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes),
                 resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes(p, self.config.extent_bytes)),
+                consistency_point_unix_ms: p.consistency_point_unix_ms,
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
                 stats: p.stats,
@@ -1249,6 +1285,10 @@ impl Engine {
     fn handle_control(&mut self) {
         while let Ok(call) = self.control.try_recv() {
             tracing::info!(request = ?call.request, "operator request");
+            if let Request::ConsistencyPoint { timeout_ms } = call.request {
+                self.start_point(timeout_ms, call.reply);
+                continue;
+            }
             let reply = self.apply(call.request);
             if let Err(error) = &reply {
                 tracing::warn!(%error, "operator request refused");
@@ -1266,7 +1306,7 @@ impl Engine {
 
     fn apply(&mut self, request: Request) -> control::Reply {
         let index = match &request {
-            Request::Status | Request::Set { secondary: None, .. } => None,
+            Request::Status | Request::Set { secondary: None, .. } | Request::ConsistencyPoint { .. } => None,
             Request::Fracture { secondary }
             | Request::Restore { secondary }
             | Request::Verify { secondary }
@@ -1324,8 +1364,108 @@ impl Engine {
                 self.persist_peer(i);
             }
             Request::Set { secondary: _, key, value } => self.set(index, &key, &value)?,
+            Request::ConsistencyPoint { .. } => unreachable!("handled by start_point"),
         }
         Ok(serde_json::to_value(self.status()).expect("status serializes"))
+    }
+
+    /// A consistency point: its targets are the secondaries SYNCHRONIZED now; it is answered
+    /// by `advance_points` once each has recorded it, or fails.
+    fn start_point(&mut self, timeout_ms: u64, reply: std::sync::mpsc::Sender<control::Reply>) {
+        let mut targets = [None; PEERS_MAX];
+        for (i, peer) in self.peers.iter().enumerate() {
+            if image_state(peer) == ImageState::Synchronized {
+                targets[i] = Some(PointTarget { generation: peer.generation, sequence: None });
+            }
+        }
+        let refusal = if targets.iter().all(Option::is_none) {
+            Some("no SYNCHRONIZED secondary to record a consistency point on".to_owned())
+        } else if self.points.len() >= POINTS_MAX {
+            Some("a consistency point is already being taken; try again when it finishes".to_owned())
+        } else {
+            None
+        };
+        if let Some(refusal) = refusal {
+            let _ = reply.send(Err(refusal));
+            return;
+        }
+        let timeout = Duration::from_millis(timeout_ms.min(control::CONSISTENCY_TIMEOUT_MS_MAX));
+        self.points.push(PendingPoint {
+            reply,
+            deadline: Instant::now() + timeout,
+            point_unix_ms: 0,
+            targets,
+        });
+    }
+
+    /// Moves every waiting consistency point on: once a target has acknowledged everything
+    /// (it is in sync), the point frame is queued to it; once every target acknowledged its
+    /// point frame (recorded durably), the operator gets the answer.
+    fn advance_points(&mut self) {
+        let mut index = 0;
+        while index < self.points.len() {
+            match self.advance_point(index) {
+                None => index += 1,
+                Some(answer) => {
+                    let point = self.points.swap_remove(index);
+                    if let Err(error) = &answer {
+                        tracing::warn!(%error, "consistency point failed");
+                    }
+                    let _ = point.reply.send(answer);
+                }
+            }
+        }
+    }
+
+    fn advance_point(&mut self, index: usize) -> Option<control::Reply> {
+        let now_ms = logs::unix_ms_now();
+        let mut done = true;
+        for peer_index in 0..self.peers.len() {
+            let Some(target) = self.points[index].targets[peer_index] else { continue };
+            let peer = &mut self.peers[peer_index];
+            let Some(conn) = peer.conn.as_mut().filter(|_| peer.generation == target.generation) else {
+                return Some(Err(format!("secondary {} disconnected before recording the point", peer.name)));
+            };
+            match target.sequence {
+                None if peer.in_sync => {
+                    if self.points[index].point_unix_ms == 0 {
+                        self.points[index].point_unix_ms = now_ms;
+                    }
+                    let point_unix_ms = self.points[index].point_unix_ms;
+                    let sequence = self.next_sequence;
+                    self.next_sequence += 1;
+                    let mut payload = [0u8; 16];
+                    payload[..8].copy_from_slice(&1u64.to_le_bytes());
+                    payload[8..].copy_from_slice(&point_unix_ms.to_le_bytes());
+                    let header =
+                        wire::encode_header(wire::MessageKind::ConsistencyPoint, sequence, &[&payload]);
+                    conn.point_frame[..wire::HEADER_BYTES].copy_from_slice(&header);
+                    conn.point_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
+                    conn.queue.push_back(SendJob::Point { sent: 0 });
+                    conn.inflight.insert(sequence, InFlight { run: 0..0, bytes: 0 });
+                    self.points[index].targets[peer_index] =
+                        Some(PointTarget { generation: target.generation, sequence: Some(sequence) });
+                    done = false;
+                }
+                None => done = false,
+                Some(sequence) if conn.inflight.contains_key(&sequence) => done = false,
+                Some(_) => peer.consistency_point_unix_ms = self.points[index].point_unix_ms,
+            }
+        }
+        let point = &self.points[index];
+        if done {
+            let names: Vec<&str> = (0..self.peers.len())
+                .filter(|&i| point.targets[i].is_some())
+                .map(|i| self.peers[i].name.as_str())
+                .collect();
+            tracing::info!(point_unix_ms = point.point_unix_ms, secondaries = ?names, "consistency point recorded");
+            return Some(Ok(
+                serde_json::json!({ "point_unix_ms": point.point_unix_ms, "generation": 1, "secondaries": names }),
+            ));
+        }
+        (Instant::now() > point.deadline).then(|| {
+            Err("timed out: writes kept coming; freeze the filesystem (--freeze) or quiesce the application".to_owned())
+        })
     }
 
     /// `set KEY=VALUE` for one secondary (`index`) or all.

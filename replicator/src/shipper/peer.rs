@@ -43,6 +43,8 @@ pub enum SendJob {
     Keepalive { sent: usize },
     /// A verify request, encoded into the connection's `verify_frame` when its send starts.
     VerifyRequest { first_extent: u64, count: u32, sent: usize },
+    /// A consistency point, encoded into the connection's `point_frame` when queued.
+    Point { sent: usize },
 }
 
 #[derive(Debug)]
@@ -67,6 +69,8 @@ pub struct Conn {
     pub keepalive: Box<[u8; wire::HEADER_BYTES]>,
     /// The verify request being sent (one batch per secondary at a time).
     pub verify_frame: Box<[u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]>,
+    /// The consistency-point frame queued (one point at a time per connection).
+    pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
     pub last_sent: Instant,
 }
@@ -85,6 +89,7 @@ impl Conn {
             recv_in_flight: false,
             keepalive: Box::new([0u8; wire::HEADER_BYTES]),
             verify_frame: Box::new([0u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]),
+            point_frame: Box::new([0u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]),
             last_heard: Instant::now(),
             last_sent: Instant::now(),
         }
@@ -155,6 +160,8 @@ pub struct Peer {
     pub stats: PeerStats,
     pub metrics: crate::metrics::PeerMetrics,
     pub in_sync: bool,
+    /// The last consistency point it recorded (Unix ms), 0 if none.
+    pub consistency_point_unix_ms: u64,
     /// Its fracture-log state, throttle and verify pass.
     pub log: super::resync::PeerLog,
 }
