@@ -52,6 +52,22 @@ pub enum Request {
     ConsistencyPoint {
         timeout_ms: u64,
     },
+    /// Add a secondary to the mirror: SYNCHRONIZED (its image is known identical) or
+    /// UNSYNCHRONIZED (it gets a full sync).
+    AddSecondary {
+        name: String,
+        address: std::net::SocketAddr,
+        synchronized: bool,
+    },
+    /// Remove a secondary: gracefully (what is in flight finishes) or `force`d.
+    RemoveSecondary {
+        name: String,
+        force: bool,
+    },
+    Activate,
+    Deactivate {
+        force: bool,
+    },
 }
 
 pub type Reply = Result<serde_json::Value, String>;

@@ -15,6 +15,7 @@ pub mod secondary;
 pub mod metrics;
 pub mod control;
 pub mod consistency;
+pub mod mirror;
 
 pub mod sysfs;
 pub mod units;

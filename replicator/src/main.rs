@@ -72,6 +72,49 @@ enum Command {
     /// and after a mutual key check writes each extent with RWF_DSYNC before acknowledging it.
     /// A primary that reconnects supersedes its previous session.
     Secondary(replicator::commands::replicate::SecondaryArgs),
+    /// Create a mirror: its database in STATE_DIR, with DEVICE as the primary image.
+    ///
+    /// Run once on the primary's host, before `replicator primary --state-dir STATE_DIR`;
+    /// add secondaries to the running primary with `replicator add-secondary`.
+    Create(replicator::commands::lifecycle::CreateArgs),
+    /// Destroy a mirror: only once it has no secondaries and its primary is stopped. Removes
+    /// the database, the logs and the pinned tracker.
+    Destroy {
+        #[arg(long, default_value = replicator::commands::operate::STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+    },
+    /// Add a secondary to a running mirror (made with `create`). The secondary must be
+    /// running: its first contact checks the key, the mirror and the image size.
+    AddSecondary {
+        /// NAME=ADDR:PORT, as the secondary listens.
+        secondary: String,
+        /// Its image is known identical to the primary's (e.g. both freshly zeroed): no full
+        /// sync. Otherwise it is UNSYNCHRONIZED and copied block by block.
+        #[arg(long)]
+        synchronized: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Remove a secondary from a running mirror; what is in flight to it finishes first
+    /// (refused while it is SYNCHRONIZING, unless --force).
+    RemoveSecondary {
+        secondary: String,
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Make the mirror ACTIVE again (after `deactivate`, or out of ATTENTION under the manual
+    /// activation policy): its secondaries reconnect and resync from their fracture logs.
+    Activate(Target),
+    /// Make the mirror INACTIVE: writes are kept in each secondary's fracture log, not shipped
+    /// (refused while a secondary is SYNCHRONIZING, unless --force).
+    Deactivate {
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        target: Target,
+    },
     /// Show each secondary of a running primary: state, out-of-sync bytes, resync progress.
     Status(Target),
     /// Stop replicating to a secondary; the extents it misses go to its fracture log until
@@ -164,7 +207,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo => commands::demo::run(),
         Command::Primary(args) => commands::replicate::run_primary(args, &*commands::stop_flag()?),
         Command::Secondary(args) => commands::replicate::run_secondary(args, &*commands::stop_flag()?),
+        Command::Create(args) => replicator::commands::lifecycle::create(&args),
+        Command::Destroy { state_dir } => replicator::commands::lifecycle::destroy(&state_dir),
         Command::Status(target) => operate::run(&target, Request::Status),
+        Command::AddSecondary { secondary, synchronized, target } => {
+            let (name, address) = replicator::commands::replicate::parse_secondary(&secondary)
+                .map_err(|e| anyhow::anyhow!("add-secondary {e}"))?;
+            operate::run(&target, Request::AddSecondary { name, address, synchronized })
+        }
+        Command::RemoveSecondary { secondary, force, target } => {
+            operate::run(&target, Request::RemoveSecondary { name: secondary, force })
+        }
+        Command::Activate(target) => operate::run(&target, Request::Activate),
+        Command::Deactivate { force, target } => operate::run(&target, Request::Deactivate { force }),
         Command::Fracture { secondary, target } => operate::run(&target, Request::Fracture { secondary }),
         Command::Restore { secondary, target } => operate::run(&target, Request::Restore { secondary }),
         Command::Verify { secondary, target } => operate::run(&target, Request::Verify { secondary }),

@@ -18,6 +18,18 @@ pub struct SecondaryLabel {
     pub secondary: String,
 }
 
+/// A state-set member: one gauge per state, 1 for the current one.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ImageStateLabel {
+    pub secondary: String,
+    pub state: String,
+}
+
 /// The primary's metrics, per secondary.
 #[derive(Default)]
 pub struct PrimaryMetrics {
@@ -37,6 +49,9 @@ pub struct PrimaryMetrics {
     pub intent_log_extents: Gauge,
     pub checkpoints: Counter,
     pub log_write_errors: Counter,
+    pub mirror_state: Family<StateLabel, Gauge>,
+    pub mirror_transitions: Family<StateLabel, Counter>,
+    pub image_state: Family<ImageStateLabel, Gauge>,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -124,10 +139,40 @@ impl PrimaryMetrics {
         );
         r.register("replicator_checkpoints", "Log checkpoints written", self.checkpoints.clone());
         r.register(
+            "replicator_mirror_state",
+            "The mirror's state (ACTIVE, INACTIVE, ATTENTION): 1 for the current one",
+            self.mirror_state.clone(),
+        );
+        r.register(
+            "replicator_mirror_state_transitions",
+            "Transitions of the mirror into each state",
+            self.mirror_transitions.clone(),
+        );
+        r.register(
+            "replicator_image_state",
+            "Each secondary image's state (SYNCHRONIZED, SYNCHRONIZING, CONSISTENT, UNSYNCHRONIZED): 1 for the current one",
+            self.image_state.clone(),
+        );
+        r.register(
             "replicator_log_write_errors",
             "Intent or fracture log writes that failed",
             self.log_write_errors.clone(),
         );
+    }
+
+    /// Sets the state-set gauges of the mirror to `state`.
+    pub fn set_mirror_state(&self, state: &str) {
+        for s in ["ACTIVE", "INACTIVE", "ATTENTION"] {
+            self.mirror_state.get_or_create(&StateLabel { state: s.into() }).set(i64::from(s == state));
+        }
+    }
+
+    /// Sets the state-set gauges of `secondary` to `state`.
+    pub fn set_image_state(&self, secondary: &str, state: &str) {
+        for s in ["SYNCHRONIZED", "SYNCHRONIZING", "CONSISTENT", "UNSYNCHRONIZED"] {
+            let label = ImageStateLabel { secondary: secondary.into(), state: s.into() };
+            self.image_state.get_or_create(&label).set(i64::from(s == state));
+        }
     }
 
     pub fn peer(&self, secondary: &str) -> PeerMetrics {

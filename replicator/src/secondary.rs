@@ -29,6 +29,7 @@ use crate::auth::{self, Expected, Key};
 use crate::consistency::{self, ConsistencyRecord};
 use crate::device::BlockDevice;
 use crate::metrics::SecondaryMetrics;
+use crate::mirror::MirrorDb;
 use crate::pool::BufferPool;
 use crate::wire::{self, Limits, Message};
 
@@ -117,11 +118,19 @@ pub fn serve(
     listener
         .set_nonblocking(true)
         .map_err(|source| SecondaryError::Listen { addr: config.listen, source })?;
+    // A secondary that holds a mirror's database serves that mirror only.
+    let stored = MirrorDb::load(&config.state_dir).map_err(|e| SecondaryError::Io {
+        what: "reading the mirror database".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
     let expected = Expected {
         image_bytes: device.size_bytes(),
-        mirror_id: config.mirror_id,
-        extent_bytes: config.extent_bytes,
+        mirror_id: config.mirror_id.or(stored.as_ref().map(|db| db.id)),
+        extent_bytes: config.extent_bytes.or(stored.as_ref().map(|db| db.extent_bytes)),
     };
+    if let Some(db) = &stored {
+        tracing::info!(mirror = %db.name, id = db.id, revision = db.revision, "member of a mirror (database in the state directory)");
+    }
     tracing::info!(device = %config.device.display(), listen = %config.listen, image_bytes = expected.image_bytes, "secondary ready");
     match ConsistencyRecord::load(&config.state_dir) {
         Ok(Some(point)) => tracing::info!(
@@ -248,7 +257,9 @@ struct SessionSlot {
 const OP_RECV: u64 = u64::MAX;
 
 /// The longest non-extent payload a primary sends (an `Error` frame).
-const SMALL_PAYLOAD_BYTES_MAX: usize = 4 + wire::ERROR_MESSAGE_BYTES_MAX;
+/// The longest non-extent payload a primary sends: a mirror database.
+const SMALL_PAYLOAD_BYTES_MAX: usize = wire::MIRROR_DB_BYTES_MAX;
+const _: () = assert!(SMALL_PAYLOAD_BYTES_MAX >= 4 + wire::ERROR_MESSAGE_BYTES_MAX);
 
 /// One write in flight: which buffer, where, and which frame to acknowledge.
 #[derive(Clone, Copy, Debug)]
@@ -489,6 +500,14 @@ impl<'a> Session<'a> {
                         self.waiting = Some(Waiting::Verify { first_extent, count });
                         self.retry_waiting(stream)
                     }
+                    Message::MirrorDb { envelope } => {
+                        store_mirror_db(self.state_dir, envelope)?;
+                        let sequence = header.sequence;
+                        let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+                        wire::write_frame(stream, &ack, self.next_ack_sequence)?;
+                        self.next_ack_sequence += 1;
+                        Ok(())
+                    }
                     Message::ConsistencyPoint { generation, point_unix_ms } => {
                         let sequence = header.sequence;
                         self.waiting = Some(Waiting::Point { generation, point_unix_ms, sequence });
@@ -520,7 +539,8 @@ impl<'a> Session<'a> {
             wire::MessageKind::Keepalive
             | wire::MessageKind::Error
             | wire::MessageKind::VerifyRequest
-            | wire::MessageKind::ConsistencyPoint => {
+            | wire::MessageKind::ConsistencyPoint
+            | wire::MessageKind::MirrorDb => {
                 if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
                     return Err(wire::WireError::TooLong {
                         found: header.payload_bytes,
@@ -721,4 +741,21 @@ impl<'a> Session<'a> {
         let _ = stream.flush();
         Ok(())
     }
+}
+
+/// Stores the mirror database the primary sent, durably, if it is this mirror's.
+fn store_mirror_db(state_dir: &std::path::Path, envelope: &[u8]) -> Result<(), SessionEnd> {
+    let db =
+        MirrorDb::decode(envelope).map_err(|e| SessionEnd::PrimaryError(format!("mirror database: {e}")))?;
+    if let Ok(Some(current)) = MirrorDb::load(state_dir)
+        && current.id != db.id
+    {
+        return Err(SessionEnd::PrimaryError(format!(
+            "mirror database of mirror {:?} (id {:#x}), but this image belongs to {:?} (id {:#x})",
+            db.name, db.id, current.name, current.id
+        )));
+    }
+    db.store(state_dir).map_err(|e| SessionEnd::Io(std::io::Error::other(e.to_string())))?;
+    tracing::info!(mirror = %db.name, revision = db.revision, state = ?db.state, "mirror database stored");
+    Ok(())
 }

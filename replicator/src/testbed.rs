@@ -439,6 +439,22 @@ impl Lab {
         Ok(self.processes.len() - 1)
     }
 
+    /// Starts the primary of a mirror made with `create` (device and secondaries come from its
+    /// database); returns its index in `processes`.
+    pub fn start_primary_from_db(&mut self, extra: &[&str]) -> Result<usize, TestbedError> {
+        let mut command = self.primary_ns.command(&self.binary);
+        command
+            .arg("primary")
+            .arg("--key-file")
+            .arg(&self.key_file)
+            .arg("--state-dir")
+            .arg(self.state_dir("p"));
+        command.args(extra);
+        let log = self.dir.join("p.log");
+        self.processes.push(Process::spawn("primary", command, log)?);
+        Ok(self.processes.len() - 1)
+    }
+
     /// The primary's status file, if written yet.
     pub fn status(&self) -> Option<serde_json::Value> {
         let text = fs::read_to_string(self.state_dir("p").join("status.json")).ok()?;

@@ -31,6 +31,8 @@ pub const ERROR_MESSAGE_BYTES_MAX: usize = 1024;
 /// Most extents one verify request covers, and bytes of one extent's hash (XXH3-128).
 pub const VERIFY_EXTENTS_MAX: u32 = 256;
 pub const VERIFY_HASH_BYTES: usize = 16;
+/// The largest `MirrorDb` payload: the database envelope's header and its largest body.
+pub const MIRROR_DB_BYTES_MAX: usize = 24 + 64 * 1024;
 /// Bytes of a `ConsistencyPoint` payload.
 pub const POINT_PAYLOAD_BYTES: usize = 16;
 /// Bytes of a `VerifyHashes` payload before its hashes.
@@ -52,6 +54,7 @@ pub enum MessageKind {
     VerifyRequest = 8,
     VerifyHashes = 9,
     ConsistencyPoint = 10,
+    MirrorDb = 11,
 }
 
 impl MessageKind {
@@ -67,6 +70,7 @@ impl MessageKind {
             8 => Self::VerifyRequest,
             9 => Self::VerifyHashes,
             10 => Self::ConsistencyPoint,
+            11 => Self::MirrorDb,
             _ => return None,
         })
     }
@@ -175,6 +179,11 @@ pub enum Message<'a> {
         generation: u64,
         point_unix_ms: u64,
     },
+    /// Primary to secondary: the mirror database (its file envelope, `mirror::MirrorDb`), to
+    /// store durably before acknowledging this frame.
+    MirrorDb {
+        envelope: &'a [u8],
+    },
 }
 
 impl Message<'_> {
@@ -190,6 +199,7 @@ impl Message<'_> {
             Self::VerifyRequest { .. } => MessageKind::VerifyRequest,
             Self::VerifyHashes { .. } => MessageKind::VerifyHashes,
             Self::ConsistencyPoint { .. } => MessageKind::ConsistencyPoint,
+            Self::MirrorDb { .. } => MessageKind::MirrorDb,
         }
     }
 }
@@ -342,6 +352,16 @@ pub fn decode_payload<'a>(
             }
             Message::VerifyRequest { first_extent, count }
         }
+        MessageKind::MirrorDb => {
+            if payload.is_empty() || payload.len() > MIRROR_DB_BYTES_MAX {
+                return Err(WireError::PayloadSize {
+                    kind: header.kind,
+                    found: payload.len(),
+                    expected: "1..=65560",
+                });
+            }
+            Message::MirrorDb { envelope: payload }
+        }
         MessageKind::ConsistencyPoint => {
             size(16, "16")?;
             Message::ConsistencyPoint { generation: u64_at(payload, 0), point_unix_ms: u64_at(payload, 8) }
@@ -460,6 +480,7 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             fixed[8..12].copy_from_slice(&count.to_le_bytes());
             [&fixed[..VERIFY_FIXED_BYTES], &[]]
         }
+        Message::MirrorDb { envelope } => [&[], envelope],
         Message::ConsistencyPoint { generation, point_unix_ms } => {
             fixed[..8].copy_from_slice(&generation.to_le_bytes());
             fixed[8..16].copy_from_slice(&point_unix_ms.to_le_bytes());
@@ -511,7 +532,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..10,
+            0u8..11,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -532,6 +553,7 @@ mod tests {
             6 => Message::VerifyRequest { first_extent: n % 1000, count: (n % 256) as u32 + 1 },
             7 => Message::VerifyHashes { first_extent: n, hashes: &data[..(n % 256 + 1) as usize * 16] },
             8 => Message::ConsistencyPoint { generation: n, point_unix_ms: n / 7 },
+            9 => Message::MirrorDb { envelope: &data[..(n % 1000 + 1) as usize] },
             _ => Message::Error { code: n as u32, message: text },
         }
     }

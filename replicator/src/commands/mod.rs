@@ -2,6 +2,7 @@
 //! SIGINT/SIGTERM) and runs in the foreground.
 
 pub mod demo;
+pub mod lifecycle;
 pub mod operate;
 pub mod replicate;
 pub mod track;

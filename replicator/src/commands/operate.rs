@@ -27,6 +27,17 @@ pub fn run(target: &Target, request: Request) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string_pretty(&result)?);
         return Ok(());
     }
+    if let Some(mirror) = result.get("mirror").filter(|m| !m.is_null()) {
+        let cause = mirror["state_cause"].as_str().unwrap_or("");
+        println!(
+            "mirror {} (generation {}, revision {}): {}{}",
+            mirror["name"].as_str().unwrap_or("?"),
+            mirror["generation"],
+            mirror["revision"],
+            mirror["state"].as_str().unwrap_or("?"),
+            if cause.is_empty() { String::new() } else { format!(" ({cause})") }
+        );
+    }
     let secondaries = result.get("secondaries").unwrap_or(&result);
     print_table(secondaries);
     Ok(())
@@ -122,6 +133,12 @@ fn print_table(secondaries: &serde_json::Value) {
         if p["verifying"].as_bool() == Some(true) {
             notes.push(format!("verify at extent {}", p["verify_next_extent"]));
         }
+        if let Some(progress) = progress_bar(p) {
+            notes.push(progress);
+        }
+        if let Some(error) = p["last_error"].as_str().filter(|e| !e.is_empty()) {
+            notes.push(format!("last error: {error}"));
+        }
         let rate = match p["sync_rate_bytes_per_s"].as_u64() {
             Some(0) | None => "unlimited".to_owned(),
             Some(rate) => format!("{}/s", format_bytes(rate)),
@@ -138,4 +155,19 @@ fn print_table(secondaries: &serde_json::Value) {
         );
         println!("{}", line.trim_end());
     }
+}
+
+/// `[#####.....] 52% 120 MiB/s 3 s left` for a secondary that is resyncing.
+fn progress_bar(p: &serde_json::Value) -> Option<String> {
+    let done = p["resync_bytes_done"].as_u64()?;
+    let left = p["out_of_sync_bytes"].as_u64()?;
+    let eta = p["resync_eta_seconds"].as_f64()?;
+    if done + left == 0 {
+        return None;
+    }
+    const WIDTH: u64 = 20;
+    let filled = done * WIDTH / (done + left);
+    let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
+    let rate = if eta > 0.0 { left as f64 / eta } else { 0.0 };
+    Some(format!("[{bar}] {}% {}/s {:.0} s left", done * 100 / (done + left), format_bytes(rate as u64), eta))
 }

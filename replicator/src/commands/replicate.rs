@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::auth::Key;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
+use crate::mirror::MirrorDb;
 use crate::secondary::{self, SecondaryConfig};
 use crate::shipper::{Engine, RecoveryPolicy, ShipperConfig};
 
@@ -149,26 +150,49 @@ pub struct SecondaryArgs {
 /// Runs `replicator primary` with command-line `cli` merged over its config file.
 pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let file: PrimaryArgs = read_config(cli.config.as_deref())?;
+    let state_dir = required(cli.state_dir.or(file.state_dir), "state-dir")?;
+    let mirror = MirrorDb::load(&state_dir)?;
     let secondaries = if cli.secondaries.is_empty() { file.secondaries } else { cli.secondaries };
-    let secondaries = secondaries
+    let mut device = cli.device.or(file.device);
+    let mut mirror_id = cli.mirror_id.or(file.mirror_id);
+    let mut extent_size = cli.extent_size.or(file.extent_size);
+    let mut backlog = cli.backlog.or(file.backlog);
+    let mut secondaries = secondaries
         .iter()
         .map(|s| parse_secondary(s).map_err(|e| anyhow::anyhow!("--secondary {e}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    anyhow::ensure!(!secondaries.is_empty(), "--secondary NAME=ADDR:PORT is required, at least once");
+    if let Some(db) = &mirror {
+        anyhow::ensure!(
+            device.is_none() && secondaries.is_empty() && mirror_id.is_none() && extent_size.is_none(),
+            "{}: mirror {:?} is defined by its database there (device, secondaries, mirror id, extent size); \
+             drop those options, and change the mirror with `replicator add-secondary`, `remove-secondary` or `set`",
+            state_dir.display(),
+            db.name
+        );
+        let primary =
+            db.primary().ok_or_else(|| anyhow::anyhow!("mirror {:?} has no primary image", db.name))?;
+        device = primary.device.as_ref().map(PathBuf::from);
+        mirror_id = Some(db.id);
+        extent_size = Some(db.extent_bytes);
+        backlog = backlog.or(Some(db.write_backlog_bytes));
+        secondaries = db.secondaries().filter_map(|i| i.address.map(|addr| (i.name.clone(), addr))).collect();
+    } else {
+        anyhow::ensure!(
+            !secondaries.is_empty(),
+            "--secondary NAME=ADDR:PORT is required, at least once (or make a mirror with `replicator create`)"
+        );
+    }
     let timeout_ms = cli.timeout_ms.or(file.timeout_ms).unwrap_or(ShipperConfig::TIMEOUT_MS_DEFAULT);
     let config = ShipperConfig {
-        device: required(cli.device.or(file.device), "device")?,
+        device: required(device, "device")?,
         secondaries,
-        state_dir: required(cli.state_dir.or(file.state_dir), "state-dir")?,
+        state_dir,
         tracker_name: None,
-        mirror_id: cli.mirror_id.or(file.mirror_id).unwrap_or(1),
-        extent_bytes: cli
-            .extent_size
-            .or(file.extent_size)
-            .unwrap_or(replicator_common::extent::EXTENT_BYTES_DEFAULT),
+        mirror_id: mirror_id.unwrap_or(1),
+        extent_bytes: extent_size.unwrap_or(replicator_common::extent::EXTENT_BYTES_DEFAULT),
         run_bytes_max: ShipperConfig::RUN_BYTES_MAX_DEFAULT,
         buffers: ShipperConfig::BUFFERS_DEFAULT,
-        backlog_bytes_max: cli.backlog.or(file.backlog).unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
+        backlog_bytes_max: backlog.unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
         timeout_ms,
         keepalive_ms: (timeout_ms / 5).max(100),
         retry_max_ms: ShipperConfig::RETRY_MAX_MS_DEFAULT,
@@ -184,6 +208,7 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
             .or(file.sync_rate)
             .unwrap_or(ShipperConfig::SYNC_RATE_BYTES_PER_S_DEFAULT),
         recovery_policy: cli.recovery_policy.or(file.recovery_policy).unwrap_or(RecoveryPolicy::Automatic),
+        mirror,
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     primary(config, &key_file, cli.metrics.or(file.metrics), stop)

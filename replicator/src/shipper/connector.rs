@@ -17,12 +17,25 @@ const RETRY_FIRST_MS: u64 = 100;
 
 pub struct Connected {
     pub peer: usize,
+    pub connector: u32,
     pub stream: TcpStream,
     pub next_sequence: u64,
 }
 
+/// What a connector tells the engine.
+pub enum Event {
+    Connected(Connected),
+    /// A connection attempt failed (said once per distinct error).
+    Failed {
+        peer: usize,
+        connector: u32,
+        error: String,
+    },
+}
+
 pub struct ConnectorConfig {
     pub peer: usize,
+    pub connector: u32,
     pub name: String,
     pub addr: SocketAddr,
     pub key: Arc<Key>,
@@ -41,12 +54,7 @@ pub enum Want {
 }
 
 /// Runs until `stop`. `wanted` receives a message each time the engine needs a connection.
-pub fn run(
-    config: ConnectorConfig,
-    wanted: Receiver<Want>,
-    connected: Sender<Connected>,
-    stop: Arc<AtomicBool>,
-) {
+pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Event>, stop: Arc<AtomicBool>) {
     let mut last_error = String::new();
     let mut delay_ms = RETRY_FIRST_MS;
     let mut last_connected: Option<Instant> = None;
@@ -72,7 +80,9 @@ pub fn run(
                     tracing::info!(secondary = %config.name, addr = %config.addr, "connected and authenticated");
                     last_error.clear();
                     last_connected = Some(Instant::now());
-                    if connected.send(Connected { peer: config.peer, stream, next_sequence }).is_err() {
+                    let event =
+                        Connected { peer: config.peer, connector: config.connector, stream, next_sequence };
+                    if connected.send(Event::Connected(event)).is_err() {
                         return;
                     }
                     continue 'wait;
@@ -81,6 +91,14 @@ pub fn run(
                     // Say it once per distinct failure, not once per retry.
                     if error != last_error {
                         tracing::warn!(secondary = %config.name, addr = %config.addr, %error, "cannot reach secondary; retrying");
+                        let event = Event::Failed {
+                            peer: config.peer,
+                            connector: config.connector,
+                            error: error.clone(),
+                        };
+                        if connected.send(event).is_err() {
+                            return;
+                        }
                         last_error = error;
                     }
                     std::thread::sleep(Duration::from_millis(delay_ms));

@@ -17,6 +17,7 @@
 //! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
 
 mod connector;
+mod membership;
 mod peer;
 mod resync;
 
@@ -78,6 +79,8 @@ pub struct ShipperConfig {
     /// Resync rate limit per secondary, bytes per second; 0 is unlimited.
     pub sync_rate_bytes_per_s: u64,
     pub recovery_policy: RecoveryPolicy,
+    /// The mirror database, when the mirror was made with `replicator create`.
+    pub mirror: Option<crate::mirror::MirrorDb>,
 }
 
 impl ShipperConfig {
@@ -164,6 +167,8 @@ pub struct PeerStatus {
     pub resync_eta_seconds: Option<f64>,
     /// The last consistency point this secondary recorded (Unix ms), 0 if none yet.
     pub consistency_point_unix_ms: u64,
+    /// Why it last disconnected or failed to connect ("" when all is well).
+    pub last_error: String,
     /// Wall-clock time (Unix ms) of the last transition to SYNCHRONIZED, and of the last fracture.
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
@@ -182,7 +187,12 @@ pub struct Engine {
     device_bytes: u64,
     tracker: Tracker,
     peers: Vec<Peer>,
-    connected: Receiver<connector::Connected>,
+    connected: Receiver<connector::Event>,
+    connected_tx: mpsc::Sender<connector::Event>,
+    key: Arc<Key>,
+    params: Params,
+    /// Identifies connector threads, so a removed secondary's late connection is dropped.
+    next_connector: u32,
     config: ShipperConfig,
     limits: Limits,
     cursor: u64,
@@ -210,6 +220,11 @@ pub struct Engine {
     scratch_clearable: BitVec<u64, Lsb0>,
     /// Consistency points waiting for their secondaries, at most `POINTS_MAX`.
     points: Vec<PendingPoint>,
+    /// The mirror database (a mirror made with `create`); none for a mirror given on the
+    /// command line.
+    mirror: Option<crate::mirror::MirrorDb>,
+    /// The change of the mirror database in progress, if any.
+    change: Option<membership::PendingChange>,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -258,8 +273,9 @@ impl Engine {
         let buffers = config.buffers;
         let pool = BufferPool::new(usize::from(buffers), config.run_bytes_max)
             .map_err(|e| io_error("allocating the buffer pool")(e.into()))?;
-        let op_slots =
-            usize::from(buffers) * (config.secondaries.len() + 1) + 3 * config.secondaries.len() + 8;
+        // A mirror from a database may grow to PEERS_MAX secondaries at run time.
+        let peer_slots = if config.mirror.is_some() { PEERS_MAX } else { config.secondaries.len() };
+        let op_slots = usize::from(buffers) * (peer_slots + 1) + 3 * peer_slots + 8;
         let ring =
             IoUring::new((op_slots as u32).next_power_of_two()).map_err(io_error("creating the io_uring"))?;
         // SAFETY: the pool outlives the ring (field order above).
@@ -274,44 +290,6 @@ impl Engine {
         let recovered = recover_intent(&config, &mut tracker)?;
         let stop_connectors = Arc::new(AtomicBool::new(false));
         let (connected_tx, connected) = mpsc::channel();
-        let mut peers = Vec::new();
-        for (index, (name, addr)) in config.secondaries.iter().enumerate() {
-            let (want_tx, want_rx) = mpsc::channel();
-            let connector_config = connector::ConnectorConfig {
-                peer: index,
-                name: name.clone(),
-                addr: *addr,
-                key: Arc::clone(&key),
-                params,
-                timeout_ms: config.timeout_ms,
-                retry_max_ms: config.retry_max_ms,
-            };
-            let (tx, stop) = (connected_tx.clone(), Arc::clone(&stop_connectors));
-            std::thread::Builder::new()
-                .name(format!("connect-{name}"))
-                .spawn(move || connector::run(connector_config, want_rx, tx, stop))
-                .map_err(io_error("starting a connector thread"))?;
-            let (pending, log) = recover_peer(&config, name, &recovered, geometry.device_bytes());
-            if !log.held {
-                want_tx.send(connector::Want::Now).expect("connector is running");
-            }
-            let peer_metrics = metrics.peer(name);
-            peer_metrics.sync_rate_limit_bytes.set(log.throttle.rate_bytes_per_s.min(i64::MAX as u64) as i64);
-            peers.push(Peer {
-                name: name.clone(),
-                addr: *addr,
-                pending,
-                conn: None,
-                generation: 0,
-                want_connection: want_tx,
-                zero_copy: config.zero_copy,
-                stats: PeerStats::default(),
-                metrics: peer_metrics,
-                in_sync: false,
-                log,
-                consistency_point_unix_ms: 0,
-            });
-        }
         // What a secondary may send: acks, keepalives, verify hashes, errors with their message.
         let limits = Limits {
             image_bytes: 0,
@@ -320,7 +298,8 @@ impl Engine {
         };
         let ops = (0..op_slots).map(|_| None).collect();
         let extents = geometry.extent_count() as usize;
-        Ok(Self {
+        let mirror = config.mirror.clone();
+        let mut engine = Self {
             ring,
             pool,
             buffer_refs: vec![0; usize::from(buffers)],
@@ -329,8 +308,12 @@ impl Engine {
             device,
             device_bytes: geometry.device_bytes(),
             tracker,
-            peers,
+            peers: Vec::with_capacity(PEERS_MAX),
             connected,
+            connected_tx,
+            key,
+            params,
+            next_connector: 0,
             config,
             limits,
             cursor: 0,
@@ -351,7 +334,92 @@ impl Engine {
             scratch_intent: bitvec![u64, Lsb0; 0; extents],
             scratch_clearable: bitvec![u64, Lsb0; 0; extents],
             points: Vec::with_capacity(POINTS_MAX),
-        })
+            mirror: None,
+            change: None,
+        };
+        if let Some(db) = mirror {
+            tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
+            engine.metrics.set_mirror_state(state_name(db.state));
+            engine.mirror = Some(db);
+        }
+        for (name, addr) in engine.config.secondaries.clone() {
+            let (pending, mut log) = recover_peer(&engine.config, &name, &recovered, engine.device_bytes);
+            if let Some(record) =
+                engine.mirror.as_ref().and_then(|db| db.images.iter().find(|i| i.name == name))
+            {
+                log.throttle = Throttle::new(record.sync_rate_bytes_per_s);
+                log.recovery = record.recovery_policy;
+            }
+            engine.add_peer(&name, addr, pending, log)?;
+        }
+        Ok(engine)
+    }
+
+    /// Adds a secondary (at start, or `add-secondary`): a slot (a removed one is reused, with a
+    /// new generation), and a connector thread of its own.
+    fn add_peer(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        pending: BitVec<u64, Lsb0>,
+        log: PeerLog,
+    ) -> Result<usize, ShipperError> {
+        let index = match self.peers.iter().position(|p| p.removed) {
+            Some(index) => index,
+            None if self.peers.len() < PEERS_MAX => self.peers.len(),
+            None => {
+                return Err(ShipperError::Config(format!(
+                    "{PEERS_MAX} secondaries already; remove one first"
+                )));
+            }
+        };
+        let (want_tx, want_rx) = mpsc::channel();
+        self.next_connector += 1;
+        let connector_config = connector::ConnectorConfig {
+            peer: index,
+            connector: self.next_connector,
+            name: name.to_owned(),
+            addr,
+            key: Arc::clone(&self.key),
+            params: self.params,
+            timeout_ms: self.config.timeout_ms,
+            retry_max_ms: self.config.retry_max_ms,
+        };
+        let (tx, stop) = (self.connected_tx.clone(), Arc::clone(&self.stop_connectors));
+        std::thread::Builder::new()
+            .name(format!("connect-{name}"))
+            .spawn(move || connector::run(connector_config, want_rx, tx, stop))
+            .map_err(io_error("starting a connector thread"))?;
+        if !log.held {
+            want_tx.send(connector::Want::Now).expect("connector is running");
+        }
+        let metrics = self.metrics.peer(name);
+        metrics.sync_rate_limit_bytes.set(log.throttle.rate_bytes_per_s.min(i64::MAX as u64) as i64);
+        let peer = Peer {
+            name: name.to_owned(),
+            addr,
+            pending,
+            conn: None,
+            generation: self.peers.get(index).map_or(0, |p| p.generation + 1),
+            connector: self.next_connector,
+            want_connection: Some(want_tx),
+            zero_copy: self.config.zero_copy,
+            stats: PeerStats::default(),
+            metrics,
+            in_sync: false,
+            log,
+            consistency_point_unix_ms: 0,
+            written_since_point: false,
+            removed: false,
+            draining: false,
+            last_error: String::new(),
+        };
+        if index == self.peers.len() {
+            self.peers.push(peer);
+        } else {
+            self.peers[index] = peer;
+        }
+        Ok(index)
     }
 
     /// Runs until `stop` is set, then drains what is in flight (up to the timeout) and stops.
@@ -375,6 +443,7 @@ impl Engine {
             self.update_status();
             self.persist_fracture_logs();
             self.advance_points();
+            self.advance_change();
             if self.last_checkpoint.elapsed() >= Duration::from_millis(self.config.checkpoint_ms) {
                 self.checkpoint();
             }
@@ -388,14 +457,31 @@ impl Engine {
     }
 
     fn accept_connections(&mut self) {
-        while let Ok(connected) = self.connected.try_recv() {
-            let peer = &mut self.peers[connected.peer];
-            assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
-            peer.conn = Some(Conn::new(connected.stream));
-            peer.stats.connects += 1;
-            peer.metrics.connects.inc();
-            peer.metrics.connected.set(1);
-            self.next_sequence = self.next_sequence.max(connected.next_sequence);
+        while let Ok(event) = self.connected.try_recv() {
+            match event {
+                connector::Event::Connected(connected) => {
+                    let peer = &mut self.peers[connected.peer];
+                    if peer.removed || peer.connector != connected.connector {
+                        continue; // a connector of a removed secondary, finishing
+                    }
+                    assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
+                    peer.conn = Some(Conn::new(connected.stream));
+                    peer.stats.connects += 1;
+                    peer.metrics.connects.inc();
+                    peer.metrics.connected.set(1);
+                    peer.last_error.clear();
+                    self.next_sequence = self.next_sequence.max(connected.next_sequence);
+                    // Every secondary that connects gets the current mirror database first.
+                    self.send_mirror_db(connected.peer);
+                }
+                connector::Event::Failed { peer, connector, error } => {
+                    let slot = &mut self.peers[peer];
+                    if !slot.removed && slot.connector == connector {
+                        slot.last_error = error.clone();
+                        self.connect_failed(peer, &error);
+                    }
+                }
+            }
         }
     }
 
@@ -442,6 +528,9 @@ impl Engine {
             let mut eligible_count = 0;
             for i in 0..self.peers.len() {
                 let peer = &self.peers[i];
+                if peer.draining {
+                    continue;
+                }
                 if peer.eligible(self.config.backlog_bytes_max, run_bytes_max, queue_max) {
                     if !peer.log.throttled || peer.log.throttle.allows() {
                         eligible_at[eligible_count] = i;
@@ -613,6 +702,10 @@ impl Engine {
                         self.next_sequence += 1;
                     }
                     let bytes = &conn.verify_frame[*sent..];
+                    (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
+                }
+                Some(SendJob::Db { sent }) => {
+                    let bytes = &conn.db_frame[*sent..];
                     (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
                 }
                 Some(SendJob::Point { sent }) => {
@@ -796,6 +889,7 @@ impl Engine {
             conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
             // The bytes were reserved in the backlog when the read was scheduled.
             conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64 });
+            self.peers[i].written_since_point = true;
         }
         Ok(())
     }
@@ -827,6 +921,10 @@ impl Engine {
             SendJob::VerifyRequest { sent, .. } => {
                 *sent += result as usize;
                 *sent == wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES
+            }
+            SendJob::Db { sent } => {
+                *sent += result as usize;
+                *sent == conn.db_frame.len()
             }
             SendJob::Point { sent } => {
                 *sent += result as usize;
@@ -912,8 +1010,11 @@ impl Engine {
             }
         }
         self.fracture(index, reason);
-        if !self.peers[index].log.held {
-            let _ = self.peers[index].want_connection.send(connector::Want::Reconnect);
+        self.peers[index].last_error = reason.to_owned();
+        if !self.peers[index].log.held
+            && let Some(want) = &self.peers[index].want_connection
+        {
+            let _ = want.send(connector::Want::Reconnect);
         }
     }
 
@@ -940,6 +1041,7 @@ impl Engine {
     pub fn status(&self) -> Vec<PeerStatus> {
         self.peers
             .iter()
+            .filter(|p| !p.removed)
             .map(|p| PeerStatus {
                 name: p.name.clone(),
                 addr: p.addr.to_string(),
@@ -964,6 +1066,7 @@ impl Engine {
                 consistency_point_unix_ms: p.consistency_point_unix_ms,
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
+                last_error: p.last_error.clone(),
                 stats: p.stats,
             })
             .collect()
@@ -976,9 +1079,55 @@ impl Engine {
             "extent_bytes": self.config.extent_bytes,
             "image_bytes": self.device_bytes,
             "intent_log_extents": self.persisted_intent.as_ref().map_or(0, |i| i.count_ones()),
+            "mirror": self.mirror,
             "secondaries": self.status(),
             "tracker": self.tracker.counters(),
         })
+    }
+
+    /// Brings the mirror database up to date with the images' states and applies the state
+    /// rules; a transition is logged with its cause, counted, and the database saved.
+    fn refresh_mirror(&mut self) {
+        for peer in self.peers.iter().filter(|p| !p.removed) {
+            self.metrics.set_image_state(&peer.name, state_name_image(image_state(peer)));
+        }
+        let Some(mut db) = self.mirror.take() else { return };
+        let mut changed = false;
+        let generation = db.generation;
+        for peer in self.peers.iter().filter(|p| !p.removed) {
+            let Some(record) = db.image_mut(&peer.name) else { continue };
+            let (state, reachable) = (image_state(peer), peer.conn.is_some());
+            if record.state != state || record.reachable != reachable {
+                record.state = state;
+                record.reachable = reachable;
+                record.resync_bytes_done = peer.log.resync_bytes_done;
+                if state == ImageState::Synchronized {
+                    record.generation = generation;
+                }
+                changed = true;
+            }
+        }
+        let (state, cause) = db.evaluate();
+        if state != db.state || cause != db.state_cause {
+            if state != db.state {
+                if state == crate::mirror::MirrorState::Attention {
+                    tracing::warn!(mirror = %db.name, from = ?db.state, to = ?state, %cause, "mirror state changed");
+                } else {
+                    tracing::info!(mirror = %db.name, from = ?db.state, to = ?state, %cause, "mirror state changed");
+                }
+                let label = crate::metrics::StateLabel { state: state_name(state).into() };
+                self.metrics.mirror_transitions.get_or_create(&label).inc();
+                self.metrics.set_mirror_state(state_name(state));
+            }
+            db.state = state;
+            db.state_cause = cause;
+            changed = true;
+        }
+        if changed && let Err(error) = db.store(&self.config.state_dir) {
+            tracing::error!(%error, "saving the mirror database failed");
+            self.metrics.log_write_errors.inc();
+        }
+        self.mirror = Some(db);
     }
 
     fn update_status(&mut self) {
@@ -992,7 +1141,12 @@ impl Engine {
                 tracing::debug!(secondary = %peer.name, in_sync, "secondary caught up or fell behind");
                 peer.in_sync = in_sync;
             }
-            if in_sync && peer.log.fractured() && !peer.log.admin_fractured() && peer.log.verify.is_none() {
+            if in_sync
+                && !peer.removed
+                && peer.log.fractured()
+                && !peer.log.admin_fractured()
+                && peer.log.verify.is_none()
+            {
                 tracing::info!(
                     secondary = %peer.name,
                     resync_bytes = peer.log.resync_bytes_done,
@@ -1009,6 +1163,7 @@ impl Engine {
             let bytes = out_of_sync_bytes(peer, self.config.extent_bytes);
             peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
         }
+        self.refresh_mirror();
         let status = self.status_json();
         let path = self.config.state_dir.join("status.json");
         let temp = self.config.state_dir.join("status.json.tmp");
@@ -1285,9 +1440,37 @@ impl Engine {
     fn handle_control(&mut self) {
         while let Ok(call) = self.control.try_recv() {
             tracing::info!(request = ?call.request, "operator request");
-            if let Request::ConsistencyPoint { timeout_ms } = call.request {
-                self.start_point(timeout_ms, call.reply);
-                continue;
+            match call.request {
+                Request::ConsistencyPoint { timeout_ms } => {
+                    self.start_point(timeout_ms, call.reply);
+                    continue;
+                }
+                Request::AddSecondary { name, address, synchronized } => {
+                    self.add_secondary(&name, address, synchronized, call.reply);
+                    continue;
+                }
+                Request::RemoveSecondary { name, force } => {
+                    self.remove_secondary(&name, force, call.reply);
+                    continue;
+                }
+                Request::Activate => {
+                    self.set_activation(true, false, call.reply);
+                    continue;
+                }
+                Request::Deactivate { force } => {
+                    self.set_activation(false, force, call.reply);
+                    continue;
+                }
+                Request::Set { secondary, key, value } => {
+                    match secondary.as_deref().map(|s| self.peer_index(s)).transpose() {
+                        Ok(index) => self.set_setting(index, &key, &value, call.reply),
+                        Err(error) => {
+                            let _ = call.reply.send(Err(error));
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
             }
             let reply = self.apply(call.request);
             if let Err(error) = &reply {
@@ -1298,20 +1481,26 @@ impl Engine {
     }
 
     fn peer_index(&self, name: &str) -> Result<usize, String> {
-        self.peers.iter().position(|p| p.name == name).ok_or_else(|| {
-            let names: Vec<&str> = self.peers.iter().map(|p| p.name.as_str()).collect();
+        self.peers.iter().position(|p| p.name == name && !p.removed).ok_or_else(|| {
+            let names: Vec<&str> =
+                self.peers.iter().filter(|p| !p.removed).map(|p| p.name.as_str()).collect();
             format!("no secondary named {name:?}; this primary has {}", names.join(", "))
         })
     }
 
     fn apply(&mut self, request: Request) -> control::Reply {
         let index = match &request {
-            Request::Status | Request::Set { secondary: None, .. } | Request::ConsistencyPoint { .. } => None,
+            Request::Status
+            | Request::Set { .. }
+            | Request::ConsistencyPoint { .. }
+            | Request::AddSecondary { .. }
+            | Request::RemoveSecondary { .. }
+            | Request::Activate
+            | Request::Deactivate { .. } => None,
             Request::Fracture { secondary }
             | Request::Restore { secondary }
             | Request::Verify { secondary }
-            | Request::Sync { secondary }
-            | Request::Set { secondary: Some(secondary), .. } => Some(self.peer_index(secondary)?),
+            | Request::Sync { secondary } => Some(self.peer_index(secondary)?),
         };
         match request {
             Request::Status => return Ok(self.status_json()),
@@ -1335,8 +1524,10 @@ impl Engine {
                     return Err(format!("{secondary} is not fractured and held; nothing to restore"));
                 }
                 peer.log.restore();
-                if peer.conn.is_none() {
-                    let _ = peer.want_connection.send(connector::Want::Now);
+                if peer.conn.is_none()
+                    && let Some(want) = &peer.want_connection
+                {
+                    let _ = want.send(connector::Want::Now);
                 }
                 self.persist_peer(i);
             }
@@ -1363,8 +1554,12 @@ impl Engine {
                 peer.log.persist_now = true;
                 self.persist_peer(i);
             }
-            Request::Set { secondary: _, key, value } => self.set(index, &key, &value)?,
-            Request::ConsistencyPoint { .. } => unreachable!("handled by start_point"),
+            Request::Set { .. }
+            | Request::ConsistencyPoint { .. }
+            | Request::AddSecondary { .. }
+            | Request::RemoveSecondary { .. }
+            | Request::Activate
+            | Request::Deactivate { .. } => unreachable!("handled in handle_control"),
         }
         Ok(serde_json::to_value(self.status()).expect("status serializes"))
     }
@@ -1449,7 +1644,10 @@ impl Engine {
                 }
                 None => done = false,
                 Some(sequence) if conn.inflight.contains_key(&sequence) => done = false,
-                Some(_) => peer.consistency_point_unix_ms = self.points[index].point_unix_ms,
+                Some(_) => {
+                    peer.consistency_point_unix_ms = self.points[index].point_unix_ms;
+                    peer.written_since_point = false;
+                }
             }
         }
         let point = &self.points[index];
@@ -1497,9 +1695,29 @@ impl Engine {
     }
 }
 
+fn state_name(state: crate::mirror::MirrorState) -> &'static str {
+    match state {
+        crate::mirror::MirrorState::Active => "ACTIVE",
+        crate::mirror::MirrorState::Inactive => "INACTIVE",
+        crate::mirror::MirrorState::Attention => "ATTENTION",
+    }
+}
+
+fn state_name_image(state: ImageState) -> &'static str {
+    match state {
+        ImageState::Synchronized => "SYNCHRONIZED",
+        ImageState::Synchronizing => "SYNCHRONIZING",
+        ImageState::Consistent => "CONSISTENT",
+        ImageState::Unsynchronized => "UNSYNCHRONIZED",
+    }
+}
+
 /// A secondary's image state, as reported.
 fn image_state(peer: &Peer) -> ImageState {
     match (&peer.conn, peer.log.fractured()) {
+        (None, _) if peer.consistency_point_unix_ms > 0 && !peer.written_since_point => {
+            ImageState::Consistent
+        }
         (None, _) => ImageState::Unsynchronized,
         (Some(_), false) => ImageState::Synchronized,
         (Some(_), true) => ImageState::Synchronizing,
@@ -1514,7 +1732,7 @@ fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64) -> u64 {
 
 fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
     let fail = |m: String| Err(ShipperError::Config(m));
-    if config.secondaries.is_empty() || config.secondaries.len() > PEERS_MAX {
+    if (config.secondaries.is_empty() && config.mirror.is_none()) || config.secondaries.len() > PEERS_MAX {
         return fail(format!(
             "{} secondaries; between 1 and {PEERS_MAX} are supported",
             config.secondaries.len()

@@ -45,6 +45,8 @@ pub enum SendJob {
     VerifyRequest { first_extent: u64, count: u32, sent: usize },
     /// A consistency point, encoded into the connection's `point_frame` when queued.
     Point { sent: usize },
+    /// The mirror database, from the connection's `db_frame`.
+    Db { sent: usize },
 }
 
 #[derive(Debug)]
@@ -69,6 +71,9 @@ pub struct Conn {
     pub keepalive: Box<[u8; wire::HEADER_BYTES]>,
     /// The verify request being sent (one batch per secondary at a time).
     pub verify_frame: Box<[u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]>,
+    /// The mirror-database frame queued, and its sequence (one at a time per connection).
+    pub db_frame: Vec<u8>,
+    pub db_sequence: Option<u64>,
     /// The consistency-point frame queued (one point at a time per connection).
     pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
@@ -90,6 +95,8 @@ impl Conn {
             keepalive: Box::new([0u8; wire::HEADER_BYTES]),
             verify_frame: Box::new([0u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]),
             point_frame: Box::new([0u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]),
+            db_frame: Vec::new(),
+            db_sequence: None,
             last_heard: Instant::now(),
             last_sent: Instant::now(),
         }
@@ -155,13 +162,23 @@ pub struct Peer {
     pub conn: Option<Conn>,
     /// Bumped at each disconnect; completions of older connections are recognised by it.
     pub generation: u32,
-    pub want_connection: Sender<super::connector::Want>,
+    /// Its connector thread; none once removed (the connector then ends).
+    pub want_connection: Option<Sender<super::connector::Want>>,
+    pub connector: u32,
+    /// Removed from the mirror: a slot waiting for reuse, with nothing pending.
+    pub removed: bool,
+    /// Being removed gracefully: fed nothing new while what is in flight finishes.
+    pub draining: bool,
+    /// Why it last disconnected or failed to connect.
+    pub last_error: String,
     pub zero_copy: bool,
     pub stats: PeerStats,
     pub metrics: crate::metrics::PeerMetrics,
     pub in_sync: bool,
     /// The last consistency point it recorded (Unix ms), 0 if none.
     pub consistency_point_unix_ms: u64,
+    /// An extent frame was queued to it after that point.
+    pub written_since_point: bool,
     /// Its fracture-log state, throttle and verify pass.
     pub log: super::resync::PeerLog,
 }

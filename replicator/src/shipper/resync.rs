@@ -22,7 +22,11 @@ pub enum ImageState {
     Synchronized,
     /// Connected and copying what its fracture log, a full sync or a verify says it lacks.
     Synchronizing,
-    /// Not connected (fractured, unreachable), or never copied yet.
+    /// Not connected, and its image is as of the last consistency point it recorded: no write
+    /// reached it since.
+    Consistent,
+    /// Not connected (fractured, unreachable) with writes since its last consistency point,
+    /// or never copied yet.
     Unsynchronized,
 }
 

@@ -1,0 +1,337 @@
+//! The mirror database: what a mirror is (name, id, generation, extent size, policies) and
+//! which images it has, kept in `STATE_DIR/mirror.db` on every member; and the mirror's state
+//! (ACTIVE, INACTIVE, ATTENTION) with the rules that move it.
+//!
+//! The file is a checksummed envelope around a JSON body, so an operator can read it with
+//! `replicator status --json` and a damaged file is refused, never half-read:
+//!
+//! ```text
+//! 0   magic      8 bytes "RPLMDB\0\0"
+//! 8   version    u32     DB_VERSION
+//! 12  crc32c     u32     over the header (this field zero) and the body
+//! 16  body_bytes u32     <= DB_BODY_BYTES_MAX
+//! 20  reserved   u32     zero
+//! 24  body       JSON
+//! ```
+//!
+//! Owns the format and the state rules. Invariant: the file is replaced atomically
+//! (`logs::replace_file`), and every change made at the primary carries a higher `revision`; a
+//! secondary never replaces its copy with a lower revision or another mirror's.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use crate::shipper::{ImageState, RecoveryPolicy};
+
+pub const DB_FILE: &str = "mirror.db";
+pub const DB_MAGIC: [u8; 8] = *b"RPLMDB\0\0";
+pub const DB_VERSION: u32 = 1;
+pub const DB_HEADER_BYTES: usize = 24;
+/// Largest body accepted (from disk or from the wire): 8 images take well under this.
+pub const DB_BODY_BYTES_MAX: usize = 64 * 1024;
+const _: () = assert!(DB_HEADER_BYTES + DB_BODY_BYTES_MAX == crate::wire::MIRROR_DB_BYTES_MAX);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum MirrorState {
+    /// Replicating to its secondaries.
+    Active,
+    /// Deactivated by the administrator: writes are tracked in the fracture logs, not shipped.
+    Inactive,
+    /// Needs the administrator: too few images, too many missing (or a split brain).
+    Attention,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum ActivationPolicy {
+    /// The mirror leaves ATTENTION by itself once the cause has gone.
+    Automatic,
+    /// The mirror stays in ATTENTION until `replicator activate`.
+    Manual,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum WritePolicy {
+    /// Writes complete on the primary and are shipped behind (the tracker path).
+    Async,
+    /// Writes complete when every SYNCHRONIZED secondary has them (the NBD export, later).
+    Sync,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Designator {
+    Primary,
+    Secondary,
+}
+
+/// One image of the mirror.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageRecord {
+    pub name: String,
+    pub designator: Designator,
+    /// Where a secondary listens; none for the primary.
+    pub address: Option<SocketAddr>,
+    /// The device on its host, when known.
+    pub device: Option<String>,
+    pub state: ImageState,
+    /// False while the primary cannot reach it: it gets the current database when it returns.
+    pub reachable: bool,
+    /// The seed's "cookie": the mirror generation this image last took part in.
+    pub generation: u64,
+    pub sync_rate_bytes_per_s: u64,
+    pub resync_bytes_done: u64,
+    pub recovery_policy: RecoveryPolicy,
+}
+
+/// The mirror database.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MirrorDb {
+    pub name: String,
+    pub id: u64,
+    /// Bumped by every change; a copy with a lower revision is older.
+    pub revision: u64,
+    pub state: MirrorState,
+    /// Why the mirror is in its state (for ATTENTION: what to fix).
+    pub state_cause: String,
+    pub generation: u64,
+    pub extent_bytes: u64,
+    pub image_bytes: u64,
+    /// Bytes of one fracture log's bitmap.
+    pub fracture_log_bytes: u64,
+    /// Images (the primary included) that must be SYNCHRONIZED or CONSISTENT.
+    pub minimum_images: u32,
+    /// Secondaries that may be unreachable or fractured before the mirror needs attention.
+    pub maximum_missing_images: u32,
+    /// Relative resync priority (1 lowest .. 10 highest); informational until sync scheduling
+    /// across mirrors exists.
+    pub sync_priority: u8,
+    pub write_policy: WritePolicy,
+    /// Unacknowledged bytes allowed per secondary.
+    pub write_backlog_bytes: u64,
+    pub activation_policy: ActivationPolicy,
+    pub images: Vec<ImageRecord>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("{path}: {reason}")]
+    Damaged { path: String, reason: String },
+    #[error(transparent)]
+    Log(#[from] crate::logs::LogError),
+}
+
+impl MirrorDb {
+    pub fn primary(&self) -> Option<&ImageRecord> {
+        self.images.iter().find(|i| i.designator == Designator::Primary)
+    }
+
+    pub fn secondaries(&self) -> impl Iterator<Item = &ImageRecord> {
+        self.images.iter().filter(|i| i.designator == Designator::Secondary)
+    }
+
+    pub fn image_mut(&mut self, name: &str) -> Option<&mut ImageRecord> {
+        self.images.iter_mut().find(|i| i.name == name)
+    }
+
+    /// The state the rules give, and why: INACTIVE stays until `activate`; too few images or
+    /// too many missing is ATTENTION; under the manual activation policy ATTENTION stays until
+    /// `activate` even once the cause is gone.
+    pub fn evaluate(&self) -> (MirrorState, String) {
+        if self.state == MirrorState::Inactive {
+            return (MirrorState::Inactive, "deactivated by the administrator".into());
+        }
+        let usable =
+            1 + self.secondaries().filter(|i| i.reachable && i.state == ImageState::Synchronized).count();
+        let missing =
+            self.secondaries().filter(|i| !i.reachable || i.state == ImageState::Unsynchronized).count();
+        let cause = if (usable as u32) < self.minimum_images {
+            Some(format!(
+                "{usable} of the minimum {} images are SYNCHRONIZED (the primary counts as one)",
+                self.minimum_images
+            ))
+        } else if missing as u32 > self.maximum_missing_images {
+            Some(format!(
+                "{missing} secondaries are missing, over the maximum of {}",
+                self.maximum_missing_images
+            ))
+        } else {
+            None
+        };
+        match cause {
+            Some(cause) => (MirrorState::Attention, cause),
+            None if self.state == MirrorState::Attention
+                && self.activation_policy == ActivationPolicy::Manual =>
+            {
+                (
+                    MirrorState::Attention,
+                    "the cause is gone; activation policy manual: run `replicator activate`".into(),
+                )
+            }
+            None => (MirrorState::Active, String::new()),
+        }
+    }
+
+    /// Encodes the database in its envelope.
+    pub fn encode(&self) -> Vec<u8> {
+        let body = serde_json::to_vec(self).expect("the database serializes");
+        assert!(body.len() <= DB_BODY_BYTES_MAX, "database of {} bytes", body.len());
+        let mut out = Vec::with_capacity(DB_HEADER_BYTES + body.len());
+        out.extend_from_slice(&DB_MAGIC);
+        out.extend_from_slice(&DB_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&body);
+        let crc = crc32c::crc32c(&out);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes an envelope: any malformed input is a reason, never a panic.
+    pub fn decode(bytes: &[u8]) -> Result<Self, String> {
+        if bytes.len() < DB_HEADER_BYTES {
+            return Err(format!("{} bytes, shorter than the header", bytes.len()));
+        }
+        if bytes[..8] != DB_MAGIC {
+            return Err("bad magic".into());
+        }
+        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
+        if u32_at(8) != DB_VERSION {
+            return Err(format!("version {}, this build reads {DB_VERSION}", u32_at(8)));
+        }
+        let body_bytes = u32_at(16) as usize;
+        if body_bytes > DB_BODY_BYTES_MAX || bytes.len() != DB_HEADER_BYTES + body_bytes || u32_at(20) != 0 {
+            return Err(format!("body of {body_bytes} bytes in a file of {}", bytes.len()));
+        }
+        let computed =
+            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&bytes[..12]), &[0; 4]), &bytes[16..]);
+        if computed != u32_at(12) {
+            return Err(format!("checksum {:#010x}, computed {computed:#010x}", u32_at(12)));
+        }
+        let db: Self = serde_json::from_slice(&bytes[DB_HEADER_BYTES..]).map_err(|e| format!("body: {e}"))?;
+        if !db.extent_bytes.is_power_of_two()
+            || db.images.iter().filter(|i| i.designator == Designator::Primary).count() > 1
+        {
+            return Err("inconsistent: extent size not a power of two, or two primaries".into());
+        }
+        Ok(db)
+    }
+
+    pub fn load(state_dir: &Path) -> Result<Option<Self>, DbError> {
+        let path = state_dir.join(DB_FILE);
+        match std::fs::read(&path) {
+            Ok(bytes) => Self::decode(&bytes)
+                .map(Some)
+                .map_err(|reason| DbError::Damaged { path: path.display().to_string(), reason }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(DbError::Damaged { path: path.display().to_string(), reason: e.to_string() }),
+        }
+    }
+
+    pub fn store(&self, state_dir: &Path) -> Result<(), DbError> {
+        Ok(crate::logs::replace_file(state_dir, DB_FILE, &self.encode())?)
+    }
+}
+
+/// A fresh mirror id: random, never 0.
+pub fn new_mirror_id() -> u64 {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("the kernel's random source");
+    u64::from_le_bytes(bytes).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn db() -> MirrorDb {
+        MirrorDb {
+            name: "vol1".into(),
+            id: 42,
+            revision: 3,
+            state: MirrorState::Active,
+            state_cause: String::new(),
+            generation: 1,
+            extent_bytes: 65536,
+            image_bytes: 1 << 30,
+            fracture_log_bytes: 2048,
+            minimum_images: 2,
+            maximum_missing_images: 0,
+            sync_priority: 5,
+            write_policy: WritePolicy::Async,
+            write_backlog_bytes: 64 << 20,
+            activation_policy: ActivationPolicy::Automatic,
+            images: vec![
+                ImageRecord {
+                    name: "a".into(),
+                    designator: Designator::Primary,
+                    address: None,
+                    device: Some("/dev/vdb".into()),
+                    state: ImageState::Synchronized,
+                    reachable: true,
+                    generation: 1,
+                    sync_rate_bytes_per_s: 0,
+                    resync_bytes_done: 0,
+                    recovery_policy: RecoveryPolicy::Automatic,
+                },
+                ImageRecord {
+                    name: "b".into(),
+                    designator: Designator::Secondary,
+                    address: Some("10.0.0.2:7788".parse().unwrap()),
+                    device: None,
+                    state: ImageState::Synchronized,
+                    reachable: true,
+                    generation: 1,
+                    sync_rate_bytes_per_s: 100 << 20,
+                    resync_bytes_done: 0,
+                    recovery_policy: RecoveryPolicy::Manual,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn states_follow_the_rules() {
+        let mut db = db();
+        assert_eq!(db.evaluate().0, MirrorState::Active);
+        db.images[1].reachable = false;
+        let (state, cause) = db.evaluate();
+        assert_eq!(state, MirrorState::Attention);
+        assert!(cause.contains("minimum 2"), "{cause}");
+        db.state = MirrorState::Attention;
+        db.images[1].reachable = true;
+        assert_eq!(db.evaluate().0, MirrorState::Active, "automatic activation");
+        db.activation_policy = ActivationPolicy::Manual;
+        assert_eq!(db.evaluate().0, MirrorState::Attention, "manual activation waits");
+        db.state = MirrorState::Inactive;
+        assert_eq!(db.evaluate().0, MirrorState::Inactive);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip_and_any_flip_is_caught(flip in any::<prop::sample::Index>(), bit in 0u8..8) {
+            let db = db();
+            let mut bytes = db.encode();
+            prop_assert_eq!(MirrorDb::decode(&bytes), Ok(db));
+            let at = flip.index(bytes.len());
+            bytes[at] ^= 1 << bit;
+            prop_assert!(MirrorDb::decode(&bytes).is_err());
+        }
+
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), fix in any::<bool>()) {
+            let mut bytes = bytes;
+            if fix && bytes.len() >= DB_HEADER_BYTES {
+                bytes[..8].copy_from_slice(&DB_MAGIC);
+                bytes[8..12].copy_from_slice(&DB_VERSION.to_le_bytes());
+            }
+            let _ = MirrorDb::decode(&bytes);
+        }
+    }
+}

@@ -1,0 +1,465 @@
+//! The mirror database at run time: adding and removing secondaries, activating and
+//! deactivating the mirror, and settings. Every change is written on every reachable
+//! secondary (a `MirrorDb` frame it stores durably, then acknowledges) before it takes effect
+//! on the primary; a secondary that cannot be reached is marked unreachable and gets the current
+//! database when it connects again (seed 0095).
+//!
+//! Owns the one change in progress. Invariant: at most one change at a time, and at most one
+//! database frame queued per connection (`Conn::db_sequence`).
+
+use std::net::SocketAddr;
+use std::sync::mpsc::Sender;
+use std::time::{Duration, Instant};
+
+use bitvec::prelude::*;
+
+use super::peer::{InFlight, SendJob};
+use super::resync::{PeerLog, Throttle};
+use super::{Engine, ImageState, PEERS_MAX, RecoveryPolicy, connector, image_state};
+use crate::control::Reply;
+use crate::logs;
+use crate::mirror::{Designator, ImageRecord, MirrorDb, MirrorState};
+use crate::wire;
+
+/// Settings of the mirror as a whole (the rest are per secondary).
+const MIRROR_WIDE_SETTINGS: [&str; 3] = ["minimum-images", "maximum-missing-images", "activation-policy"];
+
+/// How long a change waits for secondaries (and a new one's first contact).
+const CHANGE_TIMEOUT_MS: u64 = 10_000;
+
+/// What a change does on the primary once every reachable secondary has the new database.
+#[derive(Debug)]
+pub(super) enum Effect {
+    /// A secondary was added (already running; it must make first contact).
+    Added {
+        index: usize,
+    },
+    Remove {
+        index: usize,
+        force: bool,
+    },
+    Activate,
+    Deactivate,
+    Set {
+        index: Option<usize>,
+        key: String,
+        value: String,
+    },
+}
+
+pub(super) struct PendingChange {
+    reply: Sender<Reply>,
+    deadline: Instant,
+    db: MirrorDb,
+    effect: Effect,
+    /// Per secondary: the database frame's sequence once queued; `Some(None)` = to send.
+    targets: [Option<Option<u64>>; PEERS_MAX],
+    generations: [u32; PEERS_MAX],
+}
+
+impl Engine {
+    /// Queues the current mirror database to secondary `index` (it has just connected).
+    pub(super) fn send_mirror_db(&mut self, index: usize) {
+        if let Some(db) = &self.mirror {
+            let envelope = db.encode();
+            self.queue_db_frame(index, &envelope);
+        }
+    }
+
+    /// Queues a database frame; returns its sequence, or none if one is still in flight.
+    fn queue_db_frame(&mut self, index: usize, envelope: &[u8]) -> Option<u64> {
+        let sequence = self.next_sequence;
+        let conn = self.peers[index].conn.as_mut()?;
+        if conn.db_sequence.is_some_and(|s| conn.inflight.contains_key(&s)) {
+            return None;
+        }
+        self.next_sequence += 1;
+        let mut frame = Vec::with_capacity(wire::HEADER_BYTES + envelope.len());
+        wire::encode(&wire::Message::MirrorDb { envelope }, sequence, &mut frame);
+        conn.db_frame = frame;
+        conn.queue.push_back(SendJob::Db { sent: 0 });
+        conn.inflight.insert(sequence, InFlight { run: 0..0, bytes: 0 });
+        conn.db_sequence = Some(sequence);
+        Some(sequence)
+    }
+
+    /// A connector reports a failure: a secondary being added that refuses us ends the add.
+    pub(super) fn connect_failed(&mut self, index: usize, error: &str) {
+        let joining = self
+            .change
+            .as_ref()
+            .is_some_and(|c| matches!(c.effect, Effect::Added { index: i } if i == index));
+        if joining && error.contains("handshake") {
+            let change = self.change.take().expect("checked");
+            let name = self.peers[index].name.clone();
+            self.remove_peer(index);
+            let _ = change.reply.send(Err(format!("{name} refused the mirror: {error}")));
+        }
+    }
+
+    pub(super) fn add_secondary(
+        &mut self,
+        name: &str,
+        addr: SocketAddr,
+        synchronized: bool,
+        reply: Sender<Reply>,
+    ) {
+        let outcome = (|| {
+            let db = self.mirror.as_ref().ok_or_else(no_database)?;
+            let valid =
+                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !valid {
+                return Err(format!("{name:?}: a secondary's name is letters, digits, '-' and '_'"));
+            }
+            if db.images.iter().any(|i| i.name == name) {
+                return Err(format!("mirror {:?} already has an image named {name}", db.name));
+            }
+            if db.secondaries().count() >= PEERS_MAX {
+                return Err(format!("mirror {:?} has {PEERS_MAX} secondaries, the most it can", db.name));
+            }
+            let mut db = db.clone();
+            db.revision += 1;
+            db.images.push(ImageRecord {
+                name: name.to_owned(),
+                designator: Designator::Secondary,
+                address: Some(addr),
+                device: None,
+                state: ImageState::Unsynchronized,
+                reachable: false,
+                generation: if synchronized { db.generation } else { 0 },
+                sync_rate_bytes_per_s: self.config.sync_rate_bytes_per_s,
+                resync_bytes_done: 0,
+                recovery_policy: self.config.recovery_policy,
+            });
+            let extents = self.reading.len();
+            let mut log = new_peer_log(&self.config, name);
+            let pending = if synchronized {
+                bitvec![u64, Lsb0; 0; extents]
+            } else {
+                log.flags = logs::FLAG_FULL_SYNC;
+                log.fall_behind();
+                log.throttled = true;
+                bitvec![u64, Lsb0; 1; extents]
+            };
+            let index = self.add_peer(name, addr, pending, log).map_err(|e| e.to_string())?;
+            Ok((db, index))
+        })();
+        match outcome {
+            Ok((db, index)) => {
+                tracing::info!(secondary = %name, %addr, synchronized, "adding a secondary: waiting for its first contact");
+                self.start_change(db, Effect::Added { index }, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    pub(super) fn remove_secondary(&mut self, name: &str, force: bool, reply: Sender<Reply>) {
+        let outcome = (|| {
+            let db = self.mirror.as_ref().ok_or_else(no_database)?;
+            let index = self.peer_index(name)?;
+            if !force && image_state(&self.peers[index]) == ImageState::Synchronizing {
+                return Err(format!(
+                    "{name} is SYNCHRONIZING: removing it now stops its resync; wait, or use --force"
+                ));
+            }
+            let mut db = db.clone();
+            db.revision += 1;
+            db.images.retain(|i| i.name != name);
+            Ok((db, index))
+        })();
+        match outcome {
+            Ok((db, index)) => {
+                // Graceful: no new data; what is in flight finishes before it goes.
+                self.peers[index].draining = true;
+                self.start_change(db, Effect::Remove { index, force }, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    pub(super) fn set_activation(&mut self, activate: bool, force: bool, reply: Sender<Reply>) {
+        let outcome = (|| {
+            let db = self.mirror.as_ref().ok_or_else(no_database)?;
+            if activate && db.state == MirrorState::Active {
+                return Err(format!("mirror {:?} is already ACTIVE", db.name));
+            }
+            if !activate && db.state == MirrorState::Inactive {
+                return Err(format!("mirror {:?} is already INACTIVE", db.name));
+            }
+            let synchronizing: Vec<&str> = self
+                .peers
+                .iter()
+                .filter(|p| !p.removed && image_state(p) == ImageState::Synchronizing)
+                .map(|p| p.name.as_str())
+                .collect();
+            if !activate && !force && !synchronizing.is_empty() {
+                return Err(format!(
+                    "{} SYNCHRONIZING: deactivating stops the resync; wait, or use --force",
+                    synchronizing.join(", ")
+                ));
+            }
+            let mut db = db.clone();
+            db.revision += 1;
+            db.state = if activate { MirrorState::Active } else { MirrorState::Inactive };
+            db.state_cause = if activate { String::new() } else { "deactivated by the administrator".into() };
+            Ok(db)
+        })();
+        match outcome {
+            Ok(db) => {
+                let effect = if activate { Effect::Activate } else { Effect::Deactivate };
+                self.start_change(db, effect, reply);
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    /// `set`: with a mirror database the change goes through it; without, it applies at once.
+    pub(super) fn set_setting(&mut self, index: Option<usize>, key: &str, value: &str, reply: Sender<Reply>) {
+        let Some(db) = self.mirror.as_ref() else {
+            let answer = self
+                .set(index, key, value)
+                .map(|()| serde_json::to_value(self.status()).expect("serializes"));
+            let _ = reply.send(answer);
+            return;
+        };
+        let mut db = db.clone();
+        db.revision += 1;
+        let outcome = (|| {
+            let names: Vec<String> = match index {
+                Some(i) => vec![self.peers[i].name.clone()],
+                None => self.peers.iter().filter(|p| !p.removed).map(|p| p.name.clone()).collect(),
+            };
+            match key {
+                "sync-rate" => {
+                    let rate =
+                        crate::units::parse_bytes(value).map_err(|e| format!("sync-rate {value:?}: {e}"))?;
+                    for name in &names {
+                        if let Some(record) = db.image_mut(name) {
+                            record.sync_rate_bytes_per_s = rate;
+                        }
+                    }
+                }
+                "recovery-policy" => {
+                    let policy = match value {
+                        "automatic" => RecoveryPolicy::Automatic,
+                        "manual" => RecoveryPolicy::Manual,
+                        other => return Err(format!("recovery-policy {other:?}: automatic or manual")),
+                    };
+                    for name in &names {
+                        if let Some(record) = db.image_mut(name) {
+                            record.recovery_policy = policy;
+                        }
+                    }
+                }
+                "minimum-images" => {
+                    db.minimum_images =
+                        value.parse().map_err(|e| format!("minimum-images {value:?}: {e}"))?;
+                }
+                "maximum-missing-images" => {
+                    db.maximum_missing_images =
+                        value.parse().map_err(|e| format!("maximum-missing-images {value:?}: {e}"))?;
+                }
+                "activation-policy" => {
+                    db.activation_policy = match value {
+                        "automatic" => crate::mirror::ActivationPolicy::Automatic,
+                        "manual" => crate::mirror::ActivationPolicy::Manual,
+                        other => return Err(format!("activation-policy {other:?}: automatic or manual")),
+                    };
+                }
+                other => {
+                    return Err(format!(
+                        "unknown setting {other:?}; settable: sync-rate, recovery-policy, minimum-images, \
+                         maximum-missing-images, activation-policy"
+                    ));
+                }
+            }
+            Ok(())
+        })();
+        match outcome {
+            Ok(()) => {
+                self.start_change(db, Effect::Set { index, key: key.into(), value: value.into() }, reply)
+            }
+            Err(error) => {
+                let _ = reply.send(Err(error));
+            }
+        }
+    }
+
+    fn start_change(&mut self, db: MirrorDb, effect: Effect, reply: Sender<Reply>) {
+        if self.change.is_some() {
+            if let Effect::Added { index } = effect {
+                self.remove_peer(index);
+            }
+            let _ = reply.send(Err("another change of the mirror is in progress; try again".into()));
+            return;
+        }
+        let mut targets = [None; PEERS_MAX];
+        let mut generations = [0; PEERS_MAX];
+        for (i, peer) in self.peers.iter().enumerate() {
+            generations[i] = peer.generation;
+            if !peer.removed && peer.conn.is_some() {
+                targets[i] = Some(None);
+            }
+        }
+        let deadline = Instant::now() + Duration::from_millis(CHANGE_TIMEOUT_MS);
+        self.change = Some(PendingChange { reply, deadline, db, effect, targets, generations });
+    }
+
+    /// Moves the change in progress on; applies it once every reachable secondary has the new
+    /// database (one that does not answer in time is disconnected: it gets it on return).
+    pub(super) fn advance_change(&mut self) {
+        let Some(mut change) = self.change.take() else { return };
+        let timed_out = Instant::now() > change.deadline;
+        if let Effect::Added { index } = change.effect {
+            let peer = &self.peers[index];
+            if peer.conn.is_some() && change.targets[index].is_none() {
+                change.targets[index] = Some(None);
+                change.generations[index] = peer.generation;
+            } else if peer.conn.is_none() && timed_out {
+                let error = format!(
+                    "cannot reach {} at {}: {}; start its secondary first",
+                    peer.name,
+                    peer.addr,
+                    if peer.last_error.is_empty() { "no answer" } else { &peer.last_error }
+                );
+                self.remove_peer(index);
+                let _ = change.reply.send(Err(error));
+                return;
+            } else if peer.conn.is_none() {
+                self.change = Some(change);
+                return;
+            }
+        }
+        let envelope = change.db.encode();
+        let mut waiting = false;
+        for index in 0..self.peers.len() {
+            let Some(target) = change.targets[index] else { continue };
+            let peer = &self.peers[index];
+            if peer.conn.is_none() || peer.generation != change.generations[index] {
+                change.targets[index] = None; // unreachable now: it gets the database on return
+                continue;
+            }
+            match target {
+                None => match self.queue_db_frame(index, &envelope) {
+                    Some(sequence) => {
+                        change.targets[index] = Some(Some(sequence));
+                        waiting = true;
+                    }
+                    None => waiting = true,
+                },
+                Some(sequence) => {
+                    let acked =
+                        !self.peers[index].conn.as_ref().is_some_and(|c| c.inflight.contains_key(&sequence));
+                    if !acked && timed_out {
+                        self.disconnect(index, "did not store the mirror database change in time");
+                        change.targets[index] = None;
+                    } else if !acked {
+                        waiting = true;
+                    }
+                }
+            }
+        }
+        if let Effect::Remove { index, force: false } = change.effect
+            && self.peers[index].conn.as_ref().is_some_and(|c| !c.inflight.is_empty() || !c.queue.is_empty())
+            && !timed_out
+        {
+            waiting = true;
+        }
+        if waiting {
+            self.change = Some(change);
+            return;
+        }
+        self.apply_change(change);
+    }
+
+    fn apply_change(&mut self, change: PendingChange) {
+        let PendingChange { reply, db, effect, .. } = change;
+        tracing::info!(mirror = %db.name, revision = db.revision, ?effect, "mirror database change takes effect");
+        if let Err(error) = db.store(&self.config.state_dir) {
+            let _ = reply.send(Err(format!("saving the mirror database: {error}")));
+            return;
+        }
+        self.mirror = Some(db);
+        let outcome = match effect {
+            Effect::Added { .. } => Ok(()),
+            Effect::Remove { index, .. } => {
+                self.remove_peer(index);
+                Ok(())
+            }
+            Effect::Deactivate => {
+                for index in 0..self.peers.len() {
+                    if !self.peers[index].removed {
+                        self.peers[index].log.admin_fracture();
+                        self.disconnect(index, "the mirror was deactivated");
+                        self.persist_peer(index);
+                    }
+                }
+                Ok(())
+            }
+            Effect::Activate => {
+                for peer in self.peers.iter_mut().filter(|p| !p.removed && p.log.held) {
+                    peer.log.restore();
+                    if let Some(want) = &peer.want_connection {
+                        let _ = want.send(connector::Want::Now);
+                    }
+                }
+                Ok(())
+            }
+            // Mirror-wide settings live in the database only; per-secondary ones drive the engine.
+            Effect::Set { key, .. } if MIRROR_WIDE_SETTINGS.contains(&key.as_str()) => Ok(()),
+            Effect::Set { index, key, value } => self.set(index, &key, &value),
+        };
+        let answer = outcome.map(|()| self.status_json());
+        let _ = reply.send(answer);
+    }
+
+    /// Takes a secondary out: disconnected, its connector ended, its slot free for reuse.
+    fn remove_peer(&mut self, index: usize) {
+        self.peers[index].log.held = true;
+        self.disconnect(index, "removed from the mirror");
+        let peer = &mut self.peers[index];
+        peer.removed = true;
+        peer.draining = false;
+        peer.want_connection = None;
+        peer.pending.fill(false);
+        peer.log.flags = 0;
+        peer.log.verify = None;
+        peer.metrics.connected.set(0);
+        if let Err(error) = logs::remove_file(&self.config.state_dir, &peer.log.file_name) {
+            tracing::warn!(secondary = %peer.name, %error, "removing its fracture log failed");
+        }
+        tracing::info!(secondary = %peer.name, "secondary removed");
+    }
+}
+
+fn no_database() -> String {
+    "this primary was started with --secondary options, not from a mirror database; \
+     `replicator create` makes one"
+        .to_owned()
+}
+
+/// The log state of a secondary new to this primary.
+fn new_peer_log(config: &super::ShipperConfig, name: &str) -> PeerLog {
+    PeerLog {
+        file_name: logs::fracture_log_file(name),
+        secondary_id: logs::secondary_id(name),
+        flags: 0,
+        resync_bytes_done: 0,
+        verify: None,
+        persisted: None,
+        persist_now: true,
+        throttle: Throttle::new(config.sync_rate_bytes_per_s),
+        recovery: config.recovery_policy,
+        held: false,
+        throttled: false,
+        synchronized_at_unix_ms: 0,
+        fractured_at_unix_ms: 0,
+        resync_started: None,
+    }
+}

@@ -1,0 +1,205 @@
+//! The mirror as the seed defines it, on the real kernel: a mirror made with `create`, its
+//! database on every member, secondaries added and removed at run time, the mirror's states
+//! and the operations that move them, each refusal the seed asks for.
+
+use std::time::{Duration, Instant};
+
+use replicator::mirror::MirrorDb;
+use replicator::testbed::Process;
+use replicator_tests::*;
+
+const DEVICE_BYTES: u64 = 128 * MIB;
+
+fn lab(label: &str, secondaries: usize) -> Lab {
+    require_root();
+    Lab::new(&replicator_bin(), label, secondaries, DEVICE_BYTES).expect("lab")
+}
+
+fn ok(lab: &Lab, args: &[&str]) -> String {
+    lab.operate(args).unwrap_or_else(|e| panic!("replicator {args:?}: {e}\n{}", lab.logs()))
+}
+
+fn refused(lab: &Lab, args: &[&str], because: &str) {
+    let error = lab.operate(args).expect_err(&format!("replicator {args:?} must be refused")).to_string();
+    assert!(error.contains(because), "replicator {args:?} refused, but not because {because:?}: {error}");
+    eprintln!("refused as it should be: replicator {args:?}: {error}");
+}
+
+fn until(lab: &Lab, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = lab.status()
+            && check(&status)
+        {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\nstatus: {:?}\n{}",
+            lab.status(),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn mirror_state(status: &serde_json::Value) -> &str {
+    status["mirror"]["state"].as_str().unwrap_or("")
+}
+
+fn create(lab: &Lab, extra: &[&str]) {
+    let device = lab.primary_device.path.to_str().unwrap().to_owned();
+    let state = lab.state_dir("p").to_str().unwrap().to_owned();
+    let mut args = vec!["create", "vol1", "--device", &device, "--state-dir", &state, "--image-name", "p"];
+    args.extend_from_slice(extra);
+    run_command(lab.binary.to_str().unwrap(), &args).unwrap_or_else(|e| panic!("create: {e}"));
+}
+
+fn db(lab: &Lab, member: &str) -> MirrorDb {
+    MirrorDb::load(&lab.state_dir(member)).expect("a readable database").expect("a database")
+}
+
+/// 1. The whole lifecycle from `create` to `destroy`, every refusal tried.
+#[test]
+fn lifecycle_from_create_to_destroy_with_every_refusal() {
+    let mut lab = lab("life", 2);
+    let s0 = lab.start_secondary(0, &[]).expect("s0");
+    let _ = s0;
+    let s1 = lab.start_secondary(1, &[]).expect("s1");
+    create(&lab, &["--minimum-images", "1"]);
+    let again = run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "create",
+            "vol1",
+            "--device",
+            lab.primary_device.path.to_str().unwrap(),
+            "--state-dir",
+            lab.state_dir("p").to_str().unwrap(),
+        ],
+    );
+    assert!(again.expect_err("a second create is refused").to_string().contains("already exists"));
+    let primary = lab
+        .start_primary_from_db(&["--sync-rate", "0", "--checkpoint-ms", "200", "--timeout-ms", "2000"])
+        .expect("primary");
+    until(&lab, "the primary's status", |s| mirror_state(s) == "ACTIVE");
+
+    let (a0, a1) = (lab.secondary_addrs[0].to_string(), lab.secondary_addrs[1].to_string());
+    ok(&lab, &["add-secondary", &format!("s0={a0}")]);
+    refused(&lab, &["add-secondary", &format!("s0={a1}")], "already has an image named s0");
+    ok(&lab, &["add-secondary", &format!("s1={a1}"), "--synchronized"]);
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // An image of another size is refused at its first contact, naming both sizes.
+    let small = LoopDevice::create("life-small", DEVICE_BYTES / 2).expect("a smaller device");
+    let mut command = lab.secondary_ns[1].command(&lab.binary);
+    command.arg("secondary").arg("--device").arg(&small.path).args([
+        "--listen",
+        "0.0.0.0:7790",
+        "--key-file",
+    ]);
+    command.arg(&lab.key_file).arg("--state-dir").arg(lab.dir.join("small"));
+    lab.processes.push(
+        Process::spawn("small secondary", command, lab.dir.join("small.log")).expect("small secondary"),
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let small_addr = format!("{}:7790", lab.secondary_addrs[1].ip());
+    refused(&lab, &["add-secondary", &format!("small={small_addr}")], "image size");
+
+    // Every member holds the database.
+    let primary_db = db(&lab, "p");
+    assert_eq!(primary_db.secondaries().count(), 2);
+    for member in ["s0", "s1"] {
+        let copy = until(&lab, "the database to reach the secondaries", |_| {
+            MirrorDb::load(&lab.state_dir(member))
+                .ok()
+                .flatten()
+                .is_some_and(|d| d.revision == db(&lab, "p").revision)
+        });
+        let _ = copy;
+        assert_eq!(db(&lab, member).id, primary_db.id, "{member} holds this mirror's database");
+    }
+
+    // Refusals while a resync runs (a full sync of s0, slowed down).
+    ok(&lab, &["set", "sync-rate=1MiB", "--secondary", "s0"]);
+    ok(&lab, &["sync", "s0"]);
+    until(&lab, "s0 SYNCHRONIZING", |s| s["secondaries"][0]["state"] == "SYNCHRONIZING");
+    refused(&lab, &["deactivate"], "SYNCHRONIZING");
+    refused(&lab, &["remove-secondary", "s0"], "SYNCHRONIZING");
+    ok(&lab, &["set", "sync-rate=0", "--secondary", "s0"]);
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Refusals while running.
+    let destroy = run_command(
+        lab.binary.to_str().unwrap(),
+        &["destroy", "--state-dir", lab.state_dir("p").to_str().unwrap()],
+    );
+    assert!(destroy.expect_err("destroy while running is refused").to_string().contains("running"));
+    refused(&lab, &["activate"], "already ACTIVE");
+
+    // INACTIVE keeps writes in the fracture logs; ACTIVE again resyncs them.
+    let frozen = hash_device(&lab.secondary_devices[0].path).expect("hash");
+    ok(&lab, &["deactivate"]);
+    until(&lab, "INACTIVE", |s| mirror_state(s) == "INACTIVE");
+    for i in 0..50u64 {
+        write_direct(&lab.primary_device.path, i * 7 * 65536, 65536, 0x33).expect("write");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        hash_device(&lab.secondary_devices[0].path).expect("hash"),
+        frozen,
+        "nothing shipped while INACTIVE"
+    );
+    ok(&lab, &["activate"]);
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, "ACTIVE", |s| mirror_state(s) == "ACTIVE");
+    let hashes = lab.hashes().expect("hashes");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+
+    // Minimum images: 3 of 3 needed; losing s1 is ATTENTION; its return clears it (automatic).
+    ok(&lab, &["set", "minimum-images=3"]);
+    lab.processes[s1].kill();
+    let status = until(&lab, "ATTENTION", |s| mirror_state(s) == "ATTENTION");
+    assert!(status["mirror"]["state_cause"].as_str().unwrap_or("").contains("minimum 3"), "{status}");
+    lab.start_secondary(1, &[]).expect("s1 again");
+    until(&lab, "ACTIVE again", |s| mirror_state(s) == "ACTIVE");
+    ok(&lab, &["set", "minimum-images=1"]);
+
+    // Remove both; then destroy, once stopped.
+    ok(&lab, &["remove-secondary", "s1"]);
+    refused(&lab, &["remove-secondary", "s1"], "no secondary named \"s1\"");
+    ok(&lab, &["remove-secondary", "s0"]);
+    assert_eq!(db(&lab, "p").secondaries().count(), 0);
+    assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
+    run_command(
+        lab.binary.to_str().unwrap(),
+        &["destroy", "--state-dir", lab.state_dir("p").to_str().unwrap()],
+    )
+    .unwrap_or_else(|e| panic!("destroy: {e}"));
+    assert!(MirrorDb::load(&lab.state_dir("p")).expect("readable").is_none(), "the database is gone");
+}
+
+/// 2. A database change made while a secondary is unreachable reaches it when it returns.
+#[test]
+fn database_change_reaches_a_secondary_when_it_returns() {
+    let mut lab = lab("dbprop", 2);
+    lab.start_secondary(0, &[]).expect("s0");
+    let s1 = lab.start_secondary(1, &[]).expect("s1");
+    create(&lab, &[]);
+    lab.start_primary_from_db(&["--sync-rate", "0", "--timeout-ms", "2000"]).expect("primary");
+    until(&lab, "the primary's status", |s| mirror_state(s) == "ACTIVE");
+    ok(&lab, &["add-secondary", &format!("s0={}", lab.secondary_addrs[0]), "--synchronized"]);
+    ok(&lab, &["add-secondary", &format!("s1={}", lab.secondary_addrs[1]), "--synchronized"]);
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let before = db(&lab, "s1").revision;
+    lab.processes[s1].kill();
+    until(&lab, "s1 unreachable", |s| s["secondaries"][1]["connected"] == false);
+    ok(&lab, &["set", "sync-rate=50MiB", "--secondary", "s0"]);
+    let revision = db(&lab, "p").revision;
+    assert!(revision > before);
+    assert_eq!(db(&lab, "s0").revision, revision, "the reachable secondary has the change");
+    assert_eq!(db(&lab, "s1").revision, before, "the unreachable one does not, yet");
+    assert!(!db(&lab, "p").images.iter().find(|i| i.name == "s1").expect("s1").reachable);
+    lab.start_secondary(1, &[]).expect("s1 again");
+    until(&lab, "s1 to receive the database", |_| db(&lab, "s1").revision == revision);
+    let s0 = db(&lab, "s1").images.iter().find(|i| i.name == "s0").expect("s0 record").sync_rate_bytes_per_s;
+    assert_eq!(s0, 50 << 20, "s1 holds the change made while it was away");
+}
