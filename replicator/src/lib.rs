@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod control;
 pub mod consistency;
 pub mod mirror;
+pub mod failback;
 
 pub mod sysfs;
 pub mod units;

@@ -115,6 +115,19 @@ enum Command {
         #[command(flatten)]
         target: Target,
     },
+    /// Make this secondary the primary (its primary is gone): a new generation, tracking from
+    /// now. Refused unless it is SYNCHRONIZED or CONSISTENT. Its secondary process must be
+    /// stopped; start `replicator primary --state-dir` afterwards.
+    Promote(replicator::commands::lifecycle::PromoteArgs),
+    /// After a split brain (both sides wrote as primary while apart), on the member whose
+    /// writes are to be discarded: KEEP's data wins; start this member as a secondary.
+    Resolve {
+        /// The image whose data is kept.
+        #[arg(long)]
+        keep: String,
+        #[arg(long, default_value = replicator::commands::operate::STATE_DIR_DEFAULT)]
+        state_dir: PathBuf,
+    },
     /// Show each secondary of a running primary: state, out-of-sync bytes, resync progress.
     Status(Target),
     /// Stop replicating to a secondary; the extents it misses go to its fracture log until
@@ -209,6 +222,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Secondary(args) => commands::replicate::run_secondary(args, &*commands::stop_flag()?),
         Command::Create(args) => replicator::commands::lifecycle::create(&args),
         Command::Destroy { state_dir } => replicator::commands::lifecycle::destroy(&state_dir),
+        Command::Promote(args) => replicator::commands::lifecycle::promote(&args),
+        Command::Resolve { keep, state_dir } => replicator::commands::lifecycle::resolve(&state_dir, &keep),
         Command::Status(target) => operate::run(&target, Request::Status),
         Command::AddSecondary { secondary, synchronized, target } => {
             let (name, address) = replicator::commands::replicate::parse_secondary(&secondary)

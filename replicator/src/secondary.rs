@@ -28,6 +28,7 @@ use io_uring::{IoUring, opcode, types};
 use crate::auth::{self, Expected, Key};
 use crate::consistency::{self, ConsistencyRecord};
 use crate::device::BlockDevice;
+use crate::failback;
 use crate::metrics::SecondaryMetrics;
 use crate::mirror::MirrorDb;
 use crate::pool::BufferPool;
@@ -87,6 +88,8 @@ enum SessionEnd {
     Write { device: String, offset: u64, len: usize, error: std::io::Error },
     #[error("read of {len} bytes at offset {offset} on {device} for a verify failed: {error}")]
     Read { device: String, offset: u64, len: usize, error: std::io::Error },
+    #[error("{0}")]
+    Refused(String),
     #[error("stopping")]
     Stop,
 }
@@ -230,6 +233,7 @@ fn handle_connection(
     match end {
         Err(SessionEnd::Write { .. })
         | Err(SessionEnd::Read { .. })
+        | Err(SessionEnd::Refused(_))
         | Err(SessionEnd::Wire(_))
         | Err(SessionEnd::Unexpected(_)) => {
             let error = end.err().map(|e| e.to_string()).unwrap_or_default();
@@ -294,6 +298,7 @@ struct Session<'a> {
     image: &'a File,
     device: &'a str,
     state_dir: &'a std::path::Path,
+    device_path: &'a std::path::Path,
     timeout_ms: u64,
     header_bytes: [u8; wire::HEADER_BYTES],
     small: Box<[u8; SMALL_PAYLOAD_BYTES_MAX]>,
@@ -347,6 +352,7 @@ impl<'a> Session<'a> {
             image,
             device,
             state_dir: &config.state_dir,
+            device_path: &config.device,
             timeout_ms: config.timeout_ms,
             header_bytes: [0; wire::HEADER_BYTES],
             small: Box::new([0; SMALL_PAYLOAD_BYTES_MAX]),
@@ -501,7 +507,13 @@ impl<'a> Session<'a> {
                         self.retry_waiting(stream)
                     }
                     Message::MirrorDb { envelope } => {
-                        store_mirror_db(self.state_dir, envelope)?;
+                        let local = stream.local_addr().ok();
+                        let reconciled =
+                            failback::reconcile(self.state_dir, self.device_path, envelope, local)
+                                .map_err(SessionEnd::Refused)?;
+                        self.next_ack_sequence =
+                            send_divergent(stream, &reconciled.divergent, self.next_ack_sequence)?;
+                        store_mirror_db(self.state_dir, &reconciled)?;
                         let sequence = header.sequence;
                         let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
                         wire::write_frame(stream, &ack, self.next_ack_sequence)?;
@@ -743,19 +755,45 @@ impl<'a> Session<'a> {
     }
 }
 
-/// Stores the mirror database the primary sent, durably, if it is this mirror's.
-fn store_mirror_db(state_dir: &std::path::Path, envelope: &[u8]) -> Result<(), SessionEnd> {
-    let db =
-        MirrorDb::decode(envelope).map_err(|e| SessionEnd::PrimaryError(format!("mirror database: {e}")))?;
-    if let Ok(Some(current)) = MirrorDb::load(state_dir)
-        && current.id != db.id
-    {
-        return Err(SessionEnd::PrimaryError(format!(
-            "mirror database of mirror {:?} (id {:#x}), but this image belongs to {:?} (id {:#x})",
-            db.name, db.id, current.name, current.id
-        )));
+/// Stores the mirror database the primary sent (reconciled with this member's), durably.
+fn store_mirror_db(state_dir: &std::path::Path, reconciled: &failback::Reconciled) -> Result<(), SessionEnd> {
+    let db = &reconciled.db;
+    let io = |e: String| SessionEnd::Io(std::io::Error::other(e));
+    db.store(state_dir).map_err(|e| io(e.to_string()))?;
+    if let Some(name) = &reconciled.image_name {
+        crate::logs::replace_file(state_dir, failback::IMAGE_NAME_FILE, name.as_bytes())
+            .map_err(|e| io(e.to_string()))?;
     }
-    db.store(state_dir).map_err(|e| SessionEnd::Io(std::io::Error::other(e.to_string())))?;
-    tracing::info!(mirror = %db.name, revision = db.revision, state = ?db.state, "mirror database stored");
+    if reconciled.synchronized_here && state_dir.join(crate::logs::INTENT_LOG_FILE).exists() {
+        tracing::info!(
+            "SYNCHRONIZED with the new primary: forgetting this member's logs from when it was primary"
+        );
+        failback::forget_former_primary(state_dir);
+    }
+    tracing::debug!(mirror = %db.name, revision = db.revision, state = ?db.state, "mirror database stored");
     Ok(())
+}
+
+/// Hands a former primary's divergent extents to the new primary, `DIVERGENT_RUNS_MAX` runs
+/// a frame; returns the next sequence.
+fn send_divergent(
+    stream: &mut TcpStream,
+    runs: &[std::ops::Range<u64>],
+    mut sequence: u64,
+) -> Result<u64, SessionEnd> {
+    if !runs.is_empty() {
+        let extents: u64 = runs.iter().map(|r| r.end - r.start).sum();
+        tracing::warn!(extents, "failing back: this member was primary; handing back the extents it wrote");
+    }
+    let mut payload = Vec::with_capacity(wire::DIVERGENT_RUNS_MAX * 16);
+    for chunk in runs.chunks(wire::DIVERGENT_RUNS_MAX) {
+        payload.clear();
+        for run in chunk {
+            payload.extend_from_slice(&run.start.to_le_bytes());
+            payload.extend_from_slice(&run.end.to_le_bytes());
+        }
+        wire::write_frame(stream, &Message::DivergentRuns { runs: &payload }, sequence)?;
+        sequence += 1;
+    }
+    Ok(sequence)
 }

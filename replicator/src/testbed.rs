@@ -551,8 +551,13 @@ impl Drop for Lab {
             }
         }
         self.processes.clear();
-        // A stopped primary leaves its tracker pinned (by design); the lab's loop device goes.
-        self.untrack_primary();
+        // A stopped primary leaves its tracker pinned (by design), on whichever member was
+        // primary last; the lab's loop devices go.
+        for device in std::iter::once(&self.primary_device).chain(&self.secondary_devices) {
+            if let Some(name) = device.path.file_name() {
+                let _ = crate::tracker::unpin(&Path::new(crate::tracker::BPFFS_ROOT).join(name));
+            }
+        }
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

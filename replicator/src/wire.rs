@@ -33,6 +33,8 @@ pub const VERIFY_EXTENTS_MAX: u32 = 256;
 pub const VERIFY_HASH_BYTES: usize = 16;
 /// The largest `MirrorDb` payload: the database envelope's header and its largest body.
 pub const MIRROR_DB_BYTES_MAX: usize = 24 + 64 * 1024;
+/// Most runs in one `DivergentRuns` frame.
+pub const DIVERGENT_RUNS_MAX: usize = 256;
 /// Bytes of a `ConsistencyPoint` payload.
 pub const POINT_PAYLOAD_BYTES: usize = 16;
 /// Bytes of a `VerifyHashes` payload before its hashes.
@@ -55,6 +57,7 @@ pub enum MessageKind {
     VerifyHashes = 9,
     ConsistencyPoint = 10,
     MirrorDb = 11,
+    DivergentRuns = 12,
 }
 
 impl MessageKind {
@@ -71,6 +74,7 @@ impl MessageKind {
             9 => Self::VerifyHashes,
             10 => Self::ConsistencyPoint,
             11 => Self::MirrorDb,
+            12 => Self::DivergentRuns,
             _ => return None,
         })
     }
@@ -184,6 +188,11 @@ pub enum Message<'a> {
     MirrorDb {
         envelope: &'a [u8],
     },
+    /// Secondary (a former primary, failing back) to primary: runs of extents it wrote that
+    /// the new primary may not have; each run is two u64, first and end (exclusive) extent.
+    DivergentRuns {
+        runs: &'a [u8],
+    },
 }
 
 impl Message<'_> {
@@ -200,6 +209,7 @@ impl Message<'_> {
             Self::VerifyHashes { .. } => MessageKind::VerifyHashes,
             Self::ConsistencyPoint { .. } => MessageKind::ConsistencyPoint,
             Self::MirrorDb { .. } => MessageKind::MirrorDb,
+            Self::DivergentRuns { .. } => MessageKind::DivergentRuns,
         }
     }
 }
@@ -352,6 +362,24 @@ pub fn decode_payload<'a>(
             }
             Message::VerifyRequest { first_extent, count }
         }
+        MessageKind::DivergentRuns => {
+            let runs = payload.len() / 16;
+            if payload.is_empty() || !payload.len().is_multiple_of(16) || runs > DIVERGENT_RUNS_MAX {
+                return Err(WireError::PayloadSize {
+                    kind: header.kind,
+                    found: payload.len(),
+                    expected: "16..=4096, whole runs",
+                });
+            }
+            if payload.chunks_exact(16).any(|r| u64_at(r, 0) >= u64_at(r, 8)) {
+                return Err(WireError::PayloadSize {
+                    kind: header.kind,
+                    found: payload.len(),
+                    expected: "runs with first < end",
+                });
+            }
+            Message::DivergentRuns { runs: payload }
+        }
         MessageKind::MirrorDb => {
             if payload.is_empty() || payload.len() > MIRROR_DB_BYTES_MAX {
                 return Err(WireError::PayloadSize {
@@ -481,6 +509,7 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             [&fixed[..VERIFY_FIXED_BYTES], &[]]
         }
         Message::MirrorDb { envelope } => [&[], envelope],
+        Message::DivergentRuns { runs } => [&[], runs],
         Message::ConsistencyPoint { generation, point_unix_ms } => {
             fixed[..8].copy_from_slice(&generation.to_le_bytes());
             fixed[8..16].copy_from_slice(&point_unix_ms.to_le_bytes());
@@ -532,7 +561,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..11,
+            0u8..12,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -554,6 +583,12 @@ mod tests {
             7 => Message::VerifyHashes { first_extent: n, hashes: &data[..(n % 256 + 1) as usize * 16] },
             8 => Message::ConsistencyPoint { generation: n, point_unix_ms: n / 7 },
             9 => Message::MirrorDb { envelope: &data[..(n % 1000 + 1) as usize] },
+            10 => {
+                let runs: Vec<u8> = (0..(n % 256 + 1))
+                    .flat_map(|i| [i * 10, i * 10 + 1 + n % 9].into_iter().flat_map(u64::to_le_bytes))
+                    .collect();
+                Message::DivergentRuns { runs: Box::leak(runs.into_boxed_slice()) }
+            }
             _ => Message::Error { code: n as u32, message: text },
         }
     }

@@ -175,3 +175,139 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
     println!("destroyed mirror {} (id {:#018x})", db.name, db.id);
     Ok(())
 }
+
+#[derive(clap::Args, Debug)]
+pub struct PromoteArgs {
+    /// This secondary's device (its secondary process must be stopped).
+    #[arg(long)]
+    pub device: PathBuf,
+    /// This member's state directory, holding the mirror database its primary sent.
+    #[arg(long, default_value = STATE_DIR_DEFAULT)]
+    pub state_dir: PathBuf,
+    /// Where the old primary will listen once it comes back as a secondary (ADDR:PORT): the
+    /// new primary resyncs it from there, copying only what differs.
+    #[arg(long)]
+    pub old_primary_address: std::net::SocketAddr,
+    /// This image's name in the mirror [default: as the primary last named it].
+    #[arg(long)]
+    pub image: Option<String>,
+}
+
+/// `promote`, on a secondary whose primary is gone: it becomes the primary with a new
+/// generation, and its tracker starts marking at once.
+pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let state_dir = &args.state_dir;
+    let db = MirrorDb::load(state_dir)?.ok_or_else(|| {
+        anyhow::anyhow!("{}: no mirror database: this member never heard from a primary", state_dir.display())
+    })?;
+    let name = match &args.image {
+        Some(name) => name.clone(),
+        None => std::fs::read_to_string(state_dir.join(crate::failback::IMAGE_NAME_FILE))
+            .map(|n| n.trim().to_owned())
+            .map_err(|_| anyhow::anyhow!("which image is this? give --image NAME"))?,
+    };
+    let record = db
+        .secondaries()
+        .find(|i| i.name == name)
+        .ok_or_else(|| anyhow::anyhow!("mirror {:?} has no secondary named {name}", db.name))?;
+    anyhow::ensure!(
+        matches!(record.state, ImageState::Synchronized | ImageState::Consistent),
+        "{name} is {:?}: its image is not a copy of the primary at any point in time, so it cannot be \
+         promoted; bring the primary back and let it finish",
+        record.state
+    );
+    std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&args.device).with_context(
+        || format!("{} is in use: stop this member's secondary first", args.device.display()),
+    )?;
+    let device = BlockDevice::resolve(&args.device)?;
+    anyhow::ensure!(
+        device.size_bytes() == db.image_bytes,
+        "{} holds {} bytes, the mirror's images {}",
+        args.device.display(),
+        device.size_bytes(),
+        db.image_bytes
+    );
+    let old_primary = db.primary().map(|p| p.name.clone()).unwrap_or_default();
+    let mut new = db.clone();
+    new.generation += 1;
+    new.revision += 1;
+    new.state = MirrorState::Active;
+    new.state_cause = String::new();
+    for image in &mut new.images {
+        if image.name == name {
+            image.designator = Designator::Primary;
+            image.address = None;
+            image.device = Some(args.device.display().to_string());
+            image.state = ImageState::Synchronized;
+            image.generation = new.generation;
+        } else if image.name == old_primary {
+            image.designator = Designator::Secondary;
+            image.address = Some(args.old_primary_address);
+            image.device = None;
+            image.state = ImageState::Unsynchronized;
+            image.reachable = false;
+        } else {
+            image.state = ImageState::Unsynchronized;
+        }
+    }
+    // Logs of a primary: the old primary lacks what is written from now on (tracked from
+    // here); the other secondaries followed the old primary, so they are verified.
+    let extents = db.image_bytes.div_ceil(db.extent_bytes) as usize;
+    let empty = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; extents];
+    let header = |kind, flags, secondary_id| crate::logs::LogHeader {
+        kind,
+        flags,
+        mirror_id: db.id,
+        secondary_id,
+        generation: new.generation,
+        sequence: 0,
+        extent_bytes: db.extent_bytes,
+        image_bytes: db.image_bytes,
+        resync_bytes_done: 0,
+        verify_next_extent: 0,
+        saved_unix_ms: crate::logs::unix_ms_now(),
+    };
+    use crate::logs::{FLAG_FRACTURED, FLAG_VERIFY, LogKind};
+    for image in new.secondaries() {
+        let flags = if image.name == old_primary { FLAG_FRACTURED } else { FLAG_FRACTURED | FLAG_VERIFY };
+        let bytes = crate::logs::encode(
+            &header(LogKind::Fracture, flags, crate::logs::secondary_id(&image.name)),
+            &empty,
+        );
+        crate::logs::replace_file(state_dir, &crate::logs::fracture_log_file(&image.name), &bytes)?;
+    }
+    let bytes = crate::logs::encode(&header(LogKind::Intent, 0, 0), &empty);
+    crate::logs::replace_file(state_dir, crate::logs::INTENT_LOG_FILE, &bytes)?;
+    // Track from this moment: the tracker stays pinned until the primary takes it over.
+    let options = crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes, ..Default::default() };
+    drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
+    new.store(state_dir)?;
+    println!(
+        "{name} is now the primary of mirror {} at generation {} (was {old_primary}); writes to {} are tracked \
+         from now on.\nStart it:  replicator primary --state-dir {} --key-file KEY\nBring {old_primary} back as a \
+         secondary listening on {}; it gets only what differs.",
+        new.name,
+        new.generation,
+        args.device.display(),
+        state_dir.display(),
+        args.old_primary_address
+    );
+    Ok(())
+}
+
+/// `resolve --keep NAME`, on the member whose writes since a split brain are discarded.
+pub fn resolve(state_dir: &std::path::Path, keep: &str) -> anyhow::Result<()> {
+    let db = MirrorDb::load(state_dir)?
+        .ok_or_else(|| anyhow::anyhow!("{}: no mirror database here", state_dir.display()))?;
+    anyhow::ensure!(
+        db.primary().is_none_or(|p| p.name != keep),
+        "this member is {keep}'s side: run `resolve --keep {keep}` on the other member, whose writes are discarded"
+    );
+    crate::logs::replace_file(state_dir, crate::failback::RESOLVED_FILE, keep.as_bytes())?;
+    println!(
+        "resolved in favour of {keep}: start this member as a secondary; the extents it wrote since the split are \
+         copied over from {keep} (nothing else)"
+    );
+    Ok(())
+}

@@ -225,6 +225,8 @@ pub struct Engine {
     mirror: Option<crate::mirror::MirrorDb>,
     /// The change of the mirror database in progress, if any.
     change: Option<membership::PendingChange>,
+    /// A secondary that refused us because both sides wrote as primary while apart.
+    split_brain: Option<(usize, String)>,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -336,6 +338,7 @@ impl Engine {
             points: Vec::with_capacity(POINTS_MAX),
             mirror: None,
             change: None,
+            split_brain: None,
         };
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
@@ -978,9 +981,22 @@ impl Engine {
         }
         conn.recv_len += result as usize;
         conn.last_heard = Instant::now();
-        if let Err(reason) = conn.parse_received(&self.limits, &mut peer.stats, peer.log.verify.as_mut()) {
-            self.disconnect(index, &reason);
-            return;
+        let received =
+            conn.parse_received(&self.limits, &mut peer.stats, peer.log.verify.as_mut(), &mut peer.pending);
+        let received = match received {
+            Ok(received) => received,
+            Err(reason) => {
+                self.disconnect(index, &reason);
+                return;
+            }
+        };
+        if received.divergent_extents > 0 {
+            tracing::warn!(
+                secondary = %peer.name,
+                extents = received.divergent_extents,
+                "former primary failing back: the extents it wrote that this primary may lack are shipped back"
+            );
+            self.fracture(index, "failing back from primary");
         }
         self.compare_verify(index);
     }
@@ -1011,6 +1027,10 @@ impl Engine {
         }
         self.fracture(index, reason);
         self.peers[index].last_error = reason.to_owned();
+        if reason.contains("split brain") && self.split_brain.is_none() {
+            tracing::error!(secondary = %self.peers[index].name, %reason, "SPLIT BRAIN: nothing is overwritten; the mirror needs attention");
+            self.split_brain = Some((index, reason.to_owned()));
+        }
         if !self.peers[index].log.held
             && let Some(want) = &self.peers[index].want_connection
         {
@@ -1107,7 +1127,21 @@ impl Engine {
                 changed = true;
             }
         }
-        let (state, cause) = db.evaluate();
+        if let Some((index, _)) = &self.split_brain {
+            let peer = &self.peers[*index];
+            let accepted = peer
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.db_sequence.is_some_and(|s| !c.inflight.contains_key(&s)));
+            if accepted || peer.removed {
+                tracing::info!(secondary = %peer.name, "split brain resolved: the secondary took this primary's database");
+                self.split_brain = None;
+            }
+        }
+        let (state, cause) = match &self.split_brain {
+            Some((_, reason)) => (crate::mirror::MirrorState::Attention, reason.clone()),
+            None => db.evaluate(),
+        };
         if state != db.state || cause != db.state_cause {
             if state != db.state {
                 if state == crate::mirror::MirrorState::Attention {
@@ -1128,6 +1162,14 @@ impl Engine {
             self.metrics.log_write_errors.inc();
         }
         self.mirror = Some(db);
+        if changed && self.change.is_none() {
+            // Secondaries learn their own state (what `promote` checks) as it changes.
+            for index in 0..self.peers.len() {
+                if !self.peers[index].removed && self.peers[index].conn.is_some() {
+                    self.send_mirror_db(index);
+                }
+            }
+        }
     }
 
     fn update_status(&mut self) {

@@ -117,13 +117,15 @@ impl Conn {
         limits: &Limits,
         stats: &mut PeerStats,
         mut verify: Option<&mut super::resync::Verify>,
-    ) -> Result<(), String> {
+        pending: &mut BitVec<u64, Lsb0>,
+    ) -> Result<Received, String> {
+        let mut received = Received::default();
         loop {
             let bytes = &self.recv[self.recv_start..self.recv_len];
             let parsed = wire::parse_frame(bytes, limits)
                 .map_err(|e| format!("malformed frame from secondary: {e}"))?;
             let Some((used, _, message)) = parsed else {
-                return Ok(());
+                return Ok(received);
             };
             match message {
                 Message::Ack { first_sequence, last_sequence } => {
@@ -135,6 +137,19 @@ impl Conn {
                     }
                 }
                 Message::Keepalive => {}
+                Message::DivergentRuns { runs } => {
+                    for run in runs.chunks_exact(16) {
+                        let first = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
+                        let end = u64::from_le_bytes(run[8..].try_into().expect("8 bytes"));
+                        if end > pending.len() as u64 {
+                            return Err(format!(
+                                "divergent extents {first}..{end} past the image's last extent"
+                            ));
+                        }
+                        pending[first as usize..end as usize].fill(true);
+                        received.divergent_extents += end - first;
+                    }
+                }
                 Message::VerifyHashes { first_extent, hashes } => match verify.as_deref_mut() {
                     Some(verify) => verify.take_reply(first_extent, hashes)?,
                     None => return Err("secondary sent verify hashes nobody asked for".into()),
@@ -152,6 +167,13 @@ impl Conn {
             self.recv_start += used;
         }
     }
+}
+
+/// What a batch of received frames told the engine beyond acks.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Extents a failing-back secondary (a former primary) wrote that this primary may lack.
+    pub divergent_extents: u64,
 }
 
 pub struct Peer {

@@ -1,0 +1,193 @@
+//! A secondary meeting a primary's mirror database: store it, or see that this member was the
+//! primary before (failback: hand back the extents it wrote that the new primary may lack), or
+//! refuse it (another mirror, a stale primary, a split brain).
+//!
+//! Owns the decision and the former primary's logs in the state directory. Invariant: a former
+//! primary's logs (its intent log, its fracture logs, and its pinned tracker's marks, merged
+//! into the intent log) stay until the new primary reports this image SYNCHRONIZED; until then
+//! every connection hands the divergent extents back again, so a crash of either side loses
+//! none of them.
+
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::path::Path;
+
+use bitvec::prelude::*;
+
+use crate::logs::{self, LogHeader, LogIdentity, LogKind};
+use crate::mirror::MirrorDb;
+use crate::shipper::ImageState;
+
+/// Written by `replicator resolve --keep NAME` on the member whose writes are discarded.
+pub const RESOLVED_FILE: &str = "resolved-keep";
+/// This member's image name, as the primary's database knows it.
+pub const IMAGE_NAME_FILE: &str = "image-name";
+
+/// What to do with an incoming database.
+#[derive(Debug)]
+pub struct Reconciled {
+    pub db: MirrorDb,
+    /// Extents this member wrote as a primary that the new primary may lack.
+    pub divergent: Vec<Range<u64>>,
+    /// This image is SYNCHRONIZED in the incoming database: a former primary's logs may go.
+    pub synchronized_here: bool,
+    pub image_name: Option<String>,
+}
+
+pub fn reconcile(
+    state_dir: &Path,
+    device: &Path,
+    envelope: &[u8],
+    local_addr: Option<SocketAddr>,
+) -> Result<Reconciled, String> {
+    let db = MirrorDb::decode(envelope).map_err(|e| format!("mirror database: {e}"))?;
+    let own = MirrorDb::load(state_dir).map_err(|e| e.to_string())?;
+    let record = db.secondaries().find(|i| i.address.is_some_and(|a| Some(a) == local_addr));
+    let image_name = record.map(|r| r.name.clone());
+    let synchronized_here = record.is_some_and(|r| r.state == ImageState::Synchronized);
+    let mut divergent = Vec::new();
+    if let Some(own) = own {
+        if own.id != db.id {
+            return Err(format!(
+                "mirror database of mirror {:?} (id {:#x}), but this image belongs to {:?} (id {:#x})",
+                db.name, db.id, own.name, own.id
+            ));
+        }
+        let incoming_primary = db.primary().map_or("?", |p| p.name.as_str()).to_owned();
+        let own_primary = own.primary().map_or("?", |p| p.name.as_str()).to_owned();
+        if db.generation < own.generation {
+            return Err(format!(
+                "stale primary {incoming_primary}: generation {} is older than this image's {} (primary {own_primary})",
+                db.generation, own.generation
+            ));
+        }
+        let was_primary_here = state_dir.join(logs::INTENT_LOG_FILE).exists();
+        if db.generation == own.generation && own_primary != incoming_primary && !was_primary_here {
+            return Err(format!(
+                "two primaries at generation {}: this image follows {own_primary}, {incoming_primary} claims it too",
+                db.generation
+            ));
+        }
+        if was_primary_here && own_primary != incoming_primary {
+            let resolved = std::fs::read_to_string(state_dir.join(RESOLVED_FILE)).ok();
+            let kept = resolved.as_deref().map(str::trim) == Some(incoming_primary.as_str());
+            let apart = wrote_without(state_dir, &own, &incoming_primary);
+            if apart > 0 && !kept {
+                return Err(format!(
+                    "split brain: this image was primary {own_primary} at generation {} and wrote {apart} extents \
+                     while {incoming_primary} was away; {incoming_primary} is primary at generation {}. Nothing \
+                     is overwritten: on the member whose writes are to be discarded run `replicator resolve --keep NAME`",
+                    own.generation, db.generation
+                ));
+            }
+            divergent = former_primary_extents(state_dir, device, &own)?;
+        }
+    }
+    Ok(Reconciled { db, divergent, synchronized_here, image_name })
+}
+
+/// Extents in this former primary's fracture log for `peer`: written while `peer` was away.
+fn wrote_without(state_dir: &Path, own: &MirrorDb, peer: &str) -> usize {
+    let identity = LogIdentity {
+        kind: LogKind::Fracture,
+        mirror_id: own.id,
+        secondary_id: logs::secondary_id(peer),
+        extent_bytes: own.extent_bytes,
+        image_bytes: own.image_bytes,
+    };
+    match logs::load(state_dir, &logs::fracture_log_file(peer), &identity) {
+        Ok(Some((_, bits))) => bits.count_ones(),
+        Ok(None) => 0,
+        // A damaged log cannot tell: count it as writes apart, a person decides.
+        Err(_) => 1,
+    }
+}
+
+/// Everything this member may have written as primary that others may lack: its intent log,
+/// its fracture logs, and its pinned tracker's marks (merged into the intent log, then the
+/// tracker is removed so it stops marking this image's resync writes).
+fn former_primary_extents(
+    state_dir: &Path,
+    device: &Path,
+    own: &MirrorDb,
+) -> Result<Vec<Range<u64>>, String> {
+    let extents = own.image_bytes.div_ceil(own.extent_bytes) as usize;
+    let mut union = bitvec![u64, Lsb0; 0; extents];
+    let identity = |kind, secondary_id| LogIdentity {
+        kind,
+        mirror_id: own.id,
+        secondary_id,
+        extent_bytes: own.extent_bytes,
+        image_bytes: own.image_bytes,
+    };
+    match logs::load(state_dir, logs::INTENT_LOG_FILE, &identity(LogKind::Intent, 0)) {
+        Ok(Some((_, bits))) => *union |= bits.as_bitslice(),
+        Ok(None) => {}
+        Err(error) => {
+            tracing::error!(%error, "the former primary's intent log is damaged: handing back every extent");
+            union.fill(true);
+        }
+    }
+    for image in own.images.iter() {
+        let name = logs::fracture_log_file(&image.name);
+        match logs::load(state_dir, &name, &identity(LogKind::Fracture, logs::secondary_id(&image.name))) {
+            Ok(Some((_, bits))) => *union |= bits.as_bitslice(),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::error!(%error, "a fracture log of the former primary is damaged: handing back every extent");
+                union.fill(true);
+            }
+        }
+    }
+    if let Some(name) = device.file_name() {
+        let pin_dir = Path::new(crate::tracker::BPFFS_ROOT).join(name);
+        if pin_dir.exists() {
+            let options = crate::tracker::TrackerOptions {
+                name: Some(name.to_string_lossy().into_owned()),
+                extent_bytes: own.extent_bytes,
+                ..Default::default()
+            };
+            let mut tracker =
+                crate::tracker::Tracker::attach_with(device, &options).map_err(|e| e.to_string())?;
+            let mut pinned = BitVec::new();
+            tracker.intent_into(&mut pinned);
+            for run in tracker.drain_completed() {
+                pinned[run.start as usize..run.end as usize].fill(true);
+            }
+            *union |= pinned.as_bitslice();
+            // Kept in the intent log from here on, so the tracker can go.
+            let header = LogHeader {
+                kind: LogKind::Intent,
+                flags: 0,
+                mirror_id: own.id,
+                secondary_id: 0,
+                generation: own.generation,
+                sequence: 0,
+                extent_bytes: own.extent_bytes,
+                image_bytes: own.image_bytes,
+                resync_bytes_done: 0,
+                verify_next_extent: 0,
+                saved_unix_ms: logs::unix_ms_now(),
+            };
+            logs::replace_file(state_dir, logs::INTENT_LOG_FILE, &logs::encode(&header, &union))
+                .map_err(|e| e.to_string())?;
+            tracker.stop().map_err(|e| e.to_string())?;
+        }
+    }
+    Ok(crate::tracker::Runs::new(&union).collect())
+}
+
+/// The former primary is SYNCHRONIZED with the new one: its logs are no longer needed.
+pub fn forget_former_primary(state_dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let former = name == logs::INTENT_LOG_FILE
+            || name == RESOLVED_FILE
+            || name == "status.json"
+            || (name.starts_with("fracture-") && name.ends_with(".log"));
+        if former && let Err(error) = logs::remove_file(state_dir, &name) {
+            tracing::warn!(%error, "removing a former primary's log failed");
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Promote and failback, and split brain, on the real kernel: a mirror made with `create`, its
+//! secondary promoted when the primary is gone, the old primary brought back as a secondary.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use replicator::mirror::MirrorDb;
+use replicator::testbed::Process;
+use replicator_tests::*;
+
+const DEVICE_BYTES: u64 = 128 * MIB;
+const EXTENT_BYTES: u64 = 64 * KIB;
+const FAST: &[&str] = &["--sync-rate", "0", "--checkpoint-ms", "200", "--timeout-ms", "2000"];
+
+fn lab(label: &str) -> Lab {
+    require_root();
+    Lab::new(&replicator_bin(), label, 1, DEVICE_BYTES).expect("lab")
+}
+
+fn run(lab: &Lab, args: &[&str]) -> String {
+    run_command(lab.binary.to_str().unwrap(), args)
+        .unwrap_or_else(|e| panic!("replicator {args:?}: {e}\n{}", lab.logs()))
+}
+
+fn status_at(dir: &Path) -> Option<serde_json::Value> {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("status.json")).ok()?).ok()
+}
+
+fn until(lab: &Lab, dir: &Path, what: &str, check: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(status) = status_at(dir)
+            && check(&status)
+        {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}\nstatus: {:?}\n{}",
+            status_at(dir),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn write_extents(device: &Path, first: u64, count: u64, fill: u8) -> u64 {
+    for i in 0..count {
+        write_direct(device, (first + i * 3) * EXTENT_BYTES, EXTENT_BYTES as usize, fill).expect("write");
+    }
+    count
+}
+
+/// A mirror vol1 with primary p and secondary s0, in sync.
+fn mirror(lab: &mut Lab) -> (usize, usize) {
+    let s0 = lab.start_secondary(0, &[]).expect("s0");
+    let (device, state) =
+        (lab.primary_device.path.display().to_string(), lab.state_dir("p").display().to_string());
+    run(lab, &["create", "vol1", "--device", &device, "--state-dir", &state, "--image-name", "p"]);
+    let primary = lab.start_primary_from_db(FAST).expect("primary");
+    until(lab, &lab.state_dir("p"), "the primary", |s| s["mirror"]["state"] == "ACTIVE");
+    lab.operate(&["add-secondary", &format!("s0={}", lab.secondary_addrs[0])]).expect("add-secondary");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    (primary, s0)
+}
+
+/// The address the old primary listens on as a secondary: its end of the veth.
+fn old_primary_address(lab: &Lab) -> String {
+    let ip = lab.secondary_addrs[0].ip().to_string();
+    format!("{}.1:7788", ip.rsplit_once('.').expect("an IPv4 address").0)
+}
+
+fn promote_s0(lab: &mut Lab, s0: usize) -> PathBuf {
+    assert!(lab.processes[s0].stop(), "s0 stops cleanly");
+    let (device, state) = (lab.secondary_devices[0].path.display().to_string(), lab.state_dir("s0"));
+    run(
+        lab,
+        &[
+            "promote",
+            "--device",
+            &device,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--old-primary-address",
+            &old_primary_address(lab),
+        ],
+    );
+    state
+}
+
+fn start_new_primary(lab: &mut Lab, state: &Path) {
+    let mut command = lab.secondary_ns[0].command(&lab.binary);
+    command.arg("primary").arg("--key-file").arg(&lab.key_file).arg("--state-dir").arg(state).args(FAST);
+    lab.processes.push(
+        Process::spawn("new primary (s0)", command, lab.dir.join("s0-primary.log")).expect("new primary"),
+    );
+}
+
+fn start_old_primary_as_secondary(lab: &mut Lab) -> usize {
+    let mut command = lab.primary_ns.command(&lab.binary);
+    command.arg("secondary").arg("--device").arg(&lab.primary_device.path).args(["--listen", "0.0.0.0:7788"]);
+    command.arg("--key-file").arg(&lab.key_file).arg("--state-dir").arg(lab.state_dir("p"));
+    let log = lab.dir.join(format!("p-secondary-{}.log", lab.processes.len()));
+    lab.processes.push(Process::spawn("old primary as secondary", command, log).expect("old primary"));
+    lab.processes.len() - 1
+}
+
+fn p_record(status: &serde_json::Value) -> &serde_json::Value {
+    status["secondaries"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == "p"))
+        .unwrap_or(&serde_json::Value::Null)
+}
+
+/// 4. Promote and failback: write on the primary, cut it off (some writes never reach the
+///    secondary), promote the secondary, write there, bring the old primary back: it ends as
+///    a secondary with identical bytes, having received only what differs.
+#[test]
+fn promote_and_failback_without_a_full_copy() {
+    let mut lab = lab("failback");
+    let (primary, s0) = mirror(&mut lab);
+    write_extents(&lab.primary_device.path, 0, 100, 0x11);
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let s0_knows = || {
+        MirrorDb::load(&lab.state_dir("s0")).ok().flatten().is_some_and(|db| {
+            db.images
+                .iter()
+                .any(|i| i.name == "s0" && i.state == replicator::shipper::ImageState::Synchronized)
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !s0_knows() {
+        assert!(Instant::now() < deadline, "s0 never learned it is SYNCHRONIZED\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(1500)); // past the intent log's quiet window
+    // The link goes, the primary writes a little more and dies before it notices: those
+    // writes are in its intent log only.
+    let link = lab.primary_ifs[0].clone();
+    lab.primary_ns.run(&["link", "set", &link, "down"]).expect("link down");
+    let lost = write_extents(&lab.primary_device.path, 1000, 20, 0x22);
+    lab.processes[primary].kill();
+    let promoted = promote_s0(&mut lab, s0);
+    let refused = run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "promote",
+            "--device",
+            lab.secondary_devices[0].path.to_str().unwrap(),
+            "--state-dir",
+            promoted.to_str().unwrap(),
+            "--old-primary-address",
+            &old_primary_address(&lab),
+        ],
+    );
+    assert!(refused.is_err(), "a second promote is refused (s0 is no secondary any more)");
+    let written = write_extents(&lab.secondary_devices[0].path, 1500, 50, 0x33);
+    lab.primary_ns.run(&["link", "set", &link, "up"]).expect("link up");
+    start_new_primary(&mut lab, &promoted);
+    start_old_primary_as_secondary(&mut lab);
+    let status = until(&lab, &promoted, "the old primary SYNCHRONIZED with the new one", |s| {
+        p_record(s)["state"] == "SYNCHRONIZED"
+            && p_record(s)["in_sync"] == true
+            && s["mirror"]["state"] == "ACTIVE"
+    });
+    let (a, b) = (
+        hash_device(&lab.primary_device.path).unwrap(),
+        hash_device(&lab.secondary_devices[0].path).unwrap(),
+    );
+    assert_eq!(a, b, "the old primary holds the new primary's bytes\n{}", lab.logs());
+    let shipped = p_record(&status)["shipped_bytes"].as_u64().unwrap_or(0);
+    let bound = 2 * (lost + written) * EXTENT_BYTES;
+    eprintln!("failback shipped {} KiB for {} extents written on both sides", shipped / KIB, lost + written);
+    assert!(
+        shipped > 0 && shipped <= bound,
+        "failback shipped {shipped} bytes, bound {bound}\n{}",
+        lab.logs()
+    );
+    assert_eq!(status["mirror"]["generation"], 2, "{status}");
+    let logs = lab.logs();
+    assert!(logs.contains("failing back"), "{logs}");
+}
+
+/// 5. Split brain: both sides written while apart. The mirror goes to ATTENTION and nothing
+///    is overwritten until `resolve --keep`; then the images end identical.
+#[test]
+fn split_brain_needs_resolve_and_overwrites_nothing_before() {
+    let mut lab = lab("split");
+    let (primary, s0) = mirror(&mut lab);
+    std::thread::sleep(Duration::from_millis(1500));
+    let link = lab.primary_ifs[0].clone();
+    lab.primary_ns.run(&["link", "set", &link, "down"]).expect("link down");
+    write_extents(&lab.primary_device.path, 0, 20, 0x44);
+    until(&lab, &lab.state_dir("p"), "the old primary to fracture s0", |s| {
+        s["secondaries"][0]["fractured"] == true
+    });
+    write_extents(&lab.primary_device.path, 100, 20, 0x45);
+    std::thread::sleep(Duration::from_millis(500));
+    let promoted = promote_s0(&mut lab, s0);
+    write_extents(&lab.secondary_devices[0].path, 200, 30, 0x55);
+    start_new_primary(&mut lab, &promoted);
+    assert!(lab.processes[primary].stop(), "the old primary stops cleanly\n{}", lab.logs());
+    let before = hash_device(&lab.primary_device.path).unwrap();
+    let old = start_old_primary_as_secondary(&mut lab);
+    lab.primary_ns.run(&["link", "set", &link, "up"]).expect("link up");
+    let status = until(&lab, &promoted, "ATTENTION for the split brain", |s| {
+        s["mirror"]["state"] == "ATTENTION"
+            && s["mirror"]["state_cause"].as_str().unwrap_or("").contains("split brain")
+    });
+    eprintln!("split brain reported: {}", status["mirror"]["state_cause"]);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        hash_device(&lab.primary_device.path).unwrap(),
+        before,
+        "nothing was overwritten on the old primary"
+    );
+    assert!(lab.processes[old].stop());
+    let refused = run_command(
+        lab.binary.to_str().unwrap(),
+        &["resolve", "--keep", "p", "--state-dir", lab.state_dir("p").to_str().unwrap()],
+    );
+    assert!(refused.is_err(), "resolve --keep p on p's own side is refused");
+    run(&lab, &["resolve", "--keep", "s0", "--state-dir", lab.state_dir("p").to_str().unwrap()]);
+    start_old_primary_as_secondary(&mut lab);
+    until(&lab, &promoted, "the old primary SYNCHRONIZED after resolve", |s| {
+        p_record(s)["state"] == "SYNCHRONIZED"
+            && p_record(s)["in_sync"] == true
+            && s["mirror"]["state"] == "ACTIVE"
+    });
+    let (a, b) = (
+        hash_device(&lab.primary_device.path).unwrap(),
+        hash_device(&lab.secondary_devices[0].path).unwrap(),
+    );
+    assert_eq!(a, b, "after resolve the images are identical\n{}", lab.logs());
+}
