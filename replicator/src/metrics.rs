@@ -52,6 +52,7 @@ pub struct PrimaryMetrics {
     pub mirror_state: Family<StateLabel, Gauge>,
     pub mirror_transitions: Family<StateLabel, Counter>,
     pub image_state: Family<ImageStateLabel, Gauge>,
+    pub image_transitions: Family<ImageStateLabel, Counter>,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -152,6 +153,11 @@ impl PrimaryMetrics {
             "replicator_image_state",
             "Each secondary image's state (SYNCHRONIZED, SYNCHRONIZING, CONSISTENT, UNSYNCHRONIZED): 1 for the current one",
             self.image_state.clone(),
+        );
+        r.register(
+            "replicator_image_state_transitions",
+            "Transitions of each secondary image into each state",
+            self.image_transitions.clone(),
         );
         r.register(
             "replicator_log_write_errors",

@@ -81,8 +81,22 @@ fn consistency_point_with_freeze_gives_a_clean_filesystem_on_the_secondary() {
     );
     assert_eq!(record.image_bytes, DEVICE_BYTES);
 
+    // The application quiesced by hand (here: frozen), a point, then the secondary cut off
+    // before any write: it is CONSISTENT, not merely UNSYNCHRONIZED.
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    run_command("fsfreeze", &["--freeze", mount.dir.to_str().unwrap()]).expect("freeze");
+    let point = lab.operate(&["checkpoint"]);
+    let fracture = lab.operate(&["fracture", "s0"]);
+    run_command("fsfreeze", &["--unfreeze", mount.dir.to_str().unwrap()]).expect("thaw");
+    point.unwrap_or_else(|e| panic!("checkpoint: {e}\n{}", lab.logs()));
+    fracture.expect("fracture");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while lab.status().is_none_or(|s| s["secondaries"][0]["state"] != "CONSISTENT") {
+        assert!(std::time::Instant::now() < deadline, "s0 is not CONSISTENT: {:?}", lab.status());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
     // Refused without a SYNCHRONIZED secondary, and the filesystem is thawed after the refusal.
-    lab.operate(&["fracture", "s0"]).expect("fracture");
     let refused = run_command(
         replicator_bin().to_str().unwrap(),
         &["checkpoint", "--freeze", mount.dir.to_str().unwrap(), "--state-dir", state.to_str().unwrap()],

@@ -233,3 +233,40 @@ fn split_brain_needs_resolve_and_overwrites_nothing_before() {
     );
     assert_eq!(a, b, "after resolve the images are identical\n{}", lab.logs());
 }
+
+/// Promote is refused for a secondary that is SYNCHRONIZING: its image is no copy of any point.
+#[test]
+fn promote_is_refused_while_synchronizing() {
+    let mut lab = lab("nopromote");
+    let (_, s0) = mirror(&mut lab);
+    lab.operate(&["set", "sync-rate=1MiB", "--secondary", "s0"]).expect("set");
+    lab.operate(&["sync", "s0"]).expect("sync");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let s0_knows = || {
+        MirrorDb::load(&lab.state_dir("s0")).ok().flatten().is_some_and(|db| {
+            db.images
+                .iter()
+                .any(|i| i.name == "s0" && i.state == replicator::shipper::ImageState::Synchronizing)
+        })
+    };
+    while !s0_knows() {
+        assert!(Instant::now() < deadline, "s0 never learned it is SYNCHRONIZING\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(lab.processes[s0].stop());
+    let (device, state) = (lab.secondary_devices[0].path.display().to_string(), lab.state_dir("s0"));
+    let refused = run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "promote",
+            "--device",
+            &device,
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--old-primary-address",
+            &old_primary_address(&lab),
+        ],
+    );
+    let error = refused.expect_err("promote of a SYNCHRONIZING secondary is refused").to_string();
+    assert!(error.contains("Synchronizing") && error.contains("cannot be promoted"), "{error}");
+}

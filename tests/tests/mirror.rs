@@ -163,6 +163,23 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     until(&lab, "ACTIVE again", |s| mirror_state(s) == "ACTIVE");
     ok(&lab, &["set", "minimum-images=1"]);
 
+    // Destroy is refused while secondaries remain (the primary stopped for it, then back).
+    assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
+    let destroy = run_command(
+        lab.binary.to_str().unwrap(),
+        &["destroy", "--state-dir", lab.state_dir("p").to_str().unwrap()],
+    );
+    assert!(
+        destroy
+            .expect_err("destroy with secondaries is refused")
+            .to_string()
+            .contains("still has secondaries")
+    );
+    let primary = lab
+        .start_primary_from_db(&["--sync-rate", "0", "--checkpoint-ms", "200", "--timeout-ms", "2000"])
+        .expect("primary again");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+
     // Remove both; then destroy, once stopped.
     ok(&lab, &["remove-secondary", "s1"]);
     refused(&lab, &["remove-secondary", "s1"], "no secondary named \"s1\"");

@@ -136,6 +136,9 @@ fn print_table(secondaries: &serde_json::Value) {
         if let Some(progress) = progress_bar(p) {
             notes.push(progress);
         }
+        if let Some(lag_ms) = p["lag_ms"].as_u64().filter(|&l| l > 0) {
+            notes.push(format!("lag {lag_ms} ms"));
+        }
         if let Some(error) = p["last_error"].as_str().filter(|e| !e.is_empty()) {
             notes.push(format!("last error: {error}"));
         }

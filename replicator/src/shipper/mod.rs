@@ -169,6 +169,8 @@ pub struct PeerStatus {
     pub consistency_point_unix_ms: u64,
     /// Why it last disconnected or failed to connect ("" when all is well).
     pub last_error: String,
+    /// Replication lag: how long its oldest unacknowledged extent frame has waited, in ms.
+    pub lag_ms: u64,
     /// Wall-clock time (Unix ms) of the last transition to SYNCHRONIZED, and of the last fracture.
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
@@ -414,6 +416,7 @@ impl Engine {
             consistency_point_unix_ms: 0,
             written_since_point: false,
             removed: false,
+            reported_state: None,
             draining: false,
             last_error: String::new(),
         };
@@ -887,11 +890,12 @@ impl Engine {
         let frame_bytes = wire::EXTENT_PREFIX_BYTES + len;
         assert_eq!(self.buffer_refs[usize::from(buffer)], 0);
         self.buffer_refs[usize::from(buffer)] = live_count as u16;
+        let now = Instant::now();
         for i in (0..self.peers.len()).filter(|&i| live[i]) {
             let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
             conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
             // The bytes were reserved in the backlog when the read was scheduled.
-            conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64 });
+            conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64, queued_at: now });
             self.peers[i].written_since_point = true;
         }
         Ok(())
@@ -1087,6 +1091,14 @@ impl Engine {
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
                 last_error: p.last_error.clone(),
+                lag_ms: p.conn.as_ref().map_or(0, |c| {
+                    c.inflight
+                        .values()
+                        .filter(|f| f.bytes > 0)
+                        .map(|f| f.queued_at.elapsed().as_millis() as u64)
+                        .max()
+                        .unwrap_or(0)
+                }),
                 stats: p.stats,
             })
             .collect()
@@ -1108,8 +1120,19 @@ impl Engine {
     /// Brings the mirror database up to date with the images' states and applies the state
     /// rules; a transition is logged with its cause, counted, and the database saved.
     fn refresh_mirror(&mut self) {
-        for peer in self.peers.iter().filter(|p| !p.removed) {
-            self.metrics.set_image_state(&peer.name, state_name_image(image_state(peer)));
+        for peer in self.peers.iter_mut().filter(|p| !p.removed) {
+            let state = image_state(peer);
+            if peer.reported_state != Some(state) {
+                let cause = if peer.last_error.is_empty() { "connected" } else { peer.last_error.as_str() };
+                tracing::info!(secondary = %peer.name, from = ?peer.reported_state, to = ?state, %cause, "image state changed");
+                let label = crate::metrics::ImageStateLabel {
+                    secondary: peer.name.clone(),
+                    state: state_name_image(state).into(),
+                };
+                self.metrics.image_transitions.get_or_create(&label).inc();
+                self.metrics.set_image_state(&peer.name, state_name_image(state));
+                peer.reported_state = Some(state);
+            }
         }
         let Some(mut db) = self.mirror.take() else { return };
         let mut changed = false;
@@ -1679,7 +1702,8 @@ impl Engine {
                     conn.point_frame[..wire::HEADER_BYTES].copy_from_slice(&header);
                     conn.point_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
                     conn.queue.push_back(SendJob::Point { sent: 0 });
-                    conn.inflight.insert(sequence, InFlight { run: 0..0, bytes: 0 });
+                    conn.inflight
+                        .insert(sequence, InFlight { run: 0..0, bytes: 0, queued_at: Instant::now() });
                     self.points[index].targets[peer_index] =
                         Some(PointTarget { generation: target.generation, sequence: Some(sequence) });
                     done = false;

@@ -53,6 +53,8 @@ pub enum SendJob {
 pub struct InFlight {
     pub run: Range<u64>,
     pub bytes: u64,
+    /// When its frame was queued (its data read).
+    pub queued_at: Instant,
 }
 
 pub struct Conn {
@@ -191,6 +193,8 @@ pub struct Peer {
     pub removed: bool,
     /// Being removed gracefully: fed nothing new while what is in flight finishes.
     pub draining: bool,
+    /// The image state last logged and exported.
+    pub reported_state: Option<super::ImageState>,
     /// Why it last disconnected or failed to connect.
     pub last_error: String,
     pub zero_copy: bool,
