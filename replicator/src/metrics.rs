@@ -7,10 +7,11 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -28,6 +29,65 @@ pub struct StateLabel {
 pub struct ImageStateLabel {
     pub secondary: String,
     pub state: String,
+}
+
+/// A latency histogram recorded with `hdrhistogram` (microseconds, 3 significant digits) and
+/// exported as a Prometheus histogram with buckets from 100 µs to 10 s. The engine records into
+/// a histogram of its own and merges it in here now and then (`merge_from`), so the data path
+/// takes this lock a few times a second, never per event.
+#[derive(Clone, Debug)]
+pub struct LatencyHistogram {
+    inner: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
+}
+
+/// Bucket bounds in seconds: 1-2.5-5 steps from 100 µs to 10 s.
+const LATENCY_BUCKETS_S: [f64; 16] =
+    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// A histogram for recording microseconds, 1 µs to an hour.
+pub fn new_latency_recorder() -> hdrhistogram::Histogram<u64> {
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds")
+}
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        Self { inner: Arc::new(std::sync::Mutex::new(new_latency_recorder())) }
+    }
+}
+
+impl LatencyHistogram {
+    /// Adds what `local` recorded, and empties it.
+    pub fn merge_from(&self, local: &mut hdrhistogram::Histogram<u64>) {
+        if local.is_empty() {
+            return;
+        }
+        let mut inner = self.inner.lock().expect("histogram lock");
+        // Values are clamped to the recorder's bounds, so the add cannot fail.
+        let _ = inner.add(&*local);
+        local.reset();
+    }
+}
+
+impl TypedMetric for LatencyHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for LatencyHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let inner = self.inner.lock().expect("histogram lock");
+        let count = inner.len();
+        let sum_s = inner.mean() * count as f64 / 1e6;
+        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_S
+            .iter()
+            .map(|&bound| (bound, inner.count_between(0, (bound * 1e6) as u64)))
+            .collect();
+        buckets.push((f64::MAX, count));
+        encoder.encode_histogram::<NoLabelSet>(sum_s, count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
 }
 
 /// The primary's metrics, per secondary.
@@ -53,6 +113,14 @@ pub struct PrimaryMetrics {
     pub mirror_transitions: Family<StateLabel, Counter>,
     pub image_state: Family<ImageStateLabel, Gauge>,
     pub image_transitions: Family<ImageStateLabel, Counter>,
+    pub lag: Family<SecondaryLabel, LatencyHistogram>,
+    pub ack_rtt: Family<SecondaryLabel, LatencyHistogram>,
+    pub checkpoint_duration: LatencyHistogram,
+    pub connection_attempts: Family<SecondaryLabel, Counter>,
+    pub auth_failures: Family<SecondaryLabel, Counter>,
+    pub write_errors: Family<SecondaryLabel, Counter>,
+    pub tracker_events: Counter,
+    pub tracker_write_events: Counter,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -71,6 +139,11 @@ pub struct PeerMetrics {
     pub fractures: Counter,
     pub verify_differing_extents: Counter,
     pub sync_rate_limit_bytes: Gauge,
+    pub lag: LatencyHistogram,
+    pub ack_rtt: LatencyHistogram,
+    pub connection_attempts: Counter,
+    pub auth_failures: Counter,
+    pub write_errors: Counter,
 }
 
 impl PrimaryMetrics {
@@ -155,6 +228,47 @@ impl PrimaryMetrics {
             self.image_state.clone(),
         );
         r.register(
+            "replicator_replication_lag_seconds",
+            "From reading an extent for shipping (right after its write completed, unless the secondary \
+             was behind) to the secondary's acknowledgement that it is durable",
+            self.lag.clone(),
+        );
+        r.register(
+            "replicator_ack_round_trip_seconds",
+            "From a frame fully sent to its acknowledgement",
+            self.ack_rtt.clone(),
+        );
+        r.register(
+            "replicator_checkpoint_duration_seconds",
+            "Time to checkpoint the intent and fracture logs",
+            self.checkpoint_duration.clone(),
+        );
+        r.register(
+            "replicator_connection_attempts",
+            "Connection attempts to a secondary",
+            self.connection_attempts.clone(),
+        );
+        r.register(
+            "replicator_authentication_failures",
+            "Handshakes with a secondary that failed (key, mirror, image size)",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "replicator_secondary_write_errors",
+            "Write errors a secondary reported",
+            self.write_errors.clone(),
+        );
+        r.register(
+            "replicator_tracker_events",
+            "Block-layer events the tracker saw",
+            self.tracker_events.clone(),
+        );
+        r.register(
+            "replicator_tracker_write_events",
+            "Writes (and discards) the tracker marked",
+            self.tracker_write_events.clone(),
+        );
+        r.register(
             "replicator_image_state_transitions",
             "Transitions of each secondary image into each state",
             self.image_transitions.clone(),
@@ -197,6 +311,11 @@ impl PrimaryMetrics {
             fractures: self.fractures.get_or_create(&label).clone(),
             verify_differing_extents: self.verify_differing_extents.get_or_create(&label).clone(),
             sync_rate_limit_bytes: self.sync_rate_limit_bytes.get_or_create(&label).clone(),
+            lag: self.lag.get_or_create(&label).clone(),
+            ack_rtt: self.ack_rtt.get_or_create(&label).clone(),
+            connection_attempts: self.connection_attempts.get_or_create(&label).clone(),
+            auth_failures: self.auth_failures.get_or_create(&label).clone(),
+            write_errors: self.write_errors.get_or_create(&label).clone(),
         }
     }
 }
@@ -250,11 +369,19 @@ pub fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<()> {
     let registry = Arc::new(registry);
     std::thread::Builder::new().name("metrics".into()).spawn(move || {
         for request in server.incoming_requests() {
+            let openmetrics = request.headers().iter().any(|h| {
+                h.field.equiv("Accept") && h.value.as_str().contains("application/openmetrics-text")
+            });
             let response = if request.url() == "/metrics" {
                 let mut body = String::new();
                 match prometheus_client::encoding::text::encode(&mut body, &registry) {
-                    Ok(()) => tiny_http::Response::from_string(body).with_header(
+                    Ok(()) if openmetrics => tiny_http::Response::from_string(body).with_header(
                         "Content-Type: application/openmetrics-text; version=1.0.0; charset=utf-8"
+                            .parse::<tiny_http::Header>()
+                            .expect("a valid header"),
+                    ),
+                    Ok(()) => tiny_http::Response::from_string(text_format_0_0_4(&body)).with_header(
+                        "Content-Type: text/plain; version=0.0.4; charset=utf-8"
                             .parse::<tiny_http::Header>()
                             .expect("a valid header"),
                     ),
@@ -268,4 +395,41 @@ pub fn serve(addr: SocketAddr, registry: Registry) -> std::io::Result<()> {
     })?;
     tracing::info!(%addr, "serving metrics on /metrics");
     Ok(())
+}
+
+/// The Prometheus text format 0.0.4 of an OpenMetrics exposition, for clients that do not ask
+/// for OpenMetrics (curl, `promtool check metrics`): the one difference in what we emit is that
+/// 0.0.4 names a counter's HELP and TYPE after its `_total` sample, and has no `# EOF`.
+/// `prometheus-client` encodes OpenMetrics only; this renames, it formats nothing.
+pub fn text_format_0_0_4(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_are_named_after_their_total_sample_in_text_0_0_4() {
+        let om = "# HELP a_bytes Bytes.\n# TYPE a_bytes counter\na_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n# EOF\n";
+        assert_eq!(
+            text_format_0_0_4(om),
+            "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
+        );
+    }
 }

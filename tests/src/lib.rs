@@ -212,3 +212,37 @@ impl Drop for Mount {
         let _ = std::fs::remove_dir(&self.dir);
     }
 }
+
+/// Runs `f` on a thread that has entered network namespace `netns`.
+pub fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{netns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).expect("setns into the namespace");
+        f()
+    })
+    .join()
+    .expect("namespace thread")
+}
+
+/// An HTTP/1.0 GET of `path` at `addr` from inside `netns`; returns the body (panics unless 200).
+pub fn http_get(netns: &str, addr: &str, path: &str) -> String {
+    try_http_get(netns, addr, path).unwrap_or_else(|e| panic!("GET http://{addr}{path}: {e}"))
+}
+
+/// Like `http_get`, with the failure as an error (a server that is still starting).
+pub fn try_http_get(netns: &str, addr: &str, path: &str) -> Result<String, String> {
+    use std::io::{Read as _, Write as _};
+    let (addr, path) = (addr.to_owned(), path.to_owned());
+    in_netns(netns, move || {
+        let mut stream =
+            std::net::TcpStream::connect(&addr).map_err(|e| format!("connecting to {addr}: {e}"))?;
+        write!(stream, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").map_err(|e| e.to_string())?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).map_err(|e| e.to_string())?;
+        if !(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200")) {
+            return Err(response);
+        }
+        Ok(response.split_once("\r\n\r\n").map_or(response.clone(), |(_, body)| body.to_owned()))
+    })
+}

@@ -96,36 +96,32 @@ fn ships_exactly_the_extents_written() {
     }
     // The same figures through Prometheus metrics, on the primary and on a secondary.
     let shipped = extents.len() as u64 * 64 * KIB;
-    let primary_metrics = scrape(&lab.primary_ns.name, "127.0.0.1:9101");
-    for line in [
-        format!("replicator_shipped_bytes_total{{secondary=\"s0\"}} {shipped}"),
-        format!("replicator_shipped_bytes_total{{secondary=\"s1\"}} {shipped}"),
-        "replicator_secondary_connected{secondary=\"s0\"} 1".to_owned(),
-        "replicator_out_of_sync_bytes{secondary=\"s1\"} 0".to_owned(),
+    let primary_metrics = http_get(&lab.primary_ns.name, "127.0.0.1:9101", "/metrics");
+    for (name, secondary, value) in [
+        ("replicator_shipped_bytes_total", "s0", shipped),
+        ("replicator_shipped_bytes_total", "s1", shipped),
+        ("replicator_secondary_connected", "s0", 1),
+        ("replicator_out_of_sync_bytes", "s1", 0),
     ] {
         assert!(
-            primary_metrics.lines().any(|l| l == line),
-            "primary metrics lack {line:?}:\n{primary_metrics}"
+            has_metric(&primary_metrics, name, &format!("secondary=\"{secondary}\""), value),
+            "primary metrics lack {name}{{secondary={secondary}}} {value}:\n{primary_metrics}"
         );
     }
-    let secondary_metrics = scrape(&lab.secondary_ns[0].name, "127.0.0.1:9102");
-    let written = format!("replicator_written_bytes_total {shipped}");
+    let secondary_metrics = http_get(&lab.secondary_ns[0].name, "127.0.0.1:9102", "/metrics");
     assert!(
-        secondary_metrics.lines().any(|l| l == written),
-        "secondary metrics lack {written:?}:\n{secondary_metrics}"
+        has_metric(&secondary_metrics, "replicator_written_bytes_total", "mirror=", shipped),
+        "secondary metrics lack replicator_written_bytes_total {shipped}:\n{secondary_metrics}"
     );
 }
 
-/// GET /metrics from inside a namespace.
-fn scrape(netns: &str, addr: &'static str) -> String {
-    use std::io::{Read as _, Write as _};
-    in_netns(netns, move || {
-        let mut stream = std::net::TcpStream::connect(addr).expect("connecting to the metrics endpoint");
-        stream.write_all(b"GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").expect("request");
-        let mut response = String::new();
-        stream.read_to_string(&mut response).expect("response");
-        assert!(response.starts_with("HTTP/1.1 200") || response.starts_with("HTTP/1.0 200"), "{response}");
-        response
+/// Whether `text` has a sample of metric `name` with a label containing `label` and `value`.
+fn has_metric(text: &str, name: &str, label: &str, value: u64) -> bool {
+    text.lines().any(|line| {
+        line.strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix('{'))
+            .and_then(|rest| rest.split_once("} "))
+            .is_some_and(|(labels, v)| labels.contains(label) && v == value.to_string())
     })
 }
 
@@ -236,19 +232,6 @@ fn slow_secondary_does_not_hold_back_the_fast_one() {
         .expect("tc qdisc del");
     lab.wait_in_sync(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     assert_images_equal(&lab);
-}
-
-/// Runs `f` on a thread inside the network namespace `netns` (setns affects only that thread).
-fn in_netns<T: Send + 'static>(netns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{netns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("opening {path}: {e}"));
-        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-            .expect("setns into the primary's namespace");
-        f()
-    })
-    .join()
-    .expect("namespace thread")
 }
 
 /// 4. Hostile peers: a wrong key, a wrong image size, random bytes, and a valid handshake

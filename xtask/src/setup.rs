@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker; the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 11] = [
+const PACKAGES: [&str; 12] = [
     "llvm-22-dev",
     "fio",
     "e2fsprogs",
@@ -19,6 +19,7 @@ const PACKAGES: [&str; 11] = [
     "iperf3",
     "rsync",
     "netcat-openbsd",
+    "prometheus",
 ];
 
 const NIGHTLY: &str = "nightly";

@@ -251,8 +251,10 @@ pub fn primary(
     let device = config.device.clone();
     let metrics = Arc::new(PrimaryMetrics::default());
     if let Some(addr) = metrics_addr {
+        let mirror =
+            config.mirror.as_ref().map_or_else(|| format!("{:#x}", config.mirror_id), |db| db.name.clone());
         let mut registry = prometheus_client::registry::Registry::default();
-        metrics.register(&mut registry);
+        metrics.register(registry.sub_registry_with_label(("mirror".into(), mirror.into())));
         metrics::serve(addr, registry)?;
     }
     let engine = Engine::new(config, key, metrics)
@@ -270,8 +272,14 @@ pub fn secondary(
     let key = Arc::new(Key::from_file(key_file)?);
     let stats = SecondaryMetrics::default();
     if let Some(addr) = metrics_addr {
+        let mirror = MirrorDb::load(&config.state_dir)
+            .ok()
+            .flatten()
+            .map(|db| db.name)
+            .or_else(|| config.mirror_id.map(|id| format!("{id:#x}")))
+            .unwrap_or_else(|| "unknown".into());
         let mut registry = prometheus_client::registry::Registry::default();
-        stats.register(&mut registry);
+        stats.register(registry.sub_registry_with_label(("mirror".into(), mirror.into())));
         metrics::serve(addr, registry)?;
     }
     secondary::serve(config, key, stop, &stats)

@@ -34,6 +34,7 @@ pub enum Event {
 }
 
 pub struct ConnectorConfig {
+    pub metrics: crate::metrics::PeerMetrics,
     pub peer: usize,
     pub connector: u32,
     pub name: String,
@@ -75,6 +76,7 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
             delay_ms = RETRY_FIRST_MS;
         }
         while !stop.load(Ordering::Relaxed) {
+            config.metrics.connection_attempts.inc();
             match connect(&config) {
                 Ok((stream, next_sequence)) => {
                     tracing::info!(secondary = %config.name, addr = %config.addr, "connected and authenticated");
@@ -88,6 +90,9 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
                     continue 'wait;
                 }
                 Err(error) => {
+                    if error.starts_with("handshake") {
+                        config.metrics.auth_failures.inc();
+                    }
                     // Say it once per distinct failure, not once per retry.
                     if error != last_error {
                         tracing::warn!(secondary = %config.name, addr = %config.addr, %error, "cannot reach secondary; retrying");

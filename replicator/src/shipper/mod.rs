@@ -229,6 +229,10 @@ pub struct Engine {
     change: Option<membership::PendingChange>,
     /// A secondary that refused us because both sides wrote as primary while apart.
     split_brain: Option<(usize, String)>,
+    /// Checkpoint durations in µs, merged into the exported histogram at each status tick.
+    checkpoint_us: hdrhistogram::Histogram<u64>,
+    /// Tracker counters already exported: events seen, write events.
+    tracker_seen: (u64, u64),
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -341,6 +345,8 @@ impl Engine {
             mirror: None,
             change: None,
             split_brain: None,
+            checkpoint_us: crate::metrics::new_latency_recorder(),
+            tracker_seen: (0, 0),
         };
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
@@ -381,6 +387,7 @@ impl Engine {
         let (want_tx, want_rx) = mpsc::channel();
         self.next_connector += 1;
         let connector_config = connector::ConnectorConfig {
+            metrics: self.metrics.peer(name),
             peer: index,
             connector: self.next_connector,
             name: name.to_owned(),
@@ -417,6 +424,7 @@ impl Engine {
             written_since_point: false,
             removed: false,
             reported_state: None,
+            latency: peer::Latency::default(),
             draining: false,
             last_error: String::new(),
         };
@@ -727,7 +735,7 @@ impl Engine {
                     let bytes = &conn.keepalive[*sent..];
                     (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
                 }
-                Some(SendJob::Extent { buffer, frame_bytes, sent }) => {
+                Some(SendJob::Extent { buffer, frame_bytes, sent, .. }) => {
                     // SAFETY: the frame starts EXTENT_PREFIX_BYTES before the data, in the prefix.
                     let start =
                         unsafe { self.pool.data_ptr(*buffer).sub(wire::EXTENT_PREFIX_BYTES).add(*sent) };
@@ -893,9 +901,12 @@ impl Engine {
         let now = Instant::now();
         for i in (0..self.peers.len()).filter(|&i| live[i]) {
             let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
-            conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0 });
+            conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0, sequence });
             // The bytes were reserved in the backlog when the read was scheduled.
-            conn.inflight.insert(sequence, InFlight { run: run.clone(), bytes: len as u64, queued_at: now });
+            conn.inflight.insert(
+                sequence,
+                InFlight { run: run.clone(), bytes: len as u64, queued_at: now, sent_at: None },
+            );
             self.peers[i].written_since_point = true;
         }
         Ok(())
@@ -950,7 +961,10 @@ impl Engine {
         }
         if finished {
             let job = conn.queue.pop_front().expect("front job");
-            if let SendJob::Extent { buffer, frame_bytes, .. } = job {
+            if let SendJob::Extent { buffer, frame_bytes, sequence, .. } = job {
+                if let Some(frame) = conn.inflight.get_mut(&sequence) {
+                    frame.sent_at = Some(Instant::now());
+                }
                 let bytes = (frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64;
                 let extents = bytes.div_ceil(self.config.extent_bytes);
                 peer.stats.shipped_bytes += bytes;
@@ -985,8 +999,13 @@ impl Engine {
         }
         conn.recv_len += result as usize;
         conn.last_heard = Instant::now();
-        let received =
-            conn.parse_received(&self.limits, &mut peer.stats, peer.log.verify.as_mut(), &mut peer.pending);
+        let received = conn.parse_received(
+            &self.limits,
+            &mut peer.stats,
+            peer.log.verify.as_mut(),
+            &mut peer.pending,
+            &mut peer.latency,
+        );
         let received = match received {
             Ok(received) => received,
             Err(reason) => {
@@ -1031,6 +1050,9 @@ impl Engine {
         }
         self.fracture(index, reason);
         self.peers[index].last_error = reason.to_owned();
+        if reason.contains("write of") {
+            self.peers[index].metrics.write_errors.inc();
+        }
         if reason.contains("split brain") && self.split_brain.is_none() {
             tracing::error!(secondary = %self.peers[index].name, %reason, "SPLIT BRAIN: nothing is overwritten; the mirror needs attention");
             self.split_brain = Some((index, reason.to_owned()));
@@ -1224,10 +1246,17 @@ impl Engine {
             return;
         }
         self.last_status = Instant::now();
-        for peer in &self.peers {
+        for peer in &mut self.peers {
             let bytes = out_of_sync_bytes(peer, self.config.extent_bytes);
             peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
+            peer.metrics.lag.merge_from(&mut peer.latency.lag_us);
+            peer.metrics.ack_rtt.merge_from(&mut peer.latency.rtt_us);
         }
+        self.metrics.checkpoint_duration.merge_from(&mut self.checkpoint_us);
+        let counters = self.tracker.counters();
+        self.metrics.tracker_events.inc_by(counters.events_seen.saturating_sub(self.tracker_seen.0));
+        self.metrics.tracker_write_events.inc_by(counters.write_events.saturating_sub(self.tracker_seen.1));
+        self.tracker_seen = (counters.events_seen, counters.write_events);
         self.refresh_mirror();
         let status = self.status_json();
         let path = self.config.state_dir.join("status.json");
@@ -1403,7 +1432,9 @@ impl Engine {
         self.metrics.checkpoints.inc();
         self.scratch_intent = intent;
         self.scratch_clearable = clearable;
-        tracing::trace!(elapsed_us = started.elapsed().as_micros() as u64, "checkpoint");
+        let elapsed_us = started.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
+        let _ = self.checkpoint_us.record(elapsed_us);
+        tracing::trace!(elapsed_us, "checkpoint");
     }
 
     /// Starts the next verify batch of every verifying, connected secondary: the request goes
@@ -1702,8 +1733,10 @@ impl Engine {
                     conn.point_frame[..wire::HEADER_BYTES].copy_from_slice(&header);
                     conn.point_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
                     conn.queue.push_back(SendJob::Point { sent: 0 });
-                    conn.inflight
-                        .insert(sequence, InFlight { run: 0..0, bytes: 0, queued_at: Instant::now() });
+                    conn.inflight.insert(
+                        sequence,
+                        InFlight { run: 0..0, bytes: 0, queued_at: Instant::now(), sent_at: None },
+                    );
                     self.points[index].targets[peer_index] =
                         Some(PointTarget { generation: target.generation, sequence: Some(sequence) });
                     done = false;

@@ -38,7 +38,7 @@ pub struct PeerStats {
 #[derive(Debug)]
 pub enum SendJob {
     /// An extent frame from a pool buffer: `frame_bytes` from the buffer's frame start.
-    Extent { buffer: u16, frame_bytes: usize, sent: usize },
+    Extent { buffer: u16, frame_bytes: usize, sent: usize, sequence: u64 },
     /// A keepalive, from the connection's own keepalive buffer.
     Keepalive { sent: usize },
     /// A verify request, encoded into the connection's `verify_frame` when its send starts.
@@ -55,6 +55,25 @@ pub struct InFlight {
     pub bytes: u64,
     /// When its frame was queued (its data read).
     pub queued_at: Instant,
+    /// When its frame was fully sent.
+    pub sent_at: Option<Instant>,
+}
+
+/// Latencies recorded on the engine's thread, merged into the exported histograms now and then.
+pub struct Latency {
+    /// From reading an extent to its acknowledgement, in µs.
+    pub lag_us: hdrhistogram::Histogram<u64>,
+    /// From a frame fully sent to its acknowledgement, in µs.
+    pub rtt_us: hdrhistogram::Histogram<u64>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self {
+            lag_us: crate::metrics::new_latency_recorder(),
+            rtt_us: crate::metrics::new_latency_recorder(),
+        }
+    }
 }
 
 pub struct Conn {
@@ -120,6 +139,7 @@ impl Conn {
         stats: &mut PeerStats,
         mut verify: Option<&mut super::resync::Verify>,
         pending: &mut BitVec<u64, Lsb0>,
+        latency: &mut Latency,
     ) -> Result<Received, String> {
         let mut received = Received::default();
         loop {
@@ -136,6 +156,14 @@ impl Conn {
                         let done = self.inflight.remove(&sequence).expect("key just found");
                         self.backlog_bytes -= done.bytes;
                         stats.acked_frames += 1;
+                        if done.bytes > 0 {
+                            let micros =
+                                |since: Instant| since.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
+                            let _ = latency.lag_us.record(micros(done.queued_at));
+                            if let Some(sent_at) = done.sent_at {
+                                let _ = latency.rtt_us.record(micros(sent_at));
+                            }
+                        }
                     }
                 }
                 Message::Keepalive => {}
@@ -193,6 +221,7 @@ pub struct Peer {
     pub removed: bool,
     /// Being removed gracefully: fed nothing new while what is in flight finishes.
     pub draining: bool,
+    pub latency: Latency,
     /// The image state last logged and exported.
     pub reported_state: Option<super::ImageState>,
     /// Why it last disconnected or failed to connect.
