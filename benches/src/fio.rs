@@ -47,6 +47,27 @@ pub fn start_randwrite(device: &Path, iodepth: u32, seconds: u32) -> anyhow::Res
         .context("starting fio (package fio)")
 }
 
+/// Starts fio: 64 KiB random writes at `rate_bytes_per_s`, O_DIRECT, io_uring, for `seconds`.
+pub fn start_rated_randwrite(device: &Path, rate_bytes_per_s: u64, seconds: u32) -> anyhow::Result<Child> {
+    Command::new("fio")
+        .args([
+            "--name=rated",
+            "--rw=randwrite",
+            "--bs=64k",
+            "--direct=1",
+            "--ioengine=io_uring",
+            "--iodepth=4",
+        ])
+        .arg(format!("--rate={rate_bytes_per_s}"))
+        .arg(format!("--runtime={seconds}"))
+        .args(["--time_based", "--randrepeat=1", "--output-format=json"])
+        .arg(format!("--filename={}", device.display()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("starting fio (package fio)")
+}
+
 pub fn finish(child: Child) -> anyhow::Result<FioResult> {
     let output = child.wait_with_output().context("waiting for fio")?;
     if !output.status.success() {

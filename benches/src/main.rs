@@ -3,6 +3,8 @@
 //! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
 
 mod fio;
+mod lag;
+mod report;
 mod resync;
 mod ship_throughput;
 mod tracker_overhead;
@@ -15,7 +17,8 @@ use clap::Parser;
 #[derive(Parser)]
 #[command(about = "replicator benchmarks; each scenario runs with its baseline")]
 struct Args {
-    /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput, resync.
+    /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput, resync, lag,
+    /// verify.
     scenarios: Vec<String>,
     /// Seconds per fio round.
     #[arg(long, default_value_t = 8)]
@@ -28,7 +31,7 @@ struct Args {
     out_dir: PathBuf,
 }
 
-const SCENARIOS: [&str; 3] = ["tracker-overhead", "ship-throughput", "resync"];
+const SCENARIOS: [&str; 5] = ["tracker-overhead", "ship-throughput", "resync", "lag", "verify"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -51,6 +54,8 @@ fn main() -> anyhow::Result<()> {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
             "ship-throughput" => ship_throughput::run(binary.as_deref().expect("resolved above"))?,
             "resync" => resync::run(binary.as_deref().expect("resolved above"))?,
+            "lag" => lag::run(binary.as_deref().expect("resolved above"))?,
+            "verify" => resync::run_verify(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);
@@ -60,6 +65,20 @@ fn main() -> anyhow::Result<()> {
     let date = replicator_date();
     let json_path = args.out_dir.join(format!("{date}.json"));
     let md_path = args.out_dir.join(format!("{date}.md"));
+    if let Some(resync) = results.get("resync") {
+        let plot = args.out_dir.join(format!("{date}-resync.svg"));
+        report::plot_resync(resync, &plot)?;
+        markdown.push_str(&format!("Plot: `{}`.\n", plot.display()));
+        if scenarios.len() == SCENARIOS.len() {
+            report::update_readme(
+                std::path::Path::new("README.md"),
+                &markdown,
+                &date,
+                &plot.display().to_string(),
+            )?;
+            println!("README.md: Performance section regenerated");
+        }
+    }
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     std::fs::write(&md_path, &markdown)?;
     println!("{markdown}");

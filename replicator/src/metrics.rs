@@ -68,6 +68,14 @@ impl LatencyHistogram {
     }
 }
 
+impl LatencyHistogram {
+    /// The value at `quantile` (0..=1) of everything recorded, in milliseconds; 0 when empty.
+    pub fn quantile_ms(&self, quantile: f64) -> f64 {
+        let inner = self.inner.lock().expect("histogram lock");
+        if inner.is_empty() { 0.0 } else { inner.value_at_quantile(quantile) as f64 / 1000.0 }
+    }
+}
+
 impl TypedMetric for LatencyHistogram {
     const TYPE: MetricType = MetricType::Histogram;
 }

@@ -171,6 +171,10 @@ pub struct PeerStatus {
     pub last_error: String,
     /// Replication lag: how long its oldest unacknowledged extent frame has waited, in ms.
     pub lag_ms: u64,
+    /// Replication lag percentiles since start (read to acknowledgement), in ms.
+    pub lag_p50_ms: f64,
+    pub lag_p99_ms: f64,
+    pub lag_p999_ms: f64,
     /// Wall-clock time (Unix ms) of the last transition to SYNCHRONIZED, and of the last fracture.
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
@@ -1113,6 +1117,9 @@ impl Engine {
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
                 last_error: p.last_error.clone(),
+                lag_p50_ms: p.metrics.lag.quantile_ms(0.5),
+                lag_p99_ms: p.metrics.lag.quantile_ms(0.99),
+                lag_p999_ms: p.metrics.lag.quantile_ms(0.999),
                 lag_ms: p.conn.as_ref().map_or(0, |c| {
                     c.inflight
                         .values()
