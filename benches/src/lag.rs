@@ -1,5 +1,5 @@
-//! lag: replication lag (from an extent's read for shipping, right after its write completed,
-//! to the secondary's durable acknowledgement) under a steady fio load at 25%, 50% and 90% of
+//! lag: replication lag (from a write's completion on the primary to the secondary's durable
+//! acknowledgement) under a steady fio load at 25%, 50% and 90% of
 //! the maximum rate this mirror sustains, measured first in the same run. Baseline: the
 //! application's own write latency (fio's p99) in the same rounds.
 
@@ -76,7 +76,7 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     let mut md = format!(
         "### lag\n\nOne secondary over veth, 1 GiB image; the mirror sustained {max_mib_per_s:.0} MiB/s (512 MiB sequential \
          write, until acknowledged). fio 64 KiB random writes, O_DIRECT, iodepth 4, {ROUND_SECONDS} s per level; lag \
-         from the primary's histogram (read for shipping to durable acknowledgement); baseline: fio's own write \
+         from the primary's histogram (write completion to durable acknowledgement); baseline: fio's own write \
          latency p99 in the same round.\n\n\
          | load | MiB/s | lag p50 ms | lag p99 ms | lag p99.9 ms | write p99 ms | lag p99 / write p99 |\n\
          |---|---|---|---|---|---|---|\n"

@@ -237,8 +237,8 @@ impl PrimaryMetrics {
         );
         r.register(
             "replicator_replication_lag_seconds",
-            "From reading an extent for shipping (right after its write completed, unless the secondary \
-             was behind) to the secondary's acknowledgement that it is durable",
+            "From a write's completion on the primary (its drain from the tracker) to the secondary's \
+             acknowledgement that it is durable",
             self.lag.clone(),
         );
         r.register(

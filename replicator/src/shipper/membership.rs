@@ -78,8 +78,16 @@ impl Engine {
         wire::encode(&wire::Message::MirrorDb { envelope }, sequence, &mut frame);
         conn.db_frame = frame;
         conn.queue.push_back(SendJob::Db { sent: 0 });
-        conn.inflight
-            .insert(sequence, InFlight { run: 0..0, bytes: 0, queued_at: Instant::now(), sent_at: None });
+        conn.inflight.insert(
+            sequence,
+            InFlight {
+                run: 0..0,
+                bytes: 0,
+                queued_at: Instant::now(),
+                written_at: Instant::now(),
+                sent_at: None,
+            },
+        );
         conn.db_sequence = Some(sequence);
         Some(sequence)
     }

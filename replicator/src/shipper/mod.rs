@@ -120,6 +120,9 @@ enum Op {
         buffer: u16,
         run: Range<u64>,
         targets: [Option<u32>; PEERS_MAX],
+        /// Per target: when the oldest write the run carries for it was drained (ms since
+        /// `started`), 0 unknown.
+        written_at_ms: [u32; PEERS_MAX],
     },
     Send {
         peer: usize,
@@ -237,6 +240,8 @@ pub struct Engine {
     checkpoint_us: hdrhistogram::Histogram<u64>,
     /// Tracker counters already exported: events seen, write events.
     tracker_seen: (u64, u64),
+    /// The time base of the peers' drain stamps (`Peer::written_at_ms`).
+    started: Instant,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -351,6 +356,7 @@ impl Engine {
             split_brain: None,
             checkpoint_us: crate::metrics::new_latency_recorder(),
             tracker_seen: (0, 0),
+            started: Instant::now(),
         };
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
@@ -428,6 +434,7 @@ impl Engine {
             written_since_point: false,
             removed: false,
             reported_state: None,
+            written_at_ms: vec![0; self.reading.len().div_ceil(64)],
             latency: peer::Latency::default(),
             draining: false,
             last_error: String::new(),
@@ -504,8 +511,16 @@ impl Engine {
     }
 
     fn drain_tracker(&mut self) {
+        let now_ms = (self.started.elapsed().as_millis() as u64).clamp(1, u64::from(u32::MAX)) as u32;
         for run in self.tracker.drain_completed() {
             let run = run.start as usize..run.end as usize;
+            for peer in &mut self.peers {
+                for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
+                    if *stamp == 0 {
+                        *stamp = now_ms;
+                    }
+                }
+            }
             self.quiet.note_dirty_run(run.clone());
             for peer in &mut self.peers {
                 peer.pending[run.clone()].fill(true);
@@ -646,7 +661,25 @@ impl Engine {
         let buffer = self.pool.take().expect("schedule_reads checked a free buffer");
         let entry = self.read_entry(buffer, &run);
         self.reads_in_flight += 1;
-        self.push_op(Op::Read { buffer, run, targets }, entry)
+        let written_at_ms = self.take_written_at(&run, &targets);
+        self.push_op(Op::Read { buffer, run, targets, written_at_ms }, entry)
+    }
+
+    /// Per target, the oldest drain stamp of the words `run` covers; a target's words with
+    /// nothing pending for it any more are unstamped (their writes are all being shipped).
+    fn take_written_at(&mut self, run: &Range<u64>, targets: &[Option<u32>; PEERS_MAX]) -> [u32; PEERS_MAX] {
+        let words = run.start as usize / 64..=(run.end as usize - 1) / 64;
+        let mut oldest = [0; PEERS_MAX];
+        for (i, peer) in self.peers.iter_mut().enumerate().filter(|(i, _)| targets[*i].is_some()) {
+            oldest[i] =
+                peer.written_at_ms[words.clone()].iter().copied().filter(|&t| t > 0).min().unwrap_or(0);
+            for word in words.clone() {
+                if peer.pending.as_raw_slice()[word] == 0 {
+                    peer.written_at_ms[word] = 0;
+                }
+            }
+        }
+        oldest
     }
 
     /// An O_DIRECT read of extents `run` of the primary device into pool buffer `buffer`.
@@ -800,10 +833,10 @@ impl Engine {
     fn complete(&mut self, slot: usize, result: i32, flags: u32) -> Result<(), ShipperError> {
         let op = self.ops[slot].take().expect("a completion for an op in flight");
         match op {
-            Op::Read { buffer, run, targets } => {
+            Op::Read { buffer, run, targets, written_at_ms } => {
                 self.free_op(slot);
                 self.reads_in_flight -= 1;
-                self.complete_read(buffer, run, targets, result)
+                self.complete_read(buffer, run, targets, written_at_ms, result)
             }
             Op::Send { peer, generation, buffer, notif_pending: true } => {
                 assert!(
@@ -867,6 +900,7 @@ impl Engine {
         buffer: u16,
         run: Range<u64>,
         targets: [Option<u32>; PEERS_MAX],
+        written_at_ms: [u32; PEERS_MAX],
         result: i32,
     ) -> Result<(), ShipperError> {
         self.reading[run.start as usize..run.end as usize].fill(false);
@@ -903,13 +937,24 @@ impl Engine {
         assert_eq!(self.buffer_refs[usize::from(buffer)], 0);
         self.buffer_refs[usize::from(buffer)] = live_count as u16;
         let now = Instant::now();
+        let started = self.started;
+        let written_at = |i: usize| match written_at_ms[i] {
+            0 => now,
+            ms => started + Duration::from_millis(u64::from(ms)),
+        };
         for i in (0..self.peers.len()).filter(|&i| live[i]) {
             let conn = self.peers[i].conn.as_mut().expect("live targets are connected");
             conn.queue.push_back(SendJob::Extent { buffer, frame_bytes, sent: 0, sequence });
             // The bytes were reserved in the backlog when the read was scheduled.
             conn.inflight.insert(
                 sequence,
-                InFlight { run: run.clone(), bytes: len as u64, queued_at: now, sent_at: None },
+                InFlight {
+                    run: run.clone(),
+                    bytes: len as u64,
+                    queued_at: now,
+                    written_at: written_at(i),
+                    sent_at: None,
+                },
             );
             self.peers[i].written_since_point = true;
         }
@@ -1742,7 +1787,13 @@ impl Engine {
                     conn.queue.push_back(SendJob::Point { sent: 0 });
                     conn.inflight.insert(
                         sequence,
-                        InFlight { run: 0..0, bytes: 0, queued_at: Instant::now(), sent_at: None },
+                        InFlight {
+                            run: 0..0,
+                            bytes: 0,
+                            queued_at: Instant::now(),
+                            written_at: Instant::now(),
+                            sent_at: None,
+                        },
                     );
                     self.points[index].targets[peer_index] =
                         Some(PointTarget { generation: target.generation, sequence: Some(sequence) });

@@ -55,13 +55,15 @@ pub struct InFlight {
     pub bytes: u64,
     /// When its frame was queued (its data read).
     pub queued_at: Instant,
+    /// When the oldest write it carries completed (was drained from the tracker).
+    pub written_at: Instant,
     /// When its frame was fully sent.
     pub sent_at: Option<Instant>,
 }
 
 /// Latencies recorded on the engine's thread, merged into the exported histograms now and then.
 pub struct Latency {
-    /// From reading an extent to its acknowledgement, in µs.
+    /// From a write's completion (its drain) to its acknowledgement, in µs.
     pub lag_us: hdrhistogram::Histogram<u64>,
     /// From a frame fully sent to its acknowledgement, in µs.
     pub rtt_us: hdrhistogram::Histogram<u64>,
@@ -159,7 +161,7 @@ impl Conn {
                         if done.bytes > 0 {
                             let micros =
                                 |since: Instant| since.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
-                            let _ = latency.lag_us.record(micros(done.queued_at));
+                            let _ = latency.lag_us.record(micros(done.written_at));
                             if let Some(sent_at) = done.sent_at {
                                 let _ = latency.rtt_us.record(micros(sent_at));
                             }
@@ -222,6 +224,9 @@ pub struct Peer {
     /// Being removed gracefully: fed nothing new while what is in flight finishes.
     pub draining: bool,
     pub latency: Latency,
+    /// Per 64-extent word: when its oldest write not yet read for this secondary was drained,
+    /// in ms since the engine started (0: none). Replication lag is measured from here.
+    pub written_at_ms: Vec<u32>,
     /// The image state last logged and exported.
     pub reported_state: Option<super::ImageState>,
     /// Why it last disconnected or failed to connect.
