@@ -64,8 +64,7 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         let (full_copy_seconds, full_copy_bytes) = full_copy(&lab)?;
         rounds.push(round(&lab, fraction, &mut rng, full_copy_seconds, full_copy_bytes)?);
     }
-    let hashes = lab.hashes()?;
-    anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the benchmark");
+    ensure_equal(&lab, "resync")?;
     Ok((
         serde_json::json!({ "initial_full_sync_seconds": initial_sync_seconds, "rounds": rounds }),
         markdown(initial_sync_seconds, &rounds),
@@ -78,8 +77,7 @@ pub fn run_verify(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> 
     let (lab, _) = mirror_lab(binary, "verify")?;
     let (full_copy_seconds, full_copy_bytes) = full_copy(&lab)?;
     let verify = verify(&lab, &mut Rng(0xfeed), full_copy_seconds)?;
-    let hashes = lab.hashes()?;
-    anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the verify benchmark");
+    ensure_equal(&lab, "verify")?;
     let md = format!(
         "### verify\n\n2 GiB image, 64 KiB extents, {} extents (1%) changed on the secondary behind the replicator's \
          back; `replicator verify` hashes every extent on both sides (XXH3-128) and ships the differing ones. \
@@ -308,6 +306,34 @@ fn rsync(lab: &Lab, target_dir: &Path) -> anyhow::Result<(f64, u64)> {
             .unwrap_or(0)
     };
     Ok((seconds, number("Total bytes sent:") + number("Total bytes received:")))
+}
+
+/// Fails unless the images are equal, naming the first extents that differ.
+fn ensure_equal(lab: &Lab, scenario: &str) -> anyhow::Result<()> {
+    let hashes = lab.hashes()?;
+    if hashes.iter().all(|h| *h == hashes[0]) {
+        return Ok(());
+    }
+    let mut primary = Vec::new();
+    replicator::testbed::read_device_direct(&lab.primary_device.path, |c| primary.extend_from_slice(c))?;
+    let mut secondary = Vec::new();
+    replicator::testbed::read_device_direct(&lab.secondary_devices[0].path, |c| {
+        secondary.extend_from_slice(c)
+    })?;
+    let differing: Vec<usize> = primary
+        .chunks(EXTENT_BYTES as usize)
+        .zip(secondary.chunks(EXTENT_BYTES as usize))
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    let status = lab.status().map(|s| s.to_string()).unwrap_or_default();
+    anyhow::bail!(
+        "images differ after the {scenario} benchmark: {} extents, first {:?}\nstatus: {status}\n{}",
+        differing.len(),
+        &differing[..differing.len().min(20)],
+        lab.logs()
+    )
 }
 
 fn synchronized(lab: &Lab) -> anyhow::Result<serde_json::Value> {

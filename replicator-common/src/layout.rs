@@ -15,6 +15,10 @@ pub const WORD_BITS: u64 = 64;
 /// Map names, as they appear in the object file and as pin file names in bpffs.
 pub const MAP_INTENT: &str = "INTENT";
 pub const MAP_COMPLETED: &str = "COMPLETED";
+/// Set with intent when a write is queued, and taken by userspace every drain: each queued
+/// extent must see its completion drained soon after, or userspace ships it anyway (a
+/// completion the kernel did not trace must not become a lost write).
+pub const MAP_QUEUED: &str = "QUEUED";
 pub const MAP_WIDE: &str = "WIDE";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_FLAGS: &str = "FLAGS";

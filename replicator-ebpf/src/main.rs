@@ -56,6 +56,11 @@ static CONFIG: Global<TrackerConfig> = Global::new(TrackerConfig::EMPTY);
 #[map]
 static INTENT: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 
+/// One bit per extent, set with INTENT when a write is queued; taken by userspace at every drain
+/// and matched against completions. Sized by userspace at load time.
+#[map]
+static QUEUED: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+
 /// One bit per extent, set when a write has completed. Sized by userspace at load time.
 #[map]
 static COMPLETED: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
@@ -202,8 +207,18 @@ fn mark(kind: MarkKind, span: ExtentSpan) {
         }
         // The span is clipped to the device, so the word is inside the map; a lookup that still
         // fails would mean a map sized wrongly by userspace, which checks the size at attach.
+        let mask = span.word_mask(word);
+        if kind == MarkKind::Intent
+            && let Some(ptr) = QUEUED.get_ptr_mut(word as u32)
+        {
+            // SAFETY: as below.
+            unsafe {
+                if core::ptr::read_volatile(ptr) & mask != mask {
+                    atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, mask);
+                }
+            }
+        }
         if let Some(ptr) = bitmap.get_ptr_mut(word as u32) {
-            let mask = span.word_mask(word);
             // Test before set: a hot extent's bits are usually set already, and a plain load
             // keeps the cache line shared where a locked OR would take it from the other CPU.
             // Skipping is exact: OR-ing bits that are set changes nothing, whatever userspace

@@ -129,6 +129,7 @@ pub struct PrimaryMetrics {
     pub write_errors: Family<SecondaryLabel, Counter>,
     pub tracker_events: Counter,
     pub tracker_write_events: Counter,
+    pub unmatched_writes: Counter,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -270,6 +271,11 @@ impl PrimaryMetrics {
             "replicator_tracker_events",
             "Block-layer events the tracker saw",
             self.tracker_events.clone(),
+        );
+        r.register(
+            "replicator_tracker_unmatched_writes",
+            "Queued writes whose completion was not traced within a checkpoint interval (shipped anyway)",
+            self.unmatched_writes.clone(),
         );
         r.register(
             "replicator_tracker_write_events",

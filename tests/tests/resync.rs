@@ -385,3 +385,38 @@ impl Drop for TmpfsMount {
         let _ = run_command("umount", &["--lazy", self.path.to_str().unwrap()]);
     }
 }
+
+/// A write whose completion the kernel never traced (seen, rarely, in the wild) is shipped
+/// anyway once it has waited a checkpoint interval: here the test steals completions from the
+/// pinned map before the primary drains them.
+#[test]
+fn a_write_whose_completion_is_lost_is_shipped_anyway() {
+    let mut lab = lab("r-unmatched", 1, DEVICE_BYTES);
+    lab.start_secondary(0, &[]).expect("secondary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary");
+    synchronized(&lab);
+    let device = lab.primary_device.path.clone();
+    let name = device.file_name().expect("a device name").to_string_lossy().into_owned();
+    let options =
+        replicator::TrackerOptions { name: Some(name), extent_bytes: EXTENT_BYTES, ..Default::default() };
+    let mut thief =
+        replicator::Tracker::attach_with(&device, &options).expect("the primary's pinned tracker");
+    let mut rng = Rng::new(42);
+    let mut stolen = BTreeSet::new();
+    let mut attempts = 0;
+    while stolen.len() < 10 && attempts < 10_000 {
+        attempts += 1;
+        let extent = rng.below(DEVICE_BYTES / EXTENT_BYTES);
+        write_direct(&device, extent * EXTENT_BYTES, EXTENT_BYTES as usize, (rng.below(255) + 1) as u8)
+            .expect("write");
+        for run in thief.drain_completed() {
+            stolen.extend(run);
+        }
+    }
+    drop(thief);
+    eprintln!("stole {} completions in {attempts} writes", stolen.len());
+    assert!(!stolen.is_empty(), "no completion could be stolen from the primary's drain");
+    synchronized(&lab);
+    assert_images_equal(&lab);
+    assert!(lab.logs().contains("no traced completion"), "{}", lab.logs());
+}

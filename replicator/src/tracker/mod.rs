@@ -32,8 +32,8 @@ use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
 use replicator_common::{
     COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, GLOBAL_CONFIG,
-    MAP_COMPLETED, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_WIDE, MarkKind, TrackerConfig,
-    WideRange,
+    MAP_COMPLETED, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_WIDE, MarkKind,
+    TrackerConfig, WideRange,
 };
 
 pub use btf::{Btf, BtfError};
@@ -124,6 +124,7 @@ pub struct Tracker {
     /// True when pinned state from an earlier run was found and reused.
     resumed: bool,
     intent: SharedBitmap,
+    queued: SharedBitmap,
     completed: SharedBitmap,
     flags: SharedBitmap,
     wide: RingBuf<MapData>,
@@ -185,6 +186,7 @@ impl Tracker {
             .override_global(GLOBAL_CONFIG, &config, true)
             .map_max_entries(MAP_INTENT, bitmap_words)
             .map_max_entries(MAP_COMPLETED, bitmap_words)
+            .map_max_entries(MAP_QUEUED, bitmap_words)
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
         write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
@@ -200,6 +202,7 @@ impl Tracker {
         let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
         let completed =
             map_bitmap(&mut ebpf, MAP_COMPLETED, bitmap_words).map_err(ebpf_err(MAP_COMPLETED))?;
+        let queued = map_bitmap(&mut ebpf, MAP_QUEUED, bitmap_words).map_err(ebpf_err(MAP_QUEUED))?;
         let flags = map_bitmap(&mut ebpf, MAP_FLAGS, 1).map_err(ebpf_err(MAP_FLAGS))?;
         let wide = take_map(&mut ebpf, MAP_WIDE)
             .and_then(|m| Ok(RingBuf::try_from(m)?))
@@ -230,6 +233,7 @@ impl Tracker {
             resumed,
             intent,
             completed,
+            queued,
             flags,
             wide,
             counters,
@@ -268,6 +272,13 @@ impl Tracker {
         self.drained.fill(false);
         self.completed.take_into_marking(&mut self.drained, &self.intent);
         Runs::new(&self.drained)
+    }
+
+    /// Takes the extents queued since the last call (ORed into `out`). Take them before
+    /// `drain_completed`, so a completion is never taken before its queueing.
+    pub fn drain_queued(&mut self, out: &mut BitVec<u64, Lsb0>) {
+        self.pump_wide_ranges();
+        self.queued.take_into(out);
     }
 
     /// Copies the intent bitmap into `out` (which it clears first), leaving the map unchanged.
@@ -336,7 +347,10 @@ impl Tracker {
                 "WIDE range {span:?} beyond {extents} extents"
             );
             match range.kind {
-                k if k == MarkKind::Intent as u32 => self.intent.set_span(span),
+                k if k == MarkKind::Intent as u32 => {
+                    self.intent.set_span(span);
+                    self.queued.set_span(span);
+                }
                 _ => self.completed.set_span(span),
             }
         }
@@ -345,6 +359,7 @@ impl Tracker {
         if lost & FLAG_INTENT_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
             self.intent.set_all(self.geometry.extent_count());
+            self.queued.set_all(self.geometry.extent_count());
         }
         if lost & FLAG_COMPLETED_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent as written");
