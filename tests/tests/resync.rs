@@ -409,7 +409,7 @@ fn a_write_whose_completion_is_lost_is_shipped_anyway() {
         let extent = rng.below(DEVICE_BYTES / EXTENT_BYTES);
         write_direct(&device, extent * EXTENT_BYTES, EXTENT_BYTES as usize, (rng.below(255) + 1) as u8)
             .expect("write");
-        for run in thief.drain_completed() {
+        for run in thief.steal_completions() {
             stolen.extend(run);
         }
     }

@@ -33,9 +33,10 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     }
     let mut stdout = std::io::stdout().lock();
     loop {
-        // Read the flag before draining, so the drain after a signal is the last one.
+        // Read the flag before draining, so the drain after a signal is the last one: it also
+        // reports queued writes whose completion was never traced.
         let stopping = stop.load(Ordering::Relaxed);
-        print_drain(&mut tracker, args.json, &mut stdout)?;
+        print_drain(&mut tracker, args.json, stopping, &mut stdout)?;
         if stopping {
             break;
         }
@@ -51,10 +52,16 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_drain(tracker: &mut Tracker, json: bool, out: &mut impl std::io::Write) -> anyhow::Result<()> {
+fn print_drain(
+    tracker: &mut Tracker,
+    json: bool,
+    last: bool,
+    out: &mut impl std::io::Write,
+) -> anyhow::Result<()> {
     let geometry = *tracker.geometry();
     let mut wrote = false;
-    for run in tracker.drain_completed() {
+    let runs = if last { tracker.drain_unmatched() } else { tracker.drain_completed() };
+    for run in runs {
         let (offset_bytes, _) = geometry.extent_byte_range(run.start);
         let (last_offset, last_len) = geometry.extent_byte_range(run.end - 1);
         let len_bytes = last_offset + last_len - offset_bytes;

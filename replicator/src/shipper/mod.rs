@@ -242,14 +242,10 @@ pub struct Engine {
     tracker_seen: (u64, u64),
     /// The time base of the peers' drain stamps (`Peer::written_at_ms`).
     started: Instant,
-    /// Extents whose write was queued and whose completion has not been drained yet, and the
-    /// same at the last checkpoint: an extent in both waited a whole interval, so its
-    /// completion may never have been traced, and it is shipped anyway.
-    awaiting_completion: BitVec<u64, Lsb0>,
-    awaiting_at_checkpoint: BitVec<u64, Lsb0>,
-    /// Whether any write awaits its completion (refreshed at each status tick): no secondary
-    /// is in sync meanwhile.
+    /// Whether any write awaits its traced completion (refreshed at each status tick; see
+    /// `Tracker::drain_completed`): no secondary is in sync meanwhile.
     awaiting_any: bool,
+    unmatched_seen: u64,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -365,9 +361,8 @@ impl Engine {
             checkpoint_us: crate::metrics::new_latency_recorder(),
             tracker_seen: (0, 0),
             started: Instant::now(),
-            awaiting_completion: bitvec![u64, Lsb0; 0; extents],
-            awaiting_at_checkpoint: bitvec![u64, Lsb0; 0; extents],
             awaiting_any: false,
+            unmatched_seen: 0,
         };
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
@@ -523,11 +518,8 @@ impl Engine {
 
     fn drain_tracker(&mut self) {
         let now_ms = (self.started.elapsed().as_millis() as u64).clamp(1, u64::from(u32::MAX)) as u32;
-        // Queued first: a completion is never taken before its queueing.
-        self.tracker.drain_queued(&mut self.awaiting_completion);
         for run in self.tracker.drain_completed() {
             let run = run.start as usize..run.end as usize;
-            self.awaiting_completion[run.clone()].fill(false);
             for peer in &mut self.peers {
                 for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
                     if *stamp == 0 {
@@ -1324,7 +1316,9 @@ impl Engine {
         self.metrics.tracker_events.inc_by(counters.events_seen.saturating_sub(self.tracker_seen.0));
         self.metrics.tracker_write_events.inc_by(counters.write_events.saturating_sub(self.tracker_seen.1));
         self.tracker_seen = (counters.events_seen, counters.write_events);
-        self.awaiting_any = self.awaiting_completion.any();
+        self.metrics.unmatched_writes.inc_by(counters.unmatched_writes.saturating_sub(self.unmatched_seen));
+        self.unmatched_seen = counters.unmatched_writes;
+        self.awaiting_any = self.tracker.awaiting_completion();
         self.refresh_mirror();
         let status = self.status_json();
         let path = self.config.state_dir.join("status.json");
@@ -1450,38 +1444,6 @@ impl Engine {
         on_disk
     }
 
-    /// Writes queued a whole checkpoint interval ago whose completion was never drained: a
-    /// completion the kernel did not trace (rare, but seen), or a very slow write. Either way
-    /// the extent is shipped now; a completion that still comes ships it again.
-    fn ship_unmatched_writes(&mut self) {
-        let mut unmatched = 0;
-        for ((awaiting, before), pending_word) in self
-            .awaiting_completion
-            .as_raw_mut_slice()
-            .iter_mut()
-            .zip(self.awaiting_at_checkpoint.as_raw_mut_slice().iter_mut())
-            .zip(0..)
-        {
-            let stale = *awaiting & *before;
-            if stale != 0 {
-                *awaiting &= !stale;
-                unmatched += stale.count_ones() as u64;
-                for peer in &mut self.peers {
-                    peer.pending.as_raw_mut_slice()[pending_word] |= stale;
-                }
-                self.quiet.note_dirty_run(pending_word * 64..pending_word * 64 + 64);
-            }
-            *before = *awaiting;
-        }
-        if unmatched > 0 {
-            tracing::warn!(
-                extents = unmatched,
-                "writes with no traced completion after a checkpoint interval: shipping them"
-            );
-            self.metrics.unmatched_writes.inc_by(unmatched);
-        }
-    }
-
     /// A checkpoint: fracture logs of fractured secondaries first, then the extents that have
     /// been clean on every other secondary for a while leave the intent log, which is saved.
     /// The order matters: an extent leaves the intent log only once every secondary that may
@@ -1491,7 +1453,6 @@ impl Engine {
         self.last_checkpoint = started;
         self.checkpoint_sequence += 1;
         self.drain_tracker();
-        self.ship_unmatched_writes();
         let mut dirty = BitVec::new();
         for index in 0..self.peers.len() {
             let persisted = self.peers[index].log.fractured() && self.persist_peer(index);
