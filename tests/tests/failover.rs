@@ -70,22 +70,28 @@ fn old_primary_address(lab: &Lab) -> String {
     format!("{}.1:7788", ip.rsplit_once('.').expect("an IPv4 address").0)
 }
 
+/// `replicator promote` for s0, naming the old primary's address.
+fn promote_args(lab: &Lab) -> Vec<String> {
+    let device = lab.secondary_devices[0].path.display().to_string();
+    let state = lab.state_dir("s0").display().to_string();
+    [
+        "promote",
+        "--device",
+        &device,
+        "--state-dir",
+        &state,
+        "--old-primary-address",
+        &old_primary_address(lab),
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
 fn promote_s0(lab: &mut Lab, s0: usize) -> PathBuf {
     assert!(lab.processes[s0].stop(), "s0 stops cleanly");
-    let (device, state) = (lab.secondary_devices[0].path.display().to_string(), lab.state_dir("s0"));
-    run(
-        lab,
-        &[
-            "promote",
-            "--device",
-            &device,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--old-primary-address",
-            &old_primary_address(lab),
-        ],
-    );
-    state
+    let args = promote_args(lab);
+    run(lab, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    lab.state_dir("s0")
 }
 
 fn start_new_primary(lab: &mut Lab, state: &Path) {
@@ -110,6 +116,22 @@ fn p_record(status: &serde_json::Value) -> &serde_json::Value {
         .as_array()
         .and_then(|a| a.iter().find(|p| p["name"] == "p"))
         .unwrap_or(&serde_json::Value::Null)
+}
+
+/// Waits until the old primary is SYNCHRONIZED with the new one (state dir `promoted`), then
+/// checks the two images hash equal.
+fn old_primary_synchronized(lab: &Lab, promoted: &Path, what: &str) -> serde_json::Value {
+    let status = until(lab, promoted, "the old primary SYNCHRONIZED with the new one", |s| {
+        p_record(s)["state"] == "SYNCHRONIZED"
+            && p_record(s)["in_sync"] == true
+            && s["mirror"]["state"] == "ACTIVE"
+    });
+    let (a, b) = (
+        hash_device(&lab.primary_device.path).unwrap(),
+        hash_device(&lab.secondary_devices[0].path).unwrap(),
+    );
+    assert_eq!(a, b, "{what}\n{}", lab.logs());
+    status
 }
 
 /// 4. Promote and failback: write on the primary, cut it off (some writes never reach the
@@ -158,16 +180,7 @@ fn promote_and_failback_without_a_full_copy() {
     lab.primary_ns.run(&["link", "set", &link, "up"]).expect("link up");
     start_new_primary(&mut lab, &promoted);
     start_old_primary_as_secondary(&mut lab);
-    let status = until(&lab, &promoted, "the old primary SYNCHRONIZED with the new one", |s| {
-        p_record(s)["state"] == "SYNCHRONIZED"
-            && p_record(s)["in_sync"] == true
-            && s["mirror"]["state"] == "ACTIVE"
-    });
-    let (a, b) = (
-        hash_device(&lab.primary_device.path).unwrap(),
-        hash_device(&lab.secondary_devices[0].path).unwrap(),
-    );
-    assert_eq!(a, b, "the old primary holds the new primary's bytes\n{}", lab.logs());
+    let status = old_primary_synchronized(&lab, &promoted, "the old primary holds the new primary's bytes");
     let shipped = p_record(&status)["shipped_bytes"].as_u64().unwrap_or(0);
     let bound = 2 * (lost + written) * EXTENT_BYTES;
     eprintln!("failback shipped {} KiB for {} extents written on both sides", shipped / KIB, lost + written);
@@ -222,16 +235,7 @@ fn split_brain_needs_resolve_and_overwrites_nothing_before() {
     assert!(refused.is_err(), "resolve --keep p on p's own side is refused");
     run(&lab, &["resolve", "--keep", "s0", "--state-dir", lab.state_dir("p").to_str().unwrap()]);
     start_old_primary_as_secondary(&mut lab);
-    until(&lab, &promoted, "the old primary SYNCHRONIZED after resolve", |s| {
-        p_record(s)["state"] == "SYNCHRONIZED"
-            && p_record(s)["in_sync"] == true
-            && s["mirror"]["state"] == "ACTIVE"
-    });
-    let (a, b) = (
-        hash_device(&lab.primary_device.path).unwrap(),
-        hash_device(&lab.secondary_devices[0].path).unwrap(),
-    );
-    assert_eq!(a, b, "after resolve the images are identical\n{}", lab.logs());
+    old_primary_synchronized(&lab, &promoted, "after resolve the images are identical");
 }
 
 /// Promote is refused for a secondary that is SYNCHRONIZING: its image is no copy of any point.
@@ -254,19 +258,9 @@ fn promote_is_refused_while_synchronizing() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(lab.processes[s0].stop());
-    let (device, state) = (lab.secondary_devices[0].path.display().to_string(), lab.state_dir("s0"));
-    let refused = run_command(
-        lab.binary.to_str().unwrap(),
-        &[
-            "promote",
-            "--device",
-            &device,
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--old-primary-address",
-            &old_primary_address(&lab),
-        ],
-    );
+    let args = promote_args(&lab);
+    let refused =
+        run_command(lab.binary.to_str().unwrap(), &args.iter().map(String::as_str).collect::<Vec<_>>());
     let error = refused.expect_err("promote of a SYNCHRONIZING secondary is refused").to_string();
     assert!(error.contains("Synchronizing") && error.contains("cannot be promoted"), "{error}");
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use bitvec::prelude::*;
 
 use super::peer::{InFlight, SendJob};
-use super::resync::{PeerLog, Throttle};
+use super::resync::PeerLog;
 use super::{Engine, ImageState, PEERS_MAX, RecoveryPolicy, connector, image_state};
 use crate::control::Reply;
 use crate::logs;
@@ -78,16 +78,7 @@ impl Engine {
         wire::encode(&wire::Message::MirrorDb { envelope }, sequence, &mut frame);
         conn.db_frame = frame;
         conn.queue.push_back(SendJob::Db { sent: 0 });
-        conn.inflight.insert(
-            sequence,
-            InFlight {
-                run: 0..0,
-                bytes: 0,
-                queued_at: Instant::now(),
-                written_at: Instant::now(),
-                sent_at: None,
-            },
-        );
+        conn.inflight.insert(sequence, InFlight::control());
         conn.db_sequence = Some(sequence);
         Some(sequence)
     }
@@ -141,7 +132,7 @@ impl Engine {
                 recovery_policy: self.config.recovery_policy,
             });
             let extents = self.reading.len();
-            let mut log = new_peer_log(&self.config, name);
+            let mut log = PeerLog::new(name, self.config.sync_rate_bytes_per_s, self.config.recovery_policy);
             let pending = if synchronized {
                 bitvec![u64, Lsb0; 0; extents]
             } else {
@@ -451,24 +442,4 @@ fn no_database() -> String {
     "this primary was started with --secondary options, not from a mirror database; \
      `replicator create` makes one"
         .to_owned()
-}
-
-/// The log state of a secondary new to this primary.
-fn new_peer_log(config: &super::ShipperConfig, name: &str) -> PeerLog {
-    PeerLog {
-        file_name: logs::fracture_log_file(name),
-        secondary_id: logs::secondary_id(name),
-        flags: 0,
-        resync_bytes_done: 0,
-        verify: None,
-        persisted: None,
-        persist_now: true,
-        throttle: Throttle::new(config.sync_rate_bytes_per_s),
-        recovery: config.recovery_policy,
-        held: false,
-        throttled: false,
-        synchronized_at_unix_ms: 0,
-        fractured_at_unix_ms: 0,
-        resync_started: None,
-    }
 }

@@ -1795,16 +1795,7 @@ impl Engine {
                     conn.point_frame[..wire::HEADER_BYTES].copy_from_slice(&header);
                     conn.point_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
                     conn.queue.push_back(SendJob::Point { sent: 0 });
-                    conn.inflight.insert(
-                        sequence,
-                        InFlight {
-                            run: 0..0,
-                            bytes: 0,
-                            queued_at: Instant::now(),
-                            written_at: Instant::now(),
-                            sent_at: None,
-                        },
-                    );
+                    conn.inflight.insert(sequence, InFlight::control());
                     self.points[index].targets[peer_index] =
                         Some(PointTarget { generation: target.generation, sequence: Some(sequence) });
                     done = false;
@@ -2003,22 +1994,7 @@ fn recover_peer(
         image_bytes,
     };
     let loaded = logs::load(&config.state_dir, &file_name, &identity);
-    let mut log = PeerLog {
-        file_name,
-        secondary_id,
-        flags: 0,
-        resync_bytes_done: 0,
-        verify: None,
-        persisted: None,
-        persist_now: true,
-        throttle: Throttle::new(config.sync_rate_bytes_per_s),
-        recovery: config.recovery_policy,
-        held: false,
-        throttled: false,
-        synchronized_at_unix_ms: 0,
-        fractured_at_unix_ms: 0,
-        resync_started: None,
-    };
+    let mut log = PeerLog::new(name, config.sync_rate_bytes_per_s, config.recovery_policy);
     let mut pending = recovered.intent.clone();
     match loaded {
         Ok(Some((header, bits))) => {

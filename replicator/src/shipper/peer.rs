@@ -61,6 +61,14 @@ pub struct InFlight {
     pub sent_at: Option<Instant>,
 }
 
+impl InFlight {
+    /// A frame without extent data (a database, a consistency point), tracked until its ack.
+    pub fn control() -> Self {
+        let now = Instant::now();
+        Self { run: 0..0, bytes: 0, queued_at: now, written_at: now, sent_at: None }
+    }
+}
+
 /// Latencies recorded on the engine's thread, merged into the exported histograms now and then.
 pub struct Latency {
     /// From a write's completion (its drain) to its acknowledgement, in µs.

@@ -173,6 +173,27 @@ pub struct PeerLog {
 }
 
 impl PeerLog {
+    /// The log state of secondary `name` before anything is known about it: not fractured,
+    /// nothing persisted yet (so it is written at the end of the first loop turn).
+    pub fn new(name: &str, sync_rate_bytes_per_s: u64, recovery: RecoveryPolicy) -> Self {
+        Self {
+            file_name: crate::logs::fracture_log_file(name),
+            secondary_id: crate::logs::secondary_id(name),
+            flags: 0,
+            resync_bytes_done: 0,
+            verify: None,
+            persisted: None,
+            persist_now: true,
+            throttle: Throttle::new(sync_rate_bytes_per_s),
+            recovery,
+            held: false,
+            throttled: false,
+            synchronized_at_unix_ms: 0,
+            fractured_at_unix_ms: 0,
+            resync_started: None,
+        }
+    }
+
     pub fn fractured(&self) -> bool {
         self.flags != 0
     }
