@@ -154,7 +154,7 @@ fn round(
     let before = lab.status().context("status")?;
     let resync_before = peer_u64(&before, "resync_bytes");
     std::thread::sleep(Duration::from_millis(500));
-    let restored_at_ms = unix_ms();
+    let restored_at_ms = replicator::logs::unix_ms_now();
     lab.operate(&["restore", "s0"])?;
     let status = synchronized(lab)?;
     let resync_seconds =
@@ -204,7 +204,7 @@ fn verify(lab: &Lab, rng: &mut Rng, full_copy_seconds: f64) -> anyhow::Result<Ve
     synchronized(lab)?;
     let before = lab.status().context("status")?;
     let shipped_before = peer_u64(&before, "resync_bytes");
-    let started_ms = unix_ms();
+    let started_ms = replicator::logs::unix_ms_now();
     lab.operate(&["verify", "s0"])?;
     let status = synchronized(lab)?;
     let seconds = (peer_u64(&status, "synchronized_at_unix_ms").saturating_sub(started_ms)) as f64 / 1000.0;
@@ -353,10 +353,6 @@ fn wait_for(lab: &Lab, what: &str, check: impl Fn(&serde_json::Value) -> bool) -
 
 fn peer_u64(status: &serde_json::Value, field: &str) -> u64 {
     status["secondaries"][0][field].as_u64().unwrap_or(0)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// xorshift64*, enough to pick extents.

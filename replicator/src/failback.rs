@@ -156,19 +156,7 @@ fn former_primary_extents(
             }
             *union |= pinned.as_bitslice();
             // Kept in the intent log from here on, so the tracker can go.
-            let header = LogHeader {
-                kind: LogKind::Intent,
-                flags: 0,
-                mirror_id: own.id,
-                secondary_id: 0,
-                generation: own.generation,
-                sequence: 0,
-                extent_bytes: own.extent_bytes,
-                image_bytes: own.image_bytes,
-                resync_bytes_done: 0,
-                verify_next_extent: 0,
-                saved_unix_ms: logs::unix_ms_now(),
-            };
+            let header = LogHeader::new(&identity(LogKind::Intent, 0), own.generation);
             logs::replace_file(state_dir, logs::INTENT_LOG_FILE, &logs::encode(&header, &union))
                 .map_err(|e| e.to_string())?;
             tracker.stop().map_err(|e| e.to_string())?;
@@ -182,10 +170,7 @@ pub fn forget_former_primary(state_dir: &Path) {
     let Ok(entries) = std::fs::read_dir(state_dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let former = name == logs::INTENT_LOG_FILE
-            || name == RESOLVED_FILE
-            || name == "status.json"
-            || (name.starts_with("fracture-") && name.ends_with(".log"));
+        let former = logs::is_primary_log(&name) || name == RESOLVED_FILE || name == "status.json";
         if former && let Err(error) = logs::remove_file(state_dir, &name) {
             tracing::warn!(%error, "removing a former primary's log failed");
         }

@@ -80,6 +80,24 @@ pub struct LogHeader {
 }
 
 impl LogHeader {
+    /// A header for `identity`'s log at `generation`, stamped now, with no flags, no resync
+    /// progress and no verify position (set those fields after).
+    pub fn new(identity: &LogIdentity, generation: u64) -> Self {
+        Self {
+            kind: identity.kind,
+            flags: 0,
+            mirror_id: identity.mirror_id,
+            secondary_id: identity.secondary_id,
+            generation,
+            sequence: 0,
+            extent_bytes: identity.extent_bytes,
+            image_bytes: identity.image_bytes,
+            resync_bytes_done: 0,
+            verify_next_extent: 0,
+            saved_unix_ms: unix_ms_now(),
+        }
+    }
+
     pub fn extent_count(&self) -> u64 {
         self.image_bytes.div_ceil(self.extent_bytes)
     }
@@ -113,6 +131,11 @@ pub fn secondary_id(name: &str) -> u64 {
 
 pub fn fracture_log_file(name: &str) -> String {
     format!("fracture-{name}.log")
+}
+
+/// Whether `file_name` is one of a primary's logs (the intent log or a fracture log).
+pub fn is_primary_log(file_name: &str) -> bool {
+    file_name == INTENT_LOG_FILE || (file_name.starts_with("fracture-") && file_name.ends_with(".log"))
 }
 
 /// Encodes a log; `bits` has exactly `header.extent_count()` bits.

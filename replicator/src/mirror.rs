@@ -219,6 +219,20 @@ impl MirrorDb {
         {
             return Err("inconsistent: extent size not a power of two, or two primaries".into());
         }
+        // Names become file names (fracture-<name>.log): letters, digits, '-' and '_' only.
+        let valid = |n: &str| {
+            !n.is_empty()
+                && n.len() <= 64
+                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        if let Some(bad) =
+            std::iter::once(&db.name).chain(db.images.iter().map(|i| &i.name)).find(|n| !valid(n))
+        {
+            return Err(format!("name {bad:?} is not letters, digits, '-' and '_'"));
+        }
+        if db.images.len() > 1 + crate::shipper::PEERS_MAX || db.image_bytes == 0 {
+            return Err(format!("{} images of {} bytes", db.images.len(), db.image_bytes));
+        }
         Ok(db)
     }
 
@@ -294,6 +308,13 @@ mod tests {
                 },
             ],
         }
+    }
+
+    #[test]
+    fn names_that_would_escape_the_state_directory_are_refused() {
+        let mut bad = db();
+        bad.images[1].name = "../etc".into();
+        assert!(MirrorDb::decode(&bad.encode()).is_err());
     }
 
     #[test]

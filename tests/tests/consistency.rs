@@ -20,7 +20,7 @@ fn consistency_point_with_freeze_gives_a_clean_filesystem_on_the_secondary() {
     let primary = lab.primary_device.path.clone();
     run_command("mkfs.ext4", &["-q", "-F", primary.to_str().unwrap()])
         .expect("mkfs.ext4 (package e2fsprogs)");
-    let mount = Mount::new(&primary, "rw");
+    let mut mount = Mount::new(&primary, "rw");
     let mut rng = Rng::new(11);
     let mut files = Vec::new();
     for i in 0..40 {
@@ -104,4 +104,11 @@ fn consistency_point_with_freeze_gives_a_clean_filesystem_on_the_secondary() {
     let error = refused.expect_err("no SYNCHRONIZED secondary: refused").to_string();
     assert!(error.contains("no SYNCHRONIZED secondary"), "{error}");
     std::fs::write(mount.dir.join("after-refusal"), b"thawed").expect("thawed after a refusal");
+    // Unmounted (everything on the device) and restored, the secondary catches up with what
+    // was written since the point.
+    mount.unmount();
+    lab.operate(&["restore", "s0"]).expect("restore");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing the images");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }

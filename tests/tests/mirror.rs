@@ -219,4 +219,7 @@ fn database_change_reaches_a_secondary_when_it_returns() {
     until(&lab, "s1 to receive the database", |_| db(&lab, "s1").revision == revision);
     let s0 = db(&lab, "s1").images.iter().find(|i| i.name == "s0").expect("s0 record").sync_rate_bytes_per_s;
     assert_eq!(s0, 50 << 20, "s1 holds the change made while it was away");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing the images");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }

@@ -123,4 +123,8 @@ fn a_real_prometheus_scrapes_primary_and_secondary() {
             String::from_utf8_lossy(&output.stderr)
         );
     }
+    // And the mirror it watched ends identical.
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing the images");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }

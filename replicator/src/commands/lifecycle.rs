@@ -157,9 +157,7 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
     );
     for entry in std::fs::read_dir(state_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let ours = name == crate::logs::INTENT_LOG_FILE
-            || name == "status.json"
-            || (name.starts_with("fracture-") && name.ends_with(".log"));
+        let ours = crate::logs::is_primary_log(&name) || name == "status.json";
         if ours {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("removing {}", entry.path().display()))?;
@@ -255,18 +253,15 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     // here); the other secondaries followed the old primary, so they are verified.
     let extents = db.image_bytes.div_ceil(db.extent_bytes) as usize;
     let empty = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; extents];
-    let header = |kind, flags, secondary_id| crate::logs::LogHeader {
-        kind,
-        flags,
-        mirror_id: db.id,
-        secondary_id,
-        generation: new.generation,
-        sequence: 0,
-        extent_bytes: db.extent_bytes,
-        image_bytes: db.image_bytes,
-        resync_bytes_done: 0,
-        verify_next_extent: 0,
-        saved_unix_ms: crate::logs::unix_ms_now(),
+    let header = |kind, flags, secondary_id| {
+        let identity = crate::logs::LogIdentity {
+            kind,
+            mirror_id: db.id,
+            secondary_id,
+            extent_bytes: db.extent_bytes,
+            image_bytes: db.image_bytes,
+        };
+        crate::logs::LogHeader { flags, ..crate::logs::LogHeader::new(&identity, new.generation) }
     };
     use crate::logs::{FLAG_FRACTURED, FLAG_VERIFY, LogKind};
     for image in new.secondaries() {

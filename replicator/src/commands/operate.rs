@@ -94,8 +94,7 @@ impl Frozen {
             state_dir.display()
         );
         let mount_text = mount.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", mount.display()))?;
-        crate::testbed::run_command("fsfreeze", &["--freeze", mount_text])
-            .map_err(|e| anyhow::anyhow!("freezing {}: {e}", mount.display()))?;
+        fsfreeze("--freeze", mount_text)?;
         Ok(Self { mount })
     }
 }
@@ -103,10 +102,24 @@ impl Frozen {
 impl Drop for Frozen {
     fn drop(&mut self) {
         let mount = self.mount.to_string_lossy();
-        if let Err(e) = crate::testbed::run_command("fsfreeze", &["--unfreeze", &mount]) {
+        if let Err(e) = fsfreeze("--unfreeze", &mount) {
             eprintln!("replicator: THAWING {mount} FAILED: {e}; run `fsfreeze --unfreeze {mount}`");
         }
     }
+}
+
+/// Runs `fsfreeze FLAG MOUNTPOINT` (util-linux).
+fn fsfreeze(flag: &str, mount: &str) -> anyhow::Result<()> {
+    let output = std::process::Command::new("fsfreeze")
+        .args([flag, mount])
+        .output()
+        .map_err(|e| anyhow::anyhow!("running fsfreeze (util-linux): {e}"))?;
+    anyhow::ensure!(
+        output.status.success(),
+        "fsfreeze {flag} {mount}: {}",
+        String::from_utf8_lossy(&output.stderr).trim()
+    );
+    Ok(())
 }
 
 fn print_table(secondaries: &serde_json::Value) {

@@ -14,15 +14,12 @@ use std::time::{Duration, Instant};
 use bitvec::prelude::*;
 
 use super::peer::{InFlight, SendJob};
-use super::resync::PeerLog;
+use super::resync::{PeerLog, Throttle};
 use super::{Engine, ImageState, PEERS_MAX, RecoveryPolicy, connector, image_state};
 use crate::control::Reply;
 use crate::logs;
-use crate::mirror::{Designator, ImageRecord, MirrorDb, MirrorState};
+use crate::mirror::{ActivationPolicy, Designator, ImageRecord, MirrorDb, MirrorState};
 use crate::wire;
-
-/// Settings of the mirror as a whole (the rest are per secondary).
-const MIRROR_WIDE_SETTINGS: [&str; 3] = ["minimum-images", "maximum-missing-images", "activation-policy"];
 
 /// How long a change waits for secondaries (and a new one's first contact).
 const CHANGE_TIMEOUT_MS: u64 = 10_000;
@@ -42,8 +39,7 @@ pub(super) enum Effect {
     Deactivate,
     Set {
         index: Option<usize>,
-        key: String,
-        value: String,
+        setting: Setting,
     },
 }
 
@@ -51,6 +47,8 @@ pub(super) struct PendingChange {
     reply: Sender<Reply>,
     deadline: Instant,
     db: MirrorDb,
+    /// `db` encoded once, for every secondary's frame.
+    envelope: Vec<u8>,
     effect: Effect,
     /// Per secondary: the database frame's sequence once queued; `Some(None)` = to send.
     targets: [Option<Option<u64>>; PEERS_MAX],
@@ -58,10 +56,11 @@ pub(super) struct PendingChange {
 }
 
 impl Engine {
-    /// Queues the current mirror database to secondary `index` (it has just connected).
-    pub(super) fn send_mirror_db(&mut self, index: usize) {
-        if let Some(db) = &self.mirror {
-            let envelope = db.encode();
+    /// Queues the current mirror database to every secondary in `indexes` (just connected,
+    /// or its state changed), encoded once.
+    pub(super) fn send_mirror_db(&mut self, indexes: impl IntoIterator<Item = usize>) {
+        let Some(envelope) = self.mirror.as_ref().map(MirrorDb::encode) else { return };
+        for index in indexes {
             self.queue_db_frame(index, &envelope);
         }
     }
@@ -221,74 +220,51 @@ impl Engine {
 
     /// `set`: with a mirror database the change goes through it; without, it applies at once.
     pub(super) fn set_setting(&mut self, index: Option<usize>, key: &str, value: &str, reply: Sender<Reply>) {
+        let setting = match Setting::parse(key, value) {
+            Ok(setting) => setting,
+            Err(error) => {
+                let _ = reply.send(Err(error));
+                return;
+            }
+        };
         let Some(db) = self.mirror.as_ref() else {
-            let answer = self
-                .set(index, key, value)
-                .map(|()| serde_json::to_value(self.status()).expect("serializes"));
+            let answer = self.apply_setting(index, setting).map(|()| self.status_json());
             let _ = reply.send(answer);
             return;
         };
         let mut db = db.clone();
         db.revision += 1;
-        let outcome = (|| {
-            let names: Vec<String> = match index {
-                Some(i) => vec![self.peers[i].name.clone()],
-                None => self.peers.iter().filter(|p| !p.removed).map(|p| p.name.clone()).collect(),
-            };
-            match key {
-                "sync-rate" => {
-                    let rate =
-                        crate::units::parse_bytes(value).map_err(|e| format!("sync-rate {value:?}: {e}"))?;
-                    for name in &names {
-                        if let Some(record) = db.image_mut(name) {
-                            record.sync_rate_bytes_per_s = rate;
-                        }
-                    }
-                }
-                "recovery-policy" => {
-                    let policy = match value {
-                        "automatic" => RecoveryPolicy::Automatic,
-                        "manual" => RecoveryPolicy::Manual,
-                        other => return Err(format!("recovery-policy {other:?}: automatic or manual")),
-                    };
-                    for name in &names {
-                        if let Some(record) = db.image_mut(name) {
-                            record.recovery_policy = policy;
-                        }
-                    }
-                }
-                "minimum-images" => {
-                    db.minimum_images =
-                        value.parse().map_err(|e| format!("minimum-images {value:?}: {e}"))?;
-                }
-                "maximum-missing-images" => {
-                    db.maximum_missing_images =
-                        value.parse().map_err(|e| format!("maximum-missing-images {value:?}: {e}"))?;
-                }
-                "activation-policy" => {
-                    db.activation_policy = match value {
-                        "automatic" => crate::mirror::ActivationPolicy::Automatic,
-                        "manual" => crate::mirror::ActivationPolicy::Manual,
-                        other => return Err(format!("activation-policy {other:?}: automatic or manual")),
-                    };
-                }
-                other => {
-                    return Err(format!(
-                        "unknown setting {other:?}; settable: sync-rate, recovery-policy, minimum-images, \
-                         maximum-missing-images, activation-policy"
-                    ));
+        let names: Vec<String> = match index {
+            Some(i) => vec![self.peers[i].name.clone()],
+            None => self.peers.iter().filter(|p| !p.removed).map(|p| p.name.clone()).collect(),
+        };
+        setting.record(&mut db, &names);
+        self.start_change(db, Effect::Set { index, setting }, reply);
+    }
+
+    /// Applies a setting to the engine: per-secondary settings drive the throttle and the
+    /// recovery policy; mirror-wide ones live in the database only.
+    pub(super) fn apply_setting(&mut self, index: Option<usize>, setting: Setting) -> Result<(), String> {
+        let range = index.map_or(0..self.peers.len(), |i| i..i + 1);
+        match setting {
+            Setting::SyncRate(rate) => {
+                for peer in &mut self.peers[range] {
+                    peer.log.throttle = Throttle::new(rate);
+                    peer.metrics.sync_rate_limit_bytes.set(rate.min(i64::MAX as u64) as i64);
                 }
             }
-            Ok(())
-        })();
-        match outcome {
-            Ok(()) => {
-                self.start_change(db, Effect::Set { index, key: key.into(), value: value.into() }, reply)
+            Setting::RecoveryPolicy(policy) => {
+                for peer in &mut self.peers[range] {
+                    peer.log.recovery = policy;
+                }
             }
-            Err(error) => {
-                let _ = reply.send(Err(error));
+            Setting::MinimumImages(_) | Setting::MaximumMissingImages(_) | Setting::ActivationPolicy(_) => {
+                if self.mirror.is_none() {
+                    return Err(no_database());
+                }
             }
         }
+        Ok(())
     }
 
     fn start_change(&mut self, db: MirrorDb, effect: Effect, reply: Sender<Reply>) {
@@ -308,7 +284,8 @@ impl Engine {
             }
         }
         let deadline = Instant::now() + Duration::from_millis(CHANGE_TIMEOUT_MS);
-        self.change = Some(PendingChange { reply, deadline, db, effect, targets, generations });
+        let envelope = db.encode();
+        self.change = Some(PendingChange { reply, deadline, db, envelope, effect, targets, generations });
     }
 
     /// Moves the change in progress on; applies it once every reachable secondary has the new
@@ -336,7 +313,6 @@ impl Engine {
                 return;
             }
         }
-        let envelope = change.db.encode();
         let mut waiting = false;
         for index in 0..self.peers.len() {
             let Some(target) = change.targets[index] else { continue };
@@ -346,7 +322,7 @@ impl Engine {
                 continue;
             }
             match target {
-                None => match self.queue_db_frame(index, &envelope) {
+                None => match self.queue_db_frame(index, &change.envelope) {
                     Some(sequence) => {
                         change.targets[index] = Some(Some(sequence));
                         waiting = true;
@@ -411,9 +387,7 @@ impl Engine {
                 }
                 Ok(())
             }
-            // Mirror-wide settings live in the database only; per-secondary ones drive the engine.
-            Effect::Set { key, .. } if MIRROR_WIDE_SETTINGS.contains(&key.as_str()) => Ok(()),
-            Effect::Set { index, key, value } => self.set(index, &key, &value),
+            Effect::Set { index, setting } => self.apply_setting(index, setting),
         };
         let answer = outcome.map(|()| self.status_json());
         let _ = reply.send(answer);
@@ -442,4 +416,70 @@ fn no_database() -> String {
     "this primary was started with --secondary options, not from a mirror database; \
      `replicator create` makes one"
         .to_owned()
+}
+
+/// A setting `replicator set KEY=VALUE` changes, parsed once.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Setting {
+    /// Per secondary: resync bytes per second, 0 unlimited.
+    SyncRate(u64),
+    RecoveryPolicy(RecoveryPolicy),
+    MinimumImages(u32),
+    MaximumMissingImages(u32),
+    ActivationPolicy(ActivationPolicy),
+}
+
+impl Setting {
+    pub(super) fn parse(key: &str, value: &str) -> Result<Self, String> {
+        let policy = |what: &str| match value {
+            "automatic" => Ok(true),
+            "manual" => Ok(false),
+            other => Err(format!("{what} {other:?}: automatic or manual")),
+        };
+        Ok(match key {
+            "sync-rate" => Self::SyncRate(crate::units::parse_bytes(value).map_err(|e| {
+                format!("sync-rate {value:?}: {e}; bytes per second, e.g. 200MiB, 0 for unlimited")
+            })?),
+            "recovery-policy" => Self::RecoveryPolicy(if policy(key)? {
+                RecoveryPolicy::Automatic
+            } else {
+                RecoveryPolicy::Manual
+            }),
+            "minimum-images" => {
+                Self::MinimumImages(value.parse().map_err(|e| format!("minimum-images {value:?}: {e}"))?)
+            }
+            "maximum-missing-images" => Self::MaximumMissingImages(
+                value.parse().map_err(|e| format!("maximum-missing-images {value:?}: {e}"))?,
+            ),
+            "activation-policy" => Self::ActivationPolicy(if policy(key)? {
+                ActivationPolicy::Automatic
+            } else {
+                ActivationPolicy::Manual
+            }),
+            other => {
+                return Err(format!(
+                    "unknown setting {other:?}; settable: sync-rate, recovery-policy, minimum-images, \
+                     maximum-missing-images, activation-policy"
+                ));
+            }
+        })
+    }
+
+    /// Writes the setting into `db`, for the secondaries `names` where it is per secondary.
+    fn record(self, db: &mut MirrorDb, names: &[String]) {
+        for name in names {
+            let Some(record) = db.image_mut(name) else { continue };
+            match self {
+                Self::SyncRate(rate) => record.sync_rate_bytes_per_s = rate,
+                Self::RecoveryPolicy(policy) => record.recovery_policy = policy,
+                _ => {}
+            }
+        }
+        match self {
+            Self::MinimumImages(n) => db.minimum_images = n,
+            Self::MaximumMissingImages(n) => db.maximum_missing_images = n,
+            Self::ActivationPolicy(policy) => db.activation_policy = policy,
+            Self::SyncRate(_) | Self::RecoveryPolicy(_) => {}
+        }
+    }
 }

@@ -503,7 +503,7 @@ impl Engine {
                     peer.last_error.clear();
                     self.next_sequence = self.next_sequence.max(connected.next_sequence);
                     // Every secondary that connects gets the current mirror database first.
-                    self.send_mirror_db(connected.peer);
+                    self.send_mirror_db([connected.peer]);
                 }
                 connector::Event::Failed { peer, connector, error } => {
                     let slot = &mut self.peers[peer];
@@ -1267,11 +1267,10 @@ impl Engine {
         self.mirror = Some(db);
         if changed && self.change.is_none() {
             // Secondaries learn their own state (what `promote` checks) as it changes.
-            for index in 0..self.peers.len() {
-                if !self.peers[index].removed && self.peers[index].conn.is_some() {
-                    self.send_mirror_db(index);
-                }
-            }
+            let connected: Vec<usize> = (0..self.peers.len())
+                .filter(|&i| !self.peers[i].removed && self.peers[i].conn.is_some())
+                .collect();
+            self.send_mirror_db(connected);
         }
     }
 
@@ -1387,6 +1386,22 @@ impl Engine {
         }
     }
 
+    /// What this mirror's logs are checked against when read back.
+    fn log_identity(&self, kind: LogKind, secondary_id: u64) -> LogIdentity {
+        LogIdentity {
+            kind,
+            mirror_id: self.config.mirror_id,
+            secondary_id,
+            extent_bytes: self.config.extent_bytes,
+            image_bytes: self.device_bytes,
+        }
+    }
+
+    /// The mirror's generation (1 for a mirror given on the command line).
+    fn generation(&self) -> u64 {
+        self.mirror.as_ref().map_or(1, |db| db.generation)
+    }
+
     /// Persists the fracture logs of the secondaries fractured (or restored) this turn.
     fn persist_fracture_logs(&mut self) {
         for index in 0..self.peers.len() {
@@ -1407,6 +1422,8 @@ impl Engine {
             dirty.clear();
             dirty.resize(self.reading.len(), false);
         }
+        let identity = self.log_identity(LogKind::Fracture, self.peers[index].log.secondary_id);
+        let generation = self.generation();
         let peer = &mut self.peers[index];
         peer.log.persist_now = false;
         peer.metrics.fracture_log_extents.set(dirty.count_ones() as i64);
@@ -1417,17 +1434,11 @@ impl Engine {
         let mut on_disk = true;
         if !unchanged {
             let header = LogHeader {
-                kind: LogKind::Fracture,
                 flags: peer.log.flags,
-                mirror_id: self.config.mirror_id,
-                secondary_id: peer.log.secondary_id,
-                generation: 1,
                 sequence: self.checkpoint_sequence,
-                extent_bytes: self.config.extent_bytes,
-                image_bytes: self.device_bytes,
                 resync_bytes_done: peer.log.resync_bytes_done,
                 verify_next_extent,
-                saved_unix_ms: logs::unix_ms_now(),
+                ..LogHeader::new(&identity, generation)
             };
             let bytes = logs::encode(&header, &dirty);
             match logs::replace_file(&self.config.state_dir, &peer.log.file_name, &bytes) {
@@ -1467,18 +1478,10 @@ impl Engine {
         self.quiet.end_interval(&mut intent, self.persisted_intent.as_ref(), &mut clearable);
         self.tracker.clear_intent(&clearable);
         if self.persisted_intent.as_ref() != Some(&intent) {
+            let identity = self.log_identity(LogKind::Intent, 0);
             let header = LogHeader {
-                kind: LogKind::Intent,
-                flags: 0,
-                mirror_id: self.config.mirror_id,
-                secondary_id: 0,
-                generation: 1,
                 sequence: self.checkpoint_sequence,
-                extent_bytes: self.config.extent_bytes,
-                image_bytes: self.device_bytes,
-                resync_bytes_done: 0,
-                verify_next_extent: 0,
-                saved_unix_ms: logs::unix_ms_now(),
+                ..LogHeader::new(&identity, self.generation())
             };
             let bytes = logs::encode(&header, &intent);
             match logs::replace_file(&self.config.state_dir, logs::INTENT_LOG_FILE, &bytes) {
@@ -1823,34 +1826,6 @@ impl Engine {
             Err("timed out: writes kept coming; freeze the filesystem (--freeze) or quiesce the application".to_owned())
         })
     }
-
-    /// `set KEY=VALUE` for one secondary (`index`) or all.
-    fn set(&mut self, index: Option<usize>, key: &str, value: &str) -> Result<(), String> {
-        let range = index.map_or(0..self.peers.len(), |i| i..i + 1);
-        match key {
-            "sync-rate" => {
-                let rate = crate::units::parse_bytes(value).map_err(|e| {
-                    format!("sync-rate {value:?}: {e}; bytes per second, e.g. 200MiB, 0 for unlimited")
-                })?;
-                for peer in &mut self.peers[range] {
-                    peer.log.throttle = Throttle::new(rate);
-                    peer.metrics.sync_rate_limit_bytes.set(rate.min(i64::MAX as u64) as i64);
-                }
-            }
-            "recovery-policy" => {
-                let policy = match value {
-                    "automatic" => RecoveryPolicy::Automatic,
-                    "manual" => RecoveryPolicy::Manual,
-                    other => return Err(format!("recovery-policy {other:?}: automatic or manual")),
-                };
-                for peer in &mut self.peers[range] {
-                    peer.log.recovery = policy;
-                }
-            }
-            other => return Err(format!("unknown setting {other:?}; settable: sync-rate, recovery-policy")),
-        }
-        Ok(())
-    }
 }
 
 fn state_name(state: crate::mirror::MirrorState) -> &'static str {
@@ -1922,11 +1897,7 @@ struct Recovered {
 /// Whether the state directory holds logs from an earlier run.
 fn logs_exist(state_dir: &std::path::Path) -> bool {
     std::fs::read_dir(state_dir).is_ok_and(|entries| {
-        entries.flatten().any(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name == logs::INTENT_LOG_FILE || (name.starts_with("fracture-") && name.ends_with(".log"))
-        })
+        entries.flatten().any(|e| logs::is_primary_log(&e.file_name().to_string_lossy()))
     })
 }
 
