@@ -24,9 +24,15 @@ pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_FLAGS: &str = "FLAGS";
 pub const MAP_META: &str = "META";
 
-/// Bits of the single `FLAGS` word (mmapable, so userspace takes it with one swap): the program
-/// sets one when a wide range of that kind did not fit in the ring buffer, and userspace then
-/// marks the whole device in that bitmap.
+/// Words of the `FLAGS` map (mmapable, so userspace reads and takes them with one atomic each).
+pub const FLAGS_WORDS: u32 = 2;
+/// Word 0 holds lost-range bits: the program sets one when a wide range of that kind did not fit
+/// in the ring buffer, and userspace then marks the whole device in that bitmap.
+pub const FLAGS_WORD_LOST: u32 = 0;
+/// Word 1 holds the thread-group id of a process whose writes need no shipping (0 for none):
+/// the NBD export writes the primary device and ships those writes itself, so the program marks
+/// them in INTENT (the crash-safety log) but not in QUEUED. Written only by userspace.
+pub const FLAGS_WORD_EXEMPT_TGID: u32 = 1;
 pub const FLAG_INTENT_LOST: u64 = 1 << 0;
 pub const FLAG_COMPLETED_LOST: u64 = 1 << 1;
 
@@ -53,6 +59,9 @@ pub enum MarkKind {
     Intent = 0,
     /// Set when a write-like request or bio has completed on the device.
     Completed = 1,
+    /// An intent mark for a write whose shipping its writer takes care of (the exempt process,
+    /// see [`FLAGS_WORD_EXEMPT_TGID`]): set in INTENT, not in QUEUED.
+    IntentOnly = 2,
 }
 
 /// A range too wide to set inline, handed to userspace through the `WIDE` ring buffer.

@@ -38,14 +38,16 @@ use core::intrinsics::{AtomicOrdering, atomic_or};
 
 use aya_ebpf::{
     Global,
+    helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, map},
     maps::{Array, PerCpuArray, RingBuf},
     programs::BtfTracePointContext,
 };
 use replicator_common::{
     BIO_COMPLETE_ARG_BIO, BIO_QUEUE_ARG_BIO, BPF_F_MMAPABLE, COUNTERS_LEN, Counter, EVENT_WORDS_MAX,
-    ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, MarkKind, RQ_COMPLETE_ARG_NR_BYTES,
-    RQ_COMPLETE_ARG_RQ, SECTOR_BYTES, TrackerConfig, WIDE_RING_BYTES, WideRange,
+    ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS,
+    MarkKind, RQ_COMPLETE_ARG_NR_BYTES, RQ_COMPLETE_ARG_RQ, SECTOR_BYTES, TrackerConfig, WIDE_RING_BYTES,
+    WideRange,
 };
 
 /// Set by userspace before load (`EbpfLoader::override_global`); read-only to the verifier.
@@ -71,7 +73,7 @@ static WIDE: RingBuf = RingBuf::pinned(WIDE_RING_BYTES, 0);
 
 /// One word of `FLAG_*` bits; see `replicator_common::layout`.
 #[map]
-static FLAGS: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+static FLAGS: Array<u64> = Array::pinned(FLAGS_WORDS, BPF_F_MMAPABLE);
 
 /// The configuration the pinned maps were made for, written by userspace so that a restart can
 /// tell whether the marks it finds belong to the same device and extent size. Unused here.
@@ -154,8 +156,18 @@ fn try_mark_bio(config: &TrackerConfig, bio: u64, kind: MarkKind) -> Result<(), 
     }
     let sector: u64 = read(bio, layout.bio_sector)?;
     let size_bytes: u32 = read(bio, layout.bio_size)?;
+    let kind = if kind == MarkKind::Intent && submitted_by_exempt() { MarkKind::IntentOnly } else { kind };
     mark_sectors(config, kind, sector, size_bytes);
     Ok(())
+}
+
+/// Whether the bio being queued comes from the process userspace exempted (the replicator's NBD
+/// export, which ships its own writes). `block_bio_queue` runs in the submitter's context: the
+/// writing thread itself, or an io_uring worker of the same thread group.
+#[inline(always)]
+fn submitted_by_exempt() -> bool {
+    let exempt = FLAGS.get(FLAGS_WORD_EXEMPT_TGID).copied().unwrap_or(0);
+    exempt != 0 && bpf_get_current_pid_tgid() >> 32 == exempt
 }
 
 #[inline(always)]
@@ -196,7 +208,7 @@ fn mark(kind: MarkKind, span: ExtentSpan) {
         return;
     }
     let bitmap = match kind {
-        MarkKind::Intent => &INTENT,
+        MarkKind::Intent | MarkKind::IntentOnly => &INTENT,
         MarkKind::Completed => &COMPLETED,
     };
     let first_word = span.first_word();
@@ -232,7 +244,7 @@ fn mark(kind: MarkKind, span: ExtentSpan) {
         }
     }
     let counter = match kind {
-        MarkKind::Intent => Counter::IntentExtentsMarked,
+        MarkKind::Intent | MarkKind::IntentOnly => Counter::IntentExtentsMarked,
         MarkKind::Completed => Counter::CompletedExtentsMarked,
     };
     count(counter, span.count());
@@ -253,10 +265,10 @@ fn mark_wide(kind: MarkKind, span: ExtentSpan) {
         }
         None => {
             let lost = match kind {
-                MarkKind::Intent => FLAG_INTENT_LOST,
+                MarkKind::Intent | MarkKind::IntentOnly => FLAG_INTENT_LOST,
                 MarkKind::Completed => FLAG_COMPLETED_LOST,
             };
-            if let Some(ptr) = FLAGS.get_ptr_mut(0) {
+            if let Some(ptr) = FLAGS.get_ptr_mut(FLAGS_WORD_LOST) {
                 // SAFETY: as in `mark`.
                 unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, lost) };
             }

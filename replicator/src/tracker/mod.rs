@@ -31,9 +31,9 @@ use aya::programs::links::{FdLink, PinnedLink};
 use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
 use replicator_common::{
-    COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, GLOBAL_CONFIG,
-    MAP_COMPLETED, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_WIDE, MarkKind,
-    TrackerConfig, WideRange,
+    COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST,
+    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, GLOBAL_CONFIG, MAP_COMPLETED, MAP_COUNTERS,
+    MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_WIDE, MarkKind, TrackerConfig, WideRange,
 };
 
 pub use btf::{Btf, BtfError};
@@ -215,7 +215,7 @@ impl Tracker {
         let completed =
             map_bitmap(&mut ebpf, MAP_COMPLETED, bitmap_words).map_err(ebpf_err(MAP_COMPLETED))?;
         let queued = map_bitmap(&mut ebpf, MAP_QUEUED, bitmap_words).map_err(ebpf_err(MAP_QUEUED))?;
-        let flags = map_bitmap(&mut ebpf, MAP_FLAGS, 1).map_err(ebpf_err(MAP_FLAGS))?;
+        let flags = map_bitmap(&mut ebpf, MAP_FLAGS, FLAGS_WORDS).map_err(ebpf_err(MAP_FLAGS))?;
         let wide = take_map(&mut ebpf, MAP_WIDE)
             .and_then(|m| Ok(RingBuf::try_from(m)?))
             .map_err(ebpf_err(MAP_WIDE))?;
@@ -291,6 +291,41 @@ impl Tracker {
         self.completed.take_into_marking(&mut self.drained, &self.intent);
         self.match_completions();
         Runs::new(&self.drained)
+    }
+
+    /// `drain_completed` for a tracker whose own process writes the device too (the NBD
+    /// export): completions on the extents in `exempt` are not reported unless another process
+    /// queued a write there, since the exempt writer ships its writes itself. `exempt` must
+    /// hold every extent the exempt process wrote since the last drain or is writing now.
+    ///
+    /// Queued marks are taken again after the completions: a write queued after the first
+    /// take whose completion is in this drain has its queued bit set by then, so it is never
+    /// mistaken for an exempt write.
+    pub fn drain_completed_except(&mut self, exempt: &BitVec<u64, Lsb0>) -> Runs<'_> {
+        assert_eq!(exempt.len(), self.drained.len(), "one exempt bit per extent");
+        self.pump_wide_ranges();
+        self.queued.take_into(&mut self.awaiting);
+        self.drained.fill(false);
+        self.completed.take_into_marking(&mut self.drained, &self.intent);
+        self.queued.take_into(&mut self.awaiting);
+        for ((drained, exempt), awaiting) in self
+            .drained
+            .as_raw_mut_slice()
+            .iter_mut()
+            .zip(exempt.as_raw_slice())
+            .zip(self.awaiting.as_raw_slice())
+        {
+            *drained &= !(exempt & !awaiting);
+        }
+        self.match_completions();
+        Runs::new(&self.drained)
+    }
+
+    /// Exempts the writes of thread group `tgid` (0: none) from shipping: the kernel program
+    /// marks them in the intent log only. See `drain_completed_except`.
+    pub fn exempt_writes_of(&self, tgid: u32) {
+        self.flags.words()[FLAGS_WORD_EXEMPT_TGID as usize]
+            .store(u64::from(tgid), std::sync::atomic::Ordering::Release);
     }
 
     /// Fault injection for tests: takes completion marks and nothing else, so that to the
@@ -435,11 +470,12 @@ impl Tracker {
                     self.intent.set_span(span);
                     self.queued.set_span(span);
                 }
+                k if k == MarkKind::IntentOnly as u32 => self.intent.set_span(span),
                 _ => self.completed.set_span(span),
             }
         }
         self.check_recursion_misses();
-        let lost = self.flags.words()[0].swap(0, std::sync::atomic::Ordering::AcqRel);
+        let lost = self.flags.words()[FLAGS_WORD_LOST as usize].swap(0, std::sync::atomic::Ordering::AcqRel);
         if lost & FLAG_INTENT_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
             self.intent.set_all(self.geometry.extent_count());
