@@ -323,6 +323,14 @@ enum Waiting {
         first_extent: u64,
         count: u32,
     },
+    /// A client's TRIM or WRITE_ZEROES through the primary's export: applied and acknowledged
+    /// once every write before it has completed.
+    Zeroes {
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+        sequence: u64,
+    },
     /// A consistency point: recorded and acknowledged once every write before it completed.
     Point {
         generation: u64,
@@ -474,9 +482,12 @@ impl<'a> Session<'a> {
                 let payload = unsafe { std::slice::from_raw_parts(self.pool.data_ptr(buffer).sub(8), len) };
                 let decoded = wire::decode_payload(&self.header_bytes, &header, payload, &self.limits);
                 let (offset_bytes, len_bytes) = match decoded {
-                    Ok(Message::ExtentData { offset_bytes, data }) => (offset_bytes, data.len()),
+                    Ok(
+                        Message::ExtentData { offset_bytes, data }
+                        | Message::BlockData { offset_bytes, data },
+                    ) => (offset_bytes, data.len()),
                     Ok(other) => {
-                        unreachable!("an ExtentData header decodes to ExtentData, not {:?}", other.kind())
+                        unreachable!("a data header decodes to data, not {:?}", other.kind())
                     }
                     Err(e) => {
                         self.pool.give_back(buffer);
@@ -525,6 +536,11 @@ impl<'a> Session<'a> {
                         self.waiting = Some(Waiting::Point { generation, point_unix_ms, sequence });
                         self.retry_waiting(stream)
                     }
+                    Message::Zeroes { offset_bytes, len_bytes, unmap } => {
+                        let sequence = header.sequence;
+                        self.waiting = Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence });
+                        self.retry_waiting(stream)
+                    }
                     other => Err(SessionEnd::Unexpected(other.kind())),
                 }
             }
@@ -533,7 +549,7 @@ impl<'a> Session<'a> {
 
     fn start_payload(&mut self, header: wire::Header, stream: &mut TcpStream) -> Result<(), SessionEnd> {
         match header.kind {
-            wire::MessageKind::ExtentData => {
+            wire::MessageKind::ExtentData | wire::MessageKind::BlockData => {
                 if (header.payload_bytes as usize) <= 8 {
                     return Err(wire::WireError::PayloadSize {
                         kind: header.kind,
@@ -552,6 +568,7 @@ impl<'a> Session<'a> {
             | wire::MessageKind::Error
             | wire::MessageKind::VerifyRequest
             | wire::MessageKind::ConsistencyPoint
+            | wire::MessageKind::Zeroes
             | wire::MessageKind::MirrorDb => {
                 if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
                     return Err(wire::WireError::TooLong {
@@ -591,6 +608,23 @@ impl<'a> Session<'a> {
             {
                 self.waiting = None;
                 self.record_point(generation, point_unix_ms, sequence, stream)
+            }
+            Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence })
+                if self.writes.iter().all(Option::is_none) =>
+            {
+                self.waiting = None;
+                zero_range(self.image, offset_bytes, len_bytes, unmap).map_err(|error| {
+                    SessionEnd::Write {
+                        device: self.device.into(),
+                        offset: offset_bytes,
+                        len: len_bytes as usize,
+                        error,
+                    }
+                })?;
+                let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+                wire::write_frame(stream, &ack, self.next_ack_sequence)?;
+                self.next_ack_sequence += 1;
+                Ok(())
             }
             _ => Ok(()),
         }
@@ -753,6 +787,27 @@ impl<'a> Session<'a> {
         let _ = stream.flush();
         Ok(())
     }
+}
+
+/// Makes `len_bytes` at `offset_bytes` of a block device read as zeroes, durably: a TRIM
+/// (`unmap`) punches a hole (the device may unmap it), falling back to writing zeroes where the
+/// device cannot; WRITE_ZEROES writes zeroes (the kernel falls back to zero pages itself). The
+/// primary does the same, so every image reads the same bytes afterwards.
+pub fn zero_range(device: &File, offset_bytes: u64, len_bytes: u64, unmap: bool) -> std::io::Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    let (offset, len) = (offset_bytes as libc::off_t, len_bytes as libc::off_t);
+    let zero = || fallocate(device, FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len);
+    let done = if unmap {
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(device, punch, offset, len) {
+            Err(nix::errno::Errno::EOPNOTSUPP) => zero(),
+            other => other,
+        }
+    } else {
+        zero()
+    };
+    done.map_err(std::io::Error::from)?;
+    device.sync_data()
 }
 
 /// Stores the mirror database the primary sent (reconciled with this member's), durably.

@@ -21,6 +21,8 @@
 //! closed); no decoder panics (property-tested below on arbitrary bytes).
 
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RPLW");
+/// The alignment of `BlockData` and `Zeroes`: the smallest logical block a Linux device has.
+pub const SECTOR_BYTES: u64 = 512;
 pub const VERSION: u16 = 1;
 pub const HEADER_BYTES: usize = 32;
 /// Bytes of a handshake nonce and of an HMAC-SHA256 proof.
@@ -58,6 +60,8 @@ pub enum MessageKind {
     ConsistencyPoint = 10,
     MirrorDb = 11,
     DivergentRuns = 12,
+    BlockData = 13,
+    Zeroes = 14,
 }
 
 impl MessageKind {
@@ -75,6 +79,8 @@ impl MessageKind {
             10 => Self::ConsistencyPoint,
             11 => Self::MirrorDb,
             12 => Self::DivergentRuns,
+            13 => Self::BlockData,
+            14 => Self::Zeroes,
             _ => return None,
         })
     }
@@ -156,6 +162,19 @@ pub enum Message<'a> {
         offset_bytes: u64,
         data: &'a [u8],
     },
+    /// Primary to secondary: a client's write through the NBD export, passed on as written:
+    /// sector-aligned rather than extent-aligned (the same layout as `ExtentData`).
+    BlockData {
+        offset_bytes: u64,
+        data: &'a [u8],
+    },
+    /// Primary to secondary: a client's TRIM (`unmap`) or WRITE_ZEROES through the export; the
+    /// range reads as zeroes afterwards on every image. Sector-aligned, inside the image.
+    Zeroes {
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+    },
     /// Secondary to primary: extent frames with these sequences are durable.
     Ack {
         first_sequence: u64,
@@ -210,6 +229,8 @@ impl Message<'_> {
             Self::ConsistencyPoint { .. } => MessageKind::ConsistencyPoint,
             Self::MirrorDb { .. } => MessageKind::MirrorDb,
             Self::DivergentRuns { .. } => MessageKind::DivergentRuns,
+            Self::BlockData { .. } => MessageKind::BlockData,
+            Self::Zeroes { .. } => MessageKind::Zeroes,
         }
     }
 }
@@ -265,8 +286,19 @@ pub const EXTENT_PREFIX_BYTES: usize = HEADER_BYTES + 8;
 /// The header and offset of an extent-data frame, to send right before `data` (the primary
 /// writes them just before the data in the same buffer, so the frame goes out in one send).
 pub fn encode_extent_prefix(sequence: u64, offset_bytes: u64, data: &[u8]) -> [u8; EXTENT_PREFIX_BYTES] {
+    encode_data_prefix(MessageKind::ExtentData, sequence, offset_bytes, data)
+}
+
+/// As [`encode_extent_prefix`], for `ExtentData` or `BlockData`.
+pub fn encode_data_prefix(
+    kind: MessageKind,
+    sequence: u64,
+    offset_bytes: u64,
+    data: &[u8],
+) -> [u8; EXTENT_PREFIX_BYTES] {
+    assert!(matches!(kind, MessageKind::ExtentData | MessageKind::BlockData));
     let offset = offset_bytes.to_le_bytes();
-    let header = encode_header(MessageKind::ExtentData, sequence, &[&offset, data]);
+    let header = encode_header(kind, sequence, &[&offset, data]);
     let mut prefix = [0u8; EXTENT_PREFIX_BYTES];
     prefix[..HEADER_BYTES].copy_from_slice(&header);
     prefix[HEADER_BYTES..].copy_from_slice(&offset);
@@ -330,6 +362,24 @@ pub fn decode_payload<'a>(
             Message::Proof { proof: array_at(payload, 0) }
         }
         MessageKind::ExtentData => decode_extent_data(payload, limits)?,
+        MessageKind::BlockData => {
+            let Message::ExtentData { offset_bytes, data } =
+                decode_extent_data(payload, &limits.by_sector())?
+            else {
+                unreachable!("decode_extent_data decodes ExtentData")
+            };
+            Message::BlockData { offset_bytes, data }
+        }
+        MessageKind::Zeroes => {
+            size(24, "24")?;
+            let (offset_bytes, len_bytes, flags) =
+                (u64_at(payload, 0), u64_at(payload, 8), u64_at(payload, 16));
+            if flags > 1 {
+                return Err(WireError::Reserved);
+            }
+            check_block_range(offset_bytes, len_bytes, limits)?;
+            Message::Zeroes { offset_bytes, len_bytes, unmap: flags == 1 }
+        }
         MessageKind::Ack => {
             size(16, "16")?;
             let (first, last) = (u64_at(payload, 0), u64_at(payload, 8));
@@ -426,6 +476,26 @@ fn check_verify_range(first_extent: u64, count: u32, limits: &Limits) -> Result<
     Ok(())
 }
 
+/// A block range is non-empty, sector-aligned and inside the image.
+fn check_block_range(offset_bytes: u64, len_bytes: u64, limits: &Limits) -> Result<(), WireError> {
+    let end = offset_bytes.checked_add(len_bytes);
+    if len_bytes == 0 || end.is_none_or(|end| end > limits.image_bytes) {
+        return Err(WireError::OutOfImage { offset_bytes, len_bytes, image_bytes: limits.image_bytes });
+    }
+    if !offset_bytes.is_multiple_of(SECTOR_BYTES) || !len_bytes.is_multiple_of(SECTOR_BYTES) {
+        return Err(WireError::Unaligned { offset_bytes, len_bytes, extent_bytes: SECTOR_BYTES });
+    }
+    Ok(())
+}
+
+impl Limits {
+    /// The same limits with sectors in place of extents, for data that need not cover whole
+    /// extents (`BlockData`).
+    fn by_sector(&self) -> Self {
+        Self { extent_bytes: SECTOR_BYTES, ..*self }
+    }
+}
+
 fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<'a>, WireError> {
     if payload.len() <= 8 {
         return Err(WireError::PayloadSize {
@@ -488,9 +558,15 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             fixed[..PROOF_BYTES].copy_from_slice(proof);
             [&fixed[..PROOF_BYTES], &[]]
         }
-        Message::ExtentData { offset_bytes, data } => {
+        Message::ExtentData { offset_bytes, data } | Message::BlockData { offset_bytes, data } => {
             fixed[..8].copy_from_slice(&offset_bytes.to_le_bytes());
             [&fixed[..8], data]
+        }
+        Message::Zeroes { offset_bytes, len_bytes, unmap } => {
+            fixed[..8].copy_from_slice(&offset_bytes.to_le_bytes());
+            fixed[8..16].copy_from_slice(&len_bytes.to_le_bytes());
+            fixed[16..24].copy_from_slice(&u64::from(*unmap).to_le_bytes());
+            [&fixed[..24], &[]]
         }
         Message::Ack { first_sequence, last_sequence } => {
             fixed[..8].copy_from_slice(&first_sequence.to_le_bytes());
@@ -561,7 +637,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..12,
+            0u8..14,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -589,6 +665,15 @@ mod tests {
                     .collect();
                 Message::DivergentRuns { runs: Box::leak(runs.into_boxed_slice()) }
             }
+            11 => Message::BlockData {
+                offset_bytes: (n % 4096) * 512,
+                data: &data[..(n % 128 + 1) as usize * 512],
+            },
+            12 => Message::Zeroes {
+                offset_bytes: (n % 4096) * 512,
+                len_bytes: (n % 9999 + 1) * 512,
+                unmap: n % 2 == 0,
+            },
             _ => Message::Error { code: n as u32, message: text },
         }
     }
@@ -661,6 +746,28 @@ mod tests {
         let mut frame = Vec::new();
         encode(&Message::ExtentData { offset_bytes: 0, data: &vec![0u8; 2 << 20] }, 1, &mut frame);
         assert!(matches!(decode(&frame), Err(WireError::TooLong { .. })));
+    }
+
+    #[test]
+    fn block_data_and_zeroes_must_be_sector_aligned_and_inside_the_image() {
+        let mut frame = Vec::new();
+        let data = vec![7u8; 512];
+        encode(&Message::BlockData { offset_bytes: 1024, data: &data }, 1, &mut frame);
+        assert!(decode(&frame).is_ok());
+        encode(&Message::BlockData { offset_bytes: 1000, data: &data }, 1, &mut frame);
+        assert_eq!(
+            decode(&frame),
+            Err(WireError::Unaligned { offset_bytes: 1000, len_bytes: 512, extent_bytes: SECTOR_BYTES })
+        );
+        encode(&Message::BlockData { offset_bytes: LIMITS.image_bytes, data: &data }, 1, &mut frame);
+        assert!(matches!(decode(&frame), Err(WireError::OutOfImage { .. })));
+        let zeroes = |offset_bytes, len_bytes| Message::Zeroes { offset_bytes, len_bytes, unmap: true };
+        for (offset, len) in [(0, 0), (512, 100), (LIMITS.image_bytes - 512, 1024), (u64::MAX - 511, 1024)] {
+            encode(&zeroes(offset, len), 1, &mut frame);
+            assert!(decode(&frame).is_err(), "zeroes at {offset} length {len} accepted");
+        }
+        encode(&zeroes(LIMITS.image_bytes - 512, 512), 1, &mut frame);
+        assert!(decode(&frame).is_ok());
     }
 
     #[test]
