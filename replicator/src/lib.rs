@@ -8,6 +8,7 @@ pub mod device;
 pub mod tracker;
 pub mod logs;
 pub mod shipper;
+pub mod export;
 pub mod pool;
 pub mod wire;
 pub mod auth;

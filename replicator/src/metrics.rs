@@ -130,6 +130,8 @@ pub struct PrimaryMetrics {
     pub tracker_events: Counter,
     pub tracker_write_events: Counter,
     pub unmatched_writes: Counter,
+    pub export_bytes: Counter,
+    pub export_errors: Counter,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -276,6 +278,16 @@ impl PrimaryMetrics {
             "replicator_tracker_unmatched_writes",
             "Queued writes whose completion was not traced within a checkpoint interval (shipped anyway)",
             self.unmatched_writes.clone(),
+        );
+        r.register(
+            "replicator_export_written_bytes",
+            "Bytes NBD clients wrote through the export and got a successful reply for",
+            self.export_bytes.clone(),
+        );
+        r.register(
+            "replicator_export_errors",
+            "Export writes, TRIMs, zeroes and flushes that failed back to the client with EIO",
+            self.export_errors.clone(),
         );
         r.register(
             "replicator_tracker_write_events",

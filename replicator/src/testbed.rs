@@ -600,6 +600,27 @@ pub fn read_device_direct(device: &Path, mut consume: impl FnMut(&[u8])) -> Resu
     }
 }
 
+/// `len_bytes` of a block device at `offset_bytes`, read with O_DIRECT (both multiples of its
+/// logical block size).
+pub fn read_range_direct(
+    device: &Path,
+    offset_bytes: u64,
+    len_bytes: usize,
+) -> Result<Vec<u8>, TestbedError> {
+    const ALIGN: usize = 4096;
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_o_direct())
+        .open(device)
+        .map_err(io(format!("opening {} with O_DIRECT", device.display())))?;
+    let mut buffer = vec![0u8; len_bytes + ALIGN];
+    let skip = buffer.as_ptr().align_offset(ALIGN);
+    let window = &mut buffer[skip..skip + len_bytes];
+    file.read_exact_at(window, offset_bytes)
+        .map_err(io(format!("reading {len_bytes} bytes at {offset_bytes} on {}", device.display())))?;
+    Ok(window.to_vec())
+}
+
 /// SHA-256 of a whole block device, read with O_DIRECT.
 pub fn hash_device(device: &Path) -> Result<String, TestbedError> {
     use sha2::Digest as _;

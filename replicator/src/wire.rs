@@ -672,7 +672,7 @@ mod tests {
             12 => Message::Zeroes {
                 offset_bytes: (n % 4096) * 512,
                 len_bytes: (n % 9999 + 1) * 512,
-                unmap: n % 2 == 0,
+                unmap: n.is_multiple_of(2),
             },
             _ => Message::Error { code: n as u32, message: text },
         }

@@ -13,7 +13,8 @@ use replicator::{Tracker, TrackerOptions};
 use replicator_common::ExtentGeometry;
 
 pub use replicator::testbed::{
-    Lab, LoopDevice, ZramDevice, hash_device, read_device_direct, run_command, write_direct,
+    Lab, LoopDevice, ZramDevice, hash_device, read_device_direct, read_range_direct, run_command,
+    write_direct,
 };
 
 /// The `replicator` binary under test; `cargo xtask test` sets REPLICATOR_BIN.

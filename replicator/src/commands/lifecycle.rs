@@ -37,7 +37,8 @@ pub struct CreateArgs {
     /// What leaves ATTENTION once its cause is gone: automatic, or manual (`activate`).
     #[arg(long, value_enum, default_value = "automatic")]
     pub activation_policy: ActivationPolicy,
-    /// async (the tracker path). sync needs the NBD export, not built yet.
+    /// For writes through the NBD export (`primary --export`): sync acknowledges a write once
+    /// every SYNCHRONIZED secondary has it durably; async once the primary has it.
     #[arg(long, value_enum, default_value = "async")]
     pub write_policy: WritePolicy,
     /// Unacknowledged bytes allowed per secondary.
@@ -63,10 +64,6 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
             db.name
         );
     }
-    anyhow::ensure!(
-        args.write_policy == WritePolicy::Async,
-        "write policy sync needs the NBD export, which is not built yet; use async"
-    );
     anyhow::ensure!(
         args.extent_size.is_power_of_two() && (4096..=64 << 20).contains(&args.extent_size),
         "extent size {} is not a power of two from 4KiB to 64MiB",

@@ -14,7 +14,7 @@ use serde::Deserialize;
 
 use crate::auth::Key;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
-use crate::mirror::MirrorDb;
+use crate::mirror::{MirrorDb, WritePolicy};
 use crate::secondary::{self, SecondaryConfig};
 use crate::shipper::{Engine, RecoveryPolicy, ShipperConfig};
 
@@ -110,6 +110,20 @@ pub struct PrimaryArgs {
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
+    /// Serve the device to NBD clients (QEMU, qemu-io, libnbd, nbd-client) at nbd:ADDR:PORT or
+    /// nbd+unix:PATH. Writes through the export follow the write policy; the device is opened
+    /// exclusively, so it cannot be mounted meanwhile.
+    #[arg(long, value_name = "nbd:ADDR:PORT|nbd+unix:PATH")]
+    pub export: Option<String>,
+    /// For a mirror given with --secondary (a database has its own, see `set`): sync makes an
+    /// export write wait until every SYNCHRONIZED secondary has it durably; async acknowledges
+    /// it after the primary's write and ships it behind [default: async].
+    #[arg(long, value_enum)]
+    pub write_policy: Option<WritePolicy>,
+    /// For a mirror given with --secondary: images (the primary counts as one) a sync write must
+    /// reach, or it fails with EIO [default: 1].
+    #[arg(long)]
+    pub minimum_images: Option<u32>,
 }
 
 /// `replicator secondary` settings.
@@ -157,6 +171,19 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut mirror_id = cli.mirror_id.or(file.mirror_id);
     let mut extent_size = cli.extent_size.or(file.extent_size);
     let mut backlog = cli.backlog.or(file.backlog);
+    let write_policy = cli.write_policy.or(file.write_policy);
+    let minimum_images = cli.minimum_images.or(file.minimum_images);
+    let export = cli
+        .export
+        .or(file.export)
+        .map(|target| -> anyhow::Result<_> {
+            Ok(crate::export::ExportConfig {
+                target: target.parse()?,
+                buffers: crate::export::BUFFERS_DEFAULT,
+                block_bytes_max: crate::export::BLOCK_BYTES_MAX_DEFAULT,
+            })
+        })
+        .transpose()?;
     let mut secondaries = secondaries
         .iter()
         .map(|s| parse_secondary(s).map_err(|e| anyhow::anyhow!("--secondary {e}")))
@@ -166,6 +193,13 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
             device.is_none() && secondaries.is_empty() && mirror_id.is_none() && extent_size.is_none(),
             "{}: mirror {:?} is defined by its database there (device, secondaries, mirror id, extent size); \
              drop those options, and change the mirror with `replicator add-secondary`, `remove-secondary` or `set`",
+            state_dir.display(),
+            db.name
+        );
+        anyhow::ensure!(
+            write_policy.is_none() && minimum_images.is_none(),
+            "{}: mirror {:?} keeps its write policy and minimum images in its database; \
+             change them with `replicator set write-policy=...` or `set minimum-images=...`",
             state_dir.display(),
             db.name
         );
@@ -209,6 +243,9 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
             .unwrap_or(ShipperConfig::SYNC_RATE_BYTES_PER_S_DEFAULT),
         recovery_policy: cli.recovery_policy.or(file.recovery_policy).unwrap_or(RecoveryPolicy::Automatic),
         mirror,
+        export,
+        write_policy: write_policy.unwrap_or(WritePolicy::Async),
+        minimum_images: minimum_images.unwrap_or(1),
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     primary(config, &key_file, cli.metrics.or(file.metrics), stop)

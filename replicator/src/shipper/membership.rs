@@ -258,7 +258,10 @@ impl Engine {
                     peer.log.recovery = policy;
                 }
             }
-            Setting::MinimumImages(_) | Setting::MaximumMissingImages(_) | Setting::ActivationPolicy(_) => {
+            Setting::MinimumImages(_)
+            | Setting::MaximumMissingImages(_)
+            | Setting::ActivationPolicy(_)
+            | Setting::WritePolicy(_) => {
                 if self.mirror.is_none() {
                     return Err(no_database());
                 }
@@ -427,6 +430,7 @@ pub(super) enum Setting {
     MinimumImages(u32),
     MaximumMissingImages(u32),
     ActivationPolicy(ActivationPolicy),
+    WritePolicy(crate::mirror::WritePolicy),
 }
 
 impl Setting {
@@ -456,10 +460,15 @@ impl Setting {
             } else {
                 ActivationPolicy::Manual
             }),
+            "write-policy" => Self::WritePolicy(match value {
+                "sync" => crate::mirror::WritePolicy::Sync,
+                "async" => crate::mirror::WritePolicy::Async,
+                other => return Err(format!("write-policy {other:?}: sync or async")),
+            }),
             other => {
                 return Err(format!(
                     "unknown setting {other:?}; settable: sync-rate, recovery-policy, minimum-images, \
-                     maximum-missing-images, activation-policy"
+                     maximum-missing-images, activation-policy, write-policy"
                 ));
             }
         })
@@ -479,6 +488,7 @@ impl Setting {
             Self::MinimumImages(n) => db.minimum_images = n,
             Self::MaximumMissingImages(n) => db.maximum_missing_images = n,
             Self::ActivationPolicy(policy) => db.activation_policy = policy,
+            Self::WritePolicy(policy) => db.write_policy = policy,
             Self::SyncRate(_) | Self::RecoveryPolicy(_) => {}
         }
     }

@@ -17,6 +17,7 @@
 //! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
 
 mod connector;
+mod exports;
 mod membership;
 mod peer;
 mod resync;
@@ -81,6 +82,14 @@ pub struct ShipperConfig {
     pub recovery_policy: RecoveryPolicy,
     /// The mirror database, when the mirror was made with `replicator create`.
     pub mirror: Option<crate::mirror::MirrorDb>,
+    /// Serve the device over NBD; writes through it follow the write policy.
+    pub export: Option<crate::export::ExportConfig>,
+    /// For a mirror given on the command line (a database has its own): whether export writes
+    /// wait for the secondaries (sync) or are shipped behind (async).
+    pub write_policy: crate::mirror::WritePolicy,
+    /// For a mirror given on the command line: images (the primary counts) a sync write must
+    /// reach before it succeeds.
+    pub minimum_images: u32,
 }
 
 impl ShipperConfig {
@@ -134,6 +143,12 @@ enum Op {
         peer: usize,
         generation: u32,
     },
+    /// The primary's part of an NBD export request (a write, flush, TRIM or WRITE_ZEROES).
+    Export {
+        slot: u32,
+    },
+    /// A read of the export's eventfd: completes when a client request arrives.
+    Wake,
     /// The primary's side of a verify batch: the extents read to be hashed.
     VerifyRead {
         peer: usize,
@@ -246,6 +261,8 @@ pub struct Engine {
     /// `Tracker::drain_completed`): no secondary is in sync meanwhile.
     awaiting_any: bool,
     unmatched_seen: u64,
+    /// The NBD export, when serving one.
+    export: Option<exports::ExportState>,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -291,12 +308,17 @@ impl Engine {
             .custom_flags(libc::O_DIRECT)
             .open(&config.device)
             .map_err(io_error(format!("opening {} with O_DIRECT", config.device.display())))?;
+        let export = match &config.export {
+            Some(export_config) => Some(start_export(&config, export_config, tracker.device())?),
+            None => None,
+        };
         let buffers = config.buffers;
         let pool = BufferPool::new(usize::from(buffers), config.run_bytes_max)
             .map_err(|e| io_error("allocating the buffer pool")(e.into()))?;
         // A mirror from a database may grow to PEERS_MAX secondaries at run time.
         let peer_slots = if config.mirror.is_some() { PEERS_MAX } else { config.secondaries.len() };
-        let op_slots = usize::from(buffers) * (peer_slots + 1) + 3 * peer_slots + 8;
+        let export_slots = config.export.as_ref().map_or(0, export_slots_max);
+        let op_slots = usize::from(buffers) * (peer_slots + 1) + 3 * peer_slots + 8 + export_slots + 1;
         let ring =
             IoUring::new((op_slots as u32).next_power_of_two()).map_err(io_error("creating the io_uring"))?;
         // SAFETY: the pool outlives the ring (field order above).
@@ -363,7 +385,14 @@ impl Engine {
             started: Instant::now(),
             awaiting_any: false,
             unmatched_seen: 0,
+            export: export.map(|(export, side, device)| {
+                exports::ExportState::new(export, side, device, extents, export_slots)
+            }),
         };
+        if engine.export.is_some() {
+            // The export ships its own writes; the tracker marks them in the intent log only.
+            engine.tracker.exempt_writes_of(std::process::id());
+        }
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
             engine.metrics.set_mirror_state(state_name(db.state));
@@ -464,13 +493,16 @@ impl Engine {
             self.accept_connections();
             self.handle_control();
             self.drain_tracker();
+            self.arm_export_wake(stopping_since.is_some())?;
             if stopping_since.is_none() {
+                self.take_export_requests()?;
                 self.schedule_reads()?;
                 self.schedule_verify()?;
             }
             self.tick_peers();
             self.start_sends()?;
             self.wait_and_reap()?;
+            self.advance_exports();
             self.update_status();
             self.persist_fracture_logs();
             self.advance_points();
@@ -518,7 +550,15 @@ impl Engine {
 
     fn drain_tracker(&mut self) {
         let now_ms = (self.started.elapsed().as_millis() as u64).clamp(1, u64::from(u32::MAX)) as u32;
-        for run in self.tracker.drain_completed() {
+        let runs = match self.export.as_mut() {
+            Some(export) => {
+                let runs = self.tracker.drain_completed_except(&export.mask);
+                export.drained();
+                runs
+            }
+            None => self.tracker.drain_completed(),
+        };
+        for run in runs {
             let run = run.start as usize..run.end as usize;
             for peer in &mut self.peers {
                 for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
@@ -626,7 +666,7 @@ impl Engine {
         for pass_from in [self.cursor as usize, 0] {
             let mut from = pass_from;
             while let Some(candidate) = first_from(from, &self.peers) {
-                if !self.reading[candidate] {
+                if !self.reading[candidate] && !self.export_busy(candidate) {
                     start = Some(candidate);
                     break;
                 }
@@ -642,6 +682,7 @@ impl Engine {
         while end < extents
             && end - start < run_extents_max
             && !self.reading[end]
+            && !self.export_busy(end)
             && eligible.iter().any(|&i| self.peers[i].pending[end])
         {
             end += 1;
@@ -778,6 +819,12 @@ impl Engine {
                     let bytes = &conn.keepalive[*sent..];
                     (opcode::Send::new(fd, bytes.as_ptr(), bytes.len() as u32).build(), None)
                 }
+                Some(&SendJob::Export { slot, frame_bytes, sent, .. }) => {
+                    // Plain send: export frames are mostly a few KiB, where a copy costs less than
+                    // a zero-copy send's page pinning and notification.
+                    let start = self.export.as_ref().expect("an export frame's export").frame_ptr(slot, sent);
+                    (opcode::Send::new(fd, start, (frame_bytes - sent) as u32).build(), None)
+                }
                 Some(SendJob::Extent { buffer, frame_bytes, sent, .. }) => {
                     // SAFETY: the frame starts EXTENT_PREFIX_BYTES before the data, in the prefix.
                     let start =
@@ -874,6 +921,17 @@ impl Engine {
                 self.complete_recv(peer, generation, result);
                 Ok(())
             }
+            Op::Export { slot: export_slot } => {
+                self.free_op(slot);
+                self.complete_export(export_slot, result)
+            }
+            Op::Wake => {
+                self.free_op(slot);
+                if let Some(export) = self.export.as_mut() {
+                    export.wake_armed = false;
+                }
+                Ok(())
+            }
             Op::VerifyRead { peer, generation, buffer, first_extent, count } => {
                 self.free_op(slot);
                 self.complete_verify_read(
@@ -916,18 +974,22 @@ impl Engine {
             live[i] = targets[i].is_some_and(|g| g == peer.generation && peer.conn.is_some());
         }
         let live_count = live.iter().filter(|&&l| l).count();
-        // Targets that disconnected meanwhile get the run back; so do all on a failed read.
+        // Targets that disconnected meanwhile get the run back; so do all on a failed read, and
+        // on a read an export write overtook (its data may be older than the client's).
         let read_ok = result as i64 == len as i64;
+        let usable = read_ok && !self.take_stale(&run);
         for (i, peer) in self.peers.iter_mut().enumerate() {
-            if targets[i].is_some() && (!read_ok || !live[i]) {
+            if targets[i].is_some() && (!usable || !live[i]) {
                 peer.pending[run.start as usize..run.end as usize].fill(true);
             }
-            if !read_ok && live[i] {
+            if !usable && live[i] {
                 peer.conn.as_mut().expect("live targets are connected").backlog_bytes -= len as u64;
             }
         }
-        if !read_ok {
-            tracing::error!(device = %self.config.device.display(), offset, len, result, "read from the primary failed; will retry");
+        if !usable {
+            if !read_ok {
+                tracing::error!(device = %self.config.device.display(), offset, len, result, "read from the primary failed; will retry");
+            }
             self.pool.give_back(buffer);
             return Ok(());
         }
@@ -1003,7 +1065,7 @@ impl Engine {
                 *sent += result as usize;
                 *sent == wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES
             }
-            SendJob::Extent { frame_bytes, sent, .. } => {
+            SendJob::Extent { frame_bytes, sent, .. } | SendJob::Export { frame_bytes, sent, .. } => {
                 *sent += result as usize;
                 *sent == *frame_bytes
             }
@@ -1016,7 +1078,16 @@ impl Engine {
         }
         if finished {
             let job = conn.queue.pop_front().expect("front job");
-            if let SendJob::Extent { buffer, frame_bytes, sequence, .. } = job {
+            if let SendJob::Export { slot, frame_bytes, sequence, .. } = job {
+                if let Some(frame) = conn.inflight.get_mut(&sequence) {
+                    frame.sent_at = Some(Instant::now());
+                    let bytes = frame.bytes;
+                    peer.stats.shipped_bytes += bytes;
+                    peer.metrics.shipped_bytes.inc_by(bytes);
+                }
+                debug_assert!(frame_bytes > wire::HEADER_BYTES);
+                self.export_send_done(slot);
+            } else if let SendJob::Extent { buffer, frame_bytes, sequence, .. } = job {
                 if let Some(frame) = conn.inflight.get_mut(&sequence) {
                     frame.sent_at = Some(Instant::now());
                 }
@@ -1099,8 +1170,10 @@ impl Engine {
         peer.metrics.connected.set(0);
         peer.in_sync = false;
         for job in conn.queue {
-            if let SendJob::Extent { buffer, .. } = job {
-                self.release_buffer(buffer);
+            match job {
+                SendJob::Extent { buffer, .. } => self.release_buffer(buffer),
+                SendJob::Export { slot, .. } => self.export_send_done(slot),
+                _ => {}
             }
         }
         self.fracture(index, reason);
@@ -1133,6 +1206,7 @@ impl Engine {
     /// Nothing in flight and nothing pending for any connected secondary.
     fn quiescent(&self) -> bool {
         self.reads_in_flight == 0
+            && self.export.as_ref().is_none_or(|e| e.idle())
             && self.peers.iter().all(|p| {
                 p.conn.as_ref().is_none_or(|c| c.inflight.is_empty() && c.queue.is_empty() && !c.sending)
                     && (p.conn.is_none() || p.pending.not_any())
@@ -1330,6 +1404,11 @@ impl Engine {
 
     fn shutdown(mut self) -> Result<(), ShipperError> {
         self.stop_connectors.store(true, Ordering::Relaxed);
+        if let Some(export) = &self.export {
+            // Its Wake op completes; requests not taken yet fail back to their clients.
+            export.wake();
+            self.tracker.exempt_writes_of(0);
+        }
         // The last checkpoint, while the connections are still up: a secondary in sync now is
         // recorded as such.
         self.persist_fracture_logs();
@@ -1344,9 +1423,10 @@ impl Engine {
         while self.free_ops.len() < self.ops.len() && Instant::now() < deadline {
             self.wait_and_reap()?;
         }
-        let Engine { ring, pool, tracker, .. } = self;
+        let Engine { ring, pool, tracker, export, .. } = self;
         drop(ring);
         drop(pool);
+        drop(export);
         // The tracker stays pinned and marking: writes made while no primary runs are found by
         // the next one. `replicator untrack` removes it.
         tracing::info!(pin_dir = %tracker.pin_dir().display(), "primary stopped; the tracker stays attached");
@@ -1357,6 +1437,20 @@ impl Engine {
 
 /// The logs: checkpoints, fracture-log persistence, verify, and operator requests.
 impl Engine {
+    /// Whether an export op's primary part on `extent` is in flight (no read may start there).
+    fn export_busy(&self, extent: usize) -> bool {
+        self.export.as_ref().is_some_and(|e| e.busy[extent])
+    }
+
+    /// Whether an export op started on `run` while its read was in flight; clears the mark.
+    fn take_stale(&mut self, run: &Range<u64>) -> bool {
+        let Some(export) = self.export.as_mut() else { return false };
+        let stale = &mut export.stale[run.start as usize..run.end as usize];
+        let any = stale.any();
+        stale.fill(false);
+        any
+    }
+
     /// Whether a read in flight will queue a frame for peer `index`.
     fn reads_target(&self, index: usize) -> bool {
         self.reads_in_flight > 0
@@ -1383,6 +1477,9 @@ impl Engine {
             {
                 out[run.start as usize..run.end as usize].fill(true);
             }
+        }
+        if let Some(export) = &self.export {
+            export.dirty_into(out);
         }
     }
 
@@ -1861,6 +1958,38 @@ fn image_state(peer: &Peer) -> ImageState {
 fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64) -> u64 {
     let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
     peer.pending.count_ones() as u64 * extent_bytes + backlog
+}
+
+/// Slots for export requests in the engine: a write holds a buffer, flushes and TRIMs none.
+fn export_slots_max(config: &crate::export::ExportConfig) -> usize {
+    usize::from(config.buffers) * 2
+}
+
+/// Starts the NBD export of `config.device`, and opens the device for the export's writes:
+/// exclusively, so that nothing mounts it while clients write through us.
+fn start_export(
+    config: &ShipperConfig,
+    export_config: &crate::export::ExportConfig,
+    device: &crate::device::BlockDevice,
+) -> Result<(crate::export::Export, crate::export::EngineSide, File), ShipperError> {
+    let write_fd = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_DIRECT | libc::O_EXCL)
+        .open(&config.device)
+        .map_err(io_error(format!(
+            "opening {} exclusively for the export's writes (is it mounted or open elsewhere?)",
+            config.device.display()
+        )))?;
+    let info = crate::export::ExportInfo {
+        name: config.mirror.as_ref().map_or_else(String::new, |db| db.name.clone()),
+        image_bytes: device.size_bytes(),
+        block_bytes_min: u32::try_from(device.logical_block_bytes).unwrap_or(4096).max(512),
+        block_bytes_max: export_config.block_bytes_max,
+    };
+    let (export, side) = crate::export::Export::start(export_config, &config.device, info)
+        .map_err(|e| ShipperError::Config(e.to_string()))?;
+    Ok((export, side, write_fd))
 }
 
 fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {

@@ -47,6 +47,8 @@ pub enum SendJob {
     Point { sent: usize },
     /// The mirror database, from the connection's `db_frame`.
     Db { sent: usize },
+    /// A client's write (or TRIM / WRITE_ZEROES) through the NBD export, from its export slot.
+    Export { slot: u32, frame_bytes: usize, sent: usize, sequence: u64 },
 }
 
 #[derive(Debug)]
