@@ -54,9 +54,11 @@ pub enum ActivationPolicy {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum WritePolicy {
-    /// Writes complete on the primary and are shipped behind (the tracker path).
+    /// An export write completes once the primary has it; it is shipped behind, as the
+    /// tracker path ships an application's writes.
     Async,
-    /// Writes complete when every SYNCHRONIZED secondary has them (the NBD export, later).
+    /// An export write completes once the primary and every SYNCHRONIZED secondary have it
+    /// durably (`primary --export`).
     Sync,
 }
 

@@ -15,16 +15,37 @@ fn socket(lab: &Lab) -> PathBuf {
     lab.dir.join("nbd.sock")
 }
 
-/// `qemu-io` against the export with `commands` (each a `-c` argument); returns its output.
+/// `qemu-io` against the export with `commands` (each a `-c` argument); returns what it
+/// printed, stdout and stderr, as `Ok` if it exited with success.
 fn qemu_io(lab: &Lab, commands: &[String]) -> Result<String, String> {
-    let uri = format!("nbd+unix:///?socket={}", socket(lab).display());
-    let mut args = vec!["-f".to_owned(), "raw".to_owned()];
-    for command in commands {
-        args.extend(["-c".to_owned(), command.clone()]);
+    qemu_io_at(&socket(lab), commands)
+}
+
+fn qemu_io_at(socket: &std::path::Path, commands: &[String]) -> Result<String, String> {
+    let mut command = std::process::Command::new("qemu-io");
+    command.args(["-f", "raw"]);
+    for c in commands {
+        command.arg("-c").arg(c);
     }
-    args.push(uri);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    run_command("qemu-io", &args).map_err(|e| e.to_string())
+    command.arg(format!("nbd+unix:///?socket={}", socket.display()));
+    let output = command.output().map_err(|e| format!("running qemu-io (is qemu-utils installed?): {e}"))?;
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    if output.status.success() { Ok(text) } else { Err(text) }
+}
+
+/// Polls the primary's status until `check` holds (20 s at most).
+fn until(lab: &Lab, what: &str, check: impl Fn(&serde_json::Value) -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !lab.status().is_some_and(|s| check(&s)) {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {:?}\n{}",
+            lab.status(),
+            lab.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn wait_for_socket(lab: &Lab) {
@@ -99,4 +120,308 @@ fn sync_writes_are_on_every_secondary_when_acknowledged() {
     eprintln!(
         "{written} bytes written through the export, {written} shipped to each secondary; images equal"
     );
+}
+
+/// TRIM, WRITE_ZEROES and FLUSH through the export: every image reads zeroes over the range
+/// when the reply comes, and the images stay equal.
+#[test]
+fn trim_and_write_zeroes_reach_every_image() {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdzero", 1, DEVICE_BYTES).expect("lab");
+    lab.start_secondary(0, &[]).expect("s0");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", &export, "--write-policy", "sync"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    qemu_io(&lab, &["write -P 0x5a 0 8M".to_owned(), "flush".to_owned()])
+        .unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+    for (command, offset, len) in [("discard", MIB, 2 * MIB), ("write -z", 5 * MIB, 512 * KIB)] {
+        let out = qemu_io(&lab, &[format!("{command} {offset} {len}")])
+            .unwrap_or_else(|e| panic!("qemu-io {command}: {e}\n{}", lab.logs()));
+        assert!(!out.contains("failed"), "{command}: {out}");
+        for device in std::iter::once(&lab.primary_device).chain(&lab.secondary_devices) {
+            let bytes = read_range_direct(&device.path, offset, len as usize).expect("reading an image");
+            assert!(
+                bytes.iter().all(|&b| b == 0),
+                "{} does not read zeroes after {command}\n{}",
+                device.path.display(),
+                lab.logs()
+            );
+        }
+    }
+    let out = qemu_io(
+        &lab,
+        &["read -P 0x5a 0 1M".to_owned(), "read -P 0 1M 2M".to_owned(), "read -P 0x5a 3M 2M".to_owned()],
+    )
+    .unwrap_or_else(|e| panic!("qemu-io read: {e}\n{}", lab.logs()));
+    assert!(!out.contains("verification failed"), "{out}");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// A `qemu-io` run of `count` 64 KiB patterned writes, one every 128 KiB from `first_offset`.
+fn write_stream(
+    lab: &Lab,
+    first_offset: u64,
+    count: u64,
+    pattern: u8,
+) -> std::thread::JoinHandle<Result<String, String>> {
+    let commands: Vec<String> =
+        (0..count).map(|i| format!("write -P {pattern:#x} {} 64k", first_offset + i * 128 * KIB)).collect();
+    let socket = socket(lab);
+    std::thread::spawn(move || qemu_io_at(&socket, &commands))
+}
+
+fn peer_status(lab: &Lab, name: &str) -> serde_json::Value {
+    let status = lab.status().expect("status");
+    status["secondaries"]
+        .as_array()
+        .and_then(|a| a.iter().find(|p| p["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
+/// Test 2: a secondary killed during a stream of sync writes. With minimum images 1 every
+/// write is still acknowledged; the dead secondary is fractured, and when it returns it gets
+/// only the extents in its fracture log.
+#[test]
+fn a_secondary_killed_during_sync_writes_resyncs_from_its_fracture_log() {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdkill", 2, DEVICE_BYTES).expect("lab");
+    let s0 = lab.start_secondary(0, &[]).expect("s0");
+    lab.start_secondary(1, &[]).expect("s1");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", &export, "--write-policy", "sync", "--minimum-images", "1"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+
+    const WRITES: u64 = 240;
+    let stream = write_stream(&lab, 0, WRITES, 0xc3);
+    std::thread::sleep(Duration::from_millis(300));
+    lab.processes[s0].kill();
+    let out =
+        stream.join().expect("qemu-io thread").unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "a write failed with minimum images 1:\n{out}\n{}", lab.logs());
+    assert_eq!(out.matches("wrote 65536/65536 bytes").count() as u64, WRITES, "{out}");
+    until(&lab, "the killed secondary fractured", |_| peer_status(&lab, "s0")["fractured"] == true);
+
+    let written_bytes = WRITES * 64 * KIB;
+    lab.start_secondary(0, &[]).expect("s0 again");
+    let status =
+        lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let s0_status =
+        status["secondaries"].as_array().unwrap().iter().find(|p| p["name"] == "s0").unwrap().clone();
+    let resync = s0_status["resync_bytes"].as_u64().unwrap_or(u64::MAX);
+    eprintln!("stream of {written_bytes} bytes; s0 killed during it resynced {resync} bytes");
+    assert!(
+        resync <= written_bytes,
+        "resync shipped {resync} bytes, more than the {written_bytes} bytes written"
+    );
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// Test 3: minimum images not met. A sync mirror of two images loses its secondary: writes
+/// fail with EIO and change no image, the mirror goes to ATTENTION; once the secondary is back
+/// and synchronized, writes succeed again.
+#[test]
+fn writes_fail_when_minimum_images_are_not_met() {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdmin", 1, DEVICE_BYTES).expect("lab");
+    let s0 = lab.start_secondary(0, &[]).expect("s0");
+    let (device, state) =
+        (lab.primary_device.path.display().to_string(), lab.state_dir("p").display().to_string());
+    run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "create",
+            "vol1",
+            "--device",
+            &device,
+            "--state-dir",
+            &state,
+            "--image-name",
+            "p",
+            "--minimum-images",
+            "2",
+            "--write-policy",
+            "sync",
+        ],
+    )
+    .expect("create");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let fast: Vec<&str> = FAST.iter().copied().filter(|a| *a != "--skip-initial-sync").collect();
+    let mut args = vec!["--export", export.as_str()];
+    args.extend(fast);
+    lab.start_primary_from_db(&args).expect("primary");
+    wait_for_socket(&lab);
+    lab.operate(&["add-secondary", &format!("s0={}", lab.secondary_addrs[0])]).expect("add-secondary");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let out =
+        qemu_io(&lab, &["write -P 0x77 0 64k".to_owned()]).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "{out}");
+
+    lab.processes[s0].kill();
+    until(&lab, "the mirror in ATTENTION", |s| s["mirror"]["state"] == "ATTENTION");
+    let before = lab.hashes().expect("hashing");
+    let out = qemu_io(&lab, &["write -P 0x99 1M 64k".to_owned()])
+        .expect_err("a write with too few images must fail");
+    assert!(out.contains("Input/output error"), "a write with too few images must fail with EIO:\n{out}");
+    assert_eq!(lab.hashes().expect("hashing"), before, "a refused write changed an image");
+    assert!(lab.logs().contains("the mirror's minimum is 2"), "{}", lab.logs());
+
+    lab.start_secondary(0, &[]).expect("s0 again");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, "the mirror ACTIVE again", |s| s["mirror"]["state"] == "ACTIVE");
+    let out =
+        qemu_io(&lab, &["write -P 0x99 1M 64k".to_owned()]).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "{out}");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// The async policy: writes are acknowledged after the primary's, shipped behind as whole
+/// extents, each extent once.
+#[test]
+fn async_writes_are_shipped_behind_once() {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdasync", 1, DEVICE_BYTES).expect("lab");
+    lab.start_secondary(0, &[]).expect("s0");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", &export, "--write-policy", "async"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    let before = shipped_bytes(&lab)[0];
+    const WRITES: u64 = 100;
+    let out = write_stream(&lab, 0, WRITES, 0x3c)
+        .join()
+        .expect("qemu-io")
+        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "{out}");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    std::thread::sleep(Duration::from_millis(1500));
+    let shipped = shipped_bytes(&lab)[0] - before;
+    assert_eq!(shipped, WRITES * 64 * KIB, "each written extent crosses the wire once\n{}", lab.logs());
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// A raw NBD client: the fixed-newstyle handshake up to `NBD_OPT_GO` on export "", so a test
+/// can then send what it likes.
+fn raw_client(lab: &Lab) -> std::os::unix::net::UnixStream {
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::os::unix::net::UnixStream::connect(socket(lab)).expect("connecting to the export");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut greeting = [0u8; 18];
+    stream.read_exact(&mut greeting).expect("greeting");
+    assert_eq!(&greeting[..8], b"NBDMAGIC");
+    stream.write_all(&3u32.to_be_bytes()).expect("client flags");
+    let mut go = b"IHAVEOPT".to_vec();
+    go.extend_from_slice(&7u32.to_be_bytes());
+    go.extend_from_slice(&6u32.to_be_bytes());
+    go.extend_from_slice(&0u32.to_be_bytes());
+    go.extend_from_slice(&0u16.to_be_bytes());
+    stream.write_all(&go).expect("NBD_OPT_GO");
+    loop {
+        let mut head = [0u8; 20];
+        stream.read_exact(&mut head).expect("option reply");
+        let len = u32::from_be_bytes(head[16..20].try_into().unwrap()) as usize;
+        let mut data = vec![0u8; len];
+        stream.read_exact(&mut data).expect("option reply data");
+        if u32::from_be_bytes(head[12..16].try_into().unwrap()) == 1 {
+            return stream;
+        }
+    }
+}
+
+fn request(command: u16, offset: u64, len: u32) -> Vec<u8> {
+    let mut r = 0x2560_9513u32.to_be_bytes().to_vec();
+    r.extend_from_slice(&0u16.to_be_bytes());
+    r.extend_from_slice(&command.to_be_bytes());
+    r.extend_from_slice(&42u64.to_be_bytes());
+    r.extend_from_slice(&offset.to_be_bytes());
+    r.extend_from_slice(&len.to_be_bytes());
+    r
+}
+
+/// Whether the server closed the connection (reads end) rather than answering.
+fn closed_by_server(stream: &mut std::os::unix::net::UnixStream) -> bool {
+    use std::io::Read as _;
+    let mut byte = [0u8; 1];
+    matches!(stream.read(&mut byte), Ok(0) | Err(_))
+}
+
+/// Test 4: malformed clients (bad magic in the handshake and in a request, an oversize write,
+/// an offset past the end) are disconnected with a log line; no image changes, and the export
+/// goes on serving a well-behaved client.
+#[test]
+fn malformed_nbd_clients_are_disconnected() {
+    use std::io::Write as _;
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdbad", 1, DEVICE_BYTES).expect("lab");
+    lab.start_secondary(0, &[]).expect("s0");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", &export, "--write-policy", "sync"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    let before = lab.hashes().expect("hashing");
+
+    // Bad magic in the option phase.
+    let mut stream = std::os::unix::net::UnixStream::connect(socket(&lab)).expect("connect");
+    stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let mut greeting = [0u8; 18];
+    std::io::Read::read_exact(&mut stream, &mut greeting).expect("greeting");
+    stream.write_all(&3u32.to_be_bytes()).expect("flags");
+    stream.write_all(b"NOTANOPT\0\0\0\x07\0\0\0\0").expect("bad option");
+    assert!(closed_by_server(&mut stream), "a bad option magic must end the connection");
+
+    let payload = vec![0xeeu8; 4096];
+    let cases: [(&str, Vec<u8>); 4] = [
+        ("bad request magic", {
+            let mut r = request(1, 0, 4096);
+            r[0] ^= 0xff;
+            r.extend_from_slice(&payload);
+            r
+        }),
+        ("oversize write", {
+            let mut r = request(1, 0, 64 << 20);
+            r.extend_from_slice(&payload);
+            r
+        }),
+        ("write past the end", {
+            let mut r = request(1, DEVICE_BYTES, 4096);
+            r.extend_from_slice(&payload);
+            r
+        }),
+        ("read past the end", request(0, DEVICE_BYTES - 512, 4096)),
+    ];
+    for (what, bytes) in cases {
+        let mut stream = raw_client(&lab);
+        stream.write_all(&bytes).expect("sending the request");
+        assert!(closed_by_server(&mut stream), "{what}: the export must disconnect the client");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let logs = lab.logs();
+    for reason in ["bad magic", "over the export's maximum", "outside the"] {
+        assert!(logs.contains(reason), "no log line with {reason:?}:\n{logs}");
+    }
+    assert_eq!(lab.hashes().expect("hashing"), before, "a malformed client changed an image");
+
+    let out = qemu_io(&lab, &["write -P 0x42 0 4k".to_owned(), "read -P 0x42 0 4k".to_owned()])
+        .unwrap_or_else(|e| {
+            panic!("the export stopped serving after malformed clients: {e}\n{}", lab.logs())
+        });
+    assert!(!out.contains("failed"), "{out}");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
