@@ -2,6 +2,7 @@
 //! baseline in the same run, alternating rounds so drift in the machine hits both sides alike,
 //! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
 
+mod export_latency;
 mod fio;
 mod lag;
 mod report;
@@ -18,7 +19,7 @@ use clap::Parser;
 #[command(about = "replicator benchmarks; each scenario runs with its baseline")]
 struct Args {
     /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput, resync, lag,
-    /// verify.
+    /// verify, export-latency.
     scenarios: Vec<String>,
     /// Seconds per fio round.
     #[arg(long, default_value_t = 8)]
@@ -31,7 +32,8 @@ struct Args {
     out_dir: PathBuf,
 }
 
-const SCENARIOS: [&str; 5] = ["tracker-overhead", "ship-throughput", "resync", "lag", "verify"];
+const SCENARIOS: [&str; 6] =
+    ["tracker-overhead", "ship-throughput", "resync", "lag", "verify", "export-latency"];
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -56,6 +58,7 @@ fn main() -> anyhow::Result<()> {
             "resync" => resync::run(binary.as_deref().expect("resolved above"))?,
             "lag" => lag::run(binary.as_deref().expect("resolved above"))?,
             "verify" => resync::run_verify(binary.as_deref().expect("resolved above"))?,
+            "export-latency" => export_latency::run(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);

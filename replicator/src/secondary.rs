@@ -347,7 +347,7 @@ impl<'a> Session<'a> {
         device: &'a str,
     ) -> std::io::Result<Self> {
         let depth = config.queue_depth;
-        let ring = IoUring::new(u32::from(depth).next_power_of_two() * 2)?;
+        let ring = crate::pool::new_ring(u32::from(depth).next_power_of_two() * 2)?;
         let pool =
             BufferPool::new(usize::from(depth), config.frame_data_bytes_max).map_err(std::io::Error::from)?;
         // SAFETY: the pool outlives the ring: `ring` is declared before `pool` in Session and so

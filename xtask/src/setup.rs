@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: LLVM 22 for bpf-linker; the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 12] = [
+const PACKAGES: [&str; 14] = [
     "llvm-22-dev",
     "fio",
     "e2fsprogs",
@@ -20,6 +20,9 @@ const PACKAGES: [&str; 12] = [
     "rsync",
     "netcat-openbsd",
     "prometheus",
+    // qemu-io drives the NBD export in the tests; ping measures the round trip in its benchmark.
+    "qemu-utils",
+    "iputils-ping",
 ];
 
 const NIGHTLY: &str = "nightly";

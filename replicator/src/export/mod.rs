@@ -4,8 +4,10 @@
 //! secondary before the client gets its reply. Reads are served here, from the primary image.
 //!
 //! Threads: an acceptor; per connection a reader (decodes requests, receives a write's data
-//! into an export buffer, hands the request to the engine, serves reads) and a replier (the
-//! connection's only writer: replies go out as they complete, in completion order).
+//! into an export buffer, hands the request to the engine, serves reads) and a replier thread.
+//! Replies go out as they complete, in completion order, each whole: the engine writes a
+//! write's 16-byte reply itself when the socket takes it at once and nothing is queued before
+//! it (a thread hop less on the latency path); everything else goes through the replier thread.
 //!
 //! Buffers: `buffers` of `block_bytes_max` each (plus a prefix page for the wire frame's
 //! header, as in `pool`), mapped at start and shared by all connections through a bounded free
@@ -39,6 +41,8 @@ pub const BUFFERS_DEFAULT: u16 = 32;
 pub const BLOCK_BYTES_MAX_DEFAULT: u32 = 1 << 20;
 /// Most client connections at once.
 pub const CONNECTIONS_MAX: usize = 16;
+/// Bytes a connection's reader takes from the socket at once.
+const READ_AHEAD_BYTES: usize = 256 * 1024;
 /// How often the acceptor checks the stop flag.
 const ACCEPT_POLL_MS: u64 = 50;
 
@@ -150,17 +154,67 @@ pub struct ExportRequest {
     pub cookie: u64,
     /// A write's data, `len_bytes` of it.
     pub buffer: Option<ExportBuffer>,
-    /// Where the reply goes (the connection's replier).
-    pub reply: Sender<Reply>,
+    /// Where the reply goes.
+    pub reply: Arc<Replier>,
 }
 
-/// A reply for the replier to send.
-pub struct Reply {
-    pub cookie: u64,
-    /// 0, or an NBD error number.
-    pub error: u32,
-    /// A read's data: the buffer and how many bytes of it.
-    pub data: Option<(ExportBuffer, usize)>,
+/// A connection's write side: the replies, each written whole, never interleaved.
+pub struct Replier {
+    side: Arc<WriteSide>,
+    /// To the replier thread, which ends when the last `Replier` is dropped.
+    queue: Sender<Reply>,
+}
+
+/// What the replier thread shares with the engine's direct writes.
+struct WriteSide {
+    /// Held while a reply is written.
+    writer: Mutex<Stream>,
+    /// Replies queued and not yet written (decremented under `writer`): a direct write happens
+    /// only when it is zero, so a queued reply is never overtaken or interleaved.
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+impl Replier {
+    /// Sends a reply without data: at once if the socket takes all 16 bytes without blocking
+    /// and nothing is queued, else through the replier thread.
+    pub fn reply(&self, cookie: u64, error: u32) {
+        let header = nbd::encode_reply(cookie, error);
+        if let Ok(writer) = self.side.writer.try_lock()
+            && self.side.queued.load(Ordering::Acquire) == 0
+        {
+            match writer.send_nonblocking(&header) {
+                Ok(n) if n == header.len() => return,
+                Ok(0) | Err(_) => {}
+                Ok(n) => {
+                    // Rare: the socket took part of it; the rest goes next, through the queue
+                    // (queued while the lock is held, so no direct write comes between).
+                    self.enqueue(Reply::Raw { bytes: header, from: n });
+                    return;
+                }
+            }
+        }
+        self.enqueue(Reply::Done { cookie, error, data: None });
+    }
+
+    /// Never blocks: a slow client holds up its replier thread only.
+    fn enqueue(&self, reply: Reply) {
+        self.side.queued.fetch_add(1, Ordering::AcqRel);
+        if self.queue.send(reply).is_err() {
+            self.side.queued.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// A reply for the replier thread to send.
+pub enum Reply {
+    Done {
+        cookie: u64,
+        error: u32,
+        /// A read's data: the buffer and how many bytes of it.
+        data: Option<(ExportBuffer, usize)>,
+    },
+    /// The rest of a reply the engine began to write.
+    Raw { bytes: [u8; nbd::REPLY_BYTES], from: usize },
 }
 
 /// The engine's end of an export: requests arrive on `requests`; `wake` is signalled after
@@ -174,7 +228,8 @@ pub struct EngineSide {
 /// A running export: its acceptor thread and connections, stopped on drop.
 pub struct Export {
     stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<Stream>>>,
+    /// Every open connection, by id, so that a stop can shut them down.
+    streams: Arc<Mutex<Vec<(u64, Stream)>>>,
     acceptor: Option<std::thread::JoinHandle<()>>,
     target: ExportTarget,
 }
@@ -189,7 +244,8 @@ struct Shared {
     free_tx: Sender<ExportBuffer>,
     free_rx: Arc<Mutex<Receiver<ExportBuffer>>>,
     stop: Arc<AtomicBool>,
-    streams: Arc<Mutex<Vec<Stream>>>,
+    /// Every open connection, by id, so that a stop can shut them down.
+    streams: Arc<Mutex<Vec<(u64, Stream)>>>,
 }
 
 /// A client connection, TCP or unix.
@@ -211,6 +267,20 @@ impl Stream {
             Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
+    }
+
+    /// One `send` with `MSG_DONTWAIT`: never blocks, may take part of `bytes`.
+    fn send_nonblocking(&self, bytes: &[u8]) -> std::io::Result<usize> {
+        use std::os::fd::AsRawFd as _;
+        let fd = match self {
+            Self::Tcp(s) => s.as_raw_fd(),
+            Self::Unix(s) => s.as_raw_fd(),
+        };
+        // SAFETY: a valid socket and a readable buffer of bytes.len() bytes.
+        let sent = unsafe {
+            libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+        };
+        if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(sent as usize) }
     }
 
     fn peer(&self) -> String {
@@ -325,7 +395,7 @@ impl Export {
 impl Drop for Export {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        for stream in self.streams.lock().expect("streams lock").drain(..) {
+        for (_, stream) in self.streams.lock().expect("streams lock").drain(..) {
             stream.shutdown();
         }
         if let Some(acceptor) = self.acceptor.take() {
@@ -338,7 +408,9 @@ impl Drop for Export {
 }
 
 fn accept(listener: Listener, shared: Shared) {
+    let mut id = 0u64;
     while !shared.stop.load(Ordering::Relaxed) {
+        id += 1;
         let accepted = match &listener {
             Listener::Tcp(l) => l.accept().map(|(s, _)| {
                 let _ = s.set_nodelay(true);
@@ -370,7 +442,7 @@ fn accept(listener: Listener, shared: Shared) {
                 continue;
             }
             match stream.try_clone() {
-                Ok(clone) => streams.push(clone),
+                Ok(clone) => streams.push((id, clone)),
                 Err(error) => {
                     tracing::warn!(client = %peer, %error, "export: cloning the connection failed");
                     continue;
@@ -378,9 +450,10 @@ fn accept(listener: Listener, shared: Shared) {
             }
         }
         let shared = shared.clone();
-        let spawned = std::thread::Builder::new()
-            .name("export-conn".into())
-            .spawn(move || serve_connection(stream, &peer, &shared));
+        let spawned = std::thread::Builder::new().name("export-conn".into()).spawn(move || {
+            serve_connection(stream, &peer, &shared);
+            shared.streams.lock().expect("streams lock").retain(|(i, _)| *i != id);
+        });
         if let Err(error) = spawned {
             tracing::warn!(%error, "export: starting a connection thread failed");
         }
@@ -403,16 +476,22 @@ enum ConnectionEnd {
 fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
     let outcome = nbd::handshake(&mut stream, &shared.info).map_err(ConnectionEnd::from).and_then(|()| {
         tracing::info!(client = %peer, "export: client connected");
-        let writer = stream.try_clone()?;
-        let (reply_tx, reply_rx) = std::sync::mpsc::channel();
+        let (queue, replies) = std::sync::mpsc::channel();
+        let side = Arc::new(WriteSide {
+            writer: Mutex::new(stream.try_clone()?),
+            queued: std::sync::atomic::AtomicUsize::new(0),
+        });
+        let replier = Arc::new(Replier { side: Arc::clone(&side), queue });
         let free = shared.free_tx.clone();
-        let replier = std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("export-reply".into())
-            .spawn(move || send_replies(writer, reply_rx, free))?;
-        let outcome = read_requests(&mut stream, shared, &reply_tx);
+            .spawn(move || send_replies(&side, replies, free))?;
+        let mut reader = std::io::BufReader::with_capacity(READ_AHEAD_BYTES, stream.try_clone()?);
+        let outcome = read_requests(&mut reader, shared, &replier);
         stream.shutdown();
-        drop(reply_tx);
-        let _ = replier.join();
+        // The replier thread ends once the engine has dropped this connection's last request.
+        drop(replier);
+        let _ = thread.join();
         outcome
     });
     match outcome {
@@ -427,8 +506,13 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
     stream.shutdown();
 }
 
-/// The reader: decodes requests until the client disconnects or breaks the protocol.
-fn read_requests(stream: &mut Stream, shared: &Shared, reply: &Sender<Reply>) -> Result<(), ConnectionEnd> {
+/// The reader: decodes requests until the client disconnects or breaks the protocol. Reads
+/// through a buffer, so that a client with many requests in flight costs fewer syscalls.
+fn read_requests(
+    stream: &mut std::io::BufReader<Stream>,
+    shared: &Shared,
+    reply: &Arc<Replier>,
+) -> Result<(), ConnectionEnd> {
     loop {
         let mut header = [0u8; nbd::REQUEST_BYTES];
         stream.read_exact(&mut header)?;
@@ -447,23 +531,23 @@ fn read_requests(stream: &mut Stream, shared: &Shared, reply: &Sender<Reply>) ->
                     Some(Err(error)) => (error, None),
                     None => (error, None),
                 };
-                send_reply(reply, Reply { cookie: request.cookie, error, data })?;
+                send_reply(reply, Reply::Done { cookie: request.cookie, error, data });
             }
             Command::Write => {
                 let mut buffer = take_buffer(shared)?;
                 stream.read_exact(buffer.data_mut(request.len_bytes as usize))?;
                 if !aligned {
                     shared.free_tx.send(buffer).map_err(|_| ConnectionEnd::Stopping)?;
-                    send_reply(reply, Reply { cookie: request.cookie, error: nbd::EINVAL, data: None })?;
+                    send_reply(reply, Reply::Done { cookie: request.cookie, error: nbd::EINVAL, data: None });
                     continue;
                 }
                 submit(shared, &request, Some(buffer), reply)?;
             }
-            Command::Cache => send_reply(reply, Reply { cookie: request.cookie, error: 0, data: None })?,
+            Command::Cache => send_reply(reply, Reply::Done { cookie: request.cookie, error: 0, data: None }),
             Command::Flush | Command::Trim | Command::WriteZeroes => {
                 if !aligned || (request.command != Command::Flush && request.len_bytes == 0) {
                     let error = if aligned { 0 } else { nbd::EINVAL };
-                    send_reply(reply, Reply { cookie: request.cookie, error, data: None })?;
+                    send_reply(reply, Reply::Done { cookie: request.cookie, error, data: None });
                     continue;
                 }
                 submit(shared, &request, None, reply)?;
@@ -472,8 +556,8 @@ fn read_requests(stream: &mut Stream, shared: &Shared, reply: &Sender<Reply>) ->
     }
 }
 
-fn send_reply(reply: &Sender<Reply>, message: Reply) -> Result<(), ConnectionEnd> {
-    reply.send(message).map_err(|_| ConnectionEnd::Stopping)
+fn send_reply(reply: &Replier, message: Reply) {
+    reply.enqueue(message);
 }
 
 /// A free buffer, waiting for one if all are in flight (the bound on requests in flight).
@@ -511,7 +595,7 @@ fn submit(
     shared: &Shared,
     request: &nbd::Request,
     buffer: Option<ExportBuffer>,
-    reply: &Sender<Reply>,
+    reply: &Arc<Replier>,
 ) -> Result<(), ConnectionEnd> {
     let request = ExportRequest {
         command: request.command,
@@ -520,29 +604,39 @@ fn submit(
         len_bytes: request.len_bytes,
         cookie: request.cookie,
         buffer,
-        reply: reply.clone(),
+        reply: Arc::clone(reply),
     };
     shared.requests.send(request).map_err(|_| ConnectionEnd::Stopping)?;
     shared.wake.write(1).map_err(|e| ConnectionEnd::Io(e.into()))?;
     Ok(())
 }
 
-/// The replier: the connection's only writer. Read buffers go back to the free list.
-fn send_replies(mut stream: Stream, replies: Receiver<Reply>, free: Sender<ExportBuffer>) {
+/// The replier thread: writes the queued replies, blocking as a slow client needs. Read buffers
+/// go back to the free list. Ends when every holder of the connection's `Replier` is gone.
+fn send_replies(side: &WriteSide, replies: Receiver<Reply>, free: Sender<ExportBuffer>) {
+    let mut broken = false;
     for reply in replies {
-        let header = nbd::encode_reply(reply.cookie, reply.error);
-        let sent = match &reply.data {
-            Some((buffer, len)) => {
-                stream.write_all(&header).and_then(|()| stream.write_all(buffer.data(*len)))
+        let mut writer = side.writer.lock().expect("replier lock");
+        let stream = &mut *writer;
+        let sent = match &reply {
+            Reply::Done { cookie, error, data } => {
+                let header = nbd::encode_reply(*cookie, *error);
+                stream.write_all(&header).and_then(|()| match data {
+                    Some((buffer, len)) => stream.write_all(buffer.data(*len)),
+                    None => Ok(()),
+                })
             }
-            None => stream.write_all(&header),
+            Reply::Raw { bytes, from } => stream.write_all(&bytes[*from..]),
         };
-        if let Some((buffer, _)) = reply.data {
-            let _ = free.send(buffer);
-        }
-        if sent.is_err() {
+        if sent.is_err() && !broken {
+            // The client is gone; keep draining so buffers go back and nobody blocks.
             stream.shutdown();
-            // Keep draining so the engine's replies never block; buffers still go back.
+            broken = true;
+        }
+        side.queued.fetch_sub(1, Ordering::AcqRel);
+        drop(writer);
+        if let Reply::Done { data: Some((buffer, _)), .. } = reply {
+            let _ = free.send(buffer);
         }
     }
 }

@@ -31,7 +31,7 @@ use io_uring::{opcode, types};
 use super::peer::{InFlight, SendJob};
 use super::{Engine, Op, PEERS_MAX, ShipperError};
 use crate::export::nbd::{self, Command};
-use crate::export::{EngineSide, Export, ExportRequest, Reply};
+use crate::export::{EngineSide, Export, ExportRequest};
 use crate::mirror::WritePolicy;
 use crate::wire;
 
@@ -271,7 +271,7 @@ impl Engine {
             export.refused_logged = Some(Instant::now());
         }
         self.metrics.export_errors.inc();
-        let _ = request.reply.send(Reply { cookie: request.cookie, error: nbd::EIO, data: None });
+        request.reply.reply(request.cookie, nbd::EIO);
         if let Some(buffer) = request.buffer {
             let _ = export.side.free.send(buffer);
         }
@@ -447,7 +447,7 @@ impl Engine {
         } else if !is_flush {
             self.metrics.export_bytes.inc_by(u64::from(data.request.len_bytes));
         }
-        let _ = data.request.reply.send(Reply { cookie: data.request.cookie, error, data: None });
+        data.request.reply.reply(data.request.cookie, error);
         data.replied = true;
         self.release_export_slot(slot);
     }

@@ -16,6 +16,9 @@ use bitvec::prelude::*;
 
 use crate::wire::{self, Limits, Message};
 
+/// Most export frames one sendmsg carries.
+pub const EXPORT_IOVECS_MAX: usize = 16;
+
 /// Bytes of the receive buffer for acks and keepalives.
 pub const RECV_BYTES: usize = 64 * 1024;
 
@@ -111,6 +114,9 @@ pub struct Conn {
     pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
     pub last_sent: Instant,
+    /// The iovecs and header of the export frames' sendmsg in flight (fixed addresses).
+    pub export_iovecs: Box<[libc::iovec; EXPORT_IOVECS_MAX]>,
+    pub export_msg: Box<libc::msghdr>,
 }
 
 impl Conn {
@@ -132,6 +138,11 @@ impl Conn {
             db_sequence: None,
             last_heard: Instant::now(),
             last_sent: Instant::now(),
+            export_iovecs: Box::new(
+                [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; EXPORT_IOVECS_MAX],
+            ),
+            // SAFETY: a zeroed msghdr is a valid empty one.
+            export_msg: Box::new(unsafe { std::mem::zeroed() }),
         }
     }
 

@@ -122,6 +122,10 @@ pub struct TrackerCounters {
 /// How long a queued write may wait for its traced completion before it is reported anyway.
 pub const UNMATCHED_AFTER: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// How often a drain reads the programs' recursion misses (a syscall per program); every
+/// checkpoint reads them too.
+const MISSES_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Tracker {
     device: BlockDevice,
     geometry: ExtentGeometry,
@@ -149,6 +153,8 @@ pub struct Tracker {
     recursion_misses: u64,
     /// Set once reading them failed (said once in the log).
     misses_unreadable: bool,
+    /// When the programs' recursion misses were last read.
+    misses_checked: std::time::Instant,
 }
 
 impl Tracker {
@@ -257,6 +263,7 @@ impl Tracker {
             programs,
             recursion_misses: 0,
             misses_unreadable: false,
+            misses_checked: std::time::Instant::now(),
         })
     }
 
@@ -344,6 +351,7 @@ impl Tracker {
     /// Reports every queued write whose completion has not been drained as completed: for a
     /// last drain, when nothing is being written any more.
     pub fn drain_unmatched(&mut self) -> Runs<'_> {
+        self.check_recursion_misses();
         self.pump_wide_ranges();
         self.queued.take_into(&mut self.awaiting);
         self.drained.fill(false);
@@ -401,6 +409,7 @@ impl Tracker {
 
     /// Copies the intent bitmap into `out` (which it clears first), leaving the map unchanged.
     pub fn intent_into(&mut self, out: &mut BitVec<u64, Lsb0>) {
+        self.check_recursion_misses();
         self.pump_wide_ranges();
         out.clear();
         out.resize(self.geometry.extent_count() as usize, false);
@@ -474,7 +483,11 @@ impl Tracker {
                 _ => self.completed.set_span(span),
             }
         }
-        self.check_recursion_misses();
+        // A syscall per program: at most every MISSES_CHECK_INTERVAL while draining, and at every
+        // checkpoint (`intent_into`), before any extent may leave the intent log.
+        if self.misses_checked.elapsed() >= MISSES_CHECK_INTERVAL {
+            self.check_recursion_misses();
+        }
         let lost = self.flags.words()[FLAGS_WORD_LOST as usize].swap(0, std::sync::atomic::Ordering::AcqRel);
         if lost & FLAG_INTENT_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
@@ -493,6 +506,7 @@ impl Tracker {
     /// last check (a mark that may never have been set).
     fn check_recursion_misses(&mut self) {
         use std::os::fd::AsFd as _;
+        self.misses_checked = std::time::Instant::now();
         let mut total = 0;
         for program in &self.programs {
             match misses::recursion_misses(program.as_fd()) {
