@@ -312,6 +312,9 @@ struct Session<'a> {
     /// Completions copied out of the ring; reused, capacity = queue depth + 1.
     completions: Vec<(u64, i32)>,
     next_ack_sequence: u64,
+    /// Acks of completed writes not sent yet, and the scratch frame they are encoded in.
+    acks: Vec<u8>,
+    ack_frame: Vec<u8>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -370,6 +373,8 @@ impl<'a> Session<'a> {
             writes: vec![None; usize::from(depth)],
             completions: Vec::with_capacity(usize::from(depth) + 1),
             next_ack_sequence: 0,
+            acks: Vec::with_capacity(usize::from(depth) * (wire::HEADER_BYTES + 16)),
+            ack_frame: Vec::with_capacity(wire::HEADER_BYTES + 16),
         })
     }
 
@@ -389,6 +394,7 @@ impl<'a> Session<'a> {
             if !self.recv_in_flight && self.waiting.is_none() {
                 self.submit_recv(stream)?;
             }
+            self.flush_acks(stream)?;
             let wait = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&wait);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -462,7 +468,7 @@ impl<'a> Session<'a> {
                     }
                 }
             } else {
-                self.complete_write(user_data as u16, result, stream, stats)?;
+                self.complete_write(user_data as u16, result, stats)?;
             }
         }
         Ok(received)
@@ -508,6 +514,7 @@ impl<'a> Session<'a> {
                 let payload = &self.small[..header.payload_bytes as usize];
                 match wire::decode_payload(&self.header_bytes, &header, payload, &self.limits)? {
                     Message::Keepalive => {
+                        self.flush_acks(stream)?;
                         wire::write_frame(stream, &Message::Keepalive, self.next_ack_sequence)?;
                         self.next_ack_sequence += 1;
                         Ok(())
@@ -522,11 +529,13 @@ impl<'a> Session<'a> {
                         let reconciled =
                             failback::reconcile(self.state_dir, self.device_path, envelope, local)
                                 .map_err(SessionEnd::Refused)?;
+                        self.flush_acks(stream)?;
                         self.next_ack_sequence =
                             send_divergent(stream, &reconciled.divergent, self.next_ack_sequence)?;
                         store_mirror_db(self.state_dir, &reconciled)?;
                         let sequence = header.sequence;
                         let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+                        self.flush_acks(stream)?;
                         wire::write_frame(stream, &ack, self.next_ack_sequence)?;
                         self.next_ack_sequence += 1;
                         Ok(())
@@ -622,6 +631,7 @@ impl<'a> Session<'a> {
                     }
                 })?;
                 let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+                self.flush_acks(stream)?;
                 wire::write_frame(stream, &ack, self.next_ack_sequence)?;
                 self.next_ack_sequence += 1;
                 Ok(())
@@ -668,6 +678,7 @@ impl<'a> Session<'a> {
         self.pool.give_back(buffer);
         outcome?;
         let hashes = &hashes[..count as usize * wire::VERIFY_HASH_BYTES];
+        self.flush_acks(stream)?;
         wire::write_frame(stream, &Message::VerifyHashes { first_extent, hashes }, self.next_ack_sequence)?;
         self.next_ack_sequence += 1;
         Ok(())
@@ -692,8 +703,18 @@ impl<'a> Session<'a> {
             .map_err(|e| SessionEnd::Io(std::io::Error::other(e.to_string())))?;
         tracing::info!(device = self.device, generation, point_unix_ms, "image CONSISTENT as of this point");
         let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+        self.flush_acks(stream)?;
         wire::write_frame(stream, &ack, self.next_ack_sequence)?;
         self.next_ack_sequence += 1;
+        Ok(())
+    }
+
+    /// Sends the buffered acks; before the session waits, and before any other frame.
+    fn flush_acks(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        if !self.acks.is_empty() {
+            stream.write_all(&self.acks)?;
+            self.acks.clear();
+        }
         Ok(())
     }
 
@@ -701,7 +722,6 @@ impl<'a> Session<'a> {
         &mut self,
         buffer: u16,
         result: i32,
-        stream: &mut TcpStream,
         stats: &SecondaryMetrics,
     ) -> Result<(), SessionEnd> {
         let write = self.writes[usize::from(buffer)].take().expect("a completion for a write in flight");
@@ -721,8 +741,10 @@ impl<'a> Session<'a> {
         }
         stats.written_bytes.inc_by(write.len_bytes as u64);
         stats.acked_frames.inc();
+        // Buffered: the acks of the writes one reap completes go out in one send.
         let ack = Message::Ack { first_sequence: write.sequence, last_sequence: write.sequence };
-        wire::write_frame(stream, &ack, self.next_ack_sequence)?;
+        wire::encode(&ack, self.next_ack_sequence, &mut self.ack_frame);
+        self.acks.extend_from_slice(&self.ack_frame);
         self.next_ack_sequence += 1;
         Ok(())
     }
@@ -784,6 +806,7 @@ impl<'a> Session<'a> {
             self.ring.submit_and_wait(1)?;
             self.reap(stream, stats)?;
         }
+        self.flush_acks(stream)?;
         let _ = stream.flush();
         Ok(())
     }

@@ -285,26 +285,41 @@ fn writes_fail_when_minimum_images_are_not_met() {
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
 
-/// The async policy: writes are acknowledged after the primary's, shipped behind as whole
-/// extents, each extent once.
+/// The async policy, over TCP (`--export nbd:ADDR:PORT`, the client in the primary's network
+/// namespace): writes are acknowledged after the primary's, shipped behind as whole extents,
+/// each written extent once.
 #[test]
-fn async_writes_are_shipped_behind_once() {
+fn async_writes_over_tcp_are_shipped_behind_once() {
     require_root();
     let mut lab = Lab::new(&replicator_bin(), "nbdasync", 1, DEVICE_BYTES).expect("lab");
     lab.start_secondary(0, &[]).expect("s0");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "async"];
+    let mut args = vec!["--export", "nbd:127.0.0.1:10809", "--write-policy", "async"];
     args.extend(FAST);
     lab.start_primary(&args).expect("primary");
     lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
     let before = shipped_bytes(&lab)[0];
     const WRITES: u64 = 100;
-    let out = write_stream(&lab, 0, WRITES, 0x3c)
-        .join()
-        .expect("qemu-io")
-        .unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    assert!(!out.contains("failed"), "{out}");
+    let mut command = std::process::Command::new("ip");
+    command.args(["netns", "exec", &lab.primary_ns.name, "qemu-io", "-f", "raw"]);
+    for i in 0..WRITES {
+        command.arg("-c").arg(format!("write -P 0x3c {} 64k", i * 128 * KIB));
+    }
+    command.arg("nbd://127.0.0.1:10809");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let output = loop {
+        let output = command.output().expect("running qemu-io in the primary's namespace");
+        if output.status.success() || Instant::now() > deadline {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(100)); // the export may still be starting
+    };
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && !out.contains("failed"),
+        "{out}{}\n{}",
+        String::from_utf8_lossy(&output.stderr),
+        lab.logs()
+    );
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     std::thread::sleep(Duration::from_millis(1500));
     let shipped = shipped_bytes(&lab)[0] - before;

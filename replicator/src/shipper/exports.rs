@@ -138,7 +138,7 @@ impl ExportState {
 }
 
 impl Engine {
-    fn write_policy(&self) -> WritePolicy {
+    pub(super) fn write_policy(&self) -> WritePolicy {
         self.mirror.as_ref().map_or(self.config.write_policy, |db| db.write_policy)
     }
 

@@ -263,6 +263,15 @@ pub struct Engine {
     unmatched_seen: u64,
     /// The NBD export, when serving one.
     export: Option<exports::ExportState>,
+    /// Connections dropped while an op of theirs was in the ring, kept until it completes.
+    retired: Vec<Retired>,
+}
+
+/// A dropped connection whose receive or send is still in the ring.
+struct Retired {
+    peer: usize,
+    generation: u32,
+    conn: Conn,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -385,6 +394,7 @@ impl Engine {
             started: Instant::now(),
             awaiting_any: false,
             unmatched_seen: 0,
+            retired: Vec::with_capacity(peer_slots),
             export: export.map(|(export, side, device)| {
                 exports::ExportState::new(export, side, device, extents, export_slots)
             }),
@@ -1048,6 +1058,7 @@ impl Engine {
     fn complete_send(&mut self, index: usize, generation: u32, zero_copy: bool, result: i32) {
         let peer = &mut self.peers[index];
         if peer.generation != generation {
+            self.retired_op_done(index, generation, false);
             return;
         }
         if zero_copy && (result == -libc::EOPNOTSUPP || result == -libc::EINVAL) {
@@ -1154,6 +1165,7 @@ impl Engine {
     fn complete_recv(&mut self, index: usize, generation: u32, result: i32) {
         let peer = &mut self.peers[index];
         if peer.generation != generation {
+            self.retired_op_done(index, generation, true);
             return;
         }
         let conn = peer.conn.as_mut().expect("same generation is connected");
@@ -1198,7 +1210,8 @@ impl Engine {
     /// the peer's pending extents, and its connector is asked for a new connection.
     fn disconnect(&mut self, index: usize, reason: &str) {
         let peer = &mut self.peers[index];
-        let Some(conn) = peer.conn.take() else { return };
+        let Some(mut conn) = peer.conn.take() else { return };
+        let generation = peer.generation;
         tracing::warn!(secondary = %peer.name, addr = %peer.addr, %reason, unacked_frames = conn.inflight.len(), "secondary disconnected");
         if let Some(verify) = peer.log.verify.as_mut() {
             // Asked again after the reconnect; a read still in flight is recognised as stale.
@@ -1213,12 +1226,17 @@ impl Engine {
         peer.metrics.disconnects.inc();
         peer.metrics.connected.set(0);
         peer.in_sync = false;
-        for job in conn.queue {
+        for job in std::mem::take(&mut conn.queue) {
             match job {
                 SendJob::Extent { buffer, .. } => self.release_buffer(buffer),
                 SendJob::Export { slot, .. } => self.export_send_done(slot),
                 _ => {}
             }
+        }
+        if conn.recv_in_flight || conn.sending {
+            // Its receive buffer and frames stay allocated until those ops complete: the kernel
+            // may still copy into them (with DEFER_TASKRUN, even after the shutdown above).
+            self.retired.push(Retired { peer: index, generation, conn });
         }
         self.fracture(index, reason);
         self.peers[index].last_error = reason.to_owned();
@@ -1233,6 +1251,23 @@ impl Engine {
             && let Some(want) = &self.peers[index].want_connection
         {
             let _ = want.send(connector::Want::Reconnect);
+        }
+    }
+
+    /// A receive (`recv`) or send of a dropped connection completed; the connection is freed
+    /// once neither is in the ring any more.
+    fn retired_op_done(&mut self, peer: usize, generation: u32, recv: bool) {
+        let Some(at) = self.retired.iter().position(|r| r.peer == peer && r.generation == generation) else {
+            return;
+        };
+        let conn = &mut self.retired[at].conn;
+        if recv {
+            conn.recv_in_flight = false;
+        } else {
+            conn.sending = false;
+        }
+        if !conn.recv_in_flight && !conn.sending {
+            self.retired.swap_remove(at);
         }
     }
 
@@ -1311,6 +1346,8 @@ impl Engine {
             "intent_log_extents": self.persisted_intent.as_ref().map_or(0, |i| i.count_ones()),
             "mirror": self.mirror,
             "secondaries": self.status(),
+            "export": self.config.export.as_ref().map(|e| e.target.to_string()),
+            "write_policy": self.write_policy(),
             "tracker": self.tracker.counters(),
         })
     }
