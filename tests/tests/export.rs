@@ -424,7 +424,15 @@ fn malformed_nbd_clients_are_disconnected() {
         stream.write_all(&bytes).expect("sending the request");
         assert!(closed_by_server(&mut stream), "{what}: the export must disconnect the client");
     }
+    // A zero-length write is valid NBD: answered, and nothing reaches the secondaries.
+    let mut stream = raw_client(&lab);
+    stream.write_all(&request(1, 4096, 0)).expect("a zero-length write");
+    let mut reply = [0u8; 16];
+    std::io::Read::read_exact(&mut stream, &mut reply).expect("its reply");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "a zero-length write succeeds");
+    drop(stream);
     std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(peer_status(&lab, "s0")["disconnects"], 0, "the secondary's session survived\n{}", lab.logs());
     let logs = lab.logs();
     for reason in ["bad magic", "over the export's maximum", "outside the"] {
         assert!(logs.contains(reason), "no log line with {reason:?}:\n{logs}");

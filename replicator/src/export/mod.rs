@@ -533,6 +533,9 @@ fn read_requests(
                 };
                 send_reply(reply, Reply::Done { cookie: request.cookie, error, data });
             }
+            Command::Write if request.len_bytes == 0 => {
+                send_reply(reply, Reply::Done { cookie: request.cookie, error: 0, data: None });
+            }
             Command::Write => {
                 let mut buffer = take_buffer(shared)?;
                 stream.read_exact(buffer.data_mut(request.len_bytes as usize))?;

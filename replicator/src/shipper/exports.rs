@@ -444,7 +444,7 @@ impl Engine {
         };
         if error != 0 {
             self.metrics.export_errors.inc();
-        } else if !is_flush {
+        } else if data.request.command == Command::Write {
             self.metrics.export_bytes.inc_by(u64::from(data.request.len_bytes));
         }
         data.request.reply.reply(data.request.cookie, error);
