@@ -286,8 +286,7 @@ fn writes_fail_when_minimum_images_are_not_met() {
 }
 
 /// The async policy, over TCP (`--export nbd:ADDR:PORT`, the client in the primary's network
-/// namespace): writes are acknowledged after the primary's, shipped behind as whole extents,
-/// each written extent once.
+/// namespace): writes are acknowledged after the primary's and cross the wire once each.
 #[test]
 fn async_writes_over_tcp_are_shipped_behind_once() {
     require_root();

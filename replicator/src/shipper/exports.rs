@@ -3,8 +3,10 @@
 //! same time to every secondary that is connected and not fractured (the seed's Figure 8: both
 //! updates in parallel); the client's reply waits for the primary's completion and every such
 //! secondary's acknowledgement (durable: secondaries write with `RWF_DSYNC`). Under the async
-//! policy the reply follows the primary's completion and the extents are shipped behind, as
-//! the tracker path ships them.
+//! policy the same frames go out, but only to secondaries whose backlog has room (the mirror's
+//! write backlog size), and the reply follows the primary's completion; a secondary without
+//! room gets the extents in its pending bitmap and is shipped them behind, as the tracker path
+//! ships an application's writes.
 //!
 //! Owns the export's request slots (at most `slots_max`, the bound on requests in the engine)
 //! and, per slot, the client's buffer until the primary write and every send of a frame from it
@@ -73,6 +75,8 @@ struct Slot {
     acked: u32,
     /// Send jobs queued or in flight that read this slot's buffer or frame.
     sends: u32,
+    /// Sync policy: the reply waits for the secondaries' acks; async: for the primary only.
+    sync: bool,
     replied: bool,
     zeroes_frame: Box<[u8; ZEROES_FRAME_BYTES]>,
 }
@@ -152,6 +156,14 @@ impl Engine {
         peer.conn.is_some() && !peer.removed && !peer.draining && !peer.log.fractured()
     }
 
+    /// Whether secondary `index` may take `bytes` more unacknowledged bytes now.
+    fn backlog_room(&self, index: usize, bytes: u64) -> bool {
+        self.peers[index]
+            .conn
+            .as_ref()
+            .is_some_and(|c| c.backlog_bytes + bytes <= self.config.backlog_bytes_max)
+    }
+
     /// Keeps a `Wake` op on the export's eventfd in the ring, so a request wakes the engine.
     pub(super) fn arm_export_wake(&mut self, stopping: bool) -> Result<(), ShipperError> {
         let Some(export) = self.export.as_mut() else { return Ok(()) };
@@ -189,9 +201,12 @@ impl Engine {
         let end_bytes = request.offset_bytes + u64::from(request.len_bytes);
         let extents = request.offset_bytes / extent_bytes..end_bytes.div_ceil(extent_bytes);
         let sync = self.write_policy() == WritePolicy::Sync;
+        let frame_bytes = if request.command == Command::Write { u64::from(request.len_bytes) } else { 0 };
         let mut targets = [false; PEERS_MAX];
         for (i, target) in targets.iter_mut().enumerate().take(self.peers.len()) {
-            *target = sync && self.sync_target(i);
+            // Async: only while the secondary's backlog has room (the write backlog size);
+            // past it the extents wait in its pending bitmap, and the client never does.
+            *target = self.sync_target(i) && (sync || self.backlog_room(i, frame_bytes));
         }
         let images = 1 + targets.iter().filter(|&&t| t).count() as u32;
         if sync && images < self.minimum_images() {
@@ -221,6 +236,8 @@ impl Engine {
         self.next_sequence += 1;
         let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence);
         let slot = self.push_export(request, extents.clone(), entry, zeroes_frame)?;
+        self.export.as_mut().expect("an export").slots[slot as usize].as_mut().expect("just made").sync =
+            sync;
         for i in (0..self.peers.len()).filter(|&i| targets[i]) {
             self.queue_export_frame(i, slot, sequence, frame_bytes, &extents);
         }
@@ -296,6 +313,7 @@ impl Engine {
             awaiting: [None; PEERS_MAX],
             acked: 0,
             sends: 0,
+            sync: false,
             replied: false,
             zeroes_frame: Box::new(zeroes_frame.unwrap_or([0; ZEROES_FRAME_BYTES])),
         });
@@ -399,6 +417,10 @@ impl Engine {
                 continue;
             }
             let mut done = true;
+            if !data.sync {
+                self.reply_export(slot, minimum);
+                continue;
+            }
             for (i, awaiting) in data.awaiting.iter_mut().enumerate() {
                 let Some((generation, sequence)) = *awaiting else { continue };
                 let peer = &self.peers[i];
@@ -419,9 +441,9 @@ impl Engine {
     }
 
     fn reply_export(&mut self, slot: u32, minimum: u32) {
-        let sync = self.write_policy() == WritePolicy::Sync;
         let export = self.export.as_mut().expect("an export");
         let data = export.slots[slot as usize].as_mut().expect("slot in use");
+        let sync = data.sync;
         let expected =
             if data.request.command == Command::Write { i64::from(data.request.len_bytes) } else { 0 };
         let primary_ok = data.primary.is_some_and(|r| i64::from(r) == expected);
