@@ -274,6 +274,18 @@ fn writes_fail_when_minimum_images_are_not_met() {
     assert_eq!(lab.hashes().expect("hashing"), before, "a refused write changed an image");
     assert!(lab.logs().contains("the mirror's minimum is 2"), "{}", lab.logs());
 
+    // The operator switches the mirror to async: writes go on without the secondary, which gets
+    // them when it returns. Then back to sync.
+    lab.operate(&["set", "write-policy=async"])
+        .unwrap_or_else(|e| panic!("set write-policy: {e}\n{}", lab.logs()));
+    until(&lab, "write policy async", |s| s["write_policy"] == "async");
+    let out =
+        qemu_io(&lab, &["write -P 0x66 2M 64k".to_owned()]).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "an async write needs no secondary:\n{out}");
+    lab.operate(&["set", "write-policy=sync"])
+        .unwrap_or_else(|e| panic!("set write-policy: {e}\n{}", lab.logs()));
+    until(&lab, "write policy sync", |s| s["write_policy"] == "sync");
+
     lab.start_secondary(0, &[]).expect("s0 again");
     lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     until(&lab, "the mirror ACTIVE again", |s| s["mirror"]["state"] == "ACTIVE");
