@@ -459,3 +459,42 @@ fn malformed_nbd_clients_are_disconnected() {
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
+
+/// Overlapping writes in flight together (qemu-io `aio_write`), and a client that disconnects
+/// right behind its last write: the images converge to the primary's bytes, and the write sent
+/// just before `NBD_CMD_DISC` still gets its reply.
+#[test]
+fn overlapping_writes_converge_and_disconnect_waits_for_replies() {
+    use std::io::{Read as _, Write as _};
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdover", 1, DEVICE_BYTES).expect("lab");
+    lab.start_secondary(0, &[]).expect("s0");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", &export, "--write-policy", "sync"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    let mut commands = Vec::new();
+    for i in 0..64u64 {
+        let base = (i % 8) * 256 * KIB;
+        commands.push(format!("aio_write -P {:#x} {} 128k", i + 1, base));
+        commands.push(format!("aio_write -P {:#x} {} 64k", i + 101, base + 64 * KIB));
+    }
+    commands.push("aio_flush".to_owned());
+    let out = qemu_io(&lab, &commands).unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+    assert!(!out.contains("failed"), "{out}");
+
+    let mut stream = raw_client(&lab);
+    let mut bytes = request(1, 8 * MIB, 4096);
+    bytes.extend_from_slice(&[0x77u8; 4096]);
+    bytes.extend_from_slice(&request(2, 0, 0));
+    stream.write_all(&bytes).expect("a write, then NBD_CMD_DISC");
+    let mut reply = [0u8; 16];
+    stream.read_exact(&mut reply).expect("the write's reply comes before the connection closes");
+    assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the write succeeded");
+
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}

@@ -168,7 +168,7 @@ pub struct Replier {
 /// What the replier thread shares with the engine's direct writes.
 struct WriteSide {
     /// Held while a reply is written.
-    writer: Mutex<Stream>,
+    writer: Mutex<Writer>,
     /// Replies queued and not yet written (decremented under `writer`): a direct write happens
     /// only when it is zero, so a queued reply is never overtaken or interleaved.
     queued: std::sync::atomic::AtomicUsize,
@@ -179,16 +179,17 @@ impl Replier {
     /// and nothing is queued, else through the replier thread.
     pub fn reply(&self, cookie: u64, error: u32) {
         let header = nbd::encode_reply(cookie, error);
-        if let Ok(writer) = self.side.writer.try_lock()
+        if let Ok(mut writer) = self.side.writer.try_lock()
             && self.side.queued.load(Ordering::Acquire) == 0
         {
-            match writer.send_nonblocking(&header) {
+            match writer.stream.send_nonblocking(&header) {
                 Ok(n) if n == header.len() => return,
                 Ok(0) | Err(_) => {}
                 Ok(n) => {
-                    // Rare: the socket took part of it; the rest goes next, through the queue
-                    // (queued while the lock is held, so no direct write comes between).
-                    self.enqueue(Reply::Raw { bytes: header, from: n });
+                    // Rare: the socket took part of it. The rest is kept under the lock, and the
+                    // replier thread writes it before anything else, queued before or after.
+                    writer.tail = Some((header, n));
+                    self.enqueue(Reply::Tail);
                     return;
                 }
             }
@@ -205,6 +206,12 @@ impl Replier {
     }
 }
 
+struct Writer {
+    stream: Stream,
+    /// The unsent rest of a reply the engine wrote in part: it goes out before anything else.
+    tail: Option<([u8; nbd::REPLY_BYTES], usize)>,
+}
+
 /// A reply for the replier thread to send.
 pub enum Reply {
     Done {
@@ -213,8 +220,8 @@ pub enum Reply {
         /// A read's data: the buffer and how many bytes of it.
         data: Option<(ExportBuffer, usize)>,
     },
-    /// The rest of a reply the engine began to write.
-    Raw { bytes: [u8; nbd::REPLY_BYTES], from: usize },
+    /// Wakes the replier thread for the rest of a reply the engine began (`Writer::tail`).
+    Tail,
 }
 
 /// The engine's end of an export: requests arrive on `requests`; `wake` is signalled after
@@ -478,7 +485,7 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
         tracing::info!(client = %peer, "export: client connected");
         let (queue, replies) = std::sync::mpsc::channel();
         let side = Arc::new(WriteSide {
-            writer: Mutex::new(stream.try_clone()?),
+            writer: Mutex::new(Writer { stream: stream.try_clone()?, tail: None }),
             queued: std::sync::atomic::AtomicUsize::new(0),
         });
         let replier = Arc::new(Replier { side: Arc::clone(&side), queue });
@@ -488,7 +495,11 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
             .spawn(move || send_replies(&side, replies, free))?;
         let mut reader = std::io::BufReader::with_capacity(READ_AHEAD_BYTES, stream.try_clone()?);
         let outcome = read_requests(&mut reader, shared, &replier);
-        stream.shutdown();
+        if !matches!(outcome, Err(ConnectionEnd::Disconnect)) {
+            // A broken client: stop at once. After NBD_CMD_DISC the requests in flight still
+            // complete and their replies go out before the connection closes.
+            stream.shutdown();
+        }
         // The replier thread ends once the engine has dropped this connection's last request.
         drop(replier);
         let _ = thread.join();
@@ -620,8 +631,12 @@ fn send_replies(side: &WriteSide, replies: Receiver<Reply>, free: Sender<ExportB
     let mut broken = false;
     for reply in replies {
         let mut writer = side.writer.lock().expect("replier lock");
-        let stream = &mut *writer;
-        let sent = match &reply {
+        let Writer { stream, tail } = &mut *writer;
+        let tail_sent = match tail.take() {
+            Some((bytes, from)) => stream.write_all(&bytes[from..]),
+            None => Ok(()),
+        };
+        let sent = tail_sent.and_then(|()| match &reply {
             Reply::Done { cookie, error, data } => {
                 let header = nbd::encode_reply(*cookie, *error);
                 stream.write_all(&header).and_then(|()| match data {
@@ -629,8 +644,8 @@ fn send_replies(side: &WriteSide, replies: Receiver<Reply>, free: Sender<ExportB
                     None => Ok(()),
                 })
             }
-            Reply::Raw { bytes, from } => stream.write_all(&bytes[*from..]),
-        };
+            Reply::Tail => Ok(()),
+        });
         if sent.is_err() && !broken {
             // The client is gone; keep draining so buffers go back and nobody blocks.
             stream.shutdown();

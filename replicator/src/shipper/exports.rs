@@ -69,6 +69,9 @@ struct Slot {
     primary: Option<i32>,
     /// TRIM: the hole punch was refused, the range is being zeroed instead.
     zeroing_fallback: bool,
+    /// TRIM or WRITE_ZEROES with FUA: the range is zeroed, the flush that makes it durable is
+    /// in flight.
+    flushing: bool,
     /// Per secondary sent the frame: the connection and the frame's sequence, until acked or
     /// the connection drops.
     awaiting: [Option<(u32, u64)>; PEERS_MAX],
@@ -114,6 +117,18 @@ impl ExportState {
         for slot in self.slots.iter().flatten().filter(|s| !s.replied) {
             out[slot.extents.start as usize..slot.extents.end as usize].fill(true);
         }
+    }
+
+    /// Whether an op whose primary part is in flight writes any of `bytes`.
+    fn overlaps_in_flight(&self, bytes: &Range<u64>) -> bool {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| s.primary.is_none() && s.request.command != Command::Flush)
+            .any(|s| {
+                let start = s.request.offset_bytes;
+                start < bytes.end && bytes.start < start + u64::from(s.request.len_bytes)
+            })
     }
 
     pub(super) fn idle(&self) -> bool {
@@ -213,7 +228,8 @@ impl Engine {
             self.refuse_export(request, images);
             return Ok(());
         }
-        self.note_export_extents(&extents, &targets);
+        let bytes = request.offset_bytes..end_bytes;
+        self.note_export_extents(&extents, &bytes, &targets);
         let export = self.export.as_mut().expect("export requests come from an export");
         let fd = types::Fd(export.device.as_raw_fd());
         let entry = match request.command {
@@ -247,12 +263,23 @@ impl Engine {
     /// Marks an export op's extents before it is submitted: in the intent log's quiet clock,
     /// pending for every secondary that does not get the frame, busy (no background read
     /// starts), stale where a background read is in flight, and masked from the tracker.
-    fn note_export_extents(&mut self, extents: &Range<u64>, targets: &[bool; PEERS_MAX]) {
+    fn note_export_extents(&mut self, extents: &Range<u64>, bytes: &Range<u64>, targets: &[bool; PEERS_MAX]) {
         let run = extents.start as usize..extents.end as usize;
         let now_ms = (self.started.elapsed().as_millis() as u64).clamp(1, u64::from(u32::MAX)) as u32;
         self.quiet.note_dirty_run(run.clone());
+        // Two overlapping ops in flight may reach the primary in one order and a secondary (which
+        // applies frames in sequence) in the other: every secondary then gets the extents again,
+        // read once both are on the primary (`busy` holds the read back until then).
+        let overlapping = self.export.as_ref().expect("an export").overlaps_in_flight(bytes);
+        if overlapping {
+            tracing::debug!(
+                offset = bytes.start,
+                end = bytes.end,
+                "export: overlapping writes in flight; the extents are shipped again"
+            );
+        }
         for (i, peer) in self.peers.iter_mut().enumerate() {
-            if peer.removed || targets[i] {
+            if peer.removed || (targets[i] && !overlapping) {
                 continue;
             }
             peer.pending[run.clone()].fill(true);
@@ -310,6 +337,7 @@ impl Engine {
             extents,
             primary: None,
             zeroing_fallback: false,
+            flushing: false,
             awaiting: [None; PEERS_MAX],
             acked: 0,
             sends: 0,
@@ -366,6 +394,15 @@ impl Engine {
             // The device cannot punch holes: zero the range instead (the secondaries do the same).
             data.zeroing_fallback = true;
             let entry = zero_entry(types::Fd(export.device.as_raw_fd()), &data.request, false);
+            return self.push_op(Op::Export { slot }, entry);
+        }
+        let zeroing = matches!(data.request.command, Command::Trim | Command::WriteZeroes);
+        if zeroing && data.request.fua && result == 0 && !data.flushing {
+            // FUA: durable before the reply, as a write's RWF_DSYNC makes it.
+            data.flushing = true;
+            let entry = opcode::Fsync::new(types::Fd(export.device.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
+                .build();
             return self.push_op(Op::Export { slot }, entry);
         }
         let expected = match data.request.command {

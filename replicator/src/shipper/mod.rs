@@ -1068,6 +1068,8 @@ impl Engine {
             return;
         }
         if result < 0 {
+            // This send is over: the dropped connection waits for nothing but its receive.
+            peer.conn.as_mut().expect("same generation is connected").sending = false;
             let reason = format!("send failed: {}", std::io::Error::from_raw_os_error(-result));
             self.disconnect(index, &reason);
             return;

@@ -296,7 +296,7 @@ impl Tracker {
         self.queued.take_into(&mut self.awaiting);
         self.drained.fill(false);
         self.completed.take_into_marking(&mut self.drained, &self.intent);
-        self.match_completions();
+        self.match_completions(None);
         Runs::new(&self.drained)
     }
 
@@ -324,7 +324,7 @@ impl Tracker {
         {
             *drained &= !(exempt & !awaiting);
         }
-        self.match_completions();
+        self.match_completions(Some(exempt));
         Runs::new(&self.drained)
     }
 
@@ -374,11 +374,15 @@ impl Tracker {
     /// completion the kernel did not trace was seen, 1 write in ~10 000 on a loop device). A
     /// completion that still comes reports the extent again. Word at a time: this runs at
     /// every drain, over words the drain already scans.
-    fn match_completions(&mut self) {
-        for (awaiting, drained) in
-            self.awaiting.as_raw_mut_slice().iter_mut().zip(self.drained.as_raw_slice())
+    ///
+    /// A completion on an extent in `keep` does not match a queued write there: it may be the
+    /// exempt writer's (see `drain_completed_except`), so the queued write waits for its own.
+    fn match_completions(&mut self, keep: Option<&BitVec<u64, Lsb0>>) {
+        let keep = keep.map(|k| k.as_raw_slice());
+        for (i, (awaiting, drained)) in
+            self.awaiting.as_raw_mut_slice().iter_mut().zip(self.drained.as_raw_slice()).enumerate()
         {
-            *awaiting &= !drained;
+            *awaiting &= !(drained & !keep.map_or(0, |k| k[i]));
         }
         if self.awaiting_since.elapsed() < UNMATCHED_AFTER {
             return;
