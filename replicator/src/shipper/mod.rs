@@ -272,6 +272,8 @@ struct Retired {
     peer: usize,
     generation: u32,
     conn: Conn,
+    /// Export slots whose frames its sendmsg in the ring still reads.
+    sending_slots: Vec<u32>,
 }
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
@@ -849,6 +851,7 @@ impl Engine {
                     msg.msg_iov = conn.export_iovecs.as_mut_ptr();
                     msg.msg_iovlen = count;
                     *conn.export_msg = msg;
+                    conn.export_sending = count;
                     (opcode::SendMsg::new(fd, &*conn.export_msg).build(), None)
                 }
                 Some(SendJob::Extent { buffer, frame_bytes, sent, .. }) => {
@@ -1140,6 +1143,7 @@ impl Engine {
         let mut finished_count = 0;
         let peer = &mut self.peers[index];
         let conn = peer.conn.as_mut().expect("a send completed on this connection");
+        conn.export_sending = 0;
         while sent_bytes > 0 {
             let Some(SendJob::Export { frame_bytes, sent, .. }) = conn.queue.front_mut() else {
                 unreachable!("a sendmsg of export frames sent more than those frames")
@@ -1228,9 +1232,17 @@ impl Engine {
         peer.metrics.disconnects.inc();
         peer.metrics.connected.set(0);
         peer.in_sync = false;
+        // Export frames in the sendmsg still in the ring keep their slots (and buffers) until it
+        // completes; the rest are done now.
+        let mut in_send = if conn.sending { conn.export_sending } else { 0 };
+        let mut sending_slots = Vec::new();
         for job in std::mem::take(&mut conn.queue) {
             match job {
                 SendJob::Extent { buffer, .. } => self.release_buffer(buffer),
+                SendJob::Export { slot, .. } if in_send > 0 => {
+                    in_send -= 1;
+                    sending_slots.push(slot);
+                }
                 SendJob::Export { slot, .. } => self.export_send_done(slot),
                 _ => {}
             }
@@ -1238,7 +1250,7 @@ impl Engine {
         if conn.recv_in_flight || conn.sending {
             // Its receive buffer and frames stay allocated until those ops complete: the kernel
             // may still copy into them (with DEFER_TASKRUN, even after the shutdown above).
-            self.retired.push(Retired { peer: index, generation, conn });
+            self.retired.push(Retired { peer: index, generation, conn, sending_slots });
         }
         self.fracture(index, reason);
         self.peers[index].last_error = reason.to_owned();
@@ -1262,12 +1274,16 @@ impl Engine {
         let Some(at) = self.retired.iter().position(|r| r.peer == peer && r.generation == generation) else {
             return;
         };
-        let conn = &mut self.retired[at].conn;
+        let retired = &mut self.retired[at];
         if recv {
-            conn.recv_in_flight = false;
+            retired.conn.recv_in_flight = false;
         } else {
-            conn.sending = false;
+            retired.conn.sending = false;
+            for slot in std::mem::take(&mut retired.sending_slots) {
+                self.export_send_done(slot);
+            }
         }
+        let conn = &self.retired[at].conn;
         if !conn.recv_in_flight && !conn.sending {
             self.retired.swap_remove(at);
         }

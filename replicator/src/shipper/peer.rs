@@ -114,7 +114,9 @@ pub struct Conn {
     pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
     pub last_sent: Instant,
-    /// The iovecs and header of the export frames' sendmsg in flight (fixed addresses).
+    /// The iovecs and header of the export frames' sendmsg in flight (fixed addresses), and how
+    /// many export frames from the queue's front it carries.
+    pub export_sending: usize,
     pub export_iovecs: Box<[libc::iovec; EXPORT_IOVECS_MAX]>,
     pub export_msg: Box<libc::msghdr>,
 }
@@ -138,6 +140,7 @@ impl Conn {
             db_sequence: None,
             last_heard: Instant::now(),
             last_sent: Instant::now(),
+            export_sending: 0,
             export_iovecs: Box::new(
                 [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; EXPORT_IOVECS_MAX],
             ),
