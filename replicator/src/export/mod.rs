@@ -11,9 +11,10 @@
 //!
 //! Buffers: `buffers` of `block_bytes_max` each (plus a prefix page for the wire frame's
 //! header, as in `pool`), mapped at start and shared by all connections through a bounded free
-//! list. Ownership: free list -> a reader (fills it) -> for a read, the replier, which returns
-//! it after sending; for a write, the engine, which returns it once the primary write and every
-//! send of a frame from it have completed. The free list bounds the requests in flight.
+//! list, at most `CONNECTION_BUFFERS_MAX` held by one connection. Ownership: free list -> a
+//! reader (fills it) -> for a read, the replier, which returns it after sending; for a write,
+//! the engine, which returns it once the primary write and every send of a frame from it have
+//! completed. The free list bounds the requests in flight.
 
 pub mod nbd;
 
@@ -36,7 +37,10 @@ use crate::pool::PREFIX_BYTES;
 pub use nbd::{Command, ExportInfo};
 
 /// Buffers (and so requests with data in flight) of one export, by default.
-pub const BUFFERS_DEFAULT: u16 = 32;
+pub const BUFFERS_DEFAULT: u16 = 48;
+/// Most buffers one connection holds at once: a client that stops reading its replies keeps
+/// at most these, and the other clients go on with the rest.
+pub const CONNECTION_BUFFERS_MAX: usize = 32;
 /// The largest read or write a client may send, by default (advertised at `NBD_OPT_GO`).
 pub const BLOCK_BYTES_MAX_DEFAULT: u32 = 1 << 20;
 /// Most client connections at once.
@@ -172,6 +176,8 @@ struct WriteSide {
     /// Replies queued and not yet written (decremented under `writer`): a direct write happens
     /// only when it is zero, so a queued reply is never overtaken or interleaved.
     queued: std::sync::atomic::AtomicUsize,
+    /// Export buffers this connection holds (at most `CONNECTION_BUFFERS_MAX`).
+    held: std::sync::atomic::AtomicUsize,
 }
 
 impl Replier {
@@ -195,6 +201,25 @@ impl Replier {
             }
         }
         self.enqueue(Reply::Done { cookie, error, data: None });
+    }
+
+    /// Returns a buffer this connection held to the export's free list.
+    pub fn give_back(&self, buffer: ExportBuffer, free: &Sender<ExportBuffer>) {
+        self.side.held.fetch_sub(1, Ordering::AcqRel);
+        let _ = free.send(buffer);
+    }
+
+    /// A free buffer for this connection, waiting while it holds its share or none is free.
+    fn take_buffer(&self, shared: &Shared) -> Result<ExportBuffer, ConnectionEnd> {
+        while self.side.held.load(Ordering::Acquire) >= CONNECTION_BUFFERS_MAX {
+            if shared.stop.load(Ordering::Relaxed) {
+                return Err(ConnectionEnd::Stopping);
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        let buffer = take_buffer(shared)?;
+        self.side.held.fetch_add(1, Ordering::AcqRel);
+        Ok(buffer)
     }
 
     /// Never blocks: a slow client holds up its replier thread only.
@@ -487,6 +512,7 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
         let side = Arc::new(WriteSide {
             writer: Mutex::new(Writer { stream: stream.try_clone()?, tail: None }),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            held: std::sync::atomic::AtomicUsize::new(0),
         });
         let replier = Arc::new(Replier { side: Arc::clone(&side), queue });
         let free = shared.free_tx.clone();
@@ -536,7 +562,7 @@ fn read_requests(
             Command::Disconnect => return Err(ConnectionEnd::Disconnect),
             Command::Read => {
                 let error = if aligned { 0 } else { nbd::EINVAL };
-                let data = if error == 0 { Some(read_block(shared, &request)?) } else { None };
+                let data = if error == 0 { Some(read_block(shared, &request, reply)?) } else { None };
                 let (error, data) = match data {
                     Some(Ok(data)) => (0, Some(data)),
                     Some(Err(error)) => (error, None),
@@ -548,10 +574,10 @@ fn read_requests(
                 send_reply(reply, Reply::Done { cookie: request.cookie, error: 0, data: None });
             }
             Command::Write => {
-                let mut buffer = take_buffer(shared)?;
+                let mut buffer = reply.take_buffer(shared)?;
                 stream.read_exact(buffer.data_mut(request.len_bytes as usize))?;
                 if !aligned {
-                    shared.free_tx.send(buffer).map_err(|_| ConnectionEnd::Stopping)?;
+                    reply.give_back(buffer, &shared.free_tx);
                     send_reply(reply, Reply::Done { cookie: request.cookie, error: nbd::EINVAL, data: None });
                     continue;
                 }
@@ -591,14 +617,15 @@ fn take_buffer(shared: &Shared) -> Result<ExportBuffer, ConnectionEnd> {
 fn read_block(
     shared: &Shared,
     request: &nbd::Request,
+    reply: &Replier,
 ) -> Result<Result<(ExportBuffer, usize), u32>, ConnectionEnd> {
-    let mut buffer = take_buffer(shared)?;
+    let mut buffer = reply.take_buffer(shared)?;
     let len = request.len_bytes as usize;
     match shared.device.read_exact_at(buffer.data_mut(len), request.offset_bytes) {
         Ok(()) => Ok(Ok((buffer, len))),
         Err(error) => {
             tracing::error!(offset = request.offset_bytes, len, %error, "export: read from the primary failed");
-            shared.free_tx.send(buffer).map_err(|_| ConnectionEnd::Stopping)?;
+            reply.give_back(buffer, &shared.free_tx);
             Ok(Err(nbd::EIO))
         }
     }
@@ -654,6 +681,7 @@ fn send_replies(side: &WriteSide, replies: Receiver<Reply>, free: Sender<ExportB
         side.queued.fetch_sub(1, Ordering::AcqRel);
         drop(writer);
         if let Reply::Done { data: Some((buffer, _)), .. } = reply {
+            side.held.fetch_sub(1, Ordering::AcqRel);
             let _ = free.send(buffer);
         }
     }

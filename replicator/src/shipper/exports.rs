@@ -317,7 +317,7 @@ impl Engine {
         self.metrics.export_errors.inc();
         request.reply.reply(request.cookie, nbd::EIO);
         if let Some(buffer) = request.buffer {
-            let _ = export.side.free.send(buffer);
+            request.reply.give_back(buffer, &export.side.free);
         }
     }
 
@@ -520,7 +520,7 @@ impl Engine {
         }
         let data = export.slots[slot as usize].take().expect("slot in use");
         if let Some(buffer) = data.request.buffer {
-            let _ = export.side.free.send(buffer);
+            data.request.reply.give_back(buffer, &export.side.free);
         }
         export.free_slots.push(slot);
     }

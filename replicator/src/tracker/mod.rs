@@ -292,10 +292,14 @@ impl Tracker {
     /// extents. Each extent is returned once per drain however many writes completed on it.
     pub fn drain_completed(&mut self) -> Runs<'_> {
         self.pump_wide_ranges();
-        // Queued first: a completion is never taken before its queueing.
+        // Queued first: a completion is never taken before its queueing. And queued again after
+        // the completions: a write queued after the first take whose completion is in this
+        // drain has its queued bit set by then, and is matched now (otherwise it would wait for
+        // a second completion and be reported again a second later).
         self.queued.take_into(&mut self.awaiting);
         self.drained.fill(false);
         self.completed.take_into_marking(&mut self.drained, &self.intent);
+        self.queued.take_into(&mut self.awaiting);
         self.match_completions(None);
         Runs::new(&self.drained)
     }
