@@ -197,18 +197,30 @@ pub fn write_direct(
     len_bytes: usize,
     fill: u8,
 ) -> Result<(), TestbedError> {
-    const ALIGN: usize = 4096;
-    let file = OpenOptions::new()
-        .write(true)
-        .custom_flags(libc_o_direct())
-        .open(device)
-        .map_err(io(format!("opening {} with O_DIRECT", device.display())))?;
-    // An aligned window into a slightly larger buffer: O_DIRECT needs the memory aligned too.
-    let mut buffer = vec![fill; len_bytes + ALIGN];
-    let skip = buffer.as_ptr().align_offset(ALIGN);
-    let window = &mut buffer[skip..skip + len_bytes];
+    let file = open_direct(device, true)?;
+    let mut buffer = Vec::new();
+    let window = aligned_window(&mut buffer, len_bytes, fill);
     file.write_all_at(window, offset_bytes)
         .map_err(io(format!("writing {len_bytes} bytes at {offset_bytes} on {}", device.display())))
+}
+
+/// `device` opened with O_DIRECT, for reading or for writing.
+fn open_direct(device: &Path, write: bool) -> Result<fs::File, TestbedError> {
+    OpenOptions::new()
+        .read(!write)
+        .write(write)
+        .custom_flags(libc_o_direct())
+        .open(device)
+        .map_err(io(format!("opening {} with O_DIRECT", device.display())))
+}
+
+/// A 4 KiB-aligned window of `len_bytes` filled with `fill`, inside `buffer` (made slightly
+/// larger): O_DIRECT needs the memory aligned too.
+fn aligned_window(buffer: &mut Vec<u8>, len_bytes: usize, fill: u8) -> &mut [u8] {
+    const ALIGN: usize = 4096;
+    *buffer = vec![fill; len_bytes + ALIGN];
+    let skip = buffer.as_ptr().align_offset(ALIGN);
+    &mut buffer[skip..skip + len_bytes]
 }
 
 fn libc_o_direct() -> i32 {
@@ -579,15 +591,9 @@ fn write_private(path: &Path, text: &str) -> Result<(), TestbedError> {
 /// chunk to `consume` in order.
 pub fn read_device_direct(device: &Path, mut consume: impl FnMut(&[u8])) -> Result<u64, TestbedError> {
     const CHUNK_BYTES: usize = 1 << 20;
-    const ALIGN: usize = 4096;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_direct())
-        .open(device)
-        .map_err(io(format!("opening {} with O_DIRECT", device.display())))?;
-    let mut buffer = vec![0u8; CHUNK_BYTES + ALIGN];
-    let skip = buffer.as_ptr().align_offset(ALIGN);
-    let chunk = &mut buffer[skip..skip + CHUNK_BYTES];
+    let file = open_direct(device, false)?;
+    let mut buffer = Vec::new();
+    let chunk = aligned_window(&mut buffer, CHUNK_BYTES, 0);
     let mut offset = 0u64;
     loop {
         let n =
@@ -607,15 +613,9 @@ pub fn read_range_direct(
     offset_bytes: u64,
     len_bytes: usize,
 ) -> Result<Vec<u8>, TestbedError> {
-    const ALIGN: usize = 4096;
-    let file = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc_o_direct())
-        .open(device)
-        .map_err(io(format!("opening {} with O_DIRECT", device.display())))?;
-    let mut buffer = vec![0u8; len_bytes + ALIGN];
-    let skip = buffer.as_ptr().align_offset(ALIGN);
-    let window = &mut buffer[skip..skip + len_bytes];
+    let file = open_direct(device, false)?;
+    let mut buffer = Vec::new();
+    let window = aligned_window(&mut buffer, len_bytes, 0);
     file.read_exact_at(window, offset_bytes)
         .map_err(io(format!("reading {len_bytes} bytes at {offset_bytes} on {}", device.display())))?;
     Ok(window.to_vec())

@@ -56,6 +56,25 @@ fn wait_for_socket(lab: &Lab) {
     }
 }
 
+/// A lab of `secondaries` secondaries (processes 0..secondaries) and a primary exporting
+/// over the lab's unix socket with `extra` options, every secondary SYNCHRONIZED and the export
+/// listening.
+fn export_lab(label: &str, secondaries: usize, extra: &[&str]) -> Lab {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), label, secondaries, DEVICE_BYTES).expect("lab");
+    for i in 0..secondaries {
+        lab.start_secondary(i, &[]).expect("secondary");
+    }
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", export.as_str()];
+    args.extend(extra);
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    lab
+}
+
 fn shipped_bytes(lab: &Lab) -> Vec<u64> {
     let status = lab.status().expect("status");
     status["secondaries"]
@@ -70,16 +89,7 @@ fn shipped_bytes(lab: &Lab) -> Vec<u64> {
 /// reads back through the export, and crosses the wire exactly once.
 #[test]
 fn sync_writes_are_on_every_secondary_when_acknowledged() {
-    require_root();
-    let mut lab = Lab::new(&replicator_bin(), "nbdsync", 2, DEVICE_BYTES).expect("lab");
-    lab.start_secondary(0, &[]).expect("s0");
-    lab.start_secondary(1, &[]).expect("s1");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "sync", "--minimum-images", "3"];
-    args.extend(FAST);
-    lab.start_primary(&args).expect("primary");
-    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
+    let lab = export_lab("nbdsync", 2, &["--write-policy", "sync", "--minimum-images", "3"]);
     let before = shipped_bytes(&lab);
 
     let mut written = 0u64;
@@ -126,15 +136,7 @@ fn sync_writes_are_on_every_secondary_when_acknowledged() {
 /// when the reply comes, and the images stay equal.
 #[test]
 fn trim_and_write_zeroes_reach_every_image() {
-    require_root();
-    let mut lab = Lab::new(&replicator_bin(), "nbdzero", 1, DEVICE_BYTES).expect("lab");
-    lab.start_secondary(0, &[]).expect("s0");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "sync"];
-    args.extend(FAST);
-    lab.start_primary(&args).expect("primary");
-    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
+    let lab = export_lab("nbdzero", 1, &["--write-policy", "sync"]);
     qemu_io(&lab, &["write -P 0x5a 0 8M".to_owned(), "flush".to_owned()])
         .unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
     for (command, offset, len) in [("discard", MIB, 2 * MIB), ("write -z", 5 * MIB, 512 * KIB)] {
@@ -188,16 +190,8 @@ fn peer_status(lab: &Lab, name: &str) -> serde_json::Value {
 /// only the extents in its fracture log.
 #[test]
 fn a_secondary_killed_during_sync_writes_resyncs_from_its_fracture_log() {
-    require_root();
-    let mut lab = Lab::new(&replicator_bin(), "nbdkill", 2, DEVICE_BYTES).expect("lab");
-    let s0 = lab.start_secondary(0, &[]).expect("s0");
-    lab.start_secondary(1, &[]).expect("s1");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "sync", "--minimum-images", "1"];
-    args.extend(FAST);
-    lab.start_primary(&args).expect("primary");
-    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
+    let mut lab = export_lab("nbdkill", 2, &["--write-policy", "sync", "--minimum-images", "1"]);
+    let s0 = 0; // the first process: secondary 0
 
     const WRITES: u64 = 240;
     let stream = write_stream(&lab, 0, WRITES, 0xc3);
@@ -390,15 +384,7 @@ fn closed_by_server(stream: &mut std::os::unix::net::UnixStream) -> bool {
 #[test]
 fn malformed_nbd_clients_are_disconnected() {
     use std::io::Write as _;
-    require_root();
-    let mut lab = Lab::new(&replicator_bin(), "nbdbad", 1, DEVICE_BYTES).expect("lab");
-    lab.start_secondary(0, &[]).expect("s0");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "sync"];
-    args.extend(FAST);
-    lab.start_primary(&args).expect("primary");
-    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
+    let lab = export_lab("nbdbad", 1, &["--write-policy", "sync"]);
     let before = lab.hashes().expect("hashing");
 
     // Bad magic in the option phase.
@@ -466,15 +452,7 @@ fn malformed_nbd_clients_are_disconnected() {
 #[test]
 fn overlapping_writes_converge_and_disconnect_waits_for_replies() {
     use std::io::{Read as _, Write as _};
-    require_root();
-    let mut lab = Lab::new(&replicator_bin(), "nbdover", 1, DEVICE_BYTES).expect("lab");
-    lab.start_secondary(0, &[]).expect("s0");
-    let export = format!("nbd+unix:{}", socket(&lab).display());
-    let mut args = vec!["--export", &export, "--write-policy", "sync"];
-    args.extend(FAST);
-    lab.start_primary(&args).expect("primary");
-    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
-    wait_for_socket(&lab);
+    let lab = export_lab("nbdover", 1, &["--write-policy", "sync"]);
     let mut commands = Vec::new();
     for i in 0..64u64 {
         let base = (i % 8) * 256 * KIB;

@@ -55,6 +55,10 @@ pub(super) struct ExportState {
     pub(super) busy: BitVec<u64, Lsb0>,
     /// Extents the tracker must not report: `busy`, and those completed since the last drain.
     pub(super) mask: BitVec<u64, Lsb0>,
+    /// The extents of the ops completed since the last drain (where `mask` and `busy` differ),
+    /// at most `slots.len()`; past that, the next drain copies all of `busy`.
+    completed_since_drain: Vec<Range<u64>>,
+    completed_overflow: bool,
     /// Extents whose background read was in flight when an export op on them started.
     pub(super) stale: BitVec<u64, Lsb0>,
     /// When the last "too few images" refusal was logged (one line per second at most).
@@ -102,14 +106,45 @@ impl ExportState {
             wake_armed: false,
             busy: bitvec![u64, Lsb0; 0; extents],
             mask: bitvec![u64, Lsb0; 0; extents],
+            completed_since_drain: Vec::with_capacity(slots_max),
+            completed_overflow: false,
             stale: bitvec![u64, Lsb0; 0; extents],
             refused_logged: None,
         }
     }
 
     /// After a tracker drain: what the next one must filter is what is still being written.
+    /// Only the ranges of ops completed since are copied: `mask` equals `busy` elsewhere, and
+    /// a whole-bitmap copy at every drain would cost a 2 MiB pass per loop turn on a 1 TiB image.
     pub(super) fn drained(&mut self) {
-        self.mask.copy_from_bitslice(&self.busy);
+        if self.completed_overflow {
+            self.mask.copy_from_bitslice(&self.busy);
+            self.completed_overflow = false;
+        } else {
+            for range in &self.completed_since_drain {
+                let run = range.start as usize..range.end as usize;
+                self.mask[run.clone()].copy_from_bitslice(&self.busy[run]);
+            }
+        }
+        self.completed_since_drain.clear();
+    }
+
+    /// Op `extents` finished its primary part: `busy` drops them unless another op in flight
+    /// still writes there, and the next drain stops masking them.
+    fn primary_done(&mut self, extents: Range<u64>) {
+        let run = extents.start as usize..extents.end as usize;
+        self.busy[run.clone()].fill(false);
+        for slot in self.slots.iter().flatten().filter(|s| s.primary.is_none()) {
+            let (start, end) = (slot.extents.start.max(extents.start), slot.extents.end.min(extents.end));
+            if start < end {
+                self.busy[start as usize..end as usize].fill(true);
+            }
+        }
+        if self.completed_since_drain.len() < self.completed_since_drain.capacity() {
+            self.completed_since_drain.push(extents);
+        } else {
+            self.completed_overflow = true;
+        }
     }
 
     /// Extents every export op not yet replied to touches (dirty for every secondary).
@@ -430,16 +465,9 @@ impl Engine {
                 peer.pending[run.clone()].fill(true);
             }
         }
-        self.refresh_export_busy();
+        let extents = data.extents.clone();
+        self.export.as_mut().expect("an export").primary_done(extents);
         Ok(())
-    }
-
-    fn refresh_export_busy(&mut self) {
-        let export = self.export.as_mut().expect("an export");
-        export.busy.fill(false);
-        for slot in export.slots.iter().flatten().filter(|s| s.primary.is_none()) {
-            export.busy[slot.extents.start as usize..slot.extents.end as usize].fill(true);
-        }
     }
 
     /// Replies to every export op whose images have all answered: acked, or dropped by a
