@@ -7,6 +7,7 @@ mod fio;
 mod lag;
 mod report;
 mod resync;
+mod round_trip;
 mod ship_throughput;
 mod tracker_overhead;
 
@@ -36,6 +37,9 @@ const SCENARIOS: [&str; 6] =
     ["tracker-overhead", "ship-throughput", "resync", "lag", "verify", "export-latency"];
 
 fn main() -> anyhow::Result<()> {
+    if let Some(outcome) = round_trip::dispatch(&std::env::args().collect::<Vec<_>>()) {
+        return outcome;
+    }
     let args = Args::parse();
     let scenarios: Vec<String> =
         if args.scenarios.is_empty() { SCENARIOS.map(String::from).to_vec() } else { args.scenarios.clone() };
@@ -50,7 +54,7 @@ fn main() -> anyhow::Result<()> {
     let binary =
         if scenarios.iter().any(|s| s != "tracker-overhead") { Some(replicator_binary()?) } else { None };
     let mut results = serde_json::Map::new();
-    let mut markdown = String::new();
+    let mut sections = std::collections::BTreeMap::new();
     for scenario in &scenarios {
         let (json, md) = match scenario.as_str() {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
@@ -62,17 +66,21 @@ fn main() -> anyhow::Result<()> {
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         results.insert(scenario.clone(), json);
-        markdown.push_str(&md);
+        sections.insert(scenario.clone(), md);
     }
     std::fs::create_dir_all(&args.out_dir).with_context(|| format!("creating {}", args.out_dir.display()))?;
     let date = replicator_date();
     let json_path = args.out_dir.join(format!("{date}.json"));
     let md_path = args.out_dir.join(format!("{date}.md"));
+    // A run of some scenarios keeps the other scenarios' results of the same day.
+    report::merge_earlier(&json_path, &md_path, &mut results, &mut sections)?;
+    let mut markdown: String =
+        SCENARIOS.iter().filter_map(|s| sections.get(*s)).map(String::as_str).collect();
     if let Some(resync) = results.get("resync") {
         let plot = args.out_dir.join(format!("{date}-resync.svg"));
         report::plot_resync(resync, &plot)?;
         markdown.push_str(&format!("Plot: `{}`.\n", plot.display()));
-        if scenarios.len() == SCENARIOS.len() {
+        if SCENARIOS.iter().all(|s| sections.contains_key(*s)) {
             report::update_readme(
                 std::path::Path::new("README.md"),
                 &markdown,

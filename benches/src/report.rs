@@ -71,3 +71,50 @@ fn machine() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cpus} CPUs, {mem_gib} GiB, Linux {}", kernel.trim())
 }
+
+/// Adds to `results` and `sections` the scenarios that an earlier run of the same day wrote to
+/// `json_path` and `md_path` and this run did not measure (a section is the `### name` part
+/// of the markdown, up to the next scenario's heading or the plot line).
+pub fn merge_earlier(
+    json_path: &Path,
+    md_path: &Path,
+    results: &mut serde_json::Map<String, serde_json::Value>,
+    sections: &mut std::collections::BTreeMap<String, String>,
+) -> anyhow::Result<()> {
+    let Ok(text) = std::fs::read_to_string(json_path) else { return Ok(()) };
+    let earlier: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json_path.display()))?;
+    let markdown = std::fs::read_to_string(md_path).unwrap_or_default();
+    for (scenario, json) in earlier {
+        if results.contains_key(&scenario) {
+            continue;
+        }
+        let Some(section) = markdown_section(&markdown, &scenario) else { continue };
+        results.insert(scenario.clone(), json);
+        sections.insert(scenario, section);
+    }
+    Ok(())
+}
+
+fn markdown_section(markdown: &str, scenario: &str) -> Option<String> {
+    let heading = format!("### {scenario}\n");
+    let start = markdown.find(&heading)?;
+    let rest = &markdown[start + heading.len()..];
+    let end = [rest.find("\n### "), rest.find("\nPlot: ")]
+        .into_iter()
+        .flatten()
+        .min()
+        .map_or(rest.len(), |e| e + 1);
+    Some(format!("{heading}{}", &rest[..end]))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sections_split_at_headings_and_the_plot_line() {
+        let md = "### a\n\nx\n\n### b\n\ny\n\nPlot: `p`.\n";
+        assert_eq!(super::markdown_section(md, "a").as_deref(), Some("### a\n\nx\n\n"));
+        assert_eq!(super::markdown_section(md, "b").as_deref(), Some("### b\n\ny\n\n"));
+        assert_eq!(super::markdown_section(md, "c"), None);
+    }
+}

@@ -1,0 +1,108 @@
+//! The network round trip a synchronous write pays: one process sends a 4 KiB request over
+//! TCP, another process on the far side of the veth answers with 16 bytes, and the sender
+//! wakes. ICMP ping measures less than that (the far kernel answers in softirq, no process is
+//! woken), so the export-latency scenario reports both.
+//!
+//! The bench binary plays both ends, each in its namespace: `__round-trip-serve ADDR` and
+//! `__round-trip-client ADDR` (hidden modes, dispatched before argument parsing).
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use replicator::testbed::Lab;
+
+/// The request: a 4 KiB block and a wire frame's header, as a synchronous write ships.
+const REQUEST_BYTES: usize = 4096 + 32;
+/// The reply: an acknowledgement's size.
+const REPLY_BYTES: usize = 16;
+/// Round trips measured (and as many before them, not counted, to warm up).
+const ROUND_TRIPS: usize = 20_000;
+/// The port the server listens on in the secondary's namespace.
+const PORT: u16 = 17_999;
+/// How long the client retries connecting while the server starts.
+const CONNECT_TIMEOUT_MS: u64 = 5_000;
+
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct RoundTrip {
+    pub p50_us: f64,
+    pub p99_us: f64,
+}
+
+/// Runs a hidden mode if `args` name one; `None` when they do not.
+pub fn dispatch(args: &[String]) -> Option<anyhow::Result<()>> {
+    match args.get(1).map(String::as_str) {
+        Some("__round-trip-serve") => Some(serve(args.get(2)?)),
+        Some("__round-trip-client") => Some(client(args.get(2)?)),
+        _ => None,
+    }
+}
+
+/// Measures the round trip from the primary's namespace to the first secondary's address.
+pub fn measure(lab: &Lab) -> anyhow::Result<RoundTrip> {
+    let exe = std::env::current_exe().context("locating the bench binary")?;
+    let addr = SocketAddr::new(lab.secondary_addrs[0].ip(), PORT).to_string();
+    let mut server = lab.secondary_ns[0]
+        .command(&exe)
+        .args(["__round-trip-serve", &addr])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting the round-trip server")?;
+    let output = lab.primary_ns.command(&exe).args(["__round-trip-client", &addr]).output();
+    let _ = server.kill();
+    let _ = server.wait();
+    let output = output.context("running the round-trip client")?;
+    anyhow::ensure!(
+        output.status.success(),
+        "round-trip client failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_slice(&output.stdout)
+        .map(|v: serde_json::Value| RoundTrip {
+            p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
+            p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
+        })
+        .context("round-trip client output")
+}
+
+fn serve(addr: &str) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    let (mut stream, _) = listener.accept().context("accepting the round-trip client")?;
+    stream.set_nodelay(true)?;
+    let mut request = vec![0u8; REQUEST_BYTES];
+    while stream.read_exact(&mut request).is_ok() {
+        stream.write_all(&[0u8; REPLY_BYTES])?;
+    }
+    Ok(())
+}
+
+fn client(addr: &str) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_millis(CONNECT_TIMEOUT_MS);
+    let mut stream = loop {
+        match TcpStream::connect(addr) {
+            Ok(stream) => break stream,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(e).with_context(|| format!("connecting to {addr}")),
+        }
+    };
+    stream.set_nodelay(true)?;
+    let request = vec![0x5au8; REQUEST_BYTES];
+    let mut reply = [0u8; REPLY_BYTES];
+    let mut latencies_ns = Vec::with_capacity(ROUND_TRIPS);
+    for i in 0..2 * ROUND_TRIPS {
+        let start = Instant::now();
+        stream.write_all(&request)?;
+        stream.read_exact(&mut reply)?;
+        if i >= ROUND_TRIPS {
+            latencies_ns.push(start.elapsed().as_nanos() as u64);
+        }
+    }
+    latencies_ns.sort_unstable();
+    let at = |q: f64| latencies_ns[((latencies_ns.len() as f64 * q) as usize).min(latencies_ns.len() - 1)];
+    let p50_us = at(0.50) as f64 / 1000.0;
+    let p99_us = at(0.99) as f64 / 1000.0;
+    println!("{}", serde_json::json!({ "p50_us": p50_us, "p99_us": p99_us }));
+    Ok(())
+}
