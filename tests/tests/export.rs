@@ -471,7 +471,57 @@ fn overlapping_writes_converge_and_disconnect_waits_for_replies() {
     let mut reply = [0u8; 16];
     stream.read_exact(&mut reply).expect("the write's reply comes before the connection closes");
     assert_eq!(&reply[4..8], &[0, 0, 0, 0], "the write succeeded");
+    assert!(
+        closed_by_server(&mut stream),
+        "after NBD_CMD_DISC the server closes, though the client keeps its end"
+    );
 
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// A client that pipelines far more requests than the export holds buffers and reply queue
+/// for (all its writes, then all its reads, sent without waiting for replies; the reads' replies
+/// left unread for a second): every request is answered, and the data read back is what was
+/// written.
+#[test]
+fn pipelined_requests_past_every_bound_are_all_answered() {
+    use std::io::{Read as _, Write as _};
+    const REQUESTS: u64 = 600;
+    let lab = export_lab("nbdpipe", 1, &["--write-policy", "sync"]);
+    let mut stream = raw_client(&lab);
+    for reads in [false, true] {
+        let mut writer = stream.try_clone().expect("cloning the client socket");
+        writer.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let sender = std::thread::spawn(move || {
+            for i in 0..REQUESTS {
+                let mut bytes = request(if reads { 0 } else { 1 }, i * 8 * KIB, 8192);
+                bytes[8..16].copy_from_slice(&i.to_be_bytes());
+                if !reads {
+                    bytes.extend_from_slice(&[(i % 251) as u8; 8192]);
+                }
+                writer.write_all(&bytes).expect("a pipelined request");
+            }
+        });
+        if reads {
+            // The reads' replies fill the socket while nobody reads them: the replier's queue
+            // reaches its bound and the export stops decoding, until the client reads again.
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let mut data = vec![0u8; 8192];
+        for n in 0..REQUESTS {
+            let mut reply = [0u8; 16];
+            stream.read_exact(&mut reply).unwrap_or_else(|e| panic!("reply {n}: {e}\n{}", lab.logs()));
+            assert_eq!(&reply[4..8], &[0, 0, 0, 0], "request failed\n{}", lab.logs());
+            if reads {
+                let i = u64::from_be_bytes(reply[8..16].try_into().unwrap());
+                stream.read_exact(&mut data).expect("a read's data");
+                assert!(data.iter().all(|&b| b == (i % 251) as u8), "read {i} returned other bytes");
+            }
+        }
+        sender.join().expect("sender thread");
+    }
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());

@@ -3,18 +3,20 @@
 //! engine, which writes the primary and, under the sync write policy, every SYNCHRONIZED
 //! secondary before the client gets its reply. Reads are served here, from the primary image.
 //!
-//! Threads: an acceptor; per connection a reader (decodes requests, receives a write's data
-//! into an export buffer, hands the request to the engine, serves reads) and a replier thread.
-//! Replies go out as they complete, in completion order, each whole: the engine writes a
-//! write's 16-byte reply itself when the socket takes it at once and nothing is queued before
-//! it (a thread hop less on the latency path); everything else goes through the replier thread.
+//! Threads: an acceptor; per connection one thread, which runs the handshake, hands the
+//! connection to the engine and then becomes its replier. The engine receives and decodes the
+//! requests in its own ring (`shipper::export_conns`), so a write reaches the ring without a
+//! thread hop. Replies go out as they complete, in completion order, each whole: the engine
+//! writes a write's 16-byte reply itself when the socket takes it at once and nothing is queued
+//! before it; everything else, and every read (served from the primary image), goes through
+//! the replier thread.
 //!
 //! Buffers: `buffers` of `block_bytes_max` each (plus a prefix page for the wire frame's
-//! header, as in `pool`), mapped at start and shared by all connections through a bounded free
-//! list, at most `CONNECTION_BUFFERS_MAX` held by one connection. Ownership: free list -> a
-//! reader (fills it) -> for a read, the replier, which returns it after sending; for a write,
-//! the engine, which returns it once the primary write and every send of a frame from it have
-//! completed. The free list bounds the requests in flight.
+//! header, as in `pool`), mapped at start and shared by all connections through the free list,
+//! at most `CONNECTION_BUFFERS_MAX` held by one connection. Ownership: free list -> for a write,
+//! the engine (receives the data into it, and returns it once the primary write and every send
+//! of a frame from it have completed); for a read, the replier thread (reads into it, returns
+//! it after sending). The free list bounds the requests in flight.
 
 pub mod nbd;
 
@@ -45,8 +47,12 @@ pub const CONNECTION_BUFFERS_MAX: usize = 32;
 pub const BLOCK_BYTES_MAX_DEFAULT: u32 = 1 << 20;
 /// Most client connections at once.
 pub const CONNECTIONS_MAX: usize = 16;
-/// Bytes a connection's reader takes from the socket at once.
-const READ_AHEAD_BYTES: usize = 256 * 1024;
+/// Replies (reads included) queued for one connection's replier thread before the engine stops
+/// decoding that connection's requests: a client that floods reads, or stops reading its
+/// replies, costs bounded memory.
+pub const REPLIES_QUEUED_MAX: usize = 2 * CONNECTION_BUFFERS_MAX;
+/// Bytes the engine takes from a connection's socket at once.
+pub const READ_AHEAD_BYTES: usize = 256 * 1024;
 /// How often the acceptor checks the stop flag.
 const ACCEPT_POLL_MS: u64 = 50;
 
@@ -162,11 +168,39 @@ pub struct ExportRequest {
     pub reply: Arc<Replier>,
 }
 
+/// The export's buffers not in use, shared by the engine (which takes them for writes) and the
+/// connections' replier threads (which take them for reads). `wanted` is set by the engine
+/// when a connection waits for a buffer: the next one given back wakes it.
+pub struct FreeList {
+    buffers: Mutex<Vec<ExportBuffer>>,
+    wanted: AtomicBool,
+    wake: Arc<EventFd>,
+}
+
+impl FreeList {
+    pub fn take(&self) -> Option<ExportBuffer> {
+        self.buffers.lock().expect("free list lock").pop()
+    }
+
+    fn give(&self, buffer: ExportBuffer) {
+        self.buffers.lock().expect("free list lock").push(buffer);
+        if self.wanted.swap(false, Ordering::AcqRel) {
+            let _ = self.wake.write(1);
+        }
+    }
+
+    /// The engine waits for a buffer: the next one given back writes the wake eventfd.
+    pub fn want(&self) {
+        self.wanted.store(true, Ordering::Release);
+    }
+}
+
 /// A connection's write side: the replies, each written whole, never interleaved.
 pub struct Replier {
     side: Arc<WriteSide>,
     /// To the replier thread, which ends when the last `Replier` is dropped.
     queue: Sender<Reply>,
+    free: Arc<FreeList>,
 }
 
 /// What the replier thread shares with the engine's direct writes.
@@ -178,9 +212,23 @@ struct WriteSide {
     queued: std::sync::atomic::AtomicUsize,
     /// Export buffers this connection holds (at most `CONNECTION_BUFFERS_MAX`).
     held: std::sync::atomic::AtomicUsize,
+    /// The engine stopped decoding this connection's requests (`REPLIES_QUEUED_MAX`): the
+    /// replier thread wakes it once the queue is half empty.
+    wanted: AtomicBool,
 }
 
 impl Replier {
+    /// Whether the replier thread has `REPLIES_QUEUED_MAX` replies queued; if so, it wakes the
+    /// engine once it has written half of them.
+    pub fn backlogged(&self) -> bool {
+        if self.side.queued.load(Ordering::Acquire) < REPLIES_QUEUED_MAX {
+            return false;
+        }
+        self.side.wanted.store(true, Ordering::Release);
+        // Checked again: the replier thread may have drained the queue in between.
+        self.side.queued.load(Ordering::Acquire) >= REPLIES_QUEUED_MAX / 2
+    }
+
     /// Sends a reply without data: at once if the socket takes all 16 bytes without blocking
     /// and nothing is queued, else through the replier thread.
     pub fn reply(&self, cookie: u64, error: u32) {
@@ -200,26 +248,28 @@ impl Replier {
                 }
             }
         }
-        self.enqueue(Reply::Done { cookie, error, data: None });
+        self.enqueue(Reply::Done { cookie, error });
+    }
+
+    /// Has the replier thread read `len_bytes` at `offset_bytes` from the primary and send it.
+    pub fn read(&self, cookie: u64, offset_bytes: u64, len_bytes: u32) {
+        self.enqueue(Reply::Read { cookie, offset_bytes, len_bytes });
+    }
+
+    /// A free buffer for this connection, if it holds less than its share and one is free.
+    pub fn take_buffer(&self) -> Option<ExportBuffer> {
+        if self.side.held.load(Ordering::Acquire) >= CONNECTION_BUFFERS_MAX {
+            return None;
+        }
+        let buffer = self.free.take()?;
+        self.side.held.fetch_add(1, Ordering::AcqRel);
+        Some(buffer)
     }
 
     /// Returns a buffer this connection held to the export's free list.
-    pub fn give_back(&self, buffer: ExportBuffer, free: &Sender<ExportBuffer>) {
+    pub fn give_back(&self, buffer: ExportBuffer) {
         self.side.held.fetch_sub(1, Ordering::AcqRel);
-        let _ = free.send(buffer);
-    }
-
-    /// A free buffer for this connection, waiting while it holds its share or none is free.
-    fn take_buffer(&self, shared: &Shared) -> Result<ExportBuffer, ConnectionEnd> {
-        while self.side.held.load(Ordering::Acquire) >= CONNECTION_BUFFERS_MAX {
-            if shared.stop.load(Ordering::Relaxed) {
-                return Err(ConnectionEnd::Stopping);
-            }
-            std::thread::sleep(Duration::from_micros(200));
-        }
-        let buffer = take_buffer(shared)?;
-        self.side.held.fetch_add(1, Ordering::AcqRel);
-        Ok(buffer)
+        self.free.give(buffer);
     }
 
     /// Never blocks: a slow client holds up its replier thread only.
@@ -237,24 +287,37 @@ struct Writer {
     tail: Option<([u8; nbd::REPLY_BYTES], usize)>,
 }
 
-/// A reply for the replier thread to send.
-pub enum Reply {
+/// What the replier thread sends.
+enum Reply {
     Done {
         cookie: u64,
         error: u32,
-        /// A read's data: the buffer and how many bytes of it.
-        data: Option<(ExportBuffer, usize)>,
+    },
+    /// A read: served from the primary image by the replier thread.
+    Read {
+        cookie: u64,
+        offset_bytes: u64,
+        len_bytes: u32,
     },
     /// Wakes the replier thread for the rest of a reply the engine began (`Writer::tail`).
     Tail,
 }
 
-/// The engine's end of an export: requests arrive on `requests`; `wake` is signalled after
-/// each so the engine's ring wakes up; written buffers go back through `free`.
+/// A client past its handshake, handed to the engine, which receives and decodes its requests.
+pub struct Connection {
+    pub stream: Stream,
+    pub reply: Arc<Replier>,
+    pub client: String,
+}
+
+/// The engine's end of an export: new connections arrive on `connections`; `wake` is
+/// signalled after each (and when a buffer comes back that the engine waits for), so the
+/// engine's ring wakes up.
 pub struct EngineSide {
-    pub requests: Receiver<ExportRequest>,
+    pub connections: Receiver<Connection>,
     pub wake: Arc<EventFd>,
-    pub free: Sender<ExportBuffer>,
+    pub free: Arc<FreeList>,
+    pub info: ExportInfo,
 }
 
 /// A running export: its acceptor thread and connections, stopped on drop.
@@ -266,22 +329,21 @@ pub struct Export {
     target: ExportTarget,
 }
 
-/// Everything a connection's threads share.
+/// Everything a connection's thread shares.
 #[derive(Clone)]
 struct Shared {
     info: ExportInfo,
     device: Arc<std::fs::File>,
-    requests: SyncSender<ExportRequest>,
+    connections: SyncSender<Connection>,
     wake: Arc<EventFd>,
-    free_tx: Sender<ExportBuffer>,
-    free_rx: Arc<Mutex<Receiver<ExportBuffer>>>,
+    free: Arc<FreeList>,
     stop: Arc<AtomicBool>,
     /// Every open connection, by id, so that a stop can shut them down.
     streams: Arc<Mutex<Vec<(u64, Stream)>>>,
 }
 
 /// A client connection, TCP or unix.
-enum Stream {
+pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
 }
@@ -294,23 +356,26 @@ impl Stream {
         })
     }
 
-    fn shutdown(&self) {
+    pub fn shutdown(&self) {
         let _ = match self {
             Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
             Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
         };
     }
 
-    /// One `send` with `MSG_DONTWAIT`: never blocks, may take part of `bytes`.
-    fn send_nonblocking(&self, bytes: &[u8]) -> std::io::Result<usize> {
+    pub fn fd(&self) -> std::os::fd::RawFd {
         use std::os::fd::AsRawFd as _;
-        let fd = match self {
+        match self {
             Self::Tcp(s) => s.as_raw_fd(),
             Self::Unix(s) => s.as_raw_fd(),
-        };
+        }
+    }
+
+    /// One `send` with `MSG_DONTWAIT`: never blocks, may take part of `bytes`.
+    fn send_nonblocking(&self, bytes: &[u8]) -> std::io::Result<usize> {
         // SAFETY: a valid socket and a readable buffer of bytes.len() bytes.
         let sent = unsafe {
-            libc::send(fd, bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            libc::send(self.fd(), bytes.as_ptr().cast(), bytes.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
         };
         if sent < 0 { Err(std::io::Error::last_os_error()) } else { Ok(sent as usize) }
     }
@@ -391,26 +456,31 @@ impl Export {
             .custom_flags(libc::O_DIRECT)
             .open(device)
             .map_err(io(&format!("opening {} for reads", device.display())))?;
-        let (free_tx, free_rx) = std::sync::mpsc::channel();
-        for _ in 0..config.buffers {
-            let buffer = ExportBuffer::new(config.block_bytes_max as usize)
-                .map_err(|e| io("allocating buffers")(e.into()))?;
-            free_tx.send(buffer).expect("receiver alive");
-        }
-        let (requests_tx, requests) = std::sync::mpsc::sync_channel(usize::from(config.buffers) * 2);
         let wake = Arc::new(
             EventFd::from_value_and_flags(0, nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| io("creating an eventfd")(e.into()))?,
         );
+        let mut buffers = Vec::with_capacity(usize::from(config.buffers));
+        for _ in 0..config.buffers {
+            buffers.push(
+                ExportBuffer::new(config.block_bytes_max as usize)
+                    .map_err(|e| io("allocating buffers")(e.into()))?,
+            );
+        }
+        let free = Arc::new(FreeList {
+            buffers: Mutex::new(buffers),
+            wanted: AtomicBool::new(false),
+            wake: Arc::clone(&wake),
+        });
+        let (connections_tx, connections) = std::sync::mpsc::sync_channel(CONNECTIONS_MAX);
         let stop = Arc::new(AtomicBool::new(false));
         let streams = Arc::new(Mutex::new(Vec::new()));
         let shared = Shared {
-            info,
+            info: info.clone(),
             device: Arc::new(device),
-            requests: requests_tx,
+            connections: connections_tx,
             wake: Arc::clone(&wake),
-            free_tx: free_tx.clone(),
-            free_rx: Arc::new(Mutex::new(free_rx)),
+            free: Arc::clone(&free),
             stop: Arc::clone(&stop),
             streams: Arc::clone(&streams),
         };
@@ -420,7 +490,7 @@ impl Export {
             .map_err(io("starting the acceptor"))?;
         tracing::info!(export = %config.target, "NBD export listening");
         let export = Self { stop, streams, acceptor: Some(acceptor), target: config.target.clone() };
-        Ok((export, EngineSide { requests, wake, free: free_tx }))
+        Ok((export, EngineSide { connections, wake, free, info }))
     }
 }
 
@@ -492,197 +562,115 @@ fn accept(listener: Listener, shared: Shared) {
     }
 }
 
-/// Why a connection ended, for its log line.
-#[derive(Debug, thiserror::Error)]
-enum ConnectionEnd {
-    #[error(transparent)]
-    Nbd(#[from] nbd::NbdError),
-    #[error("connection: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("the client disconnected")]
-    Disconnect,
-    #[error("the export is stopping")]
-    Stopping,
-}
-
+/// A connection's thread: the handshake, then the connection goes to the engine (which
+/// receives and decodes its requests in its ring, a thread hop less for every write) and this
+/// thread becomes its replier. The socket closes once the engine and every request in flight
+/// have let go of the connection.
 fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
-    let outcome = nbd::handshake(&mut stream, &shared.info).map_err(ConnectionEnd::from).and_then(|()| {
-        tracing::info!(client = %peer, "export: client connected");
-        let (queue, replies) = std::sync::mpsc::channel();
-        let side = Arc::new(WriteSide {
-            writer: Mutex::new(Writer { stream: stream.try_clone()?, tail: None }),
-            queued: std::sync::atomic::AtomicUsize::new(0),
-            held: std::sync::atomic::AtomicUsize::new(0),
-        });
-        let replier = Arc::new(Replier { side: Arc::clone(&side), queue });
-        let free = shared.free_tx.clone();
-        let thread = std::thread::Builder::new()
-            .name("export-reply".into())
-            .spawn(move || send_replies(&side, replies, free))?;
-        let mut reader = std::io::BufReader::with_capacity(READ_AHEAD_BYTES, stream.try_clone()?);
-        let outcome = read_requests(&mut reader, shared, &replier);
-        if !matches!(outcome, Err(ConnectionEnd::Disconnect)) {
-            // A broken client: stop at once. After NBD_CMD_DISC the requests in flight still
-            // complete and their replies go out before the connection closes.
-            stream.shutdown();
+    if let Err(error) = nbd::handshake(&mut stream, &shared.info) {
+        if !matches!(error, nbd::NbdError::Aborted) {
+            tracing::warn!(client = %peer, reason = %error, "export: client disconnected during the handshake");
         }
-        // The replier thread ends once the engine has dropped this connection's last request.
-        drop(replier);
-        let _ = thread.join();
-        outcome
-    });
-    match outcome {
-        Ok(()) | Err(ConnectionEnd::Disconnect) => {
-            tracing::info!(client = %peer, "export: client disconnected")
-        }
-        Err(ConnectionEnd::Nbd(nbd::NbdError::Aborted)) => {}
-        Err(end) => {
-            tracing::warn!(client = %peer, reason = %end, "export: client disconnected for a protocol error")
-        }
+        stream.shutdown();
+        return;
     }
+    let (Ok(writer), Ok(engine_stream)) = (stream.try_clone(), stream.try_clone()) else {
+        tracing::warn!(client = %peer, "export: cloning the connection failed");
+        stream.shutdown();
+        return;
+    };
+    tracing::info!(client = %peer, "export: client connected");
+    let (queue, replies) = std::sync::mpsc::channel();
+    let side = Arc::new(WriteSide {
+        writer: Mutex::new(Writer { stream: writer, tail: None }),
+        queued: std::sync::atomic::AtomicUsize::new(0),
+        held: std::sync::atomic::AtomicUsize::new(0),
+        wanted: AtomicBool::new(false),
+    });
+    let reply = Arc::new(Replier { side: Arc::clone(&side), queue, free: Arc::clone(&shared.free) });
+    let connection = Connection { stream: engine_stream, reply, client: peer.to_owned() };
+    // The engine is stopping when it no longer takes connections; the replier then ends at once.
+    if shared.connections.send(connection).is_ok() {
+        let _ = shared.wake.write(1);
+    }
+    send_replies(&side, replies, shared);
+    tracing::info!(client = %peer, "export: client disconnected");
     stream.shutdown();
 }
 
-/// The reader: decodes requests until the client disconnects or breaks the protocol. Reads
-/// through a buffer, so that a client with many requests in flight costs fewer syscalls.
-fn read_requests(
-    stream: &mut std::io::BufReader<Stream>,
-    shared: &Shared,
-    reply: &Arc<Replier>,
-) -> Result<(), ConnectionEnd> {
-    loop {
-        let mut header = [0u8; nbd::REQUEST_BYTES];
-        stream.read_exact(&mut header)?;
-        if shared.stop.load(Ordering::Relaxed) {
-            return Err(ConnectionEnd::Stopping);
-        }
-        let request = nbd::decode_request(&header, &shared.info)?;
-        let aligned = request.aligned(shared.info.block_bytes_min);
-        match request.command {
-            Command::Disconnect => return Err(ConnectionEnd::Disconnect),
-            Command::Read => {
-                let error = if aligned { 0 } else { nbd::EINVAL };
-                let data = if error == 0 { Some(read_block(shared, &request, reply)?) } else { None };
-                let (error, data) = match data {
-                    Some(Ok(data)) => (0, Some(data)),
-                    Some(Err(error)) => (error, None),
-                    None => (error, None),
-                };
-                send_reply(reply, Reply::Done { cookie: request.cookie, error, data });
-            }
-            Command::Write if request.len_bytes == 0 => {
-                send_reply(reply, Reply::Done { cookie: request.cookie, error: 0, data: None });
-            }
-            Command::Write => {
-                let mut buffer = reply.take_buffer(shared)?;
-                stream.read_exact(buffer.data_mut(request.len_bytes as usize))?;
-                if !aligned {
-                    reply.give_back(buffer, &shared.free_tx);
-                    send_reply(reply, Reply::Done { cookie: request.cookie, error: nbd::EINVAL, data: None });
-                    continue;
-                }
-                submit(shared, &request, Some(buffer), reply)?;
-            }
-            Command::Cache => send_reply(reply, Reply::Done { cookie: request.cookie, error: 0, data: None }),
-            Command::Flush | Command::Trim | Command::WriteZeroes => {
-                if !aligned || (request.command != Command::Flush && request.len_bytes == 0) {
-                    let error = if aligned { 0 } else { nbd::EINVAL };
-                    send_reply(reply, Reply::Done { cookie: request.cookie, error, data: None });
-                    continue;
-                }
-                submit(shared, &request, None, reply)?;
-            }
-        }
-    }
-}
-
-fn send_reply(reply: &Replier, message: Reply) {
-    reply.enqueue(message);
-}
-
-/// A free buffer, waiting for one if all are in flight (the bound on requests in flight).
-fn take_buffer(shared: &Shared) -> Result<ExportBuffer, ConnectionEnd> {
-    let free = shared.free_rx.lock().expect("free list lock");
-    loop {
-        match free.recv_timeout(Duration::from_millis(ACCEPT_POLL_MS)) {
-            Ok(buffer) => return Ok(buffer),
-            Err(_) if shared.stop.load(Ordering::Relaxed) => return Err(ConnectionEnd::Stopping),
-            Err(_) => {}
-        }
-    }
-}
-
-/// Serves a read from the primary image with an O_DIRECT pread; an I/O error is the client's
-/// `EIO`, not the end of the connection.
-fn read_block(
-    shared: &Shared,
-    request: &nbd::Request,
-    reply: &Replier,
-) -> Result<Result<(ExportBuffer, usize), u32>, ConnectionEnd> {
-    let mut buffer = reply.take_buffer(shared)?;
-    let len = request.len_bytes as usize;
-    match shared.device.read_exact_at(buffer.data_mut(len), request.offset_bytes) {
-        Ok(()) => Ok(Ok((buffer, len))),
-        Err(error) => {
-            tracing::error!(offset = request.offset_bytes, len, %error, "export: read from the primary failed");
-            reply.give_back(buffer, &shared.free_tx);
-            Ok(Err(nbd::EIO))
-        }
-    }
-}
-
-/// Hands a request to the engine and wakes it.
-fn submit(
-    shared: &Shared,
-    request: &nbd::Request,
-    buffer: Option<ExportBuffer>,
-    reply: &Arc<Replier>,
-) -> Result<(), ConnectionEnd> {
-    let request = ExportRequest {
-        command: request.command,
-        fua: request.fua(),
-        offset_bytes: request.offset_bytes,
-        len_bytes: request.len_bytes,
-        cookie: request.cookie,
-        buffer,
-        reply: Arc::clone(reply),
-    };
-    shared.requests.send(request).map_err(|_| ConnectionEnd::Stopping)?;
-    shared.wake.write(1).map_err(|e| ConnectionEnd::Io(e.into()))?;
-    Ok(())
-}
-
-/// The replier thread: writes the queued replies, blocking as a slow client needs. Read buffers
-/// go back to the free list. Ends when every holder of the connection's `Replier` is gone.
-fn send_replies(side: &WriteSide, replies: Receiver<Reply>, free: Sender<ExportBuffer>) {
+/// The replier: writes the queued replies, blocking as a slow client needs, and serves reads
+/// from the primary image (O_DIRECT pread). Ends when every holder of the connection's
+/// `Replier` is gone.
+fn send_replies(side: &WriteSide, replies: Receiver<Reply>, shared: &Shared) {
     let mut broken = false;
     for reply in replies {
+        let read = match &reply {
+            Reply::Read { cookie, offset_bytes, len_bytes } => {
+                Some(read_block(side, shared, *offset_bytes, *len_bytes).map_err(|e| (*cookie, e)))
+            }
+            _ => None,
+        };
         let mut writer = side.writer.lock().expect("replier lock");
         let Writer { stream, tail } = &mut *writer;
         let tail_sent = match tail.take() {
             Some((bytes, from)) => stream.write_all(&bytes[from..]),
             None => Ok(()),
         };
-        let sent = tail_sent.and_then(|()| match &reply {
-            Reply::Done { cookie, error, data } => {
-                let header = nbd::encode_reply(*cookie, *error);
-                stream.write_all(&header).and_then(|()| match data {
-                    Some((buffer, len)) => stream.write_all(buffer.data(*len)),
-                    None => Ok(()),
-                })
+        let sent = tail_sent.and_then(|()| match (&reply, &read) {
+            (Reply::Done { cookie, error }, _) => stream.write_all(&nbd::encode_reply(*cookie, *error)),
+            (Reply::Read { cookie, len_bytes, .. }, Some(Ok(buffer))) => stream
+                .write_all(&nbd::encode_reply(*cookie, 0))
+                .and_then(|()| stream.write_all(buffer.data(*len_bytes as usize))),
+            (Reply::Read { .. }, Some(Err((cookie, error)))) => {
+                stream.write_all(&nbd::encode_reply(*cookie, *error))
             }
-            Reply::Tail => Ok(()),
+            _ => Ok(()),
         });
         if sent.is_err() && !broken {
             // The client is gone; keep draining so buffers go back and nobody blocks.
             stream.shutdown();
             broken = true;
         }
-        side.queued.fetch_sub(1, Ordering::AcqRel);
+        let queued = side.queued.fetch_sub(1, Ordering::AcqRel) - 1;
         drop(writer);
-        if let Reply::Done { data: Some((buffer, _)), .. } = reply {
+        if queued <= REPLIES_QUEUED_MAX / 2 && side.wanted.swap(false, Ordering::AcqRel) {
+            let _ = shared.wake.write(1);
+        }
+        if let Some(Ok(buffer)) = read {
             side.held.fetch_sub(1, Ordering::AcqRel);
-            let _ = free.send(buffer);
+            shared.free.give(buffer);
+        }
+    }
+}
+
+/// Reads a block from the primary image into a free buffer (waiting while the connection holds
+/// its share or none is free); an I/O error is the client's `EIO`, not the end of the connection.
+fn read_block(
+    side: &WriteSide,
+    shared: &Shared,
+    offset_bytes: u64,
+    len_bytes: u32,
+) -> Result<ExportBuffer, u32> {
+    let mut buffer = loop {
+        if side.held.load(Ordering::Acquire) < CONNECTION_BUFFERS_MAX
+            && let Some(buffer) = shared.free.take()
+        {
+            side.held.fetch_add(1, Ordering::AcqRel);
+            break buffer;
+        }
+        if shared.stop.load(Ordering::Relaxed) {
+            return Err(nbd::EIO);
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    let len = len_bytes as usize;
+    match shared.device.read_exact_at(buffer.data_mut(len), offset_bytes) {
+        Ok(()) => Ok(buffer),
+        Err(error) => {
+            tracing::error!(offset = offset_bytes, len, %error, "export: read from the primary failed");
+            side.held.fetch_sub(1, Ordering::AcqRel);
+            shared.free.give(buffer);
+            Err(nbd::EIO)
         }
     }
 }

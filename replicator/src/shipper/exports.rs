@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 use bitvec::prelude::*;
 use io_uring::{opcode, types};
 
+use super::export_conns::NbdConn;
 use super::peer::{InFlight, SendJob};
 use super::{Engine, Op, PEERS_MAX, ShipperError};
 use crate::export::nbd::{self, Command};
-use crate::export::{EngineSide, Export, ExportRequest};
+use crate::export::{CONNECTIONS_MAX, EngineSide, Export, ExportRequest};
 use crate::mirror::WritePolicy;
 use crate::wire;
 
@@ -43,7 +44,12 @@ const ZEROES_FRAME_BYTES: usize = wire::HEADER_BYTES + 24;
 /// The export as the engine holds it.
 pub(super) struct ExportState {
     pub(super) _export: Export,
-    side: EngineSide,
+    pub(super) side: EngineSide,
+    /// The clients past their handshake (at most `CONNECTIONS_MAX`).
+    pub(super) conns: Vec<Option<NbdConn>>,
+    pub(super) conn_generation: u32,
+    /// Where the next look for a decoded request starts, so no client starves the others.
+    next_conn: usize,
     /// The primary device opened for writing (`O_DIRECT`).
     device: File,
     slots: Vec<Option<Slot>>,
@@ -99,6 +105,9 @@ impl ExportState {
         Self {
             _export: export,
             side,
+            conns: (0..CONNECTIONS_MAX).map(|_| None).collect(),
+            conn_generation: 0,
+            next_conn: 0,
             device,
             slots: (0..slots_max).map(|_| None).collect(),
             free_slots: (0..slots_max as u32).rev().collect(),
@@ -170,6 +179,18 @@ impl ExportState {
         self.free_slots.len() == self.slots.len()
     }
 
+    /// The next decoded request, taking the connections in turn.
+    fn next_request(&mut self) -> Option<ExportRequest> {
+        for turn in 0..self.conns.len() {
+            let at = (self.next_conn + turn) % self.conns.len();
+            if let Some(request) = self.conns[at].as_mut().and_then(|c| c.ready.pop_front()) {
+                self.next_conn = (at + 1) % self.conns.len();
+                return Some(request);
+            }
+        }
+        None
+    }
+
     pub(super) fn wake_fd(&self) -> i32 {
         use std::os::fd::AsFd as _;
         self.side.wake.as_fd().as_raw_fd()
@@ -234,7 +255,7 @@ impl Engine {
             if export.free_slots.is_empty() || self.free_ops.len() <= 1 + self.peers.len() * 3 {
                 return Ok(());
             }
-            let Ok(request) = export.side.requests.try_recv() else { return Ok(()) };
+            let Some(request) = export.next_request() else { return Ok(()) };
             self.start_export(request)?;
         }
     }
@@ -352,7 +373,7 @@ impl Engine {
         self.metrics.export_errors.inc();
         request.reply.reply(request.cookie, nbd::EIO);
         if let Some(buffer) = request.buffer {
-            request.reply.give_back(buffer, &export.side.free);
+            request.reply.give_back(buffer);
         }
     }
 
@@ -548,7 +569,7 @@ impl Engine {
         }
         let data = export.slots[slot as usize].take().expect("slot in use");
         if let Some(buffer) = data.request.buffer {
-            data.request.reply.give_back(buffer, &export.side.free);
+            data.request.reply.give_back(buffer);
         }
         export.free_slots.push(slot);
     }

@@ -17,6 +17,7 @@
 //! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
 
 mod connector;
+mod export_conns;
 mod exports;
 mod membership;
 mod peer;
@@ -147,8 +148,15 @@ enum Op {
     Export {
         slot: u32,
     },
-    /// A read of the export's eventfd: completes when a client request arrives.
+    /// A read of the export's eventfd: completes when a client connects or a buffer the
+    /// export waits for comes back.
     Wake,
+    /// A recv from an export client's socket (`direct`: into the arriving write's buffer).
+    ExportRecv {
+        conn: u16,
+        generation: u32,
+        direct: bool,
+    },
     /// The primary's side of a verify batch: the extents read to be hashed.
     VerifyRead {
         peer: usize,
@@ -329,7 +337,10 @@ impl Engine {
         // A mirror from a database may grow to PEERS_MAX secondaries at run time.
         let peer_slots = if config.mirror.is_some() { PEERS_MAX } else { config.secondaries.len() };
         let export_slots = config.export.as_ref().map_or(0, export_slots_max);
-        let op_slots = usize::from(buffers) * (peer_slots + 1) + 3 * peer_slots + 8 + export_slots + 1;
+        // An export has a Wake op and a recv op per client connection besides its requests.
+        let export_ops =
+            config.export.as_ref().map_or(0, |_| export_slots + 1 + crate::export::CONNECTIONS_MAX);
+        let op_slots = usize::from(buffers) * (peer_slots + 1) + 3 * peer_slots + 8 + export_ops;
         let ring = crate::pool::new_ring((op_slots as u32).next_power_of_two())
             .map_err(io_error("creating the io_uring"))?;
         // SAFETY: the pool outlives the ring (field order above).
@@ -506,6 +517,7 @@ impl Engine {
             self.handle_control();
             self.drain_tracker();
             self.arm_export_wake(stopping_since.is_some())?;
+            self.pump_export_connections(stopping_since.is_some())?;
             if stopping_since.is_none() {
                 self.take_export_requests()?;
                 self.schedule_reads()?;
@@ -959,6 +971,11 @@ impl Engine {
                 if let Some(export) = self.export.as_mut() {
                     export.wake_armed = false;
                 }
+                Ok(())
+            }
+            Op::ExportRecv { conn, generation, direct } => {
+                self.free_op(slot);
+                self.complete_export_recv(conn, generation, direct, result);
                 Ok(())
             }
             Op::VerifyRead { peer, generation, buffer, first_extent, count } => {
@@ -1508,6 +1525,8 @@ impl Engine {
             export.wake();
             self.tracker.exempt_writes_of(0);
         }
+        // Every export connection stops reading, so its recv op completes.
+        self.pump_export_connections(true)?;
         // The last checkpoint, while the connections are still up: a secondary in sync now is
         // recorded as such.
         self.persist_fracture_logs();

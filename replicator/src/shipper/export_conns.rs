@@ -1,0 +1,301 @@
+//! The export's client connections in the engine: each connection's socket is read by a recv
+//! op in the engine's ring, and its requests are decoded here, so a client's write reaches the
+//! ring without a hop through another thread (one wake-up less on the sync write's path).
+//!
+//! Owns, per connection, a read-ahead buffer (the recv op writes into it; its address is fixed
+//! while the op is in flight) and the write whose data is still arriving (`Partial`: its export
+//! buffer, which the recv op may fill directly). Invariants:
+//! - at most one recv op per connection, and a connection is dropped only when none is in flight;
+//! - a request leaves here whole: a write with all its data, in the order the client sent it;
+//! - a connection that breaks the protocol is shut down at once and nothing of the broken
+//!   request reaches an image; after `NBD_CMD_DISC`, the requests before it still complete.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use io_uring::{opcode, types};
+
+use super::{Engine, Op, ShipperError};
+use crate::export::nbd::{self, Command};
+use crate::export::{Connection, ExportBuffer, ExportInfo, ExportRequest, READ_AHEAD_BYTES, Replier, Stream};
+
+/// Decoded requests a connection may have waiting for an engine slot.
+const READY_MAX: usize = 64;
+/// A write's data at least this long, with nothing read ahead, is received straight into its
+/// export buffer rather than through the read-ahead buffer.
+const DIRECT_RECV_BYTES_MIN: usize = 16 * 1024;
+
+/// A client connection as the engine holds it.
+pub(super) struct NbdConn {
+    stream: Stream,
+    reply: Arc<Replier>,
+    client: String,
+    /// Bumped on every new connection in this place, so a stale completion is recognised.
+    pub(super) generation: u32,
+    ahead: Box<[u8]>,
+    /// The undecoded bytes are `ahead[start..end]`.
+    start: usize,
+    end: usize,
+    /// A write's header decoded, waiting for a buffer.
+    waiting: Option<nbd::Request>,
+    /// A write whose data is arriving.
+    partial: Option<Partial>,
+    /// Decoded requests waiting for an engine slot, in the client's order.
+    pub(super) ready: VecDeque<ExportRequest>,
+    recv_in_flight: bool,
+    /// No more requests are read: the client disconnected or broke the protocol.
+    closing: bool,
+}
+
+struct Partial {
+    request: nbd::Request,
+    buffer: ExportBuffer,
+    filled: usize,
+}
+
+impl NbdConn {
+    pub(super) fn new(connection: Connection, generation: u32) -> Self {
+        Self {
+            stream: connection.stream,
+            reply: connection.reply,
+            client: connection.client,
+            generation,
+            ahead: vec![0u8; READ_AHEAD_BYTES].into_boxed_slice(),
+            start: 0,
+            end: 0,
+            waiting: None,
+            partial: None,
+            ready: VecDeque::with_capacity(READY_MAX),
+            recv_in_flight: false,
+            closing: false,
+        }
+    }
+
+    /// Whether the engine may drop the connection: closing, no recv in flight, nothing waiting.
+    pub(super) fn finished(&self) -> bool {
+        self.closing && !self.recv_in_flight && self.ready.is_empty()
+    }
+
+    /// Stops reading at once (a protocol error, or the engine stopping): the client sees the
+    /// socket close, and the recv in flight completes.
+    pub(super) fn abort(&mut self) {
+        self.closing = true;
+        self.stream.shutdown();
+        for request in self.ready.drain(..) {
+            if let Some(buffer) = request.buffer {
+                request.reply.give_back(buffer);
+            }
+        }
+        self.release_partial();
+    }
+
+    fn release_partial(&mut self) {
+        if let Some(partial) = self.partial.take() {
+            self.reply.give_back(partial.buffer);
+        }
+        self.waiting = None;
+    }
+
+    /// Decodes what has arrived into `ready`, until the bytes, the buffers or the room run out.
+    fn pump(&mut self, info: &ExportInfo) {
+        loop {
+            if self.closing {
+                return;
+            }
+            if let Some(partial) = self.partial.as_mut() {
+                let len = partial.request.len_bytes as usize;
+                let take = (len - partial.filled).min(self.end - self.start);
+                partial.buffer.data_mut(len)[partial.filled..partial.filled + take]
+                    .copy_from_slice(&self.ahead[self.start..self.start + take]);
+                partial.filled += take;
+                self.start += take;
+                if partial.filled < len {
+                    return;
+                }
+                let Partial { request, buffer, .. } = self.partial.take().expect("checked above");
+                if request.aligned(info.block_bytes_min) {
+                    self.ready.push_back(self.engine_request(&request, Some(buffer)));
+                } else {
+                    self.reply.give_back(buffer);
+                    self.reply.reply(request.cookie, nbd::EINVAL);
+                }
+                continue;
+            }
+            if let Some(request) = self.waiting.take() {
+                match self.reply.take_buffer() {
+                    Some(buffer) => self.partial = Some(Partial { request, buffer, filled: 0 }),
+                    None => {
+                        self.waiting = Some(request);
+                        return;
+                    }
+                }
+                continue;
+            }
+            if self.ready.len() >= READY_MAX
+                || self.end - self.start < nbd::REQUEST_BYTES
+                || self.reply.backlogged()
+            {
+                return;
+            }
+            let header: &[u8; nbd::REQUEST_BYTES] =
+                self.ahead[self.start..self.start + nbd::REQUEST_BYTES].try_into().expect("sliced to size");
+            let decoded = nbd::decode_request(header, info);
+            self.start += nbd::REQUEST_BYTES;
+            match decoded {
+                Ok(request) => self.dispatch(request, info),
+                Err(error) => {
+                    tracing::warn!(client = %self.client, reason = %error, "export: client disconnected for a protocol error");
+                    self.abort();
+                }
+            }
+        }
+    }
+
+    /// One decoded request: answered here, queued for the engine, or waiting for its data.
+    fn dispatch(&mut self, request: nbd::Request, info: &ExportInfo) {
+        let aligned = request.aligned(info.block_bytes_min);
+        match request.command {
+            Command::Disconnect => {
+                // The requests before it complete and are answered; then the socket closes.
+                // Shutting the read side ends the recv in flight (a client may wait for the
+                // close without closing its end).
+                self.closing = true;
+                self.release_partial();
+                // SAFETY: a socket this connection owns.
+                unsafe { libc::shutdown(self.stream.fd(), libc::SHUT_RD) };
+            }
+            Command::Read if aligned => {
+                self.reply.read(request.cookie, request.offset_bytes, request.len_bytes)
+            }
+            Command::Read => self.reply.reply(request.cookie, nbd::EINVAL),
+            Command::Write if request.len_bytes == 0 => self.reply.reply(request.cookie, 0),
+            Command::Write => self.waiting = Some(request),
+            Command::Cache => self.reply.reply(request.cookie, 0),
+            Command::Flush | Command::Trim | Command::WriteZeroes => {
+                if !aligned || (request.command != Command::Flush && request.len_bytes == 0) {
+                    self.reply.reply(request.cookie, if aligned { 0 } else { nbd::EINVAL });
+                } else {
+                    self.ready.push_back(self.engine_request(&request, None));
+                }
+            }
+        }
+    }
+
+    fn engine_request(&self, request: &nbd::Request, buffer: Option<ExportBuffer>) -> ExportRequest {
+        ExportRequest {
+            command: request.command,
+            fua: request.fua(),
+            offset_bytes: request.offset_bytes,
+            len_bytes: request.len_bytes,
+            cookie: request.cookie,
+            buffer,
+            reply: Arc::clone(&self.reply),
+        }
+    }
+
+    /// The recv op to post, if the connection wants bytes and has room for them: into the
+    /// arriving write's buffer when nothing is read ahead and much of it is missing, else into
+    /// the read-ahead buffer (compacted first).
+    fn next_recv(&mut self) -> Option<(*mut u8, u32, bool)> {
+        if self.closing || self.recv_in_flight {
+            return None;
+        }
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+            if let Some(partial) = self.partial.as_mut() {
+                let missing = partial.request.len_bytes as usize - partial.filled;
+                if missing >= DIRECT_RECV_BYTES_MIN {
+                    // SAFETY: inside the buffer's data area (filled < len <= data_bytes_max).
+                    let at = unsafe { partial.buffer.data_ptr().add(partial.filled) };
+                    return Some((at, missing as u32, true));
+                }
+            }
+        } else if self.start > 0 && (self.end == self.ahead.len() || self.start >= self.ahead.len() / 2) {
+            self.ahead.copy_within(self.start..self.end, 0);
+            (self.start, self.end) = (0, self.end - self.start);
+        }
+        if self.end == self.ahead.len() {
+            return None; // full of requests waiting for buffers or slots
+        }
+        let room = self.ahead.len() - self.end;
+        // SAFETY: `end < ahead.len()`.
+        Some((unsafe { self.ahead.as_mut_ptr().add(self.end) }, room as u32, false))
+    }
+}
+
+impl Engine {
+    /// Takes new connections, decodes what each has received, and keeps a recv op in flight
+    /// on every connection that wants bytes; drops the finished ones.
+    pub(super) fn pump_export_connections(&mut self, stopping: bool) -> Result<(), ShipperError> {
+        let Some(export) = self.export.as_mut() else { return Ok(()) };
+        while let Ok(connection) = export.side.connections.try_recv() {
+            if stopping {
+                connection.stream.shutdown();
+                continue;
+            }
+            match export.conns.iter().position(Option::is_none) {
+                Some(at) => {
+                    export.conn_generation += 1;
+                    export.conns[at] = Some(NbdConn::new(connection, export.conn_generation));
+                }
+                None => connection.stream.shutdown(), // the acceptor bounds them; not reached
+            }
+        }
+        let mut wants_buffer = false;
+        for index in 0..export.conns.len() {
+            let export = self.export.as_mut().expect("checked above");
+            let Some(conn) = export.conns[index].as_mut() else { continue };
+            if stopping && !conn.closing {
+                conn.abort();
+            }
+            conn.pump(&export.side.info);
+            wants_buffer |= conn.waiting.is_some();
+            if conn.finished() {
+                export.conns[index] = None;
+                continue;
+            }
+            let Some((at, len, direct)) = conn.next_recv() else { continue };
+            if self.free_ops.is_empty() {
+                break;
+            }
+            conn.recv_in_flight = true;
+            let (fd, generation) = (conn.stream.fd(), conn.generation);
+            let entry = opcode::Recv::new(types::Fd(fd), at, len).build();
+            self.push_op(Op::ExportRecv { conn: index as u16, generation, direct }, entry)?;
+        }
+        if wants_buffer && let Some(export) = self.export.as_ref() {
+            export.side.free.want();
+        }
+        Ok(())
+    }
+
+    /// A connection's recv op completed: `result` bytes arrived (0: the client closed).
+    pub(super) fn complete_export_recv(&mut self, conn: u16, generation: u32, direct: bool, result: i32) {
+        let export = self.export.as_mut().expect("export recv ops come from an export");
+        let Some(connection) =
+            export.conns[usize::from(conn)].as_mut().filter(|c| c.generation == generation)
+        else {
+            unreachable!("a connection is dropped only when no recv op is in flight");
+        };
+        connection.recv_in_flight = false;
+        if result <= 0 {
+            if result < 0 && !connection.closing {
+                let error = std::io::Error::from_raw_os_error(-result);
+                tracing::warn!(client = %connection.client, %error, "export: receiving from the client failed");
+            }
+            // Requests already decoded still complete; a write missing its data never does.
+            connection.closing = true;
+            connection.release_partial();
+            return;
+        }
+        let bytes = result as usize;
+        if direct {
+            let partial = connection.partial.as_mut().expect("a direct recv fills the arriving write");
+            partial.filled += bytes;
+            assert!(partial.filled <= partial.request.len_bytes as usize);
+        } else {
+            connection.end += bytes;
+            assert!(connection.end <= connection.ahead.len());
+        }
+    }
+}
