@@ -6,6 +6,7 @@
 //! while the op is in flight) and the write whose data is still arriving (`Partial`: its export
 //! buffer, which the recv op may fill directly). Invariants:
 //! - at most one recv op per connection, and a connection is dropped only when none is in flight;
+//!   the arriving write's buffer goes back to the free list only when no recv fills it;
 //! - a request leaves here whole: a write with all its data, in the order the client sent it;
 //! - a connection that breaks the protocol is shut down at once and nothing of the broken
 //!   request reaches an image; after `NBD_CMD_DISC`, the requests before it still complete.
@@ -86,7 +87,10 @@ impl NbdConn {
                 request.reply.give_back(buffer);
             }
         }
-        self.release_partial();
+        if !self.recv_in_flight {
+            // Else the recv may be filling the arriving write's buffer: released when it completes.
+            self.release_partial();
+        }
     }
 
     fn release_partial(&mut self) {
@@ -296,6 +300,9 @@ impl Engine {
         } else {
             connection.end += bytes;
             assert!(connection.end <= connection.ahead.len());
+        }
+        if connection.closing {
+            connection.release_partial(); // aborted while this recv was in flight
         }
     }
 }
