@@ -16,11 +16,19 @@ const MIB: f64 = 1024.0 * 1024.0;
 struct Run {
     secondaries: usize,
     zero_copy: bool,
+    /// Zero-copy was asked for and kept: the kernel did not copy every probed send.
+    zero_copy_kept: bool,
     shipped_bytes_per_secondary: u64,
     seconds: f64,
     mib_per_s: f64,
     ratio_to_iperf3: f64,
     primary_cpu_seconds_per_gib: f64,
+    /// The same 2 GiB rewrite made while every secondary is fractured, then shipped with no
+    /// writer beside it (`restore` to SYNCHRONIZED, from the primary's timestamps): the
+    /// replicator alone on the two cores, as iperf3 is.
+    alone_seconds: f64,
+    alone_mib_per_s: f64,
+    alone_ratio_to_iperf3: f64,
 }
 
 pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
@@ -30,21 +38,31 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         eprintln!("ship-throughput: {secondaries} secondaries, zero copy {zero_copy}");
         let mut run = ship(binary, secondaries, zero_copy)?;
         run.ratio_to_iperf3 = run.mib_per_s / iperf3_mib_per_s;
+        run.alone_ratio_to_iperf3 = run.alone_mib_per_s / iperf3_mib_per_s;
         runs.push(run);
     }
     let mut md = format!(
         "### ship-throughput\n\nSequential 2 GiB rewrite of the primary (fio, 1 MiB O_DIRECT writes), shipped over veth \
-         between network namespaces; time from the first write to every secondary acknowledging. \
-         iperf3 on the same path: {iperf3_mib_per_s:.0} MiB/s.\n\n\
-         | secondaries | send | MiB/s | of iperf3 | primary CPU s/GiB |\n|---|---|---|---|---|\n"
+         between network namespaces. Live: time from the first write to every secondary acknowledging, with fio \
+         writing on the same two cores. Alone: the same rewrite made while every secondary is fractured, then \
+         shipped by `restore` with nothing else running (time to SYNCHRONIZED from the primary's timestamps), as \
+         iperf3 runs alone. iperf3 on the same path: {iperf3_mib_per_s:.0} MiB/s.\n\n\
+         | secondaries | send | live MiB/s | live / iperf3 | alone MiB/s | alone / iperf3 | primary CPU s/GiB (live) |\n\
+         |---|---|---|---|---|---|---|\n"
     );
     for r in &runs {
         md.push_str(&format!(
-            "| {} | {} | {:.0} | {:.2} | {:.2} |\n",
+            "| {} | {} | {:.0} | {:.2} | {:.0} | {:.2} | {:.2} |\n",
             r.secondaries,
-            if r.zero_copy { "zero-copy" } else { "plain" },
+            match (r.zero_copy, r.zero_copy_kept) {
+                (true, true) => "zero-copy",
+                (true, false) => "zero-copy asked, plain after the probe (the kernel copied)",
+                (false, _) => "plain",
+            },
             r.mib_per_s,
             r.ratio_to_iperf3,
+            r.alone_mib_per_s,
+            r.alone_ratio_to_iperf3,
             r.primary_cpu_seconds_per_gib
         ));
     }
@@ -88,7 +106,8 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
     for i in 0..secondaries {
         lab.start_secondary(i, &[])?;
     }
-    let mut args = vec!["--skip-initial-sync"];
+    // No sync-rate limit: the "alone" half ships a resync.
+    let mut args = vec!["--skip-initial-sync", "--sync-rate", "0"];
     if !zero_copy {
         args.push("--no-zero-copy");
     }
@@ -104,15 +123,56 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
     let seconds = started.elapsed().as_secs_f64() - 0.6;
     let cpu = cpu_seconds(pid)? - cpu_before;
     let shipped = status["secondaries"][0]["shipped_bytes"].as_u64().unwrap_or(0);
+    let zero_copy_kept = status["secondaries"][0]["zero_copy"].as_bool().unwrap_or(false);
+    let alone_seconds = ship_alone(&lab, secondaries)?;
     let hashes = lab.hashes()?;
     anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the benchmark");
     Ok(Run {
         secondaries,
         zero_copy,
+        zero_copy_kept,
         shipped_bytes_per_secondary: shipped,
         seconds,
         mib_per_s: shipped as f64 / MIB / seconds,
         ratio_to_iperf3: 0.0,
         primary_cpu_seconds_per_gib: cpu / (shipped as f64 * secondaries as f64 / (1u64 << 30) as f64),
+        alone_seconds,
+        alone_mib_per_s: DEVICE_BYTES as f64 / MIB / alone_seconds,
+        alone_ratio_to_iperf3: 0.0,
     })
+}
+
+/// Fractures every secondary, rewrites the 2 GiB, restores them all and returns the seconds
+/// from the restore to the last secondary's SYNCHRONIZED (the primary's own timestamps).
+fn ship_alone(lab: &Lab, secondaries: usize) -> anyhow::Result<f64> {
+    let names: Vec<String> = (0..secondaries).map(|i| format!("s{i}")).collect();
+    for name in &names {
+        lab.operate(&["fracture", name])
+            .map_err(|e| anyhow::anyhow!("fracture {name}: {e}\n{}", lab.logs()))?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lab
+        .status()
+        .is_some_and(|s| (0..secondaries).all(|i| s["secondaries"][i]["state"] == "UNSYNCHRONIZED"))
+    {
+        anyhow::ensure!(Instant::now() < deadline, "the fractures did not happen\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    crate::fio::sequential_write(&lab.primary_device.path, "2g")?;
+    // Let the tracker's drain put every written extent in the fracture logs first.
+    std::thread::sleep(Duration::from_millis(500));
+    let restored_at_ms = replicator::logs::unix_ms_now();
+    for name in &names {
+        lab.operate(&["restore", name])
+            .map_err(|e| anyhow::anyhow!("restore {name}: {e}\n{}", lab.logs()))?;
+    }
+    let status = lab
+        .wait_synchronized(Duration::from_secs(300))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    let synchronized_at_ms = (0..secondaries)
+        .map(|i| status["secondaries"][i]["synchronized_at_unix_ms"].as_u64().unwrap_or(u64::MAX))
+        .max()
+        .unwrap_or(u64::MAX);
+    anyhow::ensure!(synchronized_at_ms != u64::MAX, "no synchronized_at_unix_ms in the status");
+    Ok(synchronized_at_ms.saturating_sub(restored_at_ms).max(1) as f64 / 1000.0)
 }

@@ -484,6 +484,7 @@ impl Engine {
             connector: self.next_connector,
             want_connection: Some(want_tx),
             zero_copy: self.config.zero_copy,
+            zero_copy_probe: peer::ZeroCopyProbe::default(),
             stats: PeerStats::default(),
             metrics,
             in_sync: false,
@@ -938,9 +939,20 @@ impl Engine {
                     "the second completion of a zero-copy send is its notification"
                 );
                 self.free_op(slot);
-                if result & NOTIF_USAGE_ZC_COPIED != 0 && self.peers[peer].generation == generation {
-                    self.peers[peer].stats.copied_sends += 1;
-                    self.peers[peer].metrics.copied_sends.inc();
+                let copied = result & NOTIF_USAGE_ZC_COPIED != 0;
+                let target = &mut self.peers[peer];
+                if copied && target.generation == generation {
+                    target.stats.copied_sends += 1;
+                    target.metrics.copied_sends.inc();
+                }
+                if target.generation == generation && target.zero_copy_probe.copied_throughout(copied) {
+                    tracing::info!(
+                        secondary = %target.name,
+                        sends = peer::ZERO_COPY_PROBE_SENDS,
+                        "the kernel copied every zero-copy send to this secondary (veth, loopback, or a NIC \
+                         without scatter-gather); using plain sends"
+                    );
+                    target.zero_copy = false;
                 }
                 self.release_buffer(buffer.expect("zero-copy sends carry a buffer"));
                 Ok(())

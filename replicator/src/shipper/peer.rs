@@ -255,7 +255,10 @@ pub struct Peer {
     pub reported_state: Option<super::ImageState>,
     /// Why it last disconnected or failed to connect.
     pub last_error: String,
+    /// Zero-copy sends are tried (`--zero-copy`, the default) and the kernel has not been
+    /// found copying them anyway (see `ZeroCopyProbe`).
     pub zero_copy: bool,
+    pub zero_copy_probe: ZeroCopyProbe,
     pub stats: PeerStats,
     pub metrics: crate::metrics::PeerMetrics,
     pub in_sync: bool,
@@ -267,11 +270,54 @@ pub struct Peer {
     pub log: super::resync::PeerLog,
 }
 
+/// Zero-copy sends that the kernel copies anyway (a veth or loopback path, a NIC without
+/// scatter-gather) cost a notification completion each on top of the copy. The first
+/// `ZERO_COPY_PROBE_SENDS` notifications to a secondary decide: if the kernel copied every one,
+/// that secondary gets plain sends from then on.
+#[derive(Debug, Default)]
+pub struct ZeroCopyProbe {
+    pub notifications: u32,
+    pub copied: u32,
+}
+
+/// Notifications a secondary's zero-copy sends are judged by.
+pub const ZERO_COPY_PROBE_SENDS: u32 = 64;
+
+impl ZeroCopyProbe {
+    /// Counts a notification; true exactly once, when the probe ends with every send copied.
+    pub fn copied_throughout(&mut self, copied: bool) -> bool {
+        if self.notifications >= ZERO_COPY_PROBE_SENDS {
+            return false;
+        }
+        self.notifications += 1;
+        self.copied += u32::from(copied);
+        self.notifications == ZERO_COPY_PROBE_SENDS && self.copied == self.notifications
+    }
+}
+
 impl Peer {
     /// Whether this peer can take another extent frame now.
     pub fn eligible(&self, backlog_bytes_max: u64, run_bytes_max: u64, queue_max: usize) -> bool {
         self.conn.as_ref().is_some_and(|c| {
             c.backlog_bytes + run_bytes_max <= backlog_bytes_max && c.queue.len() < queue_max
         })
+    }
+}
+
+#[cfg(test)]
+mod zero_copy_probe_tests {
+    use super::{ZERO_COPY_PROBE_SENDS, ZeroCopyProbe};
+
+    #[test]
+    fn falls_back_only_when_every_probed_send_was_copied() {
+        let mut all_copied = ZeroCopyProbe::default();
+        let verdicts: Vec<bool> =
+            (0..ZERO_COPY_PROBE_SENDS * 2).map(|_| all_copied.copied_throughout(true)).collect();
+        assert_eq!(verdicts.iter().filter(|&&v| v).count(), 1, "one verdict, once");
+        assert!(verdicts[ZERO_COPY_PROBE_SENDS as usize - 1]);
+
+        let mut one_real = ZeroCopyProbe::default();
+        let fell_back = (0..ZERO_COPY_PROBE_SENDS * 2).any(|i| one_real.copied_throughout(i != 7));
+        assert!(!fell_back, "a single send the kernel did not copy keeps zero-copy");
     }
 }
