@@ -88,7 +88,9 @@ pub struct PrimaryArgs {
     #[arg(long)]
     #[serde(default)]
     pub skip_initial_sync: bool,
-    /// Use plain sends instead of zero-copy sends.
+    /// Use plain sends instead of zero-copy sends. Without it, zero-copy is tried, and a
+    /// secondary whose first 64 zero-copy sends the kernel all copied (veth, loopback, a NIC
+    /// without scatter-gather) gets plain sends from then on.
     #[arg(long)]
     #[serde(default)]
     pub no_zero_copy: bool,
