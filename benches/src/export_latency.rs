@@ -74,12 +74,10 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         }
     }
     let rows = medians(&rounds);
-    let median = |f: fn(&crate::round_trip::RoundTrip) -> f64| {
-        let mut v: Vec<f64> = tcp_rounds.iter().map(f).collect();
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
+    let tcp = crate::round_trip::RoundTrip {
+        p50_us: crate::median(tcp_rounds.iter().map(|r| r.p50_us)),
+        p99_us: crate::median(tcp_rounds.iter().map(|r| r.p99_us)),
     };
-    let tcp = crate::round_trip::RoundTrip { p50_us: median(|r| r.p50_us), p99_us: median(|r| r.p99_us) };
     let hashes = lab.hashes()?;
     anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the export benchmark");
 
@@ -172,11 +170,7 @@ fn medians(rounds: &[Row]) -> Vec<Row> {
             .filter(|o| o.policy == r.policy && o.iodepth == r.iodepth)
             .map(|o| &o.result)
             .collect();
-        let median = |f: fn(&FioResult) -> f64| {
-            let mut v: Vec<f64> = same.iter().map(|r| f(r)).collect();
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
+        let median = |f: fn(&FioResult) -> f64| crate::median(same.iter().map(|r| f(r)));
         let result = FioResult {
             iops: median(|r| r.iops),
             p50_us: median(|r| r.p50_us),

@@ -97,6 +97,15 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The median of `values` (the upper middle of an even count): each figure a scenario reports
+/// over rounds.
+fn median(values: impl IntoIterator<Item = f64>) -> f64 {
+    let mut values: Vec<f64> = values.into_iter().collect();
+    assert!(!values.is_empty(), "a median of no rounds");
+    values.sort_by(f64::total_cmp);
+    values[values.len() / 2]
+}
+
 /// The replicator binary the multi-process scenarios start (`cargo xtask bench` sets it).
 fn replicator_binary() -> anyhow::Result<PathBuf> {
     let binary = std::env::var_os("REPLICATOR_BIN")

@@ -25,7 +25,7 @@ const PORT: u16 = 17_999;
 /// How long the client retries connecting while the server starts.
 const CONNECT_TIMEOUT_MS: u64 = 5_000;
 
-#[derive(Clone, Copy, Debug, serde::Serialize)]
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
 pub struct RoundTrip {
     pub p50_us: f64,
     pub p99_us: f64,
@@ -59,12 +59,7 @@ pub fn measure(lab: &Lab) -> anyhow::Result<RoundTrip> {
         "round-trip client failed: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    serde_json::from_slice(&output.stdout)
-        .map(|v: serde_json::Value| RoundTrip {
-            p50_us: v["p50_us"].as_f64().unwrap_or(0.0),
-            p99_us: v["p99_us"].as_f64().unwrap_or(0.0),
-        })
-        .context("round-trip client output")
+    serde_json::from_slice(&output.stdout).context("round-trip client output")
 }
 
 fn serve(addr: &str) -> anyhow::Result<()> {
@@ -90,19 +85,18 @@ fn client(addr: &str) -> anyhow::Result<()> {
     stream.set_nodelay(true)?;
     let request = vec![0x5au8; REQUEST_BYTES];
     let mut reply = [0u8; REPLY_BYTES];
-    let mut latencies_ns = Vec::with_capacity(ROUND_TRIPS);
+    // Microseconds to a second at 3 significant digits, as the engine's own histograms.
+    let mut latencies_ns = hdrhistogram::Histogram::<u64>::new_with_bounds(1_000, 1_000_000_000, 3)
+        .context("a round-trip histogram")?;
     for i in 0..2 * ROUND_TRIPS {
         let start = Instant::now();
         stream.write_all(&request)?;
         stream.read_exact(&mut reply)?;
         if i >= ROUND_TRIPS {
-            latencies_ns.push(start.elapsed().as_nanos() as u64);
+            latencies_ns.saturating_record(start.elapsed().as_nanos() as u64);
         }
     }
-    latencies_ns.sort_unstable();
-    let at = |q: f64| latencies_ns[((latencies_ns.len() as f64 * q) as usize).min(latencies_ns.len() - 1)];
-    let p50_us = at(0.50) as f64 / 1000.0;
-    let p99_us = at(0.99) as f64 / 1000.0;
-    println!("{}", serde_json::json!({ "p50_us": p50_us, "p99_us": p99_us }));
+    let at_us = |q: f64| latencies_ns.value_at_quantile(q) as f64 / 1000.0;
+    println!("{}", serde_json::to_string(&RoundTrip { p50_us: at_us(0.50), p99_us: at_us(0.99) })?);
     Ok(())
 }

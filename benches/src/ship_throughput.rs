@@ -138,11 +138,11 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
         iperf3_rounds.push(iperf3_mib_per_s);
         alone_rounds.push(alone_seconds);
     }
-    let iperf3_mib_per_s = median(iperf3_rounds.clone());
-    let alone_seconds = median(alone_rounds.clone());
+    let iperf3_mib_per_s = crate::median(iperf3_rounds.iter().copied());
+    let alone_seconds = crate::median(alone_rounds.iter().copied());
     let alone_mib_per_s = DEVICE_BYTES as f64 / MIB / alone_seconds;
-    let alone_ratio_to_iperf3 = median(
-        alone_rounds.iter().zip(&iperf3_rounds).map(|(s, i)| DEVICE_BYTES as f64 / MIB / s / i).collect(),
+    let alone_ratio_to_iperf3 = crate::median(
+        alone_rounds.iter().zip(&iperf3_rounds).map(|(s, i)| DEVICE_BYTES as f64 / MIB / s / i),
     );
     let hashes = lab.hashes()?;
     anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the benchmark");
@@ -160,11 +160,6 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
         alone_mib_per_s,
         alone_ratio_to_iperf3,
     })
-}
-
-fn median(mut values: Vec<f64>) -> f64 {
-    values.sort_by(f64::total_cmp);
-    values[values.len() / 2]
 }
 
 /// Fractures every secondary, rewrites the 2 GiB, restores them all and returns the seconds

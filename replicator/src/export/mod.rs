@@ -258,18 +258,12 @@ impl Replier {
 
     /// A free buffer for this connection, if it holds less than its share and one is free.
     pub fn take_buffer(&self) -> Option<ExportBuffer> {
-        if self.side.held.load(Ordering::Acquire) >= CONNECTION_BUFFERS_MAX {
-            return None;
-        }
-        let buffer = self.free.take()?;
-        self.side.held.fetch_add(1, Ordering::AcqRel);
-        Some(buffer)
+        self.side.take_buffer(&self.free)
     }
 
     /// Returns a buffer this connection held to the export's free list.
     pub fn give_back(&self, buffer: ExportBuffer) {
-        self.side.held.fetch_sub(1, Ordering::AcqRel);
-        self.free.give(buffer);
+        self.side.give_back(buffer, &self.free);
     }
 
     /// Never blocks: a slow client holds up its replier thread only.
@@ -278,6 +272,24 @@ impl Replier {
         if self.queue.send(reply).is_err() {
             self.side.queued.fetch_sub(1, Ordering::AcqRel);
         }
+    }
+}
+
+impl WriteSide {
+    /// A buffer from `free` for this connection, if it holds less than its share and one is
+    /// free. The engine (writes) and the replier thread (reads) both take through here.
+    fn take_buffer(&self, free: &FreeList) -> Option<ExportBuffer> {
+        if self.held.load(Ordering::Acquire) >= CONNECTION_BUFFERS_MAX {
+            return None;
+        }
+        let buffer = free.take()?;
+        self.held.fetch_add(1, Ordering::AcqRel);
+        Some(buffer)
+    }
+
+    fn give_back(&self, buffer: ExportBuffer, free: &FreeList) {
+        self.held.fetch_sub(1, Ordering::AcqRel);
+        free.give(buffer);
     }
 }
 
@@ -357,9 +369,18 @@ impl Stream {
     }
 
     pub fn shutdown(&self) {
+        self.shutdown_side(std::net::Shutdown::Both);
+    }
+
+    /// Stops receiving only: a recv in flight completes, replies still go out.
+    pub fn shutdown_read(&self) {
+        self.shutdown_side(std::net::Shutdown::Read);
+    }
+
+    fn shutdown_side(&self, how: std::net::Shutdown) {
         let _ = match self {
-            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
-            Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Self::Tcp(s) => s.shutdown(how),
+            Self::Unix(s) => s.shutdown(how),
         };
     }
 
@@ -637,8 +658,7 @@ fn send_replies(side: &WriteSide, replies: Receiver<Reply>, shared: &Shared) {
             let _ = shared.wake.write(1);
         }
         if let Some(Ok(buffer)) = read {
-            side.held.fetch_sub(1, Ordering::AcqRel);
-            shared.free.give(buffer);
+            side.give_back(buffer, &shared.free);
         }
     }
 }
@@ -652,10 +672,7 @@ fn read_block(
     len_bytes: u32,
 ) -> Result<ExportBuffer, u32> {
     let mut buffer = loop {
-        if side.held.load(Ordering::Acquire) < CONNECTION_BUFFERS_MAX
-            && let Some(buffer) = shared.free.take()
-        {
-            side.held.fetch_add(1, Ordering::AcqRel);
+        if let Some(buffer) = side.take_buffer(&shared.free) {
             break buffer;
         }
         if shared.stop.load(Ordering::Relaxed) {
@@ -668,8 +685,7 @@ fn read_block(
         Ok(()) => Ok(buffer),
         Err(error) => {
             tracing::error!(offset = offset_bytes, len, %error, "export: read from the primary failed");
-            side.held.fetch_sub(1, Ordering::AcqRel);
-            shared.free.give(buffer);
+            side.give_back(buffer, &shared.free);
             Err(nbd::EIO)
         }
     }

@@ -165,8 +165,7 @@ impl NbdConn {
                 // close without closing its end).
                 self.closing = true;
                 self.release_partial();
-                // SAFETY: a socket this connection owns.
-                unsafe { libc::shutdown(self.stream.fd(), libc::SHUT_RD) };
+                self.stream.shutdown_read();
             }
             Command::Read if aligned => {
                 self.reply.read(request.cookie, request.offset_bytes, request.len_bytes)

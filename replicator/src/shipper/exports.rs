@@ -266,7 +266,7 @@ impl Engine {
             let entry = opcode::Fsync::new(types::Fd(export.device.as_raw_fd()))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
-            return self.push_export(request, 0..0, entry, None).map(|_| ());
+            return self.push_export(request, 0..0, entry, None, false).map(|_| ());
         }
         let extent_bytes = self.config.extent_bytes;
         let end_bytes = request.offset_bytes + u64::from(request.len_bytes);
@@ -307,9 +307,7 @@ impl Engine {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence);
-        let slot = self.push_export(request, extents.clone(), entry, zeroes_frame)?;
-        self.export.as_mut().expect("an export").slots[slot as usize].as_mut().expect("just made").sync =
-            sync;
+        let slot = self.push_export(request, extents.clone(), entry, zeroes_frame, sync)?;
         for i in (0..self.peers.len()).filter(|&i| targets[i]) {
             self.queue_export_frame(i, slot, sequence, frame_bytes, &extents);
         }
@@ -384,6 +382,7 @@ impl Engine {
         extents: Range<u64>,
         entry: io_uring::squeue::Entry,
         zeroes_frame: Option<[u8; ZEROES_FRAME_BYTES]>,
+        sync: bool,
     ) -> Result<u32, ShipperError> {
         let export = self.export.as_mut().expect("an export");
         let slot = export.free_slots.pop().expect("take_export_requests checked a free slot");
@@ -397,7 +396,7 @@ impl Engine {
             awaiting: [None; PEERS_MAX],
             acked: 0,
             sends: 0,
-            sync: false,
+            sync,
             replied: false,
             zeroes_frame: Box::new(zeroes_frame.unwrap_or([0; ZEROES_FRAME_BYTES])),
         });
