@@ -12,6 +12,17 @@ pub const BPF_F_MMAPABLE: u32 = 1 << 10;
 /// Bits in one bitmap word.
 pub const WORD_BITS: u64 = 64;
 
+/// Words of the first summary level for a bitmap of `bitmap_words` words.
+pub const fn summary_words(bitmap_words: u32) -> u32 {
+    bitmap_words.div_ceil(WORD_BITS as u32)
+}
+
+/// Words of a summary map (both levels) for a bitmap of `bitmap_words` words.
+pub const fn summary_map_words(bitmap_words: u32) -> u32 {
+    let first = summary_words(bitmap_words);
+    first + first.div_ceil(WORD_BITS as u32)
+}
+
 /// Map names, as they appear in the object file and as pin file names in bpffs.
 pub const MAP_INTENT: &str = "INTENT";
 pub const MAP_COMPLETED: &str = "COMPLETED";
@@ -19,6 +30,16 @@ pub const MAP_COMPLETED: &str = "COMPLETED";
 /// extent must see its completion drained soon after, or userspace ships it anyway (a
 /// completion the kernel did not trace must not become a lost write).
 pub const MAP_QUEUED: &str = "QUEUED";
+/// Summaries of `QUEUED` and `COMPLETED`, two levels in one map: in the first
+/// `summary_words(bitmap_words)` words, bit `s` of word `v` stands for word `v * 64 + s` of the
+/// bitmap; in the words after them, bit `t` of word `u` stands for summary word `u * 64 + t`.
+/// The program sets a bit before the summary bit above it, and that one only when it was clear,
+/// so userspace takes only the words the top level names: a drain costs what changed, not the
+/// size of the device (64 top words at 1 TiB). Userspace still sweeps every word now and then,
+/// which finds bits set before the summaries existed (maps pinned by an older program) and any
+/// whose summary bit a weakly ordered CPU made visible first.
+pub const MAP_QUEUED_SUMMARY: &str = "QUEUED_SUM";
+pub const MAP_COMPLETED_SUMMARY: &str = "COMPLETED_SUM";
 pub const MAP_WIDE: &str = "WIDE";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_FLAGS: &str = "FLAGS";

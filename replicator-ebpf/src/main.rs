@@ -47,7 +47,7 @@ use replicator_common::{
     BIO_COMPLETE_ARG_BIO, BIO_QUEUE_ARG_BIO, BPF_F_MMAPABLE, COUNTERS_LEN, Counter, EVENT_WORDS_MAX,
     ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS,
     MarkKind, RQ_COMPLETE_ARG_NR_BYTES, RQ_COMPLETE_ARG_RQ, SECTOR_BYTES, TrackerConfig, WIDE_RING_BYTES,
-    WideRange,
+    WORD_BITS, WideRange, summary_words,
 };
 
 /// Set by userspace before load (`EbpfLoader::override_global`); read-only to the verifier.
@@ -66,6 +66,12 @@ static QUEUED: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 /// One bit per extent, set when a write has completed. Sized by userspace at load time.
 #[map]
 static COMPLETED: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+
+/// One bit per word of QUEUED (of COMPLETED), set after a bit in that word. Sized by userspace.
+#[map]
+static QUEUED_SUM: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+#[map]
+static COMPLETED_SUM: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 
 /// Ranges wider than `EVENT_WORDS_MAX` words, for userspace to merge.
 #[map]
@@ -196,12 +202,12 @@ fn mark_sectors(config: &TrackerConfig, kind: MarkKind, sector: u64, size_bytes:
     let nr_sectors = u64::from(size_bytes).div_ceil(SECTOR_BYTES);
     if let Some(span) = config.geometry.span(sector, nr_sectors) {
         count(Counter::WriteEvents, 1);
-        mark(kind, span);
+        mark(config, kind, span);
     }
 }
 
 #[inline(always)]
-fn mark(kind: MarkKind, span: ExtentSpan) {
+fn mark(config: &TrackerConfig, kind: MarkKind, span: ExtentSpan) {
     let words = span.last_word() - span.first_word() + 1;
     if words > u64::from(EVENT_WORDS_MAX) {
         mark_wide(kind, span);
@@ -220,27 +226,13 @@ fn mark(kind: MarkKind, span: ExtentSpan) {
         // The span is clipped to the device, so the word is inside the map; a lookup that still
         // fails would mean a map sized wrongly by userspace, which checks the size at attach.
         let mask = span.word_mask(word);
-        if kind == MarkKind::Intent
-            && let Some(ptr) = QUEUED.get_ptr_mut(word as u32)
-        {
-            // SAFETY: as below.
-            unsafe {
-                if core::ptr::read_volatile(ptr) & mask != mask {
-                    atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, mask);
-                }
-            }
+        if kind == MarkKind::Intent {
+            set_bits(&QUEUED, word, mask);
+            mark_summary(&QUEUED_SUM, config.bitmap_words, word);
         }
-        if let Some(ptr) = bitmap.get_ptr_mut(word as u32) {
-            // Test before set: a hot extent's bits are usually set already, and a plain load
-            // keeps the cache line shared where a locked OR would take it from the other CPU.
-            // Skipping is exact: OR-ing bits that are set changes nothing, whatever userspace
-            // does to the word before or after this load.
-            // SAFETY: `ptr` points into the array map's value, valid for the program's run.
-            unsafe {
-                if core::ptr::read_volatile(ptr) & mask != mask {
-                    atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, mask);
-                }
-            }
+        set_bits(bitmap, word, mask);
+        if kind == MarkKind::Completed {
+            mark_summary(&COMPLETED_SUM, config.bitmap_words, word);
         }
     }
     let counter = match kind {
@@ -248,6 +240,41 @@ fn mark(kind: MarkKind, span: ExtentSpan) {
         MarkKind::Completed => Counter::CompletedExtentsMarked,
     };
     count(counter, span.count());
+}
+
+/// After bits in word `word` of a bitmap of `bitmap_words` words: sets its bit in the first
+/// summary level, and when that was clear, the summary word's bit in the level above. Each
+/// level after the one below, so a bit userspace sees names words whose bits it then finds (on
+/// x86 the locked ORs order them; elsewhere userspace's periodic sweep of every word is the
+/// safety net, see `MAP_QUEUED_SUMMARY`).
+#[inline(always)]
+fn mark_summary(summary: &Array<u64>, bitmap_words: u32, word: u64) {
+    let summary_word = word / WORD_BITS;
+    if set_bits(summary, summary_word, 1 << (word % WORD_BITS)) {
+        let top_word = u64::from(summary_words(bitmap_words)) + summary_word / WORD_BITS;
+        set_bits(summary, top_word, 1 << (summary_word % WORD_BITS));
+    }
+}
+
+/// ORs `mask` into word `word` of `bitmap`; returns whether some of its bits were clear.
+#[inline(always)]
+fn set_bits(bitmap: &Array<u64>, word: u64, mask: u64) -> bool {
+    // Userspace sized the maps for the device and checks the size at attach, so the lookup
+    // finds the word; one that failed would mean a map sized wrongly.
+    if let Some(ptr) = bitmap.get_ptr_mut(word as u32) {
+        // Test before set: a hot extent's bits are usually set already, and a plain load keeps
+        // the cache line shared where a locked OR would take it from the other CPU. Skipping is
+        // exact: OR-ing bits that are set changes nothing, whatever userspace does to the word
+        // before or after this load.
+        // SAFETY: `ptr` points into the array map's value, valid for the program's run.
+        unsafe {
+            if core::ptr::read_volatile(ptr) & mask != mask {
+                atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, mask);
+                return true;
+            }
+        }
+    }
+    false
 }
 
 #[inline(always)]

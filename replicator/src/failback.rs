@@ -162,7 +162,7 @@ fn former_primary_extents(
             tracker.stop().map_err(|e| e.to_string())?;
         }
     }
-    Ok(crate::tracker::Runs::new(&union).collect())
+    Ok(crate::extent_set::ExtentSet::from_bits(&union).runs().collect())
 }
 
 /// The former primary is SYNCHRONIZED with the new one: its logs are no longer needed.

@@ -19,6 +19,7 @@ pub mod consistency;
 pub mod mirror;
 pub mod failback;
 
+pub mod extent_set;
 pub mod sysfs;
 pub mod units;
 pub mod commands;

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use bitvec::prelude::*;
-use replicator::{Tracker, TrackerOptions};
+pub use replicator::{Tracker, TrackerOptions};
 use replicator_common::ExtentGeometry;
 
 pub use replicator::testbed::{
@@ -52,8 +52,13 @@ pub struct Recorder {
 
 impl Recorder {
     pub fn attach(device: &Path, extent_bytes: u64, test: &str) -> Self {
+        Self::attach_with(device, TrackerOptions { extent_bytes, ..Default::default() }, test)
+    }
+
+    /// `attach` with options (the name is the test's own).
+    pub fn attach_with(device: &Path, options: TrackerOptions, test: &str) -> Self {
         require_root();
-        let options = TrackerOptions { name: Some(tracker_name(test)), extent_bytes, ..Default::default() };
+        let options = TrackerOptions { name: Some(tracker_name(test)), ..options };
         let tracker = Tracker::attach_with(device, &options)
             .unwrap_or_else(|e| panic!("attaching the tracker to {}: {e}", device.display()));
         let marked = bitvec![u64, Lsb0; 0; tracker.geometry().extent_count() as usize];

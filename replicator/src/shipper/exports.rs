@@ -336,7 +336,7 @@ impl Engine {
             if peer.removed || (targets[i] && !overlapping) {
                 continue;
             }
-            peer.pending[run.clone()].fill(true);
+            peer.pending.insert_range(run.clone());
             for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
                 if *stamp == 0 {
                     *stamp = now_ms;
@@ -482,7 +482,7 @@ impl Engine {
             // The primary may hold some of the new bytes: every secondary gets the extents again.
             let run = data.extents.start as usize..data.extents.end as usize;
             for peer in self.peers.iter_mut().filter(|p| !p.removed) {
-                peer.pending[run.clone()].fill(true);
+                peer.pending.insert_range(run.clone());
             }
         }
         let extents = data.extents.clone();

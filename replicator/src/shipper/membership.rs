@@ -11,12 +11,11 @@ use std::net::SocketAddr;
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
 
-use bitvec::prelude::*;
-
 use super::peer::{InFlight, SendJob};
 use super::resync::{PeerLog, Throttle};
 use super::{Engine, ImageState, PEERS_MAX, RecoveryPolicy, connector, image_state};
 use crate::control::Reply;
+use crate::extent_set::ExtentSet;
 use crate::logs;
 use crate::mirror::{ActivationPolicy, Designator, ImageRecord, MirrorDb, MirrorState};
 use crate::wire;
@@ -132,14 +131,13 @@ impl Engine {
             });
             let extents = self.reading.len();
             let mut log = PeerLog::new(name, self.config.sync_rate_bytes_per_s, self.config.recovery_policy);
-            let pending = if synchronized {
-                bitvec![u64, Lsb0; 0; extents]
-            } else {
+            let mut pending = ExtentSet::new(extents);
+            if !synchronized {
                 log.flags = logs::FLAG_FULL_SYNC;
                 log.fall_behind();
                 log.throttled = true;
-                bitvec![u64, Lsb0; 1; extents]
-            };
+                pending.insert_all();
+            }
             let index = self.add_peer(name, addr, pending, log).map_err(|e| e.to_string())?;
             Ok((db, index))
         })();
@@ -404,7 +402,7 @@ impl Engine {
         peer.removed = true;
         peer.draining = false;
         peer.want_connection = None;
-        peer.pending.fill(false);
+        peer.pending.clear();
         peer.log.flags = 0;
         peer.log.verify = None;
         peer.metrics.connected.set(0);

@@ -44,6 +44,7 @@ use resync::{PeerLog, Throttle, VerifyBatch};
 
 use crate::auth::{Key, Params};
 use crate::control::{self, Call, Request};
+use crate::extent_set::ExtentSet;
 use crate::logs::{self, IntentQuiet, LogHeader, LogIdentity, LogKind};
 use crate::metrics::PrimaryMetrics;
 use crate::pool::BufferPool;
@@ -440,7 +441,7 @@ impl Engine {
         &mut self,
         name: &str,
         addr: SocketAddr,
-        pending: BitVec<u64, Lsb0>,
+        pending: ExtentSet,
         log: PeerLog,
     ) -> Result<usize, ShipperError> {
         let index = match self.peers.iter().position(|p| p.removed) {
@@ -594,7 +595,7 @@ impl Engine {
             }
             self.quiet.note_dirty_run(run.clone());
             for peer in &mut self.peers {
-                peer.pending[run.clone()].fill(true);
+                peer.pending.insert_range(run.clone());
             }
         }
     }
@@ -661,9 +662,9 @@ impl Engine {
             let mut targets = [None; PEERS_MAX];
             for &i in eligible {
                 let peer = &mut self.peers[i];
-                let pending = &mut peer.pending[run.start as usize..run.end as usize];
-                if pending.any() {
-                    pending.fill(false);
+                let extents = run.start as usize..run.end as usize;
+                if peer.pending.any_in(extents.clone()) {
+                    peer.pending.remove_range(extents);
                     targets[i] = Some(peer.generation);
                     if peer.log.throttled {
                         peer.log.throttle.take(len as u64);
@@ -684,7 +685,7 @@ impl Engine {
     fn next_run(&mut self, eligible: &[usize]) -> Option<Range<u64>> {
         let extents = self.peers.first()?.pending.len();
         let first_from = |from: usize, peers: &[Peer]| {
-            eligible.iter().filter_map(|&i| peers[i].pending[from..].first_one().map(|o| from + o)).min()
+            eligible.iter().filter_map(|&i| peers[i].pending.first_from(from)).min()
         };
         // An extent with a read in flight waits: its next read must be queued after that one.
         let mut start = None;
@@ -708,7 +709,7 @@ impl Engine {
             && end - start < run_extents_max
             && !self.reading[end]
             && !self.export_busy(end)
-            && eligible.iter().any(|&i| self.peers[i].pending[end])
+            && eligible.iter().any(|&i| self.peers[i].pending.contains(end))
         {
             end += 1;
         }
@@ -746,7 +747,7 @@ impl Engine {
             oldest[i] =
                 peer.written_at_ms[words.clone()].iter().copied().filter(|&t| t > 0).min().unwrap_or(0);
             for word in words.clone() {
-                if peer.pending.as_raw_slice()[word] == 0 {
+                if peer.pending.word(word) == 0 {
                     peer.written_at_ms[word] = 0;
                 }
             }
@@ -1038,7 +1039,7 @@ impl Engine {
         let usable = read_ok && !self.take_stale(&run);
         for (i, peer) in self.peers.iter_mut().enumerate() {
             if targets[i].is_some() && (!usable || !live[i]) {
-                peer.pending[run.start as usize..run.end as usize].fill(true);
+                peer.pending.insert_range(run.start as usize..run.end as usize);
             }
             if !usable && live[i] {
                 peer.conn.as_mut().expect("live targets are connected").backlog_bytes -= len as u64;
@@ -1254,7 +1255,7 @@ impl Engine {
         }
         let _ = conn.stream.shutdown(std::net::Shutdown::Both);
         for inflight in conn.inflight.values() {
-            peer.pending[inflight.run.start as usize..inflight.run.end as usize].fill(true);
+            peer.pending.insert_range(inflight.run.start as usize..inflight.run.end as usize);
         }
         peer.generation += 1;
         peer.stats.disconnects += 1;
@@ -1348,7 +1349,7 @@ impl Engine {
                 addr: p.addr.to_string(),
                 connected: p.conn.is_some(),
                 in_sync: p.in_sync,
-                pending_extents: p.pending.count_ones(),
+                pending_extents: p.pending.count(),
                 inflight_frames: p.conn.as_ref().map_or(0, |c| c.inflight.len()),
                 backlog_bytes: p.conn.as_ref().map_or(0, |c| c.backlog_bytes),
                 zero_copy: p.zero_copy,
@@ -1595,7 +1596,7 @@ impl Engine {
     fn dirty_into(&self, index: usize, out: &mut BitVec<u64, Lsb0>) {
         let peer = &self.peers[index];
         out.clear();
-        out.extend_from_bitslice(&peer.pending);
+        out.extend_from_bitslice(peer.pending.bits());
         if let Some(conn) = &peer.conn {
             for frame in conn.inflight.values() {
                 out[frame.run.start as usize..frame.run.end as usize].fill(true);
@@ -1934,7 +1935,7 @@ impl Engine {
             Request::Sync { secondary: _ } => {
                 let i = index.expect("named");
                 let peer = &mut self.peers[i];
-                peer.pending.fill(true);
+                peer.pending.insert_all();
                 peer.log.fall_behind();
                 peer.log.verify = None;
                 peer.log.flags = (peer.log.flags & !logs::FLAG_VERIFY) | logs::FLAG_FULL_SYNC;
@@ -2087,7 +2088,7 @@ fn image_state(peer: &Peer) -> ImageState {
 /// Bytes of the extents a secondary lacks: pending, plus sent and not acknowledged.
 fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64) -> u64 {
     let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
-    peer.pending.count_ones() as u64 * extent_bytes + backlog
+    peer.pending.count() as u64 * extent_bytes + backlog
 }
 
 /// Slots for export requests in the engine: a write holds a buffer, flushes and TRIMs none.
@@ -2213,7 +2214,7 @@ fn recover_peer(
     name: &str,
     recovered: &Recovered,
     image_bytes: u64,
-) -> (BitVec<u64, Lsb0>, PeerLog) {
+) -> (ExtentSet, PeerLog) {
     let secondary_id = logs::secondary_id(name);
     let file_name = logs::fracture_log_file(name);
     let identity = LogIdentity {
@@ -2225,10 +2226,10 @@ fn recover_peer(
     };
     let loaded = logs::load(&config.state_dir, &file_name, &identity);
     let mut log = PeerLog::new(name, config.sync_rate_bytes_per_s, config.recovery_policy);
-    let mut pending = recovered.intent.clone();
+    let mut pending = ExtentSet::from_bits(&recovered.intent);
     match loaded {
         Ok(Some((header, bits))) => {
-            *pending |= bits.as_bitslice();
+            pending.union_bits(&bits);
             log.flags = header.flags;
             log.resync_bytes_done = header.resync_bytes_done;
             if header.flags & logs::FLAG_VERIFY != 0 {
@@ -2237,7 +2238,7 @@ fn recover_peer(
             tracing::info!(secondary = %name, fracture_log_extents = bits.count_ones(), flags = header.flags, "recovered the fracture log");
         }
         Ok(None) if config.initial_sync => {
-            pending.fill(true);
+            pending.insert_all();
             log.flags = logs::FLAG_FULL_SYNC;
             tracing::info!(secondary = %name, "no fracture log yet: a full sync");
         }

@@ -12,8 +12,7 @@ use std::ops::Range;
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
-use bitvec::prelude::*;
-
+use crate::extent_set::ExtentSet;
 use crate::wire::{self, Limits, Message};
 
 /// Most export frames one sendmsg carries.
@@ -164,7 +163,7 @@ impl Conn {
         limits: &Limits,
         stats: &mut PeerStats,
         mut verify: Option<&mut super::resync::Verify>,
-        pending: &mut BitVec<u64, Lsb0>,
+        pending: &mut ExtentSet,
         latency: &mut Latency,
     ) -> Result<Received, String> {
         let mut received = Received::default();
@@ -202,7 +201,7 @@ impl Conn {
                                 "divergent extents {first}..{end} past the image's last extent"
                             ));
                         }
-                        pending[first as usize..end as usize].fill(true);
+                        pending.insert_range(first as usize..end as usize);
                         received.divergent_extents += end - first;
                     }
                 }
@@ -236,7 +235,7 @@ pub struct Peer {
     pub name: String,
     pub addr: SocketAddr,
     /// Extents this secondary still needs.
-    pub pending: BitVec<u64, Lsb0>,
+    pub pending: ExtentSet,
     pub conn: Option<Conn>,
     /// Bumped at each disconnect; completions of older connections are recognised by it.
     pub generation: u32,

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use bitvec::prelude::*;
 
+use crate::extent_set::ExtentSet;
 use crate::logs::{FLAG_ADMIN_FRACTURED, FLAG_FRACTURED, FLAG_FULL_SYNC, FLAG_VERIFY};
 use crate::wire::{VERIFY_EXTENTS_MAX, VERIFY_HASH_BYTES};
 
@@ -128,7 +129,7 @@ impl Verify {
 
     /// Once both sides' hashes are in: marks the differing extents in `pending`, advances, and
     /// returns how many differed.
-    pub fn compare(&mut self, pending: &mut BitSlice<u64, Lsb0>) -> Option<u64> {
+    pub fn compare(&mut self, pending: &mut ExtentSet) -> Option<u64> {
         let batch = self.batch.as_ref().filter(|b| b.local_ready && b.remote_ready)?;
         let count = batch.count as usize;
         let mut differing = 0;
@@ -284,9 +285,9 @@ mod tests {
         let reply: Vec<u8> = [1u128, 9, 3].iter().flat_map(|h| h.to_le_bytes()).collect();
         assert!(verify.take_reply(5, &reply).is_err(), "wrong batch");
         verify.take_reply(4, &reply).expect("the batch asked for");
-        let mut pending = bitvec![u64, Lsb0; 0; 8];
+        let mut pending = ExtentSet::new(8);
         assert_eq!(verify.compare(&mut pending), Some(1));
-        assert_eq!(pending.iter_ones().collect::<Vec<_>>(), [5]);
+        assert_eq!(pending.bits().iter_ones().collect::<Vec<_>>(), [5]);
         assert_eq!(verify.next_extent, 7);
         assert!(verify.take_reply(4, &reply).is_err(), "no batch outstanding");
     }

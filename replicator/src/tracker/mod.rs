@@ -32,15 +32,17 @@ use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
 use replicator_common::{
     COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST,
-    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, GLOBAL_CONFIG, MAP_COMPLETED, MAP_COUNTERS,
-    MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_WIDE, MarkKind, TrackerConfig, WideRange,
+    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, GLOBAL_CONFIG, MAP_COMPLETED,
+    MAP_COMPLETED_SUMMARY, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_QUEUED_SUMMARY,
+    MAP_WIDE, MarkKind, TrackerConfig, WideRange, summary_map_words,
 };
 
 pub use btf::{Btf, BtfError};
 pub use layout::{LayoutError, kernel_layout};
-pub use shared::{Runs, SharedBitmap};
+pub use shared::{SharedBitmap, Summarized};
 
 use crate::device::{BlockDevice, DeviceError};
+use crate::extent_set::{ExtentSet, Runs};
 use crate::sysfs::{self, MountError};
 
 /// Where trackers pin their maps and links, one directory per tracker name.
@@ -91,6 +93,10 @@ pub struct TrackerOptions {
     pub name: Option<String>,
     pub extent_bytes: u64,
     pub bpffs_root: PathBuf,
+    /// How often a drain takes every word, not only those the summaries name (see
+    /// `SWEEP_INTERVAL`, the default). `None`, for tests: never, so the summaries alone must
+    /// find every mark.
+    pub sweep_interval: Option<std::time::Duration>,
 }
 
 impl Default for TrackerOptions {
@@ -99,6 +105,7 @@ impl Default for TrackerOptions {
             name: None,
             extent_bytes: replicator_common::extent::EXTENT_BYTES_DEFAULT,
             bpffs_root: PathBuf::from(BPFFS_ROOT),
+            sweep_interval: Some(SWEEP_INTERVAL),
         }
     }
 }
@@ -126,6 +133,12 @@ pub const UNMATCHED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// checkpoint reads them too.
 const MISSES_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
+/// How often a drain takes every word of the queued and completed maps, not only those their
+/// summaries name: the safety net for a summary bit seen before its word's bits (a weakly
+/// ordered CPU) and for bits set before the summaries existed. Well under `UNMATCHED_AFTER`,
+/// so such a completion is late by this much at most and never taken for a lost one.
+const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
 pub struct Tracker {
     device: BlockDevice,
     geometry: ExtentGeometry,
@@ -134,19 +147,22 @@ pub struct Tracker {
     /// True when pinned state from an earlier run was found and reused.
     resumed: bool,
     intent: SharedBitmap,
-    queued: SharedBitmap,
+    queued: Summarized,
     /// Queued extents whose completion has not been drained, and those already awaiting when
     /// `awaiting_since` began (see `match_completions`).
-    awaiting: BitVec<u64, Lsb0>,
-    awaiting_before: BitVec<u64, Lsb0>,
+    awaiting: ExtentSet,
+    awaiting_before: ExtentSet,
     awaiting_since: std::time::Instant,
     unmatched_writes: u64,
-    completed: SharedBitmap,
+    completed: Summarized,
+    /// When every word was last taken (see `SWEEP_INTERVAL`); `None`: at the next drain.
+    swept: Option<std::time::Instant>,
+    sweep_interval: Option<std::time::Duration>,
     flags: SharedBitmap,
     wide: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
     /// What `drain_completed` hands out; allocated once, one bit per extent.
-    drained: BitVec<u64, Lsb0>,
+    drained: ExtentSet,
     /// Our programs, to read their recursion misses.
     programs: Vec<ProgramFd>,
     /// The sum of their recursion misses when last checked.
@@ -205,6 +221,8 @@ impl Tracker {
             .map_max_entries(MAP_INTENT, bitmap_words)
             .map_max_entries(MAP_COMPLETED, bitmap_words)
             .map_max_entries(MAP_QUEUED, bitmap_words)
+            .map_max_entries(MAP_QUEUED_SUMMARY, summary_map_words(bitmap_words))
+            .map_max_entries(MAP_COMPLETED_SUMMARY, summary_map_words(bitmap_words))
             .load(EBPF_OBJECT)
             .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
         write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
@@ -218,9 +236,15 @@ impl Tracker {
             programs.push(fd);
         }
         let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
-        let completed =
-            map_bitmap(&mut ebpf, MAP_COMPLETED, bitmap_words).map_err(ebpf_err(MAP_COMPLETED))?;
-        let queued = map_bitmap(&mut ebpf, MAP_QUEUED, bitmap_words).map_err(ebpf_err(MAP_QUEUED))?;
+        let summarized =
+            |ebpf: &mut Ebpf, name: &str, summary_name: &str| -> Result<Summarized, TrackerError> {
+                let bits = map_bitmap(ebpf, name, bitmap_words).map_err(ebpf_err(name))?;
+                let summary = map_bitmap(ebpf, summary_name, summary_map_words(bitmap_words))
+                    .map_err(ebpf_err(summary_name))?;
+                Ok(Summarized::new(bits, summary))
+            };
+        let completed = summarized(&mut ebpf, MAP_COMPLETED, MAP_COMPLETED_SUMMARY)?;
+        let queued = summarized(&mut ebpf, MAP_QUEUED, MAP_QUEUED_SUMMARY)?;
         let flags = map_bitmap(&mut ebpf, MAP_FLAGS, FLAGS_WORDS).map_err(ebpf_err(MAP_FLAGS))?;
         let wide = take_map(&mut ebpf, MAP_WIDE)
             .and_then(|m| Ok(RingBuf::try_from(m)?))
@@ -234,7 +258,7 @@ impl Tracker {
             start_sector = device.start_sector, "tracker attached"
         );
         // `ebpf` drops here: the links and maps live on through their pins and our fds.
-        let drained = bitvec![u64, Lsb0; 0; geometry.extent_count() as usize];
+        let extents = geometry.extent_count() as usize;
         if missed_before > 0 {
             tracing::warn!(
                 missed_before,
@@ -252,14 +276,16 @@ impl Tracker {
             intent,
             completed,
             queued,
-            awaiting: bitvec![u64, Lsb0; 0; geometry.extent_count() as usize],
-            awaiting_before: bitvec![u64, Lsb0; 0; geometry.extent_count() as usize],
+            awaiting: ExtentSet::new(extents),
+            awaiting_before: ExtentSet::new(extents),
             awaiting_since: std::time::Instant::now(),
             unmatched_writes: 0,
+            swept: None,
+            sweep_interval: options.sweep_interval,
             flags,
             wide,
             counters,
-            drained,
+            drained: ExtentSet::new(extents),
             programs,
             recursion_misses: 0,
             misses_unreadable: false,
@@ -290,18 +316,12 @@ impl Tracker {
 
     /// Atomically takes the completed marks and returns them as ascending, maximal runs of
     /// extents. Each extent is returned once per drain however many writes completed on it.
+    /// Costs what was marked since the last drain, not the size of the device (the maps'
+    /// summaries), except for a sweep of every word each `SWEEP_INTERVAL`.
     pub fn drain_completed(&mut self) -> Runs<'_> {
-        self.pump_wide_ranges();
-        // Queued first: a completion is never taken before its queueing. And queued again after
-        // the completions: a write queued after the first take whose completion is in this
-        // drain has its queued bit set by then, and is matched now (otherwise it would wait for
-        // a second completion and be reported again a second later).
-        self.queued.take_into(&mut self.awaiting);
-        self.drained.fill(false);
-        self.completed.take_into_marking(&mut self.drained, &self.intent);
-        self.queued.take_into(&mut self.awaiting);
+        self.take_marks();
         self.match_completions(None);
-        Runs::new(&self.drained)
+        self.drained.runs()
     }
 
     /// `drain_completed` for a tracker whose own process writes the device too (the NBD
@@ -314,22 +334,33 @@ impl Tracker {
     /// mistaken for an exempt write.
     pub fn drain_completed_except(&mut self, exempt: &BitVec<u64, Lsb0>) -> Runs<'_> {
         assert_eq!(exempt.len(), self.drained.len(), "one exempt bit per extent");
-        self.pump_wide_ranges();
-        self.queued.take_into(&mut self.awaiting);
-        self.drained.fill(false);
-        self.completed.take_into_marking(&mut self.drained, &self.intent);
-        self.queued.take_into(&mut self.awaiting);
-        for ((drained, exempt), awaiting) in self
-            .drained
-            .as_raw_mut_slice()
-            .iter_mut()
-            .zip(exempt.as_raw_slice())
-            .zip(self.awaiting.as_raw_slice())
-        {
-            *drained &= !(exempt & !awaiting);
+        self.take_marks();
+        let exempt_words = exempt.as_raw_slice();
+        let mut next = self.drained.next_nonzero_word(0);
+        while let Some(word) = next {
+            self.drained.retain_word(word, !(exempt_words[word] & !self.awaiting.word(word)));
+            next = self.drained.next_nonzero_word(word + 1);
         }
         self.match_completions(Some(exempt));
-        Runs::new(&self.drained)
+        self.drained.runs()
+    }
+
+    /// Empties `drained` and takes the completed marks into it. Queued marks are taken first
+    /// (a completion is never taken before its queueing) and again after the completions: a
+    /// write queued after the first take whose completion is in this drain has its queued bit
+    /// set by then, and is matched now (otherwise it would wait for a second completion and be
+    /// reported again a second later).
+    fn take_marks(&mut self) {
+        self.pump_wide_ranges();
+        let sweep =
+            self.sweep_interval.is_some_and(|interval| self.swept.is_none_or(|at| at.elapsed() >= interval));
+        if sweep {
+            self.swept = Some(std::time::Instant::now());
+        }
+        self.queued.take_into(&mut self.awaiting, None, sweep);
+        self.drained.clear();
+        self.completed.take_into(&mut self.drained, Some(&self.intent), sweep);
+        self.queued.take_into(&mut self.awaiting, None, sweep);
     }
 
     /// Exempts the writes of thread group `tgid` (0: none) from shipping: the kernel program
@@ -342,9 +373,9 @@ impl Tracker {
     /// Fault injection for tests: takes completion marks and nothing else, so that to the
     /// process draining this tracker for real those completions look untraced.
     pub fn steal_completions(&mut self) -> Runs<'_> {
-        self.drained.fill(false);
-        self.completed.take_into(&mut self.drained);
-        Runs::new(&self.drained)
+        self.drained.clear();
+        self.completed.take_into(&mut self.drained, None, true);
+        self.drained.runs()
     }
 
     /// Whether some queued write has not had its completion drained yet.
@@ -357,10 +388,11 @@ impl Tracker {
     pub fn drain_unmatched(&mut self) -> Runs<'_> {
         self.check_recursion_misses();
         self.pump_wide_ranges();
-        self.queued.take_into(&mut self.awaiting);
-        self.drained.fill(false);
-        self.completed.take_into_marking(&mut self.drained, &self.intent);
-        let count = self.awaiting.count_ones() as u64;
+        self.swept = Some(std::time::Instant::now());
+        self.queued.take_into(&mut self.awaiting, None, true);
+        self.drained.clear();
+        self.completed.take_into(&mut self.drained, Some(&self.intent), true);
+        let count = self.awaiting.count() as u64;
         if count > 0 {
             tracing::warn!(
                 extents = count,
@@ -368,42 +400,52 @@ impl Tracker {
             );
             self.unmatched_writes += count;
         }
-        *self.drained |= self.awaiting.as_bitslice();
-        self.awaiting.fill(false);
-        Runs::new(&self.drained)
+        let mut next = self.awaiting.next_nonzero_word(0);
+        while let Some(word) = next {
+            self.drained.union_word(word, self.awaiting.word(word));
+            next = self.awaiting.next_nonzero_word(word + 1);
+        }
+        self.awaiting.clear();
+        self.drained.runs()
     }
 
     /// The completion safety net: what was queued is remembered until its completion is
     /// drained; what waited a whole `UNMATCHED_AFTER` is reported as completed anyway (a
     /// completion the kernel did not trace was seen, 1 write in ~10 000 on a loop device). A
-    /// completion that still comes reports the extent again. Word at a time: this runs at
-    /// every drain, over words the drain already scans.
+    /// completion that still comes reports the extent again. Word at a time, over the words
+    /// that hold something.
     ///
     /// A completion on an extent in `keep` does not match a queued write there: it may be the
     /// exempt writer's (see `drain_completed_except`), so the queued write waits for its own.
     fn match_completions(&mut self, keep: Option<&BitVec<u64, Lsb0>>) {
         let keep = keep.map(|k| k.as_raw_slice());
-        for (i, (awaiting, drained)) in
-            self.awaiting.as_raw_mut_slice().iter_mut().zip(self.drained.as_raw_slice()).enumerate()
-        {
-            *awaiting &= !(drained & !keep.map_or(0, |k| k[i]));
+        if self.awaiting.any() {
+            let mut next = self.drained.next_nonzero_word(0);
+            while let Some(word) = next {
+                let matched = self.drained.word(word) & !keep.map_or(0, |k| k[word]);
+                self.awaiting.retain_word(word, !matched);
+                next = self.drained.next_nonzero_word(word + 1);
+            }
         }
         if self.awaiting_since.elapsed() < UNMATCHED_AFTER {
             return;
         }
         let mut unmatched = 0;
-        for ((awaiting, before), drained) in self
-            .awaiting
-            .as_raw_mut_slice()
-            .iter_mut()
-            .zip(self.awaiting_before.as_raw_mut_slice().iter_mut())
-            .zip(self.drained.as_raw_mut_slice().iter_mut())
-        {
-            let stale = *awaiting & *before;
-            *drained |= stale;
-            *awaiting &= !stale;
-            unmatched += u64::from(stale.count_ones());
-            *before = *awaiting;
+        let mut next = self.awaiting.next_nonzero_word(0);
+        while let Some(word) = next {
+            let stale = self.awaiting.word(word) & self.awaiting_before.word(word);
+            if stale != 0 {
+                self.drained.union_word(word, stale);
+                self.awaiting.retain_word(word, !stale);
+                unmatched += u64::from(stale.count_ones());
+            }
+            next = self.awaiting.next_nonzero_word(word + 1);
+        }
+        self.awaiting_before.clear();
+        let mut next = self.awaiting.next_nonzero_word(0);
+        while let Some(word) = next {
+            self.awaiting_before.union_word(word, self.awaiting.word(word));
+            next = self.awaiting.next_nonzero_word(word + 1);
         }
         if unmatched > 0 {
             tracing::warn!(

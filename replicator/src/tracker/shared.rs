@@ -14,6 +14,8 @@ use bitvec::prelude::*;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
 use replicator_common::{ExtentSpan, WORD_BITS};
 
+use crate::extent_set::ExtentSet;
+
 pub struct SharedBitmap {
     base: NonNull<AtomicU64>,
     words: usize,
@@ -53,41 +55,6 @@ impl SharedBitmap {
     pub fn words(&self) -> &[AtomicU64] {
         // SAFETY: `base` maps at least `words` u64s for the lifetime of `self`, aligned to a page.
         unsafe { std::slice::from_raw_parts(self.base.as_ptr(), self.words) }
-    }
-
-    /// Atomically takes every set bit, ORing it into `out` (bit `i` of word `w` is extent
-    /// `w * 64 + i`, as in the kernel). Returns how many words had bits.
-    pub fn take_into(&self, out: &mut BitVec<u64, Lsb0>) -> usize {
-        let out = out.as_raw_mut_slice();
-        assert!(out.len() >= self.words);
-        let mut taken_words = 0;
-        for (word, out_word) in self.words().iter().zip(out.iter_mut()) {
-            // A relaxed load first: most words are zero and need no read-modify-write.
-            if word.load(Ordering::Relaxed) != 0 {
-                *out_word |= word.swap(0, Ordering::AcqRel);
-                taken_words += 1;
-            }
-        }
-        taken_words
-    }
-
-    /// Like `take_into`, and ORs every taken word into `also` right after taking it: the
-    /// tracker re-marks drained extents in the intent map, so an extent whose intent mark was
-    /// cleared while a write to it was in flight is back in the pinned intent log as soon as
-    /// that write's completion is drained.
-    pub fn take_into_marking(&self, out: &mut BitVec<u64, Lsb0>, also: &SharedBitmap) -> usize {
-        let out = out.as_raw_mut_slice();
-        assert!(out.len() >= self.words && also.words >= self.words);
-        let mut taken_words = 0;
-        for ((word, also_word), out_word) in self.words().iter().zip(also.words()).zip(out.iter_mut()) {
-            if word.load(Ordering::Relaxed) != 0 {
-                let taken = word.swap(0, Ordering::AcqRel);
-                also_word.fetch_or(taken, Ordering::AcqRel);
-                *out_word |= taken;
-                taken_words += 1;
-            }
-        }
-        taken_words
     }
 
     /// Clears the bits set in `bits` (one atomic AND per word that has any).
@@ -145,27 +112,89 @@ impl Drop for SharedBitmap {
     }
 }
 
-/// The runs of set bits of a bitmap, as half-open extent ranges, in ascending order.
-pub struct Runs<'a> {
-    bits: &'a BitSlice<u64, Lsb0>,
-    position: usize,
+/// A kernel bitmap and its two-level summary map (see `replicator_common::MAP_QUEUED_SUMMARY`):
+/// the first `first_words` words of `summary` name bitmap words, the rest name summary words.
+pub struct Summarized {
+    pub bits: SharedBitmap,
+    summary: SharedBitmap,
+    first_words: usize,
 }
 
-impl<'a> Runs<'a> {
-    pub fn new(bits: &'a BitSlice<u64, Lsb0>) -> Self {
-        Self { bits, position: 0 }
+impl Summarized {
+    pub fn new(bits: SharedBitmap, summary: SharedBitmap) -> Self {
+        let first_words = bits.words.div_ceil(WORD_BITS as usize);
+        assert_eq!(summary.words, first_words + first_words.div_ceil(WORD_BITS as usize), "summary map size");
+        Self { bits, summary, first_words }
+    }
+
+    /// Atomically takes the set bits of the words the summary names (every word when
+    /// `sweep`), ORing them into `out` and, if given, into `also` right after taking them (the
+    /// tracker re-marks drained completions in the intent map). Top down: a summary word is
+    /// taken before the words it names, so a bit set after its word was taken has its summary
+    /// bits set again. Bits past the set's last extent are dropped (the program never sets them).
+    pub fn take_into(&self, out: &mut ExtentSet, also: Option<&SharedBitmap>, sweep: bool) {
+        let (first, top) = self.summary.words().split_at(self.first_words);
+        for (top_index, top_word) in top.iter().enumerate() {
+            let mut named = take(top_word);
+            if sweep {
+                named = u64::MAX;
+            }
+            for_each_bit(named, top_index, first.len(), |summary_index| {
+                let mut named = take(&first[summary_index]);
+                if sweep {
+                    named = u64::MAX;
+                }
+                for_each_bit(named, summary_index, self.bits.words, |word| self.take_word(word, out, also));
+            });
+        }
+    }
+
+    fn take_word(&self, word: usize, out: &mut ExtentSet, also: Option<&SharedBitmap>) {
+        let taken = take(&self.bits.words()[word]);
+        if taken == 0 {
+            return;
+        }
+        if let Some(also) = also {
+            also.words()[word].fetch_or(taken, Ordering::AcqRel);
+        }
+        let valid_bits = out.len().saturating_sub(word * 64).min(64);
+        let valid_mask = if valid_bits == 64 { u64::MAX } else { (1u64 << valid_bits) - 1 };
+        out.union_word(word, taken & valid_mask);
+    }
+
+    /// Sets the bits of `span` and the summary bits above them, as the program does.
+    pub fn set_span(&self, span: ExtentSpan) {
+        self.bits.set_span(span);
+        let first = ExtentSpan { first: span.first_word(), last: span.last_word() };
+        self.summary.set_span(first);
+        // The top level's bits, as bit positions in the summary map: after its first level.
+        let top = self.first_words as u64 * WORD_BITS;
+        self.summary.set_span(ExtentSpan { first: top + first.first_word(), last: top + first.last_word() });
+    }
+
+    /// Sets every extent's bit (`extent_count` bits) and the summary bits above them.
+    pub fn set_all(&self, extent_count: u64) {
+        if extent_count > 0 {
+            self.set_span(ExtentSpan { first: 0, last: extent_count - 1 });
+        }
     }
 }
 
-impl Iterator for Runs<'_> {
-    type Item = std::ops::Range<u64>;
+/// Atomically takes a word's bits (a relaxed load first: most words are zero and need no
+/// read-modify-write).
+fn take(word: &AtomicU64) -> u64 {
+    if word.load(Ordering::Relaxed) == 0 { 0 } else { word.swap(0, Ordering::AcqRel) }
+}
 
-    fn next(&mut self) -> Option<Self::Item> {
-        let rest = &self.bits[self.position..];
-        let start = self.position + rest.first_one()?;
-        let len = self.bits[start..].first_zero().unwrap_or(self.bits.len() - start);
-        self.position = start + len;
-        Some(start as u64..(start + len) as u64)
+/// Calls `each` with `group * 64 + bit` for every set bit of `bits` under `limit`.
+fn for_each_bit(mut bits: u64, group: usize, limit: usize, mut each: impl FnMut(usize)) {
+    while bits != 0 {
+        let index = group * WORD_BITS as usize + bits.trailing_zeros() as usize;
+        bits &= bits - 1;
+        if index >= limit {
+            break;
+        }
+        each(index);
     }
 }
 
@@ -173,20 +202,40 @@ impl Iterator for Runs<'_> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::os::fd::AsFd as _;
+
+    /// A bitmap of `words` words in an anonymous shared mapping, standing in for a map's.
+    fn anonymous(words: usize) -> SharedBitmap {
+        let fd = nix::sys::memfd::memfd_create("bitmap", nix::sys::memfd::MFdFlags::empty()).expect("memfd");
+        nix::unistd::ftruncate(&fd, (words * 8).next_multiple_of(4096) as i64).expect("ftruncate");
+        SharedBitmap::map(fd.as_fd(), words).expect("mmap")
+    }
 
     proptest! {
+        /// Spans set the way the program sets them are all found by takes that follow only the
+        /// summaries, whatever their size and place, and a take leaves nothing behind.
         #[test]
-        fn runs_cover_exactly_the_set_bits(bits in proptest::collection::vec(any::<bool>(), 0..700)) {
-            let bv: BitVec<u64, Lsb0> = bits.iter().copied().collect();
-            let mut seen = bitvec![u64, Lsb0; 0; bits.len()];
-            let mut last_end = None;
-            for run in Runs::new(&bv) {
-                prop_assert!(run.start < run.end);
-                if let Some(end) = last_end { prop_assert!(run.start > end, "runs are maximal and ordered"); }
-                last_end = Some(run.end);
-                seen[run.start as usize..run.end as usize].fill(true);
+        fn summaries_lead_to_every_span(
+            (extents, spans) in (1u64..300_000).prop_flat_map(|extents| (
+                Just(extents),
+                proptest::collection::vec((0..extents, 0..extents), 1..6),
+            ))
+        ) {
+            let words = extents.div_ceil(WORD_BITS) as usize;
+            let first_words = words.div_ceil(64);
+            let map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
+            let mut expected = ExtentSet::new(extents as usize);
+            for (a, b) in spans {
+                let span = ExtentSpan { first: a.min(b), last: a.max(b) };
+                map.set_span(span);
+                expected.insert_range(span.first as usize..span.last as usize + 1);
             }
-            prop_assert_eq!(seen, bv);
+            let mut taken = ExtentSet::new(extents as usize);
+            map.take_into(&mut taken, None, false);
+            prop_assert_eq!(taken.bits(), expected.bits());
+            let mut again = ExtentSet::new(extents as usize);
+            map.take_into(&mut again, None, true);
+            prop_assert!(again.not_any(), "the take left bits behind");
         }
     }
 }
