@@ -6,7 +6,9 @@
 //! exchange between two processes of a sync write's sizes (`round_trip`), which is the round
 //! trip a replicating process pays. Goal: sync p99 within 2x of (primary write p99 + one round
 //! trip); the table gives the ratio against each. A peer, in the same run: qemu-nbd serving the
-//! same device to the same fio job, with no replication (what NBD costs alone).
+//! same device to the same fio job, with no replication (what NBD costs alone). And the sync
+//! export again on a 1 TiB device (sparse files; fio writes its first 256 MiB), in the same
+//! rounds: the engine's work per loop turn must not grow with the size of the device.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -17,6 +19,9 @@ use replicator::testbed::{Lab, run_command};
 use crate::fio::FioResult;
 
 const DEVICE_BYTES: u64 = 256 << 20;
+const LARGE_DEVICE_BYTES: u64 = 1 << 40;
+/// What fio writes (`--size`), on either device.
+const FIO_BYTES: u64 = 256 << 20;
 const ROUND_SECONDS: u32 = 5;
 /// Rounds of every path; the table gives the median of each figure.
 const ROUNDS: usize = 3;
@@ -51,7 +56,10 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     lab.start_secondary(0, &[])?;
     let socket = lab.dir.join("nbd.sock");
     let export = format!("nbd+unix:{}", socket.display());
+    let mut large = Lab::new(binary, "exportbig", 1, LARGE_DEVICE_BYTES)?;
+    large.start_secondary(0, &[])?;
     for _ in 0..ROUNDS {
+        rounds.extend(large_device_rows(&mut large)?);
         for policy in ["async", "sync"] {
             // The first start copies the whole image (the baselines wrote it); later ones only
             // what the other policy's round left behind, if anything.
@@ -80,6 +88,12 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     };
     let hashes = lab.hashes()?;
     anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the export benchmark");
+    // The large images: the range fio wrote (the rest was never written on either).
+    let read = |device: &Path| replicator::testbed::read_range_direct(device, 0, FIO_BYTES as usize);
+    anyhow::ensure!(
+        read(&large.primary_device.path)? == read(&large.secondary_devices[0].path)?,
+        "the 1 TiB images differ in the range fio wrote"
+    );
 
     let raw_p99 = |depth: u32| {
         rows.iter().find(|r| r.policy == "raw device" && r.iodepth == depth).map_or(0.0, |r| r.result.p99_us)
@@ -90,7 +104,10 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
          replicator running; and qemu-nbd serving the same device to the same job, without replication. \
          The network round trip, two ways: ping {ping_us:.0} µs (average; the far kernel \
          answers), and a TCP exchange between two processes, 4 KiB out and 16 bytes back, as a sync write's frame \
-         and ack: p50 {tcp_p50:.0} µs, p99 {tcp_p99:.0} µs. Goal: sync p99 <= 2 x (raw p99 + round trip).\n\n\
+         and ack: p50 {tcp_p50:.0} µs, p99 {tcp_p99:.0} µs. Goal: sync p99 <= 2 x (raw p99 + round trip). \
+         `export sync, 1 TiB device`: the same sync export on a 1 TiB device (sparse; fio writes its first \
+         256 MiB), in the same rounds, against the same baseline: the engine's work per write does not grow \
+         with the device.\n\n\
          | path | iodepth | IOPS | p50 µs | p99 µs | p99.9 µs | p99 / (raw p99 + TCP p99) | p99 / (raw p99 + ping) |\n\
          |---|---|---|---|---|---|---|---|\n",
         ping_us = rtt_ms * 1000.0,
@@ -123,6 +140,30 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         serde_json::json!({ "rtt_ms": rtt_ms, "tcp_round_trip": tcp, "rows": json_rows, "rounds": rounds }),
         md,
     ))
+}
+
+const LARGE_POLICY: &str = "export sync, 1 TiB device";
+
+/// One round of the sync export on the 1 TiB lab (both images zero: no initial sync needed).
+fn large_device_rows(large: &mut Lab) -> anyhow::Result<Vec<Row>> {
+    let socket = large.dir.join("nbd.sock");
+    let export = format!("nbd+unix:{}", socket.display());
+    let args = ["--skip-initial-sync", "--sync-rate", "0", "--export", &export, "--write-policy", "sync"];
+    let primary = large.start_primary(&args)?;
+    large
+        .wait_synchronized(std::time::Duration::from_secs(60))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", large.logs()))?;
+    let mut rows = Vec::new();
+    for iodepth in DEPTHS {
+        let fio = nbd_randwrite(&socket, iodepth, ROUND_SECONDS)
+            .with_context(|| format!("fio through the 1 TiB export\n{}", large.logs()))?;
+        rows.push(Row { policy: LARGE_POLICY, iodepth, result: fio });
+    }
+    large
+        .wait_in_sync(std::time::Duration::from_secs(120))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", large.logs()))?;
+    large.processes[primary].stop();
+    Ok(rows)
 }
 
 /// The peer without replication: qemu-nbd serving the primary device (O_DIRECT, Linux AIO)
@@ -185,7 +226,8 @@ fn medians(rounds: &[Row]) -> Vec<Row> {
 /// fio's nbd engine (libnbd): 4 KiB random writes through the export at `iodepth`.
 fn nbd_randwrite(socket: &Path, iodepth: u32, seconds: u32) -> anyhow::Result<FioResult> {
     let child = Command::new("fio")
-        .args(["--name=export", "--ioengine=nbd", "--rw=randwrite", "--bs=4k", "--size=256m"])
+        .args(["--name=export", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+        .arg(format!("--size={FIO_BYTES}"))
         .arg(format!("--uri=nbd+unix:///?socket={}", socket.display()))
         .arg(format!("--iodepth={iodepth}"))
         .arg(format!("--runtime={seconds}"))
