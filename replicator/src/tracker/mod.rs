@@ -39,7 +39,7 @@ use replicator_common::{
 
 pub use btf::{Btf, BtfError};
 pub use layout::{LayoutError, kernel_layout};
-pub use shared::{SharedBitmap, Summarized};
+pub use shared::{SharedBitmap, Summarized, Sweep};
 
 use crate::device::{BlockDevice, DeviceError};
 use crate::extent_set::{ExtentSet, Runs};
@@ -133,10 +133,11 @@ pub const UNMATCHED_AFTER: std::time::Duration = std::time::Duration::from_secs(
 /// checkpoint reads them too.
 const MISSES_CHECK_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// How often a drain takes every word of the queued and completed maps, not only those their
-/// summaries name: the safety net for a summary bit seen before its word's bits (a weakly
-/// ordered CPU) and for bits set before the summaries existed. Well under `UNMATCHED_AFTER`,
-/// so such a completion is late by this much at most and never taken for a lost one.
+/// How long a sweep of every word of the queued and completed maps takes, spread over the
+/// drains (each takes its share, besides the words the summaries name): the safety net for a
+/// summary bit seen before its word's bits (a weakly ordered CPU) and for bits set before the
+/// summaries existed. Well under `UNMATCHED_AFTER`, so such a completion is late by this much
+/// at most and never taken for a lost one.
 const SWEEP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 pub struct Tracker {
@@ -155,7 +156,8 @@ pub struct Tracker {
     awaiting_since: std::time::Instant,
     unmatched_writes: u64,
     completed: Summarized,
-    /// When every word was last taken (see `SWEEP_INTERVAL`); `None`: at the next drain.
+    /// When the last drain swept its share (see `SWEEP_INTERVAL`); `None`: the next drain
+    /// sweeps every word.
     swept: Option<std::time::Instant>,
     sweep_interval: Option<std::time::Duration>,
     flags: SharedBitmap,
@@ -317,7 +319,7 @@ impl Tracker {
     /// Atomically takes the completed marks and returns them as ascending, maximal runs of
     /// extents. Each extent is returned once per drain however many writes completed on it.
     /// Costs what was marked since the last drain, not the size of the device (the maps'
-    /// summaries), except for a sweep of every word each `SWEEP_INTERVAL`.
+    /// summaries), plus the drain's share of a sweep of every word each `SWEEP_INTERVAL`.
     pub fn drain_completed(&mut self) -> Runs<'_> {
         self.take_marks();
         self.match_completions(None);
@@ -352,15 +354,26 @@ impl Tracker {
     /// reported again a second later).
     fn take_marks(&mut self) {
         self.pump_wide_ranges();
-        let sweep =
-            self.sweep_interval.is_some_and(|interval| self.swept.is_none_or(|at| at.elapsed() >= interval));
-        if sweep {
-            self.swept = Some(std::time::Instant::now());
-        }
+        let sweep = self.sweep_share();
         self.queued.take_into(&mut self.awaiting, None, sweep);
         self.drained.clear();
         self.completed.take_into(&mut self.drained, Some(&self.intent), sweep);
         self.queued.take_into(&mut self.awaiting, None, sweep);
+    }
+
+    /// This drain's share of the sweep: the words in proportion to the time since the last
+    /// drain, so a whole pass takes `SWEEP_INTERVAL` and no drain pauses for all of it (at
+    /// 1 TiB a whole pass is 3 x 2 MiB of loads, half a millisecond).
+    fn sweep_share(&mut self) -> Sweep {
+        let Some(interval) = self.sweep_interval else { return Sweep::Nothing };
+        let now = std::time::Instant::now();
+        let share = self.swept.map_or(1.0, |at| (now - at).as_secs_f64() / interval.as_secs_f64());
+        self.swept = Some(now);
+        if share >= 1.0 {
+            Sweep::All
+        } else {
+            Sweep::Words((share * self.queued.bits.words().len() as f64).ceil() as usize)
+        }
     }
 
     /// Exempts the writes of thread group `tgid` (0: none) from shipping: the kernel program
@@ -374,7 +387,7 @@ impl Tracker {
     /// process draining this tracker for real those completions look untraced.
     pub fn steal_completions(&mut self) -> Runs<'_> {
         self.drained.clear();
-        self.completed.take_into(&mut self.drained, None, true);
+        self.completed.take_into(&mut self.drained, None, Sweep::All);
         self.drained.runs()
     }
 
@@ -389,9 +402,9 @@ impl Tracker {
         self.check_recursion_misses();
         self.pump_wide_ranges();
         self.swept = Some(std::time::Instant::now());
-        self.queued.take_into(&mut self.awaiting, None, true);
+        self.queued.take_into(&mut self.awaiting, None, Sweep::All);
         self.drained.clear();
-        self.completed.take_into(&mut self.drained, Some(&self.intent), true);
+        self.completed.take_into(&mut self.drained, Some(&self.intent), Sweep::All);
         let count = self.awaiting.count() as u64;
         if count > 0 {
             tracing::warn!(

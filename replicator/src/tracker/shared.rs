@@ -118,34 +118,54 @@ pub struct Summarized {
     pub bits: SharedBitmap,
     summary: SharedBitmap,
     first_words: usize,
+    /// The next word a partial sweep takes (see `Sweep::Words`).
+    sweep_next: usize,
+}
+
+/// What a take sweeps besides the words the summaries name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sweep {
+    Nothing,
+    /// The next this many words, round robin, so that sweeps spread over drains cover every
+    /// word without a pause as long as a whole pass.
+    Words(usize),
+    /// Every word (and the summaries are cleared).
+    All,
 }
 
 impl Summarized {
     pub fn new(bits: SharedBitmap, summary: SharedBitmap) -> Self {
         let first_words = bits.words.div_ceil(WORD_BITS as usize);
         assert_eq!(summary.words, first_words + first_words.div_ceil(WORD_BITS as usize), "summary map size");
-        Self { bits, summary, first_words }
+        Self { bits, summary, first_words, sweep_next: 0 }
     }
 
-    /// Atomically takes the set bits of the words the summary names (every word when
-    /// `sweep`), ORing them into `out` and, if given, into `also` right after taking them (the
+    /// Atomically takes the set bits of the words the summary names and of those `sweep`
+    /// adds, ORing them into `out` and, if given, into `also` right after taking them (the
     /// tracker re-marks drained completions in the intent map). Top down: a summary word is
     /// taken before the words it names, so a bit set after its word was taken has its summary
     /// bits set again. Bits past the set's last extent are dropped (the program never sets them).
-    pub fn take_into(&self, out: &mut ExtentSet, also: Option<&SharedBitmap>, sweep: bool) {
+    pub fn take_into(&mut self, out: &mut ExtentSet, also: Option<&SharedBitmap>, sweep: Sweep) {
+        let all = sweep == Sweep::All;
         let (first, top) = self.summary.words().split_at(self.first_words);
         for (top_index, top_word) in top.iter().enumerate() {
             let mut named = take(top_word);
-            if sweep {
+            if all {
                 named = u64::MAX;
             }
             for_each_bit(named, top_index, first.len(), |summary_index| {
                 let mut named = take(&first[summary_index]);
-                if sweep {
+                if all {
                     named = u64::MAX;
                 }
                 for_each_bit(named, summary_index, self.bits.words, |word| self.take_word(word, out, also));
             });
+        }
+        if let Sweep::Words(count) = sweep {
+            for _ in 0..count.min(self.bits.words) {
+                self.take_word(self.sweep_next, out, also);
+                self.sweep_next = (self.sweep_next + 1) % self.bits.words;
+            }
         }
     }
 
@@ -223,7 +243,7 @@ mod tests {
         ) {
             let words = extents.div_ceil(WORD_BITS) as usize;
             let first_words = words.div_ceil(64);
-            let map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
+            let mut map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
             let mut expected = ExtentSet::new(extents as usize);
             for (a, b) in spans {
                 let span = ExtentSpan { first: a.min(b), last: a.max(b) };
@@ -231,11 +251,36 @@ mod tests {
                 expected.insert_range(span.first as usize..span.last as usize + 1);
             }
             let mut taken = ExtentSet::new(extents as usize);
-            map.take_into(&mut taken, None, false);
+            map.take_into(&mut taken, None, Sweep::Nothing);
             prop_assert_eq!(taken.bits(), expected.bits());
             let mut again = ExtentSet::new(extents as usize);
-            map.take_into(&mut again, None, true);
+            map.take_into(&mut again, None, Sweep::All);
             prop_assert!(again.not_any(), "the take left bits behind");
+        }
+
+        /// Bits set with no summary bit above them (an older program's) are found by partial
+        /// sweeps within one pass of `words / chunk` takes.
+        #[test]
+        fn partial_sweeps_find_unsummarized_bits(
+            (extents, set, chunk) in (1u64..20_000).prop_flat_map(|extents| (
+                Just(extents),
+                proptest::collection::vec(0..extents, 1..20),
+                1usize..50,
+            ))
+        ) {
+            let words = extents.div_ceil(WORD_BITS) as usize;
+            let first_words = words.div_ceil(64);
+            let mut map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
+            let mut expected = ExtentSet::new(extents as usize);
+            for &extent in &set {
+                map.bits.set_span(ExtentSpan { first: extent, last: extent });
+                expected.set(extent as usize, true);
+            }
+            let mut taken = ExtentSet::new(extents as usize);
+            for _ in 0..words.div_ceil(chunk) {
+                map.take_into(&mut taken, None, Sweep::Words(chunk));
+            }
+            prop_assert_eq!(taken.bits(), expected.bits());
         }
     }
 }
