@@ -33,11 +33,12 @@ pub const MAP_QUEUED: &str = "QUEUED";
 /// Summaries of `QUEUED` and `COMPLETED`, two levels in one map: in the first
 /// `summary_words(bitmap_words)` words, bit `s` of word `v` stands for word `v * 64 + s` of the
 /// bitmap; in the words after them, bit `t` of word `u` stands for summary word `u * 64 + t`.
-/// The program sets a bit before the summary bit above it, and that one only when it was clear,
-/// so userspace takes only the words the top level names: a drain costs what changed, not the
-/// size of the device (64 top words at 1 TiB). Userspace still sweeps every word now and then,
-/// which finds bits set before the summaries existed (maps pinned by an older program) and any
-/// whose summary bit a weakly ordered CPU made visible first.
+/// The program sets a bit before the summary bits above it (each only when clear: a hot
+/// extent's summaries cost two plain loads), so userspace takes only the words the top level
+/// names: a drain costs what changed, not the size of the device (64 top words at 1 TiB).
+/// Userspace still sweeps every word, spread over its drains, which finds bits set before the
+/// summaries existed (maps pinned by an older program) and any whose summary bit a weakly
+/// ordered CPU made visible first.
 pub const MAP_QUEUED_SUMMARY: &str = "QUEUED_SUM";
 pub const MAP_COMPLETED_SUMMARY: &str = "COMPLETED_SUM";
 pub const MAP_WIDE: &str = "WIDE";

@@ -243,22 +243,23 @@ fn mark(config: &TrackerConfig, kind: MarkKind, span: ExtentSpan) {
 }
 
 /// After bits in word `word` of a bitmap of `bitmap_words` words: sets its bit in the first
-/// summary level, and when that was clear, the summary word's bit in the level above. Each
-/// level after the one below, so a bit userspace sees names words whose bits it then finds (on
-/// x86 the locked ORs order them; elsewhere userspace's periodic sweep of every word is the
-/// safety net, see `MAP_QUEUED_SUMMARY`).
+/// summary level, then the summary word's bit in the level above. Each level after the one
+/// below, so a bit userspace sees names words whose bits it then finds (on x86 the locked ORs
+/// order them; elsewhere userspace's sweep of every word is the safety net, see
+/// `MAP_QUEUED_SUMMARY`). The top bit is tested (and set if clear) even when the first-level
+/// bit was set already: that bit may belong to a program interrupted before its own top bit,
+/// and this program's mark must be reachable from the top when it returns.
 #[inline(always)]
 fn mark_summary(summary: &Array<u64>, bitmap_words: u32, word: u64) {
     let summary_word = word / WORD_BITS;
-    if set_bits(summary, summary_word, 1 << (word % WORD_BITS)) {
-        let top_word = u64::from(summary_words(bitmap_words)) + summary_word / WORD_BITS;
-        set_bits(summary, top_word, 1 << (summary_word % WORD_BITS));
-    }
+    set_bits(summary, summary_word, 1 << (word % WORD_BITS));
+    let top_word = u64::from(summary_words(bitmap_words)) + summary_word / WORD_BITS;
+    set_bits(summary, top_word, 1 << (summary_word % WORD_BITS));
 }
 
-/// ORs `mask` into word `word` of `bitmap`; returns whether some of its bits were clear.
+/// ORs `mask` into word `word` of `bitmap`.
 #[inline(always)]
-fn set_bits(bitmap: &Array<u64>, word: u64, mask: u64) -> bool {
+fn set_bits(bitmap: &Array<u64>, word: u64, mask: u64) {
     // Userspace sized the maps for the device and checks the size at attach, so the lookup
     // finds the word; one that failed would mean a map sized wrongly.
     if let Some(ptr) = bitmap.get_ptr_mut(word as u32) {
@@ -270,11 +271,9 @@ fn set_bits(bitmap: &Array<u64>, word: u64, mask: u64) -> bool {
         unsafe {
             if core::ptr::read_volatile(ptr) & mask != mask {
                 atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, mask);
-                return true;
             }
         }
     }
-    false
 }
 
 #[inline(always)]

@@ -418,8 +418,9 @@ impl<'a> Session<'a> {
                 return Err(SessionEnd::Stop);
             }
             self.retry_waiting(stream)?;
-            if self.recv_in_flight.is_none() && self.waiting.is_none() {
-                self.use_ahead(stream)?;
+            if self.recv_in_flight.is_none() && self.waiting.is_none() && self.use_ahead(stream)? {
+                // Frames read ahead earlier, held back by a write, count as heard now.
+                last_frame = Instant::now();
             }
             if self.recv_in_flight.is_none() && self.waiting.is_none() {
                 self.submit_recv(stream)?;
@@ -454,8 +455,10 @@ impl<'a> Session<'a> {
     }
 
     /// Fills the current part from the read-ahead buffer, and handles each part completed,
-    /// until the buffer is used up or a frame waits (for a buffer, a write, ...).
-    fn use_ahead(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+    /// until the buffer is used up or a frame waits (for a buffer, a write, ...). Returns
+    /// whether a part was completed.
+    fn use_ahead(&mut self, stream: &mut TcpStream) -> Result<bool, SessionEnd> {
+        let mut completed = false;
         while self.waiting.is_none() && self.ahead_start < self.ahead_len {
             let (target, len) = self.recv_target();
             let n = (len - self.filled).min(self.ahead_len - self.ahead_start);
@@ -467,13 +470,14 @@ impl<'a> Session<'a> {
             self.filled += n;
             if self.filled == len {
                 self.filled = 0;
+                completed = true;
                 self.received(stream)?;
             }
         }
         if self.ahead_start == self.ahead_len {
             (self.ahead_start, self.ahead_len) = (0, 0);
         }
-        Ok(())
+        Ok(completed)
     }
 
     /// Receives the rest of the current part straight into it when it is a long payload and
