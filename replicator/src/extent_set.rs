@@ -172,21 +172,35 @@ impl ExtentSet {
         self.bits.as_raw_slice()[index]
     }
 
-    /// The first word at or after `from` that holds something (for loops that change the set
-    /// word by word as they go).
-    pub fn next_nonzero_word(&self, from: usize) -> Option<usize> {
-        if self.ones == 0 || from >= self.summary.len() {
-            return None;
-        }
-        self.summary[from..].first_one().map(|offset| from + offset)
+    /// The words that hold something, ascending, with their bits.
+    pub fn nonzero_words(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.summary.iter_ones().map(|word| (word, self.word(word)))
     }
 
-    /// Changes the bits in place through `change` and recounts: a whole pass, for rare
-    /// operations (a verify's comparison), not for a loop turn.
-    pub fn change_bits<R>(&mut self, change: impl FnOnce(&mut BitSlice<u64, Lsb0>) -> R) -> R {
-        let result = change(&mut self.bits);
-        self.rebuild_summary();
-        result
+    /// Keeps, of each word that holds something, the bits set in `keep(index, bits)`.
+    pub fn retain_words(&mut self, mut keep: impl FnMut(usize, u64) -> u64) {
+        if self.ones == 0 {
+            return;
+        }
+        for group in 0..self.summary.as_raw_slice().len() {
+            // A copy of the summary word: `retain_word` may clear its bits as we go.
+            let mut named = self.summary.as_raw_slice()[group];
+            while named != 0 {
+                let word = group * WORD_BITS + named.trailing_zeros() as usize;
+                named &= named - 1;
+                let mask = keep(word, self.word(word));
+                self.retain_word(word, mask);
+            }
+        }
+    }
+
+    /// Adds every extent of `other` (as long as the set), touching only its words that hold
+    /// something.
+    pub fn union(&mut self, other: &ExtentSet) {
+        assert_eq!(other.len(), self.len(), "one bit per extent");
+        for (word, bits) in other.nonzero_words() {
+            self.union_word(word, bits);
+        }
     }
 
     fn rebuild_summary(&mut self) {
@@ -251,6 +265,8 @@ mod tests {
         Remove(Range<usize>),
         UnionWord(usize, u64),
         RetainWord(usize, u64),
+        /// `retain_words` keeping `seed` rotated by the word's index in each word.
+        RetainWords(u64),
         Clear,
     }
 
@@ -265,6 +281,7 @@ mod tests {
                 Change::UnionWord(w, if valid >= WORD_BITS { bits } else { bits & ((1 << valid) - 1) })
             }),
             2 => (0..words, any::<u64>()).prop_map(|(w, mask)| Change::RetainWord(w, mask)),
+            1 => any::<u64>().prop_map(Change::RetainWords),
             1 => Just(Change::Clear),
         ]
     }
@@ -292,6 +309,12 @@ mod tests {
                         prop_assert_eq!(removed, plain.as_raw_slice()[w] & !mask);
                         plain.as_raw_mut_slice()[w] &= mask;
                     }
+                    Change::RetainWords(seed) => {
+                        set.retain_words(|w, _| seed.rotate_left(w as u32));
+                        for (w, bits) in plain.as_raw_mut_slice().iter_mut().enumerate() {
+                            *bits &= seed.rotate_left(w as u32);
+                        }
+                    }
                     Change::Clear => { set.clear(); plain.fill(false); }
                 }
                 set.check();
@@ -309,7 +332,10 @@ mod tests {
                 }
             }
             prop_assert_eq!(runs, plain_runs);
-            prop_assert_eq!(ExtentSet::from_bits(&plain), set);
+            prop_assert_eq!(&ExtentSet::from_bits(&plain), &set);
+            let mut copy = ExtentSet::new(len);
+            copy.union(&set);
+            prop_assert_eq!(copy, set);
         }
     }
 }

@@ -343,12 +343,8 @@ impl Tracker {
     pub fn drain_completed_except(&mut self, exempt: &BitVec<u64, Lsb0>) -> Runs<'_> {
         assert_eq!(exempt.len(), self.drained.len(), "one exempt bit per extent");
         self.take_marks();
-        let exempt_words = exempt.as_raw_slice();
-        let mut next = self.drained.next_nonzero_word(0);
-        while let Some(word) = next {
-            self.drained.retain_word(word, !(exempt_words[word] & !self.awaiting.word(word)));
-            next = self.drained.next_nonzero_word(word + 1);
-        }
+        let (exempt_words, awaiting) = (exempt.as_raw_slice(), &self.awaiting);
+        self.drained.retain_words(|word, _| !(exempt_words[word] & !awaiting.word(word)));
         self.match_completions(Some(exempt));
         self.drained.runs()
     }
@@ -419,11 +415,7 @@ impl Tracker {
             );
             self.unmatched_writes += count;
         }
-        let mut next = self.awaiting.next_nonzero_word(0);
-        while let Some(word) = next {
-            self.drained.union_word(word, self.awaiting.word(word));
-            next = self.awaiting.next_nonzero_word(word + 1);
-        }
+        self.drained.union(&self.awaiting);
         self.awaiting.clear();
         self.drained.runs()
     }
@@ -438,34 +430,21 @@ impl Tracker {
     /// exempt writer's (see `drain_completed_except`), so the queued write waits for its own.
     fn match_completions(&mut self, keep: Option<&BitVec<u64, Lsb0>>) {
         let keep = keep.map(|k| k.as_raw_slice());
-        if self.awaiting.any() {
-            let mut next = self.drained.next_nonzero_word(0);
-            while let Some(word) = next {
-                let matched = self.drained.word(word) & !keep.map_or(0, |k| k[word]);
-                self.awaiting.retain_word(word, !matched);
-                next = self.drained.next_nonzero_word(word + 1);
-            }
-        }
+        let drained = &self.drained;
+        self.awaiting.retain_words(|word, _| !(drained.word(word) & !keep.map_or(0, |k| k[word])));
         if self.awaiting_since.elapsed() < UNMATCHED_AFTER {
             return;
         }
         let mut unmatched = 0;
-        let mut next = self.awaiting.next_nonzero_word(0);
-        while let Some(word) = next {
-            let stale = self.awaiting.word(word) & self.awaiting_before.word(word);
-            if stale != 0 {
-                self.drained.union_word(word, stale);
-                self.awaiting.retain_word(word, !stale);
-                unmatched += u64::from(stale.count_ones());
-            }
-            next = self.awaiting.next_nonzero_word(word + 1);
-        }
+        let (before, drained) = (&self.awaiting_before, &mut self.drained);
+        self.awaiting.retain_words(|word, bits| {
+            let stale = bits & before.word(word);
+            drained.union_word(word, stale);
+            unmatched += u64::from(stale.count_ones());
+            !stale
+        });
         self.awaiting_before.clear();
-        let mut next = self.awaiting.next_nonzero_word(0);
-        while let Some(word) = next {
-            self.awaiting_before.union_word(word, self.awaiting.word(word));
-            next = self.awaiting.next_nonzero_word(word + 1);
-        }
+        self.awaiting_before.union(&self.awaiting);
         if unmatched > 0 {
             tracing::warn!(
                 extents = unmatched,

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use bitvec::prelude::*;
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
-use replicator_common::{ExtentSpan, WORD_BITS};
+use replicator_common::{ExtentSpan, WORD_BITS, summary_map_words, summary_words};
 
 use crate::extent_set::ExtentSet;
 
@@ -135,8 +135,9 @@ pub enum Sweep {
 
 impl Summarized {
     pub fn new(bits: SharedBitmap, summary: SharedBitmap) -> Self {
-        let first_words = bits.words.div_ceil(WORD_BITS as usize);
-        assert_eq!(summary.words, first_words + first_words.div_ceil(WORD_BITS as usize), "summary map size");
+        let bitmap_words = u32::try_from(bits.words).expect("map sizes are u32");
+        let first_words = summary_words(bitmap_words) as usize;
+        assert_eq!(summary.words, summary_map_words(bitmap_words) as usize, "summary map size");
         Self { bits, summary, first_words, sweep_next: 0 }
     }
 
@@ -242,8 +243,7 @@ mod tests {
             ))
         ) {
             let words = extents.div_ceil(WORD_BITS) as usize;
-            let first_words = words.div_ceil(64);
-            let mut map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
+            let mut map = Summarized::new(anonymous(words), anonymous(summary_map_words(words as u32) as usize));
             let mut expected = ExtentSet::new(extents as usize);
             for (a, b) in spans {
                 let span = ExtentSpan { first: a.min(b), last: a.max(b) };
@@ -269,8 +269,7 @@ mod tests {
             ))
         ) {
             let words = extents.div_ceil(WORD_BITS) as usize;
-            let first_words = words.div_ceil(64);
-            let mut map = Summarized::new(anonymous(words), anonymous(first_words + first_words.div_ceil(64)));
+            let mut map = Summarized::new(anonymous(words), anonymous(summary_map_words(words as u32) as usize));
             let mut expected = ExtentSet::new(extents as usize);
             for &extent in &set {
                 map.bits.set_span(ExtentSpan { first: extent, last: extent });
