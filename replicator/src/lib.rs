@@ -10,6 +10,7 @@ pub mod logs;
 pub mod shipper;
 pub mod export;
 pub mod pool;
+pub mod read_ahead;
 pub mod wire;
 pub mod auth;
 pub mod secondary;

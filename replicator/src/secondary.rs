@@ -32,6 +32,7 @@ use crate::failback;
 use crate::metrics::SecondaryMetrics;
 use crate::mirror::MirrorDb;
 use crate::pool::BufferPool;
+use crate::read_ahead::ReadAhead;
 use crate::wire::{self, Limits, Message};
 
 /// Settings of a secondary, fixed at start-up.
@@ -274,14 +275,6 @@ struct Write {
     sequence: u64,
 }
 
-/// Bytes of the read-ahead buffer: the socket is read into it a recv at a time, so that the
-/// small frames of synchronous writes (a header and 4 KiB, say), which arrive a few dozen at a
-/// time at queue depth 32, cost one recv together rather than two each.
-const AHEAD_BYTES: usize = 256 * 1024;
-/// A payload at least this long, with nothing of it read ahead yet, is received straight into
-/// its pool buffer (one copy, by the kernel) rather than through the read-ahead buffer.
-const DIRECT_RECV_BYTES_MIN: usize = 16 * 1024;
-
 /// The frame part being filled (from the read-ahead buffer, or by a direct recv): a header, then
 /// its payload, an extent's into a registered pool buffer, which is what is written.
 #[derive(Clone, Copy, Debug)]
@@ -312,10 +305,10 @@ struct Session<'a> {
     receiving: Receiving,
     /// Bytes of the part `receiving` names that are filled already.
     filled: usize,
-    /// The read-ahead buffer: bytes `ahead_start..ahead_len` are received and not used yet.
-    ahead: Box<[u8]>,
-    ahead_start: usize,
-    ahead_len: usize,
+    /// What the socket gave and no part has taken yet: the small frames of synchronous writes
+    /// (a header and 4 KiB, say), which arrive a few dozen at a time at queue depth 32, cost one
+    /// recv together rather than two each.
+    ahead: ReadAhead,
     /// The recv in flight, if any: into the read-ahead buffer, or straight into the part.
     recv_in_flight: Option<RecvKind>,
     /// A received extent that waits for an overlapping write to finish (or a header that waits
@@ -392,9 +385,7 @@ impl<'a> Session<'a> {
             small: Box::new([0; SMALL_PAYLOAD_BYTES_MAX]),
             receiving: Receiving::Header,
             filled: 0,
-            ahead: vec![0; AHEAD_BYTES].into_boxed_slice(),
-            ahead_start: 0,
-            ahead_len: 0,
+            ahead: ReadAhead::default(),
             recv_in_flight: None,
             waiting: None,
             writes: vec![None; usize::from(depth)],
@@ -459,23 +450,17 @@ impl<'a> Session<'a> {
     /// whether a part was completed.
     fn use_ahead(&mut self, stream: &mut TcpStream) -> Result<bool, SessionEnd> {
         let mut completed = false;
-        while self.waiting.is_none() && self.ahead_start < self.ahead_len {
+        while self.waiting.is_none() && !self.ahead.is_empty() {
             let (target, len) = self.recv_target();
-            let n = (len - self.filled).min(self.ahead_len - self.ahead_start);
             // SAFETY: `target..target + len` is the current part (see `recv_target`), owned by
-            // the session, with no recv in flight into it; `filled + n <= len`.
-            let part = unsafe { std::slice::from_raw_parts_mut(target.add(self.filled), n) };
-            part.copy_from_slice(&self.ahead[self.ahead_start..self.ahead_start + n]);
-            self.ahead_start += n;
-            self.filled += n;
+            // the session, with no recv in flight into it; `filled <= len`.
+            let rest = unsafe { std::slice::from_raw_parts_mut(target.add(self.filled), len - self.filled) };
+            self.filled += self.ahead.copy_into(rest);
             if self.filled == len {
                 self.filled = 0;
                 completed = true;
                 self.received(stream)?;
             }
-        }
-        if self.ahead_start == self.ahead_len {
-            (self.ahead_start, self.ahead_len) = (0, 0);
         }
         Ok(completed)
     }
@@ -483,20 +468,18 @@ impl<'a> Session<'a> {
     /// Receives the rest of the current part straight into it when it is a long payload and
     /// nothing is read ahead, else whatever the socket has into the read-ahead buffer.
     fn submit_recv(&mut self, stream: &TcpStream) -> Result<(), SessionEnd> {
-        assert_eq!(self.ahead_start, self.ahead_len, "the read-ahead is used up before a recv");
+        assert!(self.ahead.is_empty(), "the read-ahead is used up before a recv");
         let (target, len) = self.recv_target();
         let rest = len - self.filled;
-        let (kind, recv) = if rest >= DIRECT_RECV_BYTES_MIN {
+        let (kind, recv) = if self.ahead.direct(rest) {
             // SAFETY: as in `use_ahead`.
             let at = unsafe { target.add(self.filled) };
             let recv =
                 opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, rest as u32).flags(libc::MSG_WAITALL);
             (RecvKind::Direct { len: rest }, recv)
         } else {
-            (self.ahead_start, self.ahead_len) = (0, 0);
-            let recv =
-                opcode::Recv::new(types::Fd(stream.as_raw_fd()), self.ahead.as_mut_ptr(), AHEAD_BYTES as u32);
-            (RecvKind::Ahead, recv)
+            let (at, room) = self.ahead.recv_room().expect("an empty read-ahead buffer has room");
+            (RecvKind::Ahead, opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, room))
         };
         // SAFETY: the target (the read-ahead buffer, or the part: header array, small buffer,
         // or a pool buffer taken for this frame) is owned by the session and not touched until
@@ -539,7 +522,7 @@ impl<'a> Session<'a> {
                     }
                     (r, RecvKind::Ahead) => {
                         received = true;
-                        self.ahead_len = r as usize;
+                        self.ahead.received(r as usize);
                         self.use_ahead(stream)?;
                     }
                 }

@@ -51,8 +51,6 @@ pub const CONNECTIONS_MAX: usize = 16;
 /// decoding that connection's requests: a client that floods reads, or stops reading its
 /// replies, costs bounded memory.
 pub const REPLIES_QUEUED_MAX: usize = 2 * CONNECTION_BUFFERS_MAX;
-/// Bytes the engine takes from a connection's socket at once.
-pub const READ_AHEAD_BYTES: usize = 256 * 1024;
 /// How often the acceptor checks the stop flag.
 const ACCEPT_POLL_MS: u64 = 50;
 

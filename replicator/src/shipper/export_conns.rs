@@ -18,13 +18,11 @@ use io_uring::{opcode, types};
 
 use super::{Engine, Op, ShipperError};
 use crate::export::nbd::{self, Command};
-use crate::export::{Connection, ExportBuffer, ExportInfo, ExportRequest, READ_AHEAD_BYTES, Replier, Stream};
+use crate::export::{Connection, ExportBuffer, ExportInfo, ExportRequest, Replier, Stream};
+use crate::read_ahead::ReadAhead;
 
 /// Decoded requests a connection may have waiting for an engine slot.
 const READY_MAX: usize = 64;
-/// A write's data at least this long, with nothing read ahead, is received straight into its
-/// export buffer rather than through the read-ahead buffer.
-const DIRECT_RECV_BYTES_MIN: usize = 16 * 1024;
 
 /// A client connection as the engine holds it.
 pub(super) struct NbdConn {
@@ -33,10 +31,8 @@ pub(super) struct NbdConn {
     client: String,
     /// Bumped on every new connection in this place, so a stale completion is recognised.
     pub(super) generation: u32,
-    ahead: Box<[u8]>,
-    /// The undecoded bytes are `ahead[start..end]`.
-    start: usize,
-    end: usize,
+    /// The bytes received and not decoded yet.
+    ahead: ReadAhead,
     /// A write's header decoded, waiting for a buffer.
     waiting: Option<nbd::Request>,
     /// A write whose data is arriving.
@@ -61,9 +57,7 @@ impl NbdConn {
             reply: connection.reply,
             client: connection.client,
             generation,
-            ahead: vec![0u8; READ_AHEAD_BYTES].into_boxed_slice(),
-            start: 0,
-            end: 0,
+            ahead: ReadAhead::default(),
             waiting: None,
             partial: None,
             ready: VecDeque::with_capacity(READY_MAX),
@@ -108,11 +102,7 @@ impl NbdConn {
             }
             if let Some(partial) = self.partial.as_mut() {
                 let len = partial.request.len_bytes as usize;
-                let take = (len - partial.filled).min(self.end - self.start);
-                partial.buffer.data_mut(len)[partial.filled..partial.filled + take]
-                    .copy_from_slice(&self.ahead[self.start..self.start + take]);
-                partial.filled += take;
-                self.start += take;
+                partial.filled += self.ahead.copy_into(&mut partial.buffer.data_mut(len)[partial.filled..]);
                 if partial.filled < len {
                     return;
                 }
@@ -136,15 +126,15 @@ impl NbdConn {
                 continue;
             }
             if self.ready.len() >= READY_MAX
-                || self.end - self.start < nbd::REQUEST_BYTES
+                || self.ahead.unread().len() < nbd::REQUEST_BYTES
                 || self.reply.backlogged()
             {
                 return;
             }
             let header: &[u8; nbd::REQUEST_BYTES] =
-                self.ahead[self.start..self.start + nbd::REQUEST_BYTES].try_into().expect("sliced to size");
+                self.ahead.unread()[..nbd::REQUEST_BYTES].try_into().expect("sliced to size");
             let decoded = nbd::decode_request(header, info);
-            self.start += nbd::REQUEST_BYTES;
+            self.ahead.consume(nbd::REQUEST_BYTES);
             match decoded {
                 Ok(request) => self.dispatch(request, info),
                 Err(error) => {
@@ -198,31 +188,21 @@ impl NbdConn {
 
     /// The recv op to post, if the connection wants bytes and has room for them: into the
     /// arriving write's buffer when nothing is read ahead and much of it is missing, else into
-    /// the read-ahead buffer (compacted first).
+    /// the read-ahead buffer (none when that is full of requests waiting for buffers or slots).
     fn next_recv(&mut self) -> Option<(*mut u8, u32, bool)> {
         if self.closing || self.recv_in_flight {
             return None;
         }
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-            if let Some(partial) = self.partial.as_mut() {
-                let missing = partial.request.len_bytes as usize - partial.filled;
-                if missing >= DIRECT_RECV_BYTES_MIN {
-                    // SAFETY: inside the buffer's data area (filled < len <= data_bytes_max).
-                    let at = unsafe { partial.buffer.data_ptr().add(partial.filled) };
-                    return Some((at, missing as u32, true));
-                }
+        if let Some(partial) = self.partial.as_mut() {
+            let missing = partial.request.len_bytes as usize - partial.filled;
+            if self.ahead.direct(missing) {
+                // SAFETY: inside the buffer's data area (filled < len <= data_bytes_max).
+                let at = unsafe { partial.buffer.data_ptr().add(partial.filled) };
+                return Some((at, missing as u32, true));
             }
-        } else if self.start > 0 && (self.end == self.ahead.len() || self.start >= self.ahead.len() / 2) {
-            self.ahead.copy_within(self.start..self.end, 0);
-            (self.start, self.end) = (0, self.end - self.start);
         }
-        if self.end == self.ahead.len() {
-            return None; // full of requests waiting for buffers or slots
-        }
-        let room = self.ahead.len() - self.end;
-        // SAFETY: `end < ahead.len()`.
-        Some((unsafe { self.ahead.as_mut_ptr().add(self.end) }, room as u32, false))
+        let (at, room) = self.ahead.recv_room()?;
+        Some((at, room, false))
     }
 }
 
@@ -297,8 +277,7 @@ impl Engine {
             partial.filled += bytes;
             assert!(partial.filled <= partial.request.len_bytes as usize);
         } else {
-            connection.end += bytes;
-            assert!(connection.end <= connection.ahead.len());
+            connection.ahead.received(bytes);
         }
         if connection.closing {
             connection.release_partial(); // aborted while this recv was in flight
