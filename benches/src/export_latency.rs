@@ -54,32 +54,20 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         tcp_rounds.push(crate::round_trip::measure(&lab)?);
     }
     lab.start_secondary(0, &[])?;
-    let socket = lab.dir.join("nbd.sock");
-    let export = format!("nbd+unix:{}", socket.display());
     let mut large = Lab::new(binary, "exportbig", 1, LARGE_DEVICE_BYTES)?;
     large.start_secondary(0, &[])?;
     for _ in 0..ROUNDS {
-        rounds.extend(large_device_rows(&mut large)?);
-        for policy in ["async", "sync"] {
-            // The first start copies the whole image (the baselines wrote it); later ones only
-            // what the other policy's round left behind, if anything.
-            let args = ["--sync-rate", "0", "--export", &export, "--write-policy", policy];
-            let primary = lab.start_primary(&args)?;
-            lab.wait_synchronized(std::time::Duration::from_secs(60))
-                .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
-            for iodepth in DEPTHS {
-                let fio = nbd_randwrite(&socket, iodepth, ROUND_SECONDS)
-                    .with_context(|| format!("fio through the export\n{}", lab.logs()))?;
-                rounds.push(Row {
-                    policy: if policy == "sync" { "export sync" } else { "export async" },
-                    iodepth,
-                    result: fio,
-                });
-            }
-            lab.wait_in_sync(std::time::Duration::from_secs(120))
-                .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
-            lab.processes[primary].stop();
-        }
+        // Both large images are zero: no initial sync needed.
+        rounds.extend(export_rows(
+            &mut large,
+            "export sync, 1 TiB device",
+            "sync",
+            &["--skip-initial-sync"],
+        )?);
+        // The first start copies the whole image (the baselines wrote it); later ones only what
+        // the other policy's round left behind, if anything.
+        rounds.extend(export_rows(&mut lab, "export async", "async", &[])?);
+        rounds.extend(export_rows(&mut lab, "export sync", "sync", &[])?);
     }
     let rows = medians(&rounds);
     let tcp = crate::round_trip::RoundTrip {
@@ -142,27 +130,25 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     ))
 }
 
-const LARGE_POLICY: &str = "export sync, 1 TiB device";
-
-/// One round of the sync export on the 1 TiB lab (both images zero: no initial sync needed).
-fn large_device_rows(large: &mut Lab) -> anyhow::Result<Vec<Row>> {
-    let socket = large.dir.join("nbd.sock");
+/// One round through the export of `lab`'s primary under write `policy`: the primary started
+/// with `extra`, in sync, then fio at every depth, then in sync again before it stops.
+fn export_rows(lab: &mut Lab, label: &'static str, policy: &str, extra: &[&str]) -> anyhow::Result<Vec<Row>> {
+    let socket = lab.dir.join("nbd.sock");
     let export = format!("nbd+unix:{}", socket.display());
-    let args = ["--skip-initial-sync", "--sync-rate", "0", "--export", &export, "--write-policy", "sync"];
-    let primary = large.start_primary(&args)?;
-    large
-        .wait_synchronized(std::time::Duration::from_secs(60))
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", large.logs()))?;
+    let mut args = vec!["--sync-rate", "0", "--export", &export, "--write-policy", policy];
+    args.extend_from_slice(extra);
+    let primary = lab.start_primary(&args)?;
+    lab.wait_synchronized(std::time::Duration::from_secs(60))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
     let mut rows = Vec::new();
     for iodepth in DEPTHS {
         let fio = nbd_randwrite(&socket, iodepth, ROUND_SECONDS)
-            .with_context(|| format!("fio through the 1 TiB export\n{}", large.logs()))?;
-        rows.push(Row { policy: LARGE_POLICY, iodepth, result: fio });
+            .with_context(|| format!("fio through the export ({label})\n{}", lab.logs()))?;
+        rows.push(Row { policy: label, iodepth, result: fio });
     }
-    large
-        .wait_in_sync(std::time::Duration::from_secs(120))
-        .map_err(|e| anyhow::anyhow!("{e}\n{}", large.logs()))?;
-    large.processes[primary].stop();
+    lab.wait_in_sync(std::time::Duration::from_secs(120))
+        .map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
+    lab.processes[primary].stop();
     Ok(rows)
 }
 

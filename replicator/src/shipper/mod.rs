@@ -1953,17 +1953,25 @@ impl Engine {
         Ok(serde_json::to_value(self.status()).expect("status serializes"))
     }
 
-    /// A consistency point: its targets are the secondaries SYNCHRONIZED now; it is answered
-    /// by `advance_points` once each has recorded it, or fails.
+    /// A consistency point: its targets are the secondaries SYNCHRONIZED now, or when there is
+    /// none, the connected ones catching up (a burst of writes put them behind their backlog
+    /// limit a moment ago: with the application quiesced they catch up, and the point is
+    /// recorded once they have everything, as on a SYNCHRONIZED one). It is answered by
+    /// `advance_points` once each target has recorded it, or fails (at the timeout).
     fn start_point(&mut self, timeout_ms: u64, reply: std::sync::mpsc::Sender<control::Reply>) {
         let mut targets = [None; PEERS_MAX];
-        for (i, peer) in self.peers.iter().enumerate() {
-            if image_state(peer) == ImageState::Synchronized {
-                targets[i] = Some(PointTarget { generation: peer.generation, sequence: None });
+        for state in [ImageState::Synchronized, ImageState::Synchronizing] {
+            for (i, peer) in self.peers.iter().enumerate() {
+                if image_state(peer) == state && peer.conn.is_some() && !peer.removed {
+                    targets[i] = Some(PointTarget { generation: peer.generation, sequence: None });
+                }
+            }
+            if targets.iter().any(Option::is_some) {
+                break;
             }
         }
         let refusal = if targets.iter().all(Option::is_none) {
-            Some("no SYNCHRONIZED secondary to record a consistency point on".to_owned())
+            Some("no SYNCHRONIZED secondary (nor a connected one catching up) to record a consistency point on".to_owned())
         } else if self.points.len() >= POINTS_MAX {
             Some("a consistency point is already being taken; try again when it finishes".to_owned())
         } else {
