@@ -8,7 +8,8 @@
 //! trip); the table gives the ratio against each. A peer, in the same run: qemu-nbd serving the
 //! same device to the same fio job, with no replication (what NBD costs alone). And the sync
 //! export again on a 1 TiB device (sparse files; fio writes its first 256 MiB), in the same
-//! rounds: the engine's work per loop turn must not grow with the size of the device.
+//! rounds: the engine's work per loop turn must not grow with the size of the device. And the
+//! sync export with the primary and the secondary busy-polling (`--poll-us`).
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -26,6 +27,9 @@ const ROUND_SECONDS: u32 = 5;
 /// Rounds of every path; the table gives the median of each figure.
 const ROUNDS: usize = 3;
 const DEPTHS: [u32; 2] = [1, 32];
+/// The busy-poll window of the polling row, on the primary and the secondary.
+const POLL: [&str; 2] = ["--poll-us", "200"];
+const POLL_LABEL: &str = "export sync, --poll-us 200";
 
 #[derive(Debug, serde::Serialize)]
 struct Row {
@@ -53,8 +57,16 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         rounds.extend(qemu_nbd_rows(&lab.primary_device.path, &lab.dir)?);
         tcp_rounds.push(crate::round_trip::measure(&lab)?);
     }
-    lab.start_secondary(0, &[])?;
+    let mut secondary = lab.start_secondary(0, &[])?;
     let mut large = Lab::new(binary, "exportbig", 1, LARGE_DEVICE_BYTES)?;
+    // fio's range holds zeros on both large images before the rounds, as the small lab's
+    // images hold data (the baselines wrote it, the initial copy shipped it): otherwise the
+    // large lab alone would pay for tmpfs allocating pages on its first writes.
+    for device in [&large.primary_device, &large.secondary_devices[0]] {
+        let of = format!("of={}", device.path.display());
+        let count = format!("count={}", FIO_BYTES >> 20);
+        run_command("dd", &["if=/dev/zero", &of, "bs=1M", &count, "oflag=direct", "status=none"])?;
+    }
     large.start_secondary(0, &[])?;
     for _ in 0..ROUNDS {
         // Both large images are zero: no initial sync needed.
@@ -68,6 +80,9 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         // the other policy's round left behind, if anything.
         rounds.extend(export_rows(&mut lab, "export async", "async", &[])?);
         rounds.extend(export_rows(&mut lab, "export sync", "sync", &[])?);
+        secondary = restart_secondary(&mut lab, secondary, &POLL)?;
+        rounds.extend(export_rows(&mut lab, POLL_LABEL, "sync", &POLL)?);
+        secondary = restart_secondary(&mut lab, secondary, &[])?;
     }
     let rows = medians(&rounds);
     let tcp = crate::round_trip::RoundTrip {
@@ -93,9 +108,11 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
          The network round trip, two ways: ping {ping_us:.0} µs (average; the far kernel \
          answers), and a TCP exchange between two processes, 4 KiB out and 16 bytes back, as a sync write's frame \
          and ack: p50 {tcp_p50:.0} µs, p99 {tcp_p99:.0} µs. Goal: sync p99 <= 2 x (raw p99 + round trip). \
-         `export sync, 1 TiB device`: the same sync export on a 1 TiB device (sparse; fio writes its first \
-         256 MiB), in the same rounds, against the same baseline: the engine's work per write does not grow \
-         with the device.\n\n\
+         `export sync, 1 TiB device`: the same sync export on a 1 TiB device (sparse; fio's 256 MiB range \
+         zeroed on both images first, as the small lab's images are written before its rounds), in the same \
+         rounds, against the same baseline: the engine's work per write does not grow with the device. \
+         `{POLL_LABEL}`: the sync export with the primary and the secondary spinning up to 200 µs for their \
+         next completion before they sleep.\n\n\
          | path | iodepth | IOPS | p50 µs | p99 µs | p99.9 µs | p99 / (raw p99 + TCP p99) | p99 / (raw p99 + ping) |\n\
          |---|---|---|---|---|---|---|---|\n",
         ping_us = rtt_ms * 1000.0,
@@ -128,6 +145,13 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         serde_json::json!({ "rtt_ms": rtt_ms, "tcp_round_trip": tcp, "rows": json_rows, "rounds": rounds }),
         md,
     ))
+}
+
+/// Stops `lab`'s secondary (process `index`) and starts it again with `extra`; returns the new
+/// process index.
+fn restart_secondary(lab: &mut Lab, index: usize, extra: &[&str]) -> anyhow::Result<usize> {
+    lab.processes[index].stop();
+    Ok(lab.start_secondary(0, extra)?)
 }
 
 /// One round through the export of `lab`'s primary under write `policy`: the primary started

@@ -50,6 +50,9 @@ pub struct SecondaryConfig {
     pub frame_data_bytes_max: usize,
     /// A session with no frame from the primary for this long is over.
     pub timeout_ms: u64,
+    /// Spin this long for the next completion before the session sleeps (0: never; at most
+    /// `pool::POLL_US_MAX`).
+    pub poll_us: u64,
 }
 
 impl SecondaryConfig {
@@ -294,6 +297,7 @@ enum Receiving {
 struct Session<'a> {
     ring: IoUring,
     pool: BufferPool,
+    poll: crate::pool::PollWindow,
     limits: Limits,
     image: &'a File,
     device: &'a str,
@@ -375,6 +379,7 @@ impl<'a> Session<'a> {
         Ok(Self {
             ring,
             pool,
+            poll: crate::pool::PollWindow::new(config.poll_us),
             limits,
             image,
             device,
@@ -417,6 +422,7 @@ impl<'a> Session<'a> {
                 self.submit_recv(stream)?;
             }
             self.flush_acks(stream)?;
+            self.poll.spin(&mut self.ring).map_err(SessionEnd::Io)?;
             let wait = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&wait);
             match self.ring.submitter().submit_with_args(1, &args) {

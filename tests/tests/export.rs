@@ -60,10 +60,15 @@ fn wait_for_socket(lab: &Lab) {
 /// over the lab's unix socket with `extra` options, every secondary SYNCHRONIZED and the export
 /// listening.
 fn export_lab(label: &str, secondaries: usize, extra: &[&str]) -> Lab {
+    export_lab_with(label, secondaries, extra, &[])
+}
+
+/// `export_lab`, with `secondary_extra` options for every secondary.
+fn export_lab_with(label: &str, secondaries: usize, extra: &[&str], secondary_extra: &[&str]) -> Lab {
     require_root();
     let mut lab = Lab::new(&replicator_bin(), label, secondaries, DEVICE_BYTES).expect("lab");
     for i in 0..secondaries {
-        lab.start_secondary(i, &[]).expect("secondary");
+        lab.start_secondary(i, secondary_extra).expect("secondary");
     }
     let export = format!("nbd+unix:{}", socket(&lab).display());
     let mut args = vec!["--export", export.as_str()];
@@ -86,10 +91,13 @@ fn shipped_bytes(lab: &Lab) -> Vec<u64> {
 }
 
 /// Test 1: every write, 512 B to 4 MiB, is on every secondary when qemu-io gets its reply,
-/// reads back through the export, and crosses the wire exactly once.
+/// reads back through the export, and crosses the wire exactly once. The primary and the
+/// secondaries busy-poll (`--poll-us`), which must change nothing of that.
 #[test]
 fn sync_writes_are_on_every_secondary_when_acknowledged() {
-    let lab = export_lab("nbdsync", 2, &["--write-policy", "sync", "--minimum-images", "3"]);
+    let poll = ["--poll-us", "200"];
+    let primary = ["--write-policy", "sync", "--minimum-images", "3", "--poll-us", "200"];
+    let lab = export_lab_with("nbdsync", 2, &primary, &poll);
     let before = shipped_bytes(&lab);
 
     let mut written = 0u64;

@@ -92,6 +92,9 @@ pub struct ShipperConfig {
     /// For a mirror given on the command line: images (the primary counts) a sync write must
     /// reach before it succeeds.
     pub minimum_images: u32,
+    /// Spin this long for the next completion before the engine sleeps (0: never; at most
+    /// `pool::POLL_US_MAX`).
+    pub poll_us: u64,
 }
 
 impl ShipperConfig {
@@ -213,6 +216,7 @@ pub struct Engine {
     // Field order matters: the ring is dropped before the pool it has registered.
     ring: IoUring,
     pool: BufferPool,
+    poll: crate::pool::PollWindow,
     buffer_refs: Vec<u16>,
     ops: Vec<Option<Op>>,
     free_ops: Vec<usize>,
@@ -367,6 +371,7 @@ impl Engine {
         let mirror = config.mirror.clone();
         let mut engine = Self {
             ring,
+            poll: crate::pool::PollWindow::new(config.poll_us),
             pool,
             buffer_refs: vec![0; usize::from(buffers)],
             ops,
@@ -902,6 +907,7 @@ impl Engine {
     }
 
     fn wait_and_reap(&mut self) -> Result<(), ShipperError> {
+        self.poll.spin(&mut self.ring).map_err(io_error("polling the io_uring"))?;
         let wait = types::Timespec::new().nsec(2_000_000);
         let args = types::SubmitArgs::new().timespec(&wait);
         match self.ring.submitter().submit_with_args(1, &args) {
