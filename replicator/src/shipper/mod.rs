@@ -291,6 +291,8 @@ struct Retired {
 
 /// Most consistency points waiting at once: one, so a connection has one point frame queued.
 const POINTS_MAX: usize = 1;
+/// How often the status file, the gauges and the histograms are refreshed.
+const STATUS_INTERVAL_MS: u64 = 200;
 
 /// A consistency point waiting for its secondaries.
 struct PendingPoint {
@@ -1412,7 +1414,7 @@ impl Engine {
         for peer in self.peers.iter_mut().filter(|p| !p.removed) {
             let state = image_state(peer);
             if peer.reported_state != Some(state) {
-                let cause = if peer.last_error.is_empty() { "connected" } else { peer.last_error.as_str() };
+                let cause = transition_cause(peer, state);
                 tracing::info!(secondary = %peer.name, from = ?peer.reported_state, to = ?state, %cause, "image state changed");
                 let label = crate::metrics::ImageStateLabel {
                     secondary: peer.name.clone(),
@@ -1509,7 +1511,10 @@ impl Engine {
                 peer.log.synchronized();
             }
         }
-        if self.last_status.elapsed() < Duration::from_millis(200) {
+        // An image state change is reported (logged, counted, saved, sent to the secondaries)
+        // at once; the rest of the status at most every STATUS_INTERVAL_MS.
+        let state_changed = self.peers.iter().any(|p| !p.removed && p.reported_state != Some(image_state(p)));
+        if !state_changed && self.last_status.elapsed() < Duration::from_millis(STATUS_INTERVAL_MS) {
             return;
         }
         self.last_status = Instant::now();
@@ -2096,6 +2101,17 @@ fn image_state(peer: &Peer) -> ImageState {
         (None, _) => ImageState::Unsynchronized,
         (Some(_), false) => ImageState::Synchronized,
         (Some(_), true) => ImageState::Synchronizing,
+    }
+}
+
+/// Why `peer` is now in `state`, for the transition's log line.
+fn transition_cause(peer: &Peer, state: ImageState) -> &str {
+    match state {
+        _ if !peer.last_error.is_empty() => peer.last_error.as_str(),
+        ImageState::Synchronized => "caught up: nothing pending, everything acknowledged",
+        ImageState::Synchronizing if peer.log.verify.is_some() => "connected: verifying",
+        ImageState::Synchronizing => "connected: catching up on what it lacks",
+        ImageState::Unsynchronized | ImageState::Consistent => "not connected",
     }
 }
 
