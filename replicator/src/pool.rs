@@ -153,7 +153,8 @@ impl PollWindow {
 
     /// Called just before the blocking wait: submits what is queued and spins, running the
     /// ring's deferred work when its flag says there is some, until a completion is ready or
-    /// the budget is spent. The wait that follows then returns at once or blocks as before.
+    /// the budget is spent. The wait that follows then returns at once or blocks as before. A
+    /// signal (EINTR) or a full completion queue (EBUSY) ends the spin, for that wait to meet.
     pub fn spin(&mut self, ring: &mut io_uring::IoUring) -> std::io::Result<()> {
         if self.budget_us == 0 {
             return Ok(());
@@ -162,17 +163,31 @@ impl PollWindow {
         let recent =
             self.last_wait.is_some_and(|t| now.duration_since(t).as_micros() < POLL_ACTIVE_WITHIN_US as u128);
         if recent {
-            ring.submit()?;
-            while ring.completion().is_empty() && now.elapsed().as_micros() < u128::from(self.budget_us) {
-                if ring.submission().taskrun() {
-                    // GETEVENTS without waiting: runs the deferred work, which posts completions.
-                    ring.submit()?;
-                } else {
-                    std::hint::spin_loop();
-                }
+            let spun = Self::spin_until_completion(ring, now, self.budget_us);
+            if let Err(e) = spun
+                && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
+            {
+                return Err(e);
             }
         }
         self.last_wait = Some(std::time::Instant::now());
+        Ok(())
+    }
+
+    fn spin_until_completion(
+        ring: &mut io_uring::IoUring,
+        start: std::time::Instant,
+        budget_us: u64,
+    ) -> std::io::Result<()> {
+        ring.submit()?;
+        while ring.completion().is_empty() && start.elapsed().as_micros() < u128::from(budget_us) {
+            if ring.submission().taskrun() {
+                // GETEVENTS without waiting: runs the deferred work, which posts completions.
+                ring.submit()?;
+            } else {
+                std::hint::spin_loop();
+            }
+        }
         Ok(())
     }
 }
