@@ -85,11 +85,17 @@ impl EncodeMetric for LatencyHistogram {
         let inner = self.inner.lock().expect("histogram lock");
         let count = inner.len();
         let sum_s = inner.mean() * count as f64 / 1e6;
-        let mut buckets: Vec<(f64, u64)> = LATENCY_BUCKETS_S
-            .iter()
-            .map(|&bound| (bound, inner.count_between(0, (bound * 1e6) as u64)))
-            .collect();
-        buckets.push((f64::MAX, count));
+        // The encoder takes each bucket's own count and writes the running sums itself (the
+        // cumulative `le` series); so each bucket gets what lies between its bound and the one
+        // below, and +Inf the rest, which makes +Inf equal `_count`.
+        let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_S.len() + 1);
+        let mut below = 0;
+        for bound_s in LATENCY_BUCKETS_S {
+            let up_to = inner.count_between(0, (bound_s * 1e6) as u64).max(below);
+            buckets.push((bound_s, up_to - below));
+            below = up_to;
+        }
+        buckets.push((f64::MAX, count.saturating_sub(below)));
         encoder.encode_histogram::<NoLabelSet>(sum_s, count, &buckets, None)
     }
 
@@ -457,5 +463,62 @@ mod tests {
             text_format_0_0_4(om),
             "# HELP a_bytes_total Bytes.\n# TYPE a_bytes_total counter\na_bytes_total 3\n# HELP g A gauge.\n# TYPE g gauge\ng 1\n"
         );
+    }
+
+    /// The `le` series of an encoded latency histogram, as (bound, cumulative count), and its
+    /// `_count`.
+    fn encoded_buckets(histogram: &LatencyHistogram) -> (Vec<(String, u64)>, u64) {
+        let mut registry = prometheus_client::registry::Registry::default();
+        registry.register("lag_seconds", "Lag.", histogram.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encoding");
+        let value =
+            |line: &str| line.rsplit_once(' ').and_then(|(_, v)| v.parse::<u64>().ok()).expect("a count");
+        let buckets = text
+            .lines()
+            .filter(|l| l.starts_with("lag_seconds_bucket"))
+            .map(|l| (l.split('"').nth(1).expect("an le label").to_owned(), value(l)))
+            .collect();
+        let count = text.lines().find(|l| l.starts_with("lag_seconds_count")).map(value).expect("_count");
+        (buckets, count)
+    }
+
+    #[test]
+    fn latency_buckets_are_cumulative_once_and_end_at_the_count() {
+        let histogram = LatencyHistogram::default();
+        let mut local = new_latency_recorder();
+        for micros in [50, 80, 300, 300, 700, 4_000, 20_000_000] {
+            local.record(micros).expect("in bounds");
+        }
+        histogram.merge_from(&mut local);
+        let (buckets, count) = encoded_buckets(&histogram);
+        assert_eq!(count, 7);
+        let at = |le: &str| buckets.iter().find(|(b, _)| b == le).map(|(_, n)| *n).expect("a bucket");
+        assert_eq!((at("0.0001"), at("0.00025"), at("0.0005"), at("0.001")), (2, 2, 4, 5));
+        assert_eq!((at("0.005"), at("10.0"), at("+Inf")), (6, 6, 7));
+        assert!(buckets.windows(2).all(|w| w[0].1 <= w[1].1), "not cumulative: {buckets:?}");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn latency_buckets_match_the_recorded_values(micros in proptest::collection::vec(1u64..30_000_000, 0..200)) {
+            let histogram = LatencyHistogram::default();
+            let mut local = new_latency_recorder();
+            for &m in &micros {
+                local.record(m).expect("in bounds");
+            }
+            histogram.merge_from(&mut local);
+            let (buckets, count) = encoded_buckets(&histogram);
+            proptest::prop_assert_eq!(count, micros.len() as u64);
+            proptest::prop_assert_eq!(buckets.last().map(|b| b.1), Some(micros.len() as u64));
+            for (le, n) in &buckets[..buckets.len() - 1] {
+                let bound_us = (le.parse::<f64>().expect("a bound") * 1e6) as u64;
+                // hdrhistogram keeps 3 significant digits: a value within 0.1% of a bound may
+                // land on either side of it.
+                let low = micros.iter().filter(|&&m| m * 1001 / 1000 <= bound_us).count() as u64;
+                let high = micros.iter().filter(|&&m| m * 999 / 1000 <= bound_us).count() as u64;
+                proptest::prop_assert!((low..=high).contains(n), "le {le}: {n} not in {low}..={high}");
+            }
+        }
     }
 }

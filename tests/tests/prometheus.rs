@@ -88,6 +88,20 @@ fn a_real_prometheus_scrapes_primary_and_secondary() {
     );
     until(&lab, "the secondary's writes", "replicator_written_bytes_total", |v| v > 0.0);
     until(&lab, "a lag histogram", "replicator_replication_lag_seconds_count", |v| v > 0.0);
+    // Its buckets are cumulative once: +Inf holds every sample, no more, and the p99 falls in
+    // a finite bucket (the lag of a few 64 KiB writes on an idle mirror is milliseconds).
+    until(
+        &lab,
+        "the lag histogram's +Inf bucket equal to its count",
+        "sum(replicator_replication_lag_seconds_bucket{le=\"+Inf\"}) - sum(replicator_replication_lag_seconds_count)",
+        |v| v == 0.0,
+    );
+    until(
+        &lab,
+        "a lag p99 under a second",
+        "histogram_quantile(0.99, sum by (le) (replicator_replication_lag_seconds_bucket))",
+        |v| v < 1.0,
+    );
 
     // Every query of the Grafana dashboard runs against this Prometheus.
     let dashboard = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/grafana-dashboard.json");
