@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant};
 
 use replicator::mirror::MirrorDb;
+use replicator::shipper::ImageState;
 use replicator::testbed::Process;
 use replicator_tests::*;
 
@@ -220,6 +221,15 @@ fn database_change_reaches_a_secondary_when_it_returns() {
     let s0 = db(&lab, "s1").images.iter().find(|i| i.name == "s0").expect("s0 record").sync_rate_bytes_per_s;
     assert_eq!(s0, 50 << 20, "s1 holds the change made while it was away");
     lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    // Its return changes its record two or three times within a few round trips (reachable,
+    // SYNCHRONIZING, SYNCHRONIZED), faster than s1 stores and acknowledges each copy; the last
+    // copy must reach it all the same, since `promote` on s1 trusts what it says.
+    until(&lab, "s1's copy to say it is SYNCHRONIZED and reachable", |_| {
+        db(&lab, "s1")
+            .images
+            .iter()
+            .any(|i| i.name == "s1" && i.state == ImageState::Synchronized && i.reachable)
+    });
     let hashes = lab.hashes().expect("hashing the images");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }

@@ -60,7 +60,29 @@ impl Engine {
     pub(super) fn send_mirror_db(&mut self, indexes: impl IntoIterator<Item = usize>) {
         let Some(envelope) = self.mirror.as_ref().map(MirrorDb::encode) else { return };
         for index in indexes {
-            self.queue_db_frame(index, &envelope);
+            let queued = self.queue_db_frame(index, &envelope).is_some();
+            if let Some(conn) = self.peers[index].conn.as_mut() {
+                conn.db_stale = !queued;
+            }
+        }
+    }
+
+    /// Sends the current database to every secondary that missed an update because its
+    /// previous database frame was in flight, once that frame is acknowledged. Without it, a
+    /// secondary could keep an older copy (say, its image SYNCHRONIZED when it has fallen
+    /// behind since) until the next change, and `promote` trusts that copy.
+    pub(super) fn resend_stale_dbs(&mut self) {
+        if self.change.is_some() {
+            return; // the change sends its own database to every secondary
+        }
+        for index in 0..self.peers.len() {
+            let stale = self.peers[index]
+                .conn
+                .as_ref()
+                .is_some_and(|c| c.db_stale && !c.db_sequence.is_some_and(|s| c.inflight.contains_key(&s)));
+            if stale {
+                self.send_mirror_db([index]);
+            }
         }
     }
 

@@ -1511,10 +1511,8 @@ impl Engine {
                 peer.log.synchronized();
             }
         }
-        // An image state change is reported (logged, counted, saved, sent to the secondaries)
-        // at once; the rest of the status at most every STATUS_INTERVAL_MS.
-        let state_changed = self.peers.iter().any(|p| !p.removed && p.reported_state != Some(image_state(p)));
-        if !state_changed && self.last_status.elapsed() < Duration::from_millis(STATUS_INTERVAL_MS) {
+        self.resend_stale_dbs();
+        if self.last_status.elapsed() < Duration::from_millis(STATUS_INTERVAL_MS) {
             return;
         }
         self.last_status = Instant::now();

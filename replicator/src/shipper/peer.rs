@@ -109,6 +109,9 @@ pub struct Conn {
     /// The mirror-database frame queued, and its sequence (one at a time per connection).
     pub db_frame: Vec<u8>,
     pub db_sequence: Option<u64>,
+    /// A database update was not queued because the previous frame was still in flight: the
+    /// current database goes out once that one is acknowledged (`resend_stale_dbs`).
+    pub db_stale: bool,
     /// The consistency-point frame queued (one point at a time per connection).
     pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
@@ -137,6 +140,7 @@ impl Conn {
             point_frame: Box::new([0u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]),
             db_frame: Vec::new(),
             db_sequence: None,
+            db_stale: false,
             last_heard: Instant::now(),
             last_sent: Instant::now(),
             export_sending: 0,
