@@ -498,14 +498,19 @@ impl Engine {
         for slot in 0..slots as u32 {
             let export = self.export.as_mut().expect("an export");
             let Some(data) = export.slots[slot as usize].as_mut() else { continue };
-            if data.replied || data.primary.is_none() {
+            if data.replied {
                 continue;
             }
-            let mut done = true;
+            let primary_done = data.primary.is_some();
             if !data.sync {
-                self.reply_export(slot, minimum);
+                if primary_done {
+                    self.reply_export(slot, minimum);
+                }
                 continue;
             }
+            // Acks are counted as they come, before the primary's part is done too: a secondary
+            // that acknowledges and then drops out still holds the write.
+            let mut done = primary_done;
             for (i, awaiting) in data.awaiting.iter_mut().enumerate() {
                 let Some((generation, sequence)) = *awaiting else { continue };
                 let peer = &self.peers[i];

@@ -427,6 +427,8 @@ impl Engine {
         peer.pending.clear();
         peer.log.flags = 0;
         peer.log.verify = None;
+        // Its fracture log file goes below; nothing may write it again.
+        peer.log.persist_now = false;
         peer.metrics.connected.set(0);
         if let Err(error) = logs::remove_file(&self.config.state_dir, &peer.log.file_name) {
             tracing::warn!(secondary = %peer.name, %error, "removing its fracture log failed");

@@ -593,7 +593,9 @@ impl Engine {
         };
         for run in runs {
             let run = run.start as usize..run.end as usize;
-            for peer in &mut self.peers {
+            // A removed secondary's slot gets nothing: its pending set would keep the extents
+            // dirty, and the intent log from ever clearing them.
+            for peer in self.peers.iter_mut().filter(|p| !p.removed) {
                 for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
                     if *stamp == 0 {
                         *stamp = now_ms;
@@ -601,7 +603,7 @@ impl Engine {
                 }
             }
             self.quiet.note_dirty_run(run.clone());
-            for peer in &mut self.peers {
+            for peer in self.peers.iter_mut().filter(|p| !p.removed) {
                 peer.pending.insert_range(run.clone());
             }
         }
@@ -1046,7 +1048,7 @@ impl Engine {
         let read_ok = result as i64 == len as i64;
         let usable = read_ok && !self.take_stale(&run);
         for (i, peer) in self.peers.iter_mut().enumerate() {
-            if targets[i].is_some() && (!usable || !live[i]) {
+            if targets[i].is_some() && (!usable || !live[i]) && !peer.removed {
                 peer.pending.insert_range(run.start as usize..run.end as usize);
             }
             if !usable && live[i] {
@@ -1486,6 +1488,9 @@ impl Engine {
     }
 
     fn update_status(&mut self) {
+        // Fresh every turn (O(1)): a write queued since the last status tick must keep every
+        // secondary out of sync until its completion is drained.
+        self.awaiting_any = self.tracker.awaiting_completion();
         for index in 0..self.peers.len() {
             let peer = &self.peers[index];
             let in_sync = peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty())
@@ -1529,7 +1534,6 @@ impl Engine {
         self.tracker_seen = (counters.events_seen, counters.write_events);
         self.metrics.unmatched_writes.inc_by(counters.unmatched_writes.saturating_sub(self.unmatched_seen));
         self.unmatched_seen = counters.unmatched_writes;
-        self.awaiting_any = self.tracker.awaiting_completion();
         self.refresh_mirror();
         let status = self.status_json();
         let path = self.config.state_dir.join("status.json");
@@ -1642,7 +1646,7 @@ impl Engine {
     /// Persists the fracture logs of the secondaries fractured (or restored) this turn.
     fn persist_fracture_logs(&mut self) {
         for index in 0..self.peers.len() {
-            if self.peers[index].log.persist_now {
+            if self.peers[index].log.persist_now && !self.peers[index].removed {
                 self.persist_peer(index);
             }
         }
@@ -1703,11 +1707,21 @@ impl Engine {
         self.drain_tracker();
         let mut dirty = BitVec::new();
         for index in 0..self.peers.len() {
+            if self.peers[index].removed {
+                continue;
+            }
             let persisted = self.peers[index].log.fractured() && self.persist_peer(index);
             if !persisted {
                 self.dirty_into(index, &mut dirty);
                 self.quiet.note_dirty(&dirty);
             }
+        }
+        // A write queued and not yet completed (or whose completion the kernel did not trace,
+        // reported after UNMATCHED_AFTER) keeps its extent in the intent log, even when the
+        // extent's intent bit was set long before: clearing it now would leave that write in no
+        // log if the replicator died before shipping it.
+        for run in self.tracker.awaiting_runs() {
+            self.quiet.note_dirty_run(run.start as usize..run.end as usize);
         }
         let mut intent = std::mem::take(&mut self.scratch_intent);
         let mut clearable = std::mem::take(&mut self.scratch_clearable);

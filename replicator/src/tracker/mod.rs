@@ -398,6 +398,11 @@ impl Tracker {
         self.awaiting.any()
     }
 
+    /// The extents of queued writes whose completion has not been drained yet, as runs.
+    pub fn awaiting_runs(&self) -> crate::extent_set::Runs<'_> {
+        self.awaiting.runs()
+    }
+
     /// Reports every queued write whose completion has not been drained as completed: for a
     /// last drain, when nothing is being written any more.
     pub fn drain_unmatched(&mut self) -> Runs<'_> {
