@@ -534,3 +534,89 @@ fn pipelined_requests_past_every_bound_are_all_answered() {
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
+
+/// An ext4 filesystem on a loop device of its own, mounted for one test (tmpfs cannot be
+/// frozen), unmounted and detached when dropped, after what uses it is gone.
+struct ScratchFs {
+    path: PathBuf,
+    _device: LoopDevice,
+}
+
+impl ScratchFs {
+    fn new(label: &str, path: PathBuf) -> Self {
+        let device = LoopDevice::create(label, 256 * MIB).expect("a loop device for the filesystem");
+        let node = device.path.to_str().expect("a UTF-8 path");
+        run_command("mkfs.ext4", &["-q", "-F", node]).expect("mkfs.ext4");
+        std::fs::create_dir_all(&path).expect("a mount point");
+        run_command("mount", &[node, path.to_str().expect("a UTF-8 path")]).expect("mount");
+        Self { path, _device: device }
+    }
+}
+
+impl Drop for ScratchFs {
+    fn drop(&mut self) {
+        let _ = run_command("umount", &[self.path.to_str().unwrap_or_default()]);
+    }
+}
+
+/// `fsfreeze -f` on a mount, undone when dropped (before the processes stuck on it are
+/// stopped, so none stays blocked).
+struct Frozen<'a>(&'a std::path::Path);
+
+impl<'a> Frozen<'a> {
+    fn new(mount: &'a std::path::Path) -> Self {
+        run_command("fsfreeze", &["-f", mount.to_str().expect("a UTF-8 path")]).expect("fsfreeze -f");
+        Self(mount)
+    }
+}
+
+impl Drop for Frozen<'_> {
+    fn drop(&mut self) {
+        let _ = run_command("fsfreeze", &["-u", self.0.to_str().unwrap_or_default()]);
+    }
+}
+
+/// A secondary whose disk write hangs (the filesystem under its image's backing file is
+/// frozen) while its session still answers keepalives is cut off once its oldest frame has
+/// waited four timeouts: the sync write is acknowledged (minimum images 1), the secondary is
+/// fractured, and once its disk is back it resyncs only what it missed.
+#[test]
+fn a_secondary_whose_disk_write_hangs_is_cut_off() {
+    require_root();
+    let mount = ScratchFs::new(
+        "nbdhang-fs",
+        std::env::temp_dir().join(format!("replicator-hang-{}", std::process::id())),
+    );
+    let mut lab = Lab::new(&replicator_bin(), "nbdhang", 1, DEVICE_BYTES).expect("lab");
+    let backing = mount.path.join("s0.img");
+    std::fs::File::create(&backing).and_then(|f| f.set_len(DEVICE_BYTES)).expect("s0's image file");
+    lab.secondary_devices[0] = LoopDevice::over_file(backing).expect("a loop device over the tmpfs file");
+    lab.start_secondary(0, &[]).expect("secondary");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let mut args = vec!["--export", export.as_str(), "--write-policy", "sync", "--minimum-images", "1"];
+    args.extend(FAST);
+    lab.start_primary(&args).expect("primary");
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    wait_for_socket(&lab);
+    qemu_io(&lab, &["write -P 0x21 0 64k".to_owned()])
+        .unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+
+    let started = Instant::now();
+    {
+        let _frozen = Frozen::new(&mount.path);
+        let out = qemu_io(&lab, &["write -P 0x42 1M 64k".to_owned()])
+            .unwrap_or_else(|e| panic!("qemu-io during the hang: {e}\n{}", lab.logs()));
+        assert!(!out.contains("failed"), "the write failed with minimum images 1:\n{out}\n{}", lab.logs());
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_secs(4), "acknowledged after {waited:?}, before s0 was cut off");
+        until(&lab, "s0 fractured", |_| peer_status(&lab, "s0")["fractured"] == true);
+        assert!(lab.logs().contains("still not acknowledged"), "no log line names the hang\n{}", lab.logs());
+        eprintln!("the write through the export was acknowledged {waited:?} after s0's disk hung");
+    }
+    let status =
+        lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let s0 = status["secondaries"][0]["resync_bytes"].as_u64().unwrap_or(u64::MAX);
+    assert!(s0 <= 4 * MIB, "s0 resynced {s0} bytes for one 64 KiB write missed");
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}

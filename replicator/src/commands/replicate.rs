@@ -80,7 +80,8 @@ pub struct PrimaryArgs {
     #[arg(long, value_parser = crate::units::parse_bytes)]
     #[serde(default, deserialize_with = "size")]
     pub backlog: Option<u64>,
-    /// A secondary silent this long (no ack, no keepalive) is disconnected [default: 5000].
+    /// A secondary silent this long (no ack, no keepalive) is disconnected [default: 5000]; so
+    /// is one whose oldest frame has waited four times this for its ack (its disk hangs).
     #[arg(long)]
     pub timeout_ms: Option<u64>,
     /// Do not ship the whole device to a secondary that has no fracture log yet: only for

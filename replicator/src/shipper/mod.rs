@@ -293,6 +293,11 @@ struct Retired {
 const POINTS_MAX: usize = 1;
 /// How often the status file, the gauges and the histograms are refreshed.
 const STATUS_INTERVAL_MS: u64 = 200;
+/// A secondary whose oldest sent frame has waited this many timeouts for its acknowledgement
+/// is cut off (and fractured): its disk write hangs while its session still answers
+/// keepalives, and a sync export write would wait for it forever (DRBD's ko-count). Well above
+/// a slow link's queueing, where an ack also waits for the socket buffer and qdisc ahead.
+const ACK_TIMEOUTS_MAX: u32 = 4;
 
 /// A consistency point waiting for its secondaries.
 struct PendingPoint {
@@ -786,6 +791,16 @@ impl Engine {
             let Some(conn) = self.peers[index].conn.as_mut() else { continue };
             if conn.last_heard.elapsed() > timeout {
                 let reason = format!("no ack or keepalive for {} ms", self.config.timeout_ms);
+                self.disconnect(index, &reason);
+                continue;
+            }
+            if let Some(waited) = conn.oldest_sent_wait()
+                && waited > timeout * ACK_TIMEOUTS_MAX
+            {
+                let reason = format!(
+                    "a frame sent {} ms ago is still not acknowledged (the secondary's write hangs?)",
+                    waited.as_millis()
+                );
                 self.disconnect(index, &reason);
                 continue;
             }

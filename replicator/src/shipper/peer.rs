@@ -160,6 +160,12 @@ impl Conn {
         self.recv_start = 0;
     }
 
+    /// How long the oldest frame sent in full has waited for its acknowledgement, if any.
+    /// Frames go out in sequence order, so that is the first sent one in `inflight`.
+    pub fn oldest_sent_wait(&self) -> Option<std::time::Duration> {
+        self.inflight.values().find_map(|frame| frame.sent_at).map(|sent_at| sent_at.elapsed())
+    }
+
     /// Applies the frames received so far (acks release backlog), or says why the connection
     /// must close.
     pub fn parse_received(
