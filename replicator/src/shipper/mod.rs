@@ -540,6 +540,9 @@ impl Engine {
             self.tick_peers();
             self.start_sends()?;
             self.wait_and_reap()?;
+            // A secondary fractured this turn has its fracture log on disk before any sync
+            // write it missed is acknowledged to a client.
+            self.persist_fracture_logs();
             self.advance_exports();
             self.update_status();
             self.persist_fracture_logs();
