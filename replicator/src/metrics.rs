@@ -91,11 +91,11 @@ impl EncodeMetric for LatencyHistogram {
         let mut buckets: Vec<(f64, u64)> = Vec::with_capacity(LATENCY_BUCKETS_S.len() + 1);
         let mut below = 0;
         for bound_s in LATENCY_BUCKETS_S {
-            let up_to = inner.count_between(0, (bound_s * 1e6) as u64).max(below);
+            let up_to = inner.count_between(0, (bound_s * 1e6) as u64);
             buckets.push((bound_s, up_to - below));
             below = up_to;
         }
-        buckets.push((f64::MAX, count.saturating_sub(below)));
+        buckets.push((f64::MAX, count - below));
         encoder.encode_histogram::<NoLabelSet>(sum_s, count, &buckets, None)
     }
 

@@ -535,30 +535,6 @@ fn pipelined_requests_past_every_bound_are_all_answered() {
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
 
-/// An ext4 filesystem on a loop device of its own, mounted for one test (tmpfs cannot be
-/// frozen), unmounted and detached when dropped, after what uses it is gone.
-struct ScratchFs {
-    path: PathBuf,
-    _device: LoopDevice,
-}
-
-impl ScratchFs {
-    fn new(label: &str, path: PathBuf) -> Self {
-        let device = LoopDevice::create(label, 256 * MIB).expect("a loop device for the filesystem");
-        let node = device.path.to_str().expect("a UTF-8 path");
-        run_command("mkfs.ext4", &["-q", "-F", node]).expect("mkfs.ext4");
-        std::fs::create_dir_all(&path).expect("a mount point");
-        run_command("mount", &[node, path.to_str().expect("a UTF-8 path")]).expect("mount");
-        Self { path, _device: device }
-    }
-}
-
-impl Drop for ScratchFs {
-    fn drop(&mut self) {
-        let _ = run_command("umount", &[self.path.to_str().unwrap_or_default()]);
-    }
-}
-
 /// `fsfreeze -f` on a mount, undone when dropped (before the processes stuck on it are
 /// stopped, so none stays blocked).
 struct Frozen<'a>(&'a std::path::Path);
@@ -583,12 +559,14 @@ impl Drop for Frozen<'_> {
 #[test]
 fn a_secondary_whose_disk_write_hangs_is_cut_off() {
     require_root();
-    let mount = ScratchFs::new(
-        "nbdhang-fs",
-        std::env::temp_dir().join(format!("replicator-hang-{}", std::process::id())),
-    );
+    // s0's image file lives on an ext4 of its own (tmpfs cannot be frozen); dropped after the
+    // lab, the mount before its loop device.
+    let fs_device = LoopDevice::create("nbdhang-fs", 256 * MIB).expect("a loop device for the filesystem");
+    run_command("mkfs.ext4", &["-q", "-F", fs_device.path.to_str().expect("a UTF-8 path")])
+        .expect("mkfs.ext4");
+    let mount = Mount::new(&fs_device.path, "rw");
     let mut lab = Lab::new(&replicator_bin(), "nbdhang", 1, DEVICE_BYTES).expect("lab");
-    let backing = mount.path.join("s0.img");
+    let backing = mount.dir.join("s0.img");
     std::fs::File::create(&backing).and_then(|f| f.set_len(DEVICE_BYTES)).expect("s0's image file");
     lab.secondary_devices[0] = LoopDevice::over_file(backing).expect("a loop device over the tmpfs file");
     lab.start_secondary(0, &[]).expect("secondary");
@@ -603,7 +581,7 @@ fn a_secondary_whose_disk_write_hangs_is_cut_off() {
 
     let started = Instant::now();
     {
-        let _frozen = Frozen::new(&mount.path);
+        let _frozen = Frozen::new(&mount.dir);
         let out = qemu_io(&lab, &["write -P 0x42 1M 64k".to_owned()])
             .unwrap_or_else(|e| panic!("qemu-io during the hang: {e}\n{}", lab.logs()));
         assert!(!out.contains("failed"), "the write failed with minimum images 1:\n{out}\n{}", lab.logs());

@@ -76,10 +76,7 @@ impl Engine {
             return; // the change sends its own database to every secondary
         }
         for index in 0..self.peers.len() {
-            let stale = self.peers[index]
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.db_stale && !c.db_sequence.is_some_and(|s| c.inflight.contains_key(&s)));
+            let stale = self.peers[index].conn.as_ref().is_some_and(|c| c.db_stale && !c.db_in_flight());
             if stale {
                 self.send_mirror_db([index]);
             }
@@ -90,7 +87,7 @@ impl Engine {
     fn queue_db_frame(&mut self, index: usize, envelope: &[u8]) -> Option<u64> {
         let sequence = self.next_sequence;
         let conn = self.peers[index].conn.as_mut()?;
-        if conn.db_sequence.is_some_and(|s| conn.inflight.contains_key(&s)) {
+        if conn.db_in_flight() {
             return None;
         }
         self.next_sequence += 1;
@@ -427,8 +424,6 @@ impl Engine {
         peer.pending.clear();
         peer.log.flags = 0;
         peer.log.verify = None;
-        // Its fracture log file goes below; nothing may write it again.
-        peer.log.persist_now = false;
         peer.metrics.connected.set(0);
         if let Err(error) = logs::remove_file(&self.config.state_dir, &peer.log.file_name) {
             tracing::warn!(secondary = %peer.name, %error, "removing its fracture log failed");

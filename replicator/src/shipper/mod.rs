@@ -270,9 +270,6 @@ pub struct Engine {
     tracker_seen: (u64, u64),
     /// The time base of the peers' drain stamps (`Peer::written_at_ms`).
     started: Instant,
-    /// Whether any write awaits its traced completion (refreshed at each status tick; see
-    /// `Tracker::drain_completed`): no secondary is in sync meanwhile.
-    awaiting_any: bool,
     unmatched_seen: u64,
     /// The NBD export, when serving one.
     export: Option<exports::ExportState>,
@@ -418,7 +415,6 @@ impl Engine {
             checkpoint_us: crate::metrics::new_latency_recorder(),
             tracker_seen: (0, 0),
             started: Instant::now(),
-            awaiting_any: false,
             unmatched_seen: 0,
             retired: Vec::with_capacity(peer_slots),
             export: export.map(|(export, side, device)| {
@@ -1463,10 +1459,7 @@ impl Engine {
         }
         if let Some((index, _)) = &self.split_brain {
             let peer = &self.peers[*index];
-            let accepted = peer
-                .conn
-                .as_ref()
-                .is_some_and(|c| c.db_sequence.is_some_and(|s| !c.inflight.contains_key(&s)));
+            let accepted = peer.conn.as_ref().is_some_and(|c| c.db_sequence.is_some() && !c.db_in_flight());
             if accepted || peer.removed {
                 tracing::info!(secondary = %peer.name, "split brain resolved: the secondary took this primary's database");
                 self.split_brain = None;
@@ -1506,13 +1499,11 @@ impl Engine {
     }
 
     fn update_status(&mut self) {
-        // Fresh every turn (O(1)): a write queued since the last status tick must keep every
-        // secondary out of sync until its completion is drained.
-        self.awaiting_any = self.tracker.awaiting_completion();
         for index in 0..self.peers.len() {
             let peer = &self.peers[index];
             let in_sync = peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty())
-                && !self.awaiting_any
+                // A write queued and not yet drained as completed (O(1), fresh every turn).
+                && !self.tracker.awaiting_completion()
                 && peer.pending.not_any()
                 && !self.reads_target(index);
             let peer = &mut self.peers[index];

@@ -160,10 +160,18 @@ impl Conn {
         self.recv_start = 0;
     }
 
-    /// How long the oldest frame sent in full has waited for its acknowledgement, if any.
-    /// Frames go out in sequence order, so that is the first sent one in `inflight`.
+    /// Whether the last database frame queued is still unacknowledged.
+    pub fn db_in_flight(&self) -> bool {
+        self.db_sequence.is_some_and(|s| self.inflight.contains_key(&s))
+    }
+
+    /// How long the oldest data frame has waited for its acknowledgement since it was sent in
+    /// full; none while it is still being sent. Data frames go out in sequence order, so that
+    /// is the first one in `inflight` (control frames, with no extents, are passed over): O(1)
+    /// per call, on every loop turn.
     pub fn oldest_sent_wait(&self) -> Option<std::time::Duration> {
-        self.inflight.values().find_map(|frame| frame.sent_at).map(|sent_at| sent_at.elapsed())
+        let oldest = self.inflight.values().find(|frame| !frame.run.is_empty())?;
+        oldest.sent_at.map(|sent_at| sent_at.elapsed())
     }
 
     /// Applies the frames received so far (acks release backlog), or says why the connection
