@@ -598,3 +598,72 @@ fn a_secondary_whose_disk_write_hangs_is_cut_off() {
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 }
+
+/// A cgroup (v1 blkio) that limits the writes of one process to one device to `bytes_per_s`;
+/// the process goes back to the root cgroup, and the cgroup away, when dropped.
+struct Throttled {
+    dir: PathBuf,
+}
+
+impl Throttled {
+    fn new(label: &str, pid: u32, device: &std::path::Path, bytes_per_s: u64) -> Self {
+        let dir = PathBuf::from("/sys/fs/cgroup/blkio").join(format!("replicator-{label}"));
+        let rdev = std::os::unix::fs::MetadataExt::rdev(&std::fs::metadata(device).expect("the device"));
+        let (major, minor) = (nix::sys::stat::major(rdev), nix::sys::stat::minor(rdev));
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("creating {} (the blkio cgroup controller): {e}", dir.display()));
+        let throttled = Self { dir };
+        let limit = format!("{major}:{minor} {bytes_per_s}");
+        std::fs::write(throttled.dir.join("blkio.throttle.write_bps_device"), &limit)
+            .unwrap_or_else(|e| panic!("limiting writes to {limit}: {e}"));
+        std::fs::write(throttled.dir.join("cgroup.procs"), pid.to_string())
+            .unwrap_or_else(|e| panic!("moving process {pid} into {}: {e}", throttled.dir.display()));
+        throttled
+    }
+}
+
+impl Drop for Throttled {
+    fn drop(&mut self) {
+        let procs = std::fs::read_to_string(self.dir.join("cgroup.procs")).unwrap_or_default();
+        for pid in procs.lines() {
+            let _ = std::fs::write("/sys/fs/cgroup/blkio/cgroup.procs", pid);
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A TRIM that a secondary takes longer than the timeout to apply (its device zeroes at disk
+/// speed: no discard here, and writes throttled to 16 MiB/s) is not taken for a dead link: the
+/// secondary sends keepalives between the chunks it zeroes, stays connected and unfractured,
+/// and the client's TRIM succeeds with minimum images 2.
+#[test]
+fn a_long_trim_does_not_look_like_a_dead_secondary() {
+    let lab = export_lab("nbdslowzero", 1, &["--write-policy", "sync", "--minimum-images", "2"]);
+    qemu_io(&lab, &["write -P 0x5a 0 48M".to_owned()])
+        .unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+    let pid = lab.processes[0].child.id();
+    let throttled = Throttled::new("nbdslowzero", pid, &lab.secondary_devices[0].path, 16 * MIB);
+
+    let started = Instant::now();
+    let out = qemu_io(&lab, &["discard 0 48M".to_owned()])
+        .unwrap_or_else(|e| panic!("qemu-io discard: {e}\n{}", lab.logs()));
+    let took = started.elapsed();
+    assert!(!out.contains("failed"), "the TRIM failed:\n{out}\n{}", lab.logs());
+    assert!(took > Duration::from_secs(2), "the TRIM took {took:?}, not longer than the timeout (2 s)");
+    drop(throttled);
+    let s0 = peer_status(&lab, "s0");
+    assert_eq!(s0["fractured"], false, "s0 was fractured by a slow TRIM: {s0}\n{}", lab.logs());
+    assert_eq!(s0["connects"], 1, "s0 was disconnected by a slow TRIM: {s0}\n{}", lab.logs());
+    for device in std::iter::once(&lab.primary_device).chain(&lab.secondary_devices) {
+        let bytes = read_range_direct(&device.path, 0, 48 * MIB as usize).expect("reading an image");
+        assert!(
+            bytes.iter().all(|&b| b == 0),
+            "{} does not read zeroes after the TRIM",
+            device.path.display()
+        );
+    }
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+    eprintln!("a 48 MiB TRIM that s0 applied in {took:?} (timeout 2 s) left it connected and in sync");
+}
