@@ -530,9 +530,50 @@ fn pipelined_requests_past_every_bound_are_all_answered() {
         }
         sender.join().expect("sender thread");
     }
+    half_closed_client_gets_every_reply(&lab);
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}
+
+/// A client that pipelines reads and then writes and closes its end (no `NBD_CMD_DISC`)
+/// while the export has stopped decoding (the reads' replies unread): every request it sent
+/// is still answered, then the server closes; the writes are on the primary.
+fn half_closed_client_gets_every_reply(lab: &Lab) {
+    use std::io::{Read as _, Write as _};
+    const REQUESTS: u64 = 300;
+    let mut stream = raw_client(lab);
+    let mut writer = stream.try_clone().expect("cloning the client socket");
+    writer.set_write_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let sender = std::thread::spawn(move || {
+        for i in 0..2 * REQUESTS {
+            let write = i >= REQUESTS;
+            let mut bytes = request(u16::from(write), (i % REQUESTS) * 8 * KIB, 8192);
+            bytes[8..16].copy_from_slice(&i.to_be_bytes());
+            if write {
+                bytes.extend_from_slice(&[0xc3; 8192]);
+            }
+            writer.write_all(&bytes).expect("a pipelined request");
+        }
+        writer.shutdown(std::net::Shutdown::Write).expect("closing the client's end");
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let mut data = vec![0u8; 8192];
+    for n in 0..2 * REQUESTS {
+        let mut reply = [0u8; 16];
+        stream
+            .read_exact(&mut reply)
+            .unwrap_or_else(|e| panic!("half-closed: reply {n}: {e}\n{}", lab.logs()));
+        assert_eq!(&reply[4..8], &[0, 0, 0, 0], "request failed\n{}", lab.logs());
+        if u64::from_be_bytes(reply[8..16].try_into().unwrap()) < REQUESTS {
+            stream.read_exact(&mut data).expect("a read's data");
+        }
+    }
+    sender.join().expect("sender thread");
+    assert!(closed_by_server(&mut stream), "the server closes once every request is answered");
+    let written =
+        read_range_direct(&lab.primary_device.path, 0, (REQUESTS * 8 * KIB) as usize).expect("reading");
+    assert!(written.iter().all(|&b| b == 0xc3), "a half-closed client's writes are not all on the primary");
 }
 
 /// `fsfreeze -f` on a mount, undone when dropped (before the processes stuck on it are

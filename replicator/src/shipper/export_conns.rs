@@ -9,7 +9,8 @@
 //!   the arriving write's buffer goes back to the free list only when no recv fills it;
 //! - a request leaves here whole: a write with all its data, in the order the client sent it;
 //! - a connection that breaks the protocol is shut down at once and nothing of the broken
-//!   request reaches an image; after `NBD_CMD_DISC`, the requests before it still complete.
+//!   request reaches an image; after `NBD_CMD_DISC`, the requests before it still complete, and
+//!   so do the whole requests a client sent before it closed its end (a half-close).
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -40,7 +41,11 @@ pub(super) struct NbdConn {
     /// Decoded requests waiting for an engine slot, in the client's order.
     pub(super) ready: VecDeque<ExportRequest>,
     recv_in_flight: bool,
-    /// No more requests are read: the client disconnected or broke the protocol.
+    /// The client closed its end (or its socket failed): no more recv ops; what is read ahead
+    /// is still decoded.
+    read_closed: bool,
+    /// No more requests are decoded: the client disconnected or broke the protocol, or it
+    /// closed its end and nothing whole is left.
     closing: bool,
 }
 
@@ -62,6 +67,7 @@ impl NbdConn {
             partial: None,
             ready: VecDeque::with_capacity(READY_MAX),
             recv_in_flight: false,
+            read_closed: false,
             closing: false,
         }
     }
@@ -95,7 +101,24 @@ impl NbdConn {
     }
 
     /// Decodes what has arrived into `ready`, until the bytes, the buffers or the room run out.
+    /// Once the client has closed its end and the bytes run out, the connection is closing: a
+    /// write missing its data, or a request cut short, never completes.
     fn pump(&mut self, info: &ExportInfo) {
+        self.decode(info);
+        let needs_bytes = match &self.partial {
+            Some(partial) => partial.filled < partial.request.len_bytes as usize,
+            None => self.waiting.is_none() && self.ahead.unread().len() < nbd::REQUEST_BYTES,
+        };
+        if self.read_closed && needs_bytes && !self.closing {
+            if !self.ahead.is_empty() || self.partial.is_some() {
+                tracing::warn!(client = %self.client, "export: the client closed its end in the middle of a request");
+            }
+            self.closing = true;
+            self.release_partial();
+        }
+    }
+
+    fn decode(&mut self, info: &ExportInfo) {
         loop {
             if self.closing {
                 return;
@@ -190,7 +213,7 @@ impl NbdConn {
     /// arriving write's buffer when nothing is read ahead and much of it is missing, else into
     /// the read-ahead buffer (none when that is full of requests waiting for buffers or slots).
     fn next_recv(&mut self) -> Option<(*mut u8, u32, bool)> {
-        if self.closing || self.recv_in_flight {
+        if self.closing || self.read_closed || self.recv_in_flight {
             return None;
         }
         if let Some(partial) = self.partial.as_mut() {
@@ -266,9 +289,9 @@ impl Engine {
                 let error = std::io::Error::from_raw_os_error(-result);
                 tracing::warn!(client = %connection.client, %error, "export: receiving from the client failed");
             }
-            // Requests already decoded still complete; a write missing its data never does.
-            connection.closing = true;
-            connection.release_partial();
+            // Requests already decoded, and those whole in the read-ahead, still complete
+            // (`pump`); a write missing its data never does.
+            connection.read_closed = true;
             return;
         }
         let bytes = result as usize;
