@@ -137,6 +137,19 @@ impl Expected {
             let here = self.extent_bytes.unwrap_or(0);
             differences.push(format!("extent size: here {here} bytes, peer {} bytes", offered.extent_bytes));
         }
+        // Every extent size a primary can use; anything else (0 included) would break the
+        // session's arithmetic.
+        let shift = offered.extent_bytes.trailing_zeros();
+        if !offered.extent_bytes.is_power_of_two()
+            || !(replicator_common::extent::EXTENT_BYTES_SHIFT_MIN
+                ..=replicator_common::extent::EXTENT_BYTES_SHIFT_MAX)
+                .contains(&shift)
+        {
+            differences.push(format!(
+                "extent size: peer {} bytes, not a power of two from 4 KiB to 64 MiB",
+                offered.extent_bytes
+            ));
+        }
         (!differences.is_empty()).then(|| differences.join("; "))
     }
 }
@@ -291,6 +304,16 @@ mod tests {
         let message = primary.expect_err("refused").to_string();
         assert!(message.contains("1073741824") && message.contains("536870912"), "{message}");
         assert!(matches!(secondary, Err(AuthError::Parameters(_))));
+    }
+
+    #[test]
+    fn an_extent_size_no_primary_can_use_is_refused() {
+        for extent_bytes in [0, 512, 3 * 4096, 128 << 20] {
+            let offered = Params { extent_bytes, ..PARAMS };
+            let (_, secondary) = run(b"0123456789abcdef", b"0123456789abcdef", offered);
+            let message = secondary.expect_err("refused").to_string();
+            assert!(message.contains(&format!("peer {extent_bytes} bytes")), "{message}");
+        }
     }
 
     #[test]

@@ -203,13 +203,20 @@ fn handle_connection(
         }
     };
     let superseded = Arc::new(AtomicBool::new(false));
-    if let Some(previous) = sessions.current.lock().expect("session slot").replace(Arc::clone(&superseded)) {
+    // A session that panicked (a bug) poisons these locks, and with them the image: exit, so
+    // that a supervisor restarts the secondary cleanly, rather than serve nothing forever.
+    fn poisoned<T>(_: std::sync::PoisonError<T>) -> T {
+        tracing::error!("a previous session panicked while it held the image: exiting");
+        std::process::exit(70)
+    }
+    if let Some(previous) = sessions.current.lock().unwrap_or_else(poisoned).replace(Arc::clone(&superseded))
+    {
         // The primary reconnected (its old link is dead but our side has not timed out yet):
         // the newest authenticated session wins, after the old one has finished its writes.
         tracing::info!(%peer, "primary reconnected: ending the previous session");
         previous.store(true, Ordering::Relaxed);
     }
-    let _image = sessions.image.lock().expect("image lock");
+    let _image = sessions.image.lock().unwrap_or_else(poisoned);
     if superseded.load(Ordering::Relaxed) {
         return;
     }
@@ -519,29 +526,61 @@ impl<'a> Session<'a> {
         stats: &SecondaryMetrics,
     ) -> Result<bool, SessionEnd> {
         let mut received = false;
-        for &(user_data, result) in completions {
-            if user_data == OP_RECV {
-                let kind = self.recv_in_flight.take().expect("a recv completion for the recv in flight");
-                match (result, kind) {
-                    (0, _) => return Err(SessionEnd::Closed),
-                    (r, _) if r < 0 => return Err(SessionEnd::Io(std::io::Error::from_raw_os_error(-r))),
-                    (r, RecvKind::Direct { len }) if r as usize != len => return Err(SessionEnd::Closed),
-                    (_, RecvKind::Direct { .. }) => {
-                        received = true;
-                        self.filled = 0;
-                        self.received(stream)?;
+        for (at, &(user_data, result)) in completions.iter().enumerate() {
+            let handled = self.handle_completion(user_data, result, stream, stats);
+            match handled {
+                Ok(true) => received = true,
+                Ok(false) => {}
+                Err(end) => {
+                    // The rest of the batch is off the ring already: its ops are done, so their
+                    // buffers go back (`finish` waits only for ops still in the kernel).
+                    for &(user_data, _) in &completions[at + 1..] {
+                        self.forget(user_data);
                     }
-                    (r, RecvKind::Ahead) => {
-                        received = true;
-                        self.ahead.received(r as usize);
-                        self.use_ahead(stream)?;
-                    }
+                    return Err(end);
                 }
-            } else {
-                self.complete_write(user_data as u16, result, stats)?;
             }
         }
         Ok(received)
+    }
+
+    /// An op of an ending session has completed: its buffer goes back, nothing is acknowledged.
+    fn forget(&mut self, user_data: u64) {
+        if user_data == OP_RECV {
+            self.recv_in_flight = None;
+        } else if let Some(write) = self.writes[user_data as usize].take() {
+            self.pool.give_back(write.buffer);
+        }
+    }
+
+    /// One completion; returns whether bytes arrived.
+    fn handle_completion(
+        &mut self,
+        user_data: u64,
+        result: i32,
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<bool, SessionEnd> {
+        if user_data != OP_RECV {
+            self.complete_write(user_data as u16, result, stats)?;
+            return Ok(false);
+        }
+        let kind = self.recv_in_flight.take().expect("a recv completion for the recv in flight");
+        match (result, kind) {
+            (0, _) => Err(SessionEnd::Closed),
+            (r, _) if r < 0 => Err(SessionEnd::Io(std::io::Error::from_raw_os_error(-r))),
+            (r, RecvKind::Direct { len }) if r as usize != len => Err(SessionEnd::Closed),
+            (_, RecvKind::Direct { .. }) => {
+                self.filled = 0;
+                self.received(stream)?;
+                Ok(true)
+            }
+            (r, RecvKind::Ahead) => {
+                self.ahead.received(r as usize);
+                self.use_ahead(stream)?;
+                Ok(true)
+            }
+        }
     }
 
     /// A whole header or payload has arrived: decide what comes next.
@@ -692,6 +731,8 @@ impl<'a> Session<'a> {
                 if self.writes.iter().all(Option::is_none) =>
             {
                 self.waiting = None;
+                // The writes before it are durable: their acks go out before a long zeroing.
+                self.flush_acks(stream)?;
                 self.zero_range(offset_bytes, len_bytes, unmap, stream)?;
                 let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
                 self.flush_acks(stream)?;
@@ -880,23 +921,29 @@ impl<'a> Session<'a> {
     }
 
     /// Ends the session's use of its buffers: shuts the socket so a receive in flight
-    /// completes, and reaps until no operation holds a buffer (up to the timeout), before the
-    /// ring and the pool are dropped. Writes that still complete are not acknowledged.
+    /// completes, and reaps until no operation holds a buffer, before the ring and the pool are
+    /// dropped. Writes that still complete are not acknowledged. There is no deadline for the
+    /// writes: the next session may write the same extents only once these are done (two writes
+    /// of one extent in flight together may land in either order, and the older data could
+    /// land last); a device that never completes them keeps the image locked, and says so.
     fn finish(&mut self, stream: &TcpStream) {
         let _ = stream.shutdown(std::net::Shutdown::Both);
-        let deadline = Instant::now() + Duration::from_millis(self.timeout_ms);
-        while (self.recv_in_flight.is_some() || self.writes.iter().any(Option::is_some))
-            && Instant::now() < deadline
-        {
+        let mut warned_at = Instant::now();
+        while self.recv_in_flight.is_some() || self.writes.iter().any(Option::is_some) {
             let wait = types::Timespec::new().nsec(100_000_000);
             let _ = self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&wait));
             let completions: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();
             for user_data in completions {
-                if user_data == OP_RECV {
-                    self.recv_in_flight = None;
-                } else if let Some(write) = self.writes[user_data as usize].take() {
-                    self.pool.give_back(write.buffer);
-                }
+                self.forget(user_data);
+            }
+            if warned_at.elapsed() > Duration::from_millis(self.timeout_ms) {
+                warned_at = Instant::now();
+                let writes = self.writes.iter().flatten().count();
+                tracing::warn!(
+                    device = self.device,
+                    writes,
+                    "writes of an ended session still in flight: no new session writes the image until they complete"
+                );
             }
         }
     }
