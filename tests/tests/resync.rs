@@ -201,6 +201,33 @@ fn host_crash_of_the_primary() {
     assert!(logs.contains("every secondary will be verified") && logs.contains("verify finished"), "{logs}");
 }
 
+/// 4b. A host crash during a full sync: the extents it had copied are written while nothing
+///     tracks them. The restarted primary cannot tell which changed, so the full sync starts
+///     again from the first extent (resuming where it stopped would leave them different).
+#[test]
+fn host_crash_during_a_full_sync() {
+    let mut lab = lab("r-hostfull", 1, DEVICE_BYTES);
+    lab.start_secondary(0, &[]).expect("secondary");
+    let slow = ["--checkpoint-ms", "200", "--timeout-ms", "2000", "--sync-rate", "32MiB"];
+    let primary = lab.start_primary(&slow).expect("primary");
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    while lab.status().map_or(0, |s| s["secondaries"][0]["resync_bytes_done"].as_u64().unwrap_or(0))
+        < 32 * MIB
+    {
+        assert!(std::time::Instant::now() < deadline, "the full sync made no progress\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500)); // a checkpoint of its progress
+    lab.processes[primary].kill();
+    lab.untrack_primary();
+    // The first 4 MiB, copied already, change with nothing tracking them.
+    write_direct(&lab.primary_device.path, 0, 4 * MIB as usize, 0x5a).expect("writing the primary");
+    lab.start_primary(PRIMARY_ARGS).expect("primary after the crash");
+    synchronized(&lab);
+    assert_images_equal(&lab);
+    assert!(lab.logs().contains("a full sync was under way"), "{}", lab.logs());
+}
+
 /// 5. A fracture log truncated, and one with a flipped byte: each is reported, never trusted
 ///    as empty; that secondary is verified and ends equal, without a full copy.
 #[test]

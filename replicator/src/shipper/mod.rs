@@ -2299,8 +2299,15 @@ fn recover_peer(
             log.start_verify(0);
         }
     }
-    if recovered.verify_all && !log.full_sync() && log.verify.is_none() {
-        log.start_verify(0);
+    if recovered.verify_all {
+        // Writes after the last checkpoint are unknown, and may have hit extents a full sync or
+        // a verify under way had passed already (its log holds only what lies ahead of it).
+        if log.full_sync() {
+            tracing::warn!(secondary = %name, "a full sync was under way: it starts again from the first extent");
+            pending.insert_all();
+        } else {
+            log.start_verify(0);
+        }
     }
     log.held = log.admin_fractured()
         || (config.recovery_policy == RecoveryPolicy::Manual && log.flags & logs::FLAG_FRACTURED != 0);
