@@ -292,6 +292,9 @@ impl Engine {
             // Requests already decoded, and those whole in the read-ahead, still complete
             // (`pump`); a write missing its data never does.
             connection.read_closed = true;
+            if connection.closing {
+                connection.release_partial(); // aborted while this recv was in flight
+            }
             return;
         }
         let bytes = result as usize;

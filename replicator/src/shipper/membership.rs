@@ -131,6 +131,11 @@ impl Engine {
             if db.images.iter().any(|i| i.name == name) {
                 return Err(format!("mirror {:?} already has an image named {name}", db.name));
             }
+            // Not in the database yet but being added (waiting for its first contact): a second
+            // slot of that name would share, and on its refusal delete, the first one's log.
+            if self.peers.iter().any(|p| !p.removed && p.name == name) {
+                return Err(format!("{name} is being added already; see `status`"));
+            }
             if db.secondaries().count() >= PEERS_MAX {
                 return Err(format!("mirror {:?} has {PEERS_MAX} secondaries, the most it can", db.name));
             }
@@ -378,6 +383,12 @@ impl Engine {
         let PendingChange { reply, db, effect, .. } = change;
         tracing::info!(mirror = %db.name, revision = db.revision, ?effect, "mirror database change takes effect");
         if let Err(error) = db.store(&self.config.state_dir) {
+            // The change does not happen: undo what was done when it started.
+            match effect {
+                Effect::Added { index } => self.remove_peer(index),
+                Effect::Remove { index, .. } => self.peers[index].draining = false,
+                Effect::Activate | Effect::Deactivate | Effect::Set { .. } => {}
+            }
             let _ = reply.send(Err(format!("saving the mirror database: {error}")));
             return;
         }
