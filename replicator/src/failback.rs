@@ -62,7 +62,14 @@ pub fn reconcile(
             ));
         }
         let was_primary_here = state_dir.join(logs::INTENT_LOG_FILE).exists();
-        if db.generation == own.generation && own_primary != incoming_primary && !was_primary_here {
+        // The stored database names this member its primary: it was promoted (or made the
+        // mirror) and has not followed anyone since. A former primary that follows a new one
+        // keeps its logs until it is SYNCHRONIZED, but a third primary at the new primary's
+        // generation is refused like on any secondary.
+        let own_name = std::fs::read_to_string(state_dir.join(IMAGE_NAME_FILE)).ok();
+        let primary_in_own_db =
+            was_primary_here && own_name.as_deref().is_none_or(|name| name.trim() == own_primary);
+        if db.generation == own.generation && own_primary != incoming_primary && !primary_in_own_db {
             return Err(format!(
                 "two primaries at generation {}: this image follows {own_primary}, {incoming_primary} claims it too",
                 db.generation
@@ -174,5 +181,31 @@ pub fn forget_former_primary(state_dir: &Path) {
         if former && let Err(error) = logs::remove_file(state_dir, &name) {
             tracing::warn!(%error, "removing a former primary's log failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A former primary that follows the new primary (b, generation 2) still has its intent log;
+    /// a third member (c) claiming generation 2 too is refused, not taken for b's failback.
+    #[test]
+    fn a_second_primary_at_the_followed_generation_is_refused() {
+        let dir = std::env::temp_dir().join(format!("replicator-failback-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut own = crate::mirror::sample_db();
+        own.generation = 2;
+        own.images[0].name = "b".into();
+        own.images[1].name = "a".into();
+        own.store(&dir).expect("storing");
+        std::fs::write(dir.join(IMAGE_NAME_FILE), "a").expect("image name");
+        std::fs::write(dir.join(logs::INTENT_LOG_FILE), b"kept until SYNCHRONIZED").expect("intent log");
+        let mut incoming = own.clone();
+        incoming.images[0].name = "c".into();
+        let refused = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
+        std::fs::remove_dir_all(&dir).expect("removing the temp dir");
+        let message = refused.expect_err("a second primary at generation 2");
+        assert!(message.contains("two primaries at generation 2"), "{message}");
     }
 }

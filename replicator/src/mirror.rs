@@ -261,55 +261,61 @@ pub fn new_mirror_id() -> u64 {
     u64::from_le_bytes(bytes).max(1)
 }
 
+/// A mirror of two images (primary "a", secondary "b"), for tests.
+#[cfg(test)]
+pub(crate) fn sample_db() -> MirrorDb {
+    MirrorDb {
+        name: "vol1".into(),
+        id: 42,
+        revision: 3,
+        state: MirrorState::Active,
+        state_cause: String::new(),
+        generation: 1,
+        extent_bytes: 65536,
+        image_bytes: 1 << 30,
+        fracture_log_bytes: 2048,
+        minimum_images: 2,
+        maximum_missing_images: 0,
+        sync_priority: 5,
+        write_policy: WritePolicy::Async,
+        write_backlog_bytes: 64 << 20,
+        activation_policy: ActivationPolicy::Automatic,
+        images: vec![
+            ImageRecord {
+                name: "a".into(),
+                designator: Designator::Primary,
+                address: None,
+                device: Some("/dev/vdb".into()),
+                state: ImageState::Synchronized,
+                reachable: true,
+                generation: 1,
+                sync_rate_bytes_per_s: 0,
+                resync_bytes_done: 0,
+                recovery_policy: RecoveryPolicy::Automatic,
+            },
+            ImageRecord {
+                name: "b".into(),
+                designator: Designator::Secondary,
+                address: Some("10.0.0.2:7788".parse().unwrap()),
+                device: None,
+                state: ImageState::Synchronized,
+                reachable: true,
+                generation: 1,
+                sync_rate_bytes_per_s: 100 << 20,
+                resync_bytes_done: 0,
+                recovery_policy: RecoveryPolicy::Manual,
+            },
+        ],
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
 
     fn db() -> MirrorDb {
-        MirrorDb {
-            name: "vol1".into(),
-            id: 42,
-            revision: 3,
-            state: MirrorState::Active,
-            state_cause: String::new(),
-            generation: 1,
-            extent_bytes: 65536,
-            image_bytes: 1 << 30,
-            fracture_log_bytes: 2048,
-            minimum_images: 2,
-            maximum_missing_images: 0,
-            sync_priority: 5,
-            write_policy: WritePolicy::Async,
-            write_backlog_bytes: 64 << 20,
-            activation_policy: ActivationPolicy::Automatic,
-            images: vec![
-                ImageRecord {
-                    name: "a".into(),
-                    designator: Designator::Primary,
-                    address: None,
-                    device: Some("/dev/vdb".into()),
-                    state: ImageState::Synchronized,
-                    reachable: true,
-                    generation: 1,
-                    sync_rate_bytes_per_s: 0,
-                    resync_bytes_done: 0,
-                    recovery_policy: RecoveryPolicy::Automatic,
-                },
-                ImageRecord {
-                    name: "b".into(),
-                    designator: Designator::Secondary,
-                    address: Some("10.0.0.2:7788".parse().unwrap()),
-                    device: None,
-                    state: ImageState::Synchronized,
-                    reachable: true,
-                    generation: 1,
-                    sync_rate_bytes_per_s: 100 << 20,
-                    resync_bytes_done: 0,
-                    recovery_policy: RecoveryPolicy::Manual,
-                },
-            ],
-        }
+        sample_db()
     }
 
     #[test]
