@@ -447,3 +447,49 @@ fn a_write_whose_completion_is_lost_is_shipped_anyway() {
     assert_images_equal(&lab);
     assert!(lab.logs().contains("no traced completion"), "{}", lab.logs());
 }
+
+/// 9. A secondary down when the primary starts (its log clean), while writes come: when it
+///    connects it lacks them, so it is SYNCHRONIZING, never SYNCHRONIZED, until they are shipped
+///    (its link slowed with tbf, so the catch-up spans several status updates).
+#[test]
+fn a_secondary_down_at_start_up_catches_up_before_it_is_synchronized() {
+    let mut lab = lab("r-late", 1, DEVICE_BYTES);
+    let mut workload = Workload::new(9, DEVICE_BYTES);
+    let s0 = lab.start_secondary(0, &[]).expect("secondary");
+    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 20);
+    synchronized(&lab);
+    assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
+    assert!(lab.processes[s0].stop(), "the secondary stops cleanly\n{}", lab.logs());
+    lab.start_primary(PRIMARY_ARGS).expect("primary again, s0 still down");
+    let during = workload.write(&device, 150);
+    std::thread::sleep(Duration::from_millis(500)); // drained into s0's pending extents
+    let slow_if = lab.primary_ifs[0].clone();
+    let ns = lab.primary_ns.name.clone();
+    let tbf = ["rate", "24mbit", "burst", "64kb", "latency", "3000ms"];
+    let add = ["-n", &ns, "qdisc", "add", "dev", &slow_if, "root", "tbf"];
+    run_command("tc", &add.into_iter().chain(tbf).collect::<Vec<_>>()).expect("tc qdisc add tbf");
+    lab.start_secondary(0, &[]).expect("secondary again");
+    let deadline = std::time::Instant::now() + SYNC_TIMEOUT;
+    let mut seen_behind = 0;
+    loop {
+        assert!(std::time::Instant::now() < deadline, "s0 did not catch up\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(50));
+        let Some(status) = lab.status() else { continue };
+        let s0 = &status["secondaries"][0];
+        let behind = s0["out_of_sync_bytes"].as_u64().unwrap_or(0) > 0;
+        if s0["connected"] == true && behind {
+            seen_behind += 1;
+            assert_ne!(s0["state"], "SYNCHRONIZED", "s0 reported SYNCHRONIZED while it lacks writes: {s0}");
+        }
+        if s0["connected"] == true && !behind && s0["state"] == "SYNCHRONIZED" {
+            break;
+        }
+    }
+    assert!(seen_behind > 0, "the catch-up was never seen in progress; slow the link further");
+    run_command("tc", &["-n", &ns, "qdisc", "del", "dev", &slow_if, "root"]).expect("tc qdisc del");
+    let status = synchronized(&lab);
+    assert_images_equal(&lab);
+    assert_resync_bounded(&lab, resync_bytes(&status, 0), &during);
+}

@@ -156,6 +156,26 @@ impl ExportState {
         }
     }
 
+    /// Secondary `peer` (connection `generation`) is disconnecting: a sync op whose frame it
+    /// acknowledged (the sequence is no longer in `inflight`) counts that image, though the
+    /// connection is gone before `advance_exports` looks.
+    pub(super) fn credit_acks(
+        &mut self,
+        peer: usize,
+        generation: u32,
+        inflight: &std::collections::BTreeMap<u64, InFlight>,
+    ) {
+        for data in self.slots.iter_mut().flatten().filter(|d| !d.replied) {
+            if let Some((awaited, sequence)) = data.awaiting[peer]
+                && awaited == generation
+                && !inflight.contains_key(&sequence)
+            {
+                data.awaiting[peer] = None;
+                data.acked += 1;
+            }
+        }
+    }
+
     /// Extents every export op not yet replied to touches (dirty for every secondary).
     pub(super) fn dirty_into(&self, out: &mut BitVec<u64, Lsb0>) {
         for slot in self.slots.iter().flatten().filter(|s| !s.replied) {
@@ -427,6 +447,7 @@ impl Engine {
         );
         conn.backlog_bytes += bytes;
         peer.written_since_point = true;
+        peer.written_since_point_frame = true;
         data.awaiting[index] = Some((peer.generation, sequence));
         data.sends += 1;
     }

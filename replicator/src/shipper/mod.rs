@@ -500,6 +500,7 @@ impl Engine {
             log,
             consistency_point_unix_ms: 0,
             written_since_point: false,
+            written_since_point_frame: false,
             removed: false,
             reported_state: None,
             written_at_ms: vec![0; self.reading.len().div_ceil(64)],
@@ -566,6 +567,12 @@ impl Engine {
                     }
                     assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
                     peer.conn = Some(Conn::new(connected.stream));
+                    if !peer.log.fractured() && peer.pending.any() {
+                        // Unreachable since start-up (or since it was added) while writes came:
+                        // it lacks them, so it is not SYNCHRONIZED until they are shipped. (A
+                        // secondary that disconnects later is fractured when it does.)
+                        peer.log.fall_behind();
+                    }
                     peer.stats.connects += 1;
                     peer.metrics.connects.inc();
                     peer.metrics.connected.set(1);
@@ -1108,6 +1115,7 @@ impl Engine {
                 },
             );
             self.peers[i].written_since_point = true;
+            self.peers[i].written_since_point_frame = true;
         }
         Ok(())
     }
@@ -1273,6 +1281,11 @@ impl Engine {
         let Some(mut conn) = peer.conn.take() else { return };
         let generation = peer.generation;
         tracing::warn!(secondary = %peer.name, addr = %peer.addr, %reason, unacked_frames = conn.inflight.len(), "secondary disconnected");
+        if let Some(export) = self.export.as_mut() {
+            // Acks that came in the same recv or batch as the failure still count.
+            export.credit_acks(index, generation, &conn.inflight);
+        }
+        let peer = &mut self.peers[index];
         if let Some(verify) = peer.log.verify.as_mut() {
             // Asked again after the reconnect; a read still in flight is recognised as stale.
             verify.batch = None;
@@ -2067,6 +2080,7 @@ impl Engine {
                     conn.point_frame[wire::HEADER_BYTES..].copy_from_slice(&payload);
                     conn.queue.push_back(SendJob::Point { sent: 0 });
                     conn.inflight.insert(sequence, InFlight::control());
+                    peer.written_since_point_frame = false;
                     self.points[index].targets[peer_index] =
                         Some(PointTarget { generation: target.generation, sequence: Some(sequence) });
                     done = false;
@@ -2075,7 +2089,8 @@ impl Engine {
                 Some(sequence) if conn.inflight.contains_key(&sequence) => done = false,
                 Some(_) => {
                     peer.consistency_point_unix_ms = self.points[index].point_unix_ms;
-                    peer.written_since_point = false;
+                    // Frames queued behind the point frame are after the point.
+                    peer.written_since_point = peer.written_since_point_frame;
                 }
             }
         }

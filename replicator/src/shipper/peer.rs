@@ -283,6 +283,9 @@ pub struct Peer {
     pub consistency_point_unix_ms: u64,
     /// An extent frame was queued to it after that point.
     pub written_since_point: bool,
+    /// An extent frame was queued to it after the last consistency-point frame (which becomes
+    /// `written_since_point` when that point is acknowledged).
+    pub written_since_point_frame: bool,
     /// Its fracture-log state, throttle and verify pass.
     pub log: super::resync::PeerLog,
 }
