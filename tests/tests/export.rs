@@ -449,6 +449,24 @@ fn malformed_nbd_clients_are_disconnected() {
             panic!("the export stopped serving after malformed clients: {e}\n{}", lab.logs())
         });
     assert!(!out.contains("failed"), "{out}");
+
+    // Clients that connect and never handshake hold every connection place, until the
+    // handshake timeout (10 s) drops them; then the export serves again.
+    let idle: Vec<_> = (0..16)
+        .map(|_| std::os::unix::net::UnixStream::connect(socket(&lab)).expect("an idle client"))
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(qemu_io(&lab, &["read 0 4k".to_owned()]).is_err(), "a 17th client was served");
+    std::thread::sleep(Duration::from_secs(11));
+    for mut stream in idle {
+        stream.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let mut greeting = [0u8; 18];
+        std::io::Read::read_exact(&mut stream, &mut greeting).expect("the greeting came first");
+        assert!(closed_by_server(&mut stream), "an idle client was kept past the handshake timeout");
+    }
+    qemu_io(&lab, &["read -P 0x42 0 4k".to_owned()])
+        .unwrap_or_else(|e| panic!("not served after the idle clients went: {e}\n{}", lab.logs()));
+    assert!(lab.logs().contains("no handshake within"), "no log line for the idle clients\n{}", lab.logs());
     lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());

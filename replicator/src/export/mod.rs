@@ -53,6 +53,14 @@ pub const CONNECTIONS_MAX: usize = 16;
 pub const REPLIES_QUEUED_MAX: usize = 2 * CONNECTION_BUFFERS_MAX;
 /// How often the acceptor checks the stop flag.
 const ACCEPT_POLL_MS: u64 = 50;
+/// A client that has not finished its handshake this long after connecting is dropped, so idle
+/// sockets (a port scan, a stuck client) cannot hold every connection place.
+const HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
+/// TCP keepalive on clients past their handshake: probes after this much silence, this often,
+/// this many times, so the place of a client whose host died is freed within about a minute.
+const KEEPALIVE_IDLE_S: u32 = 30;
+const KEEPALIVE_INTERVAL_S: u32 = 5;
+const KEEPALIVE_PROBES: u32 = 6;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -370,6 +378,24 @@ impl Stream {
         self.shutdown_side(std::net::Shutdown::Both);
     }
 
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> std::io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(timeout),
+            Self::Unix(s) => s.set_read_timeout(timeout),
+        }
+    }
+
+    /// TCP keepalive (`KEEPALIVE_*`); nothing for a unix socket, whose peer's death the kernel
+    /// reports at once.
+    fn set_keepalive(&self) -> nix::Result<()> {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let Self::Tcp(s) = self else { return Ok(()) };
+        setsockopt(s, sockopt::KeepAlive, &true)?;
+        setsockopt(s, sockopt::TcpKeepIdle, &KEEPALIVE_IDLE_S)?;
+        setsockopt(s, sockopt::TcpKeepInterval, &KEEPALIVE_INTERVAL_S)?;
+        setsockopt(s, sockopt::TcpKeepCount, &KEEPALIVE_PROBES)
+    }
+
     /// Stops receiving only: a recv in flight completes, replies still go out.
     pub fn shutdown_read(&self) {
         self.shutdown_side(std::net::Shutdown::Read);
@@ -586,8 +612,17 @@ fn accept(listener: Listener, shared: Shared) {
 /// thread becomes its replier. The socket closes once the engine and every request in flight
 /// have let go of the connection.
 fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
-    if let Err(error) = nbd::handshake(&mut stream, &shared.info) {
-        if !matches!(error, nbd::NbdError::Aborted) {
+    let handshake = stream
+        .set_read_timeout(Some(Duration::from_millis(HANDSHAKE_TIMEOUT_MS)))
+        .map_err(nbd::NbdError::from)
+        .and_then(|()| nbd::handshake(&mut stream, &shared.info))
+        .and_then(|()| stream.set_read_timeout(None).map_err(nbd::NbdError::from));
+    if let Err(error) = handshake {
+        let timed_out = matches!(&error, nbd::NbdError::Io(e)
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut));
+        if timed_out {
+            tracing::warn!(client = %peer, "export: client disconnected: no handshake within {HANDSHAKE_TIMEOUT_MS} ms");
+        } else if !matches!(error, nbd::NbdError::Aborted) {
             tracing::warn!(client = %peer, reason = %error, "export: client disconnected during the handshake");
         }
         stream.shutdown();
@@ -598,6 +633,9 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
         stream.shutdown();
         return;
     };
+    if let Err(error) = stream.set_keepalive() {
+        tracing::warn!(client = %peer, %error, "export: setting TCP keepalive failed; a dead client's place is freed only when the engine stops");
+    }
     tracing::info!(client = %peer, "export: client connected");
     let (queue, replies) = std::sync::mpsc::channel();
     let side = Arc::new(WriteSide {
