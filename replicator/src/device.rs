@@ -39,6 +39,9 @@ pub struct BlockDevice {
     pub nr_sectors: u64,
     /// The device's logical block size: the alignment O_DIRECT needs.
     pub logical_block_bytes: u64,
+    /// The disk's zone model (`queue/zoned`): "none", or "host-aware" / "host-managed" for a
+    /// zoned disk, whose zone appends and resets the tracker cannot follow.
+    pub zoned: String,
 }
 
 impl BlockDevice {
@@ -67,6 +70,9 @@ impl BlockDevice {
         };
         let (disk_major, disk_minor) = read_dev(path, &disk_dir.join("dev"))?;
         let logical_block_bytes = read(&disk_dir.join("queue/logical_block_size"))?;
+        // Older kernels and some drivers have no such file: not zoned.
+        let zoned = fs::read_to_string(disk_dir.join("queue/zoned"))
+            .map_or_else(|_| "none".to_owned(), |s| s.trim().to_owned());
         Ok(Self {
             path: path.into(),
             major: dev_major,
@@ -76,6 +82,7 @@ impl BlockDevice {
             start_sector,
             nr_sectors,
             logical_block_bytes,
+            zoned,
         })
     }
 

@@ -84,6 +84,11 @@ pub enum TrackerError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("tracker name {name:?}: use letters, digits, '-' and '_' (bpffs reserves '.' and '/')")]
     Name { name: String },
+    #[error(
+        "{device}: a zoned disk ({model}): zone appends land where the write pointer is, not where the \
+         write says, and zone resets carry no length, so the tracker cannot mark them"
+    )]
+    Zoned { device: PathBuf, model: String },
 }
 
 /// How to attach a tracker.
@@ -189,6 +194,9 @@ impl Tracker {
 
     pub fn attach_with(path: &Path, options: &TrackerOptions) -> Result<Self, TrackerError> {
         let device = BlockDevice::resolve(path)?;
+        if device.zoned != "none" {
+            return Err(TrackerError::Zoned { device: path.into(), model: device.zoned.clone() });
+        }
         let geometry = ExtentGeometry::new(device.start_sector, device.nr_sectors, options.extent_bytes)
             .ok_or(TrackerError::ExtentSize { device: path.into(), extent_bytes: options.extent_bytes })?;
         let bitmap_words =
@@ -275,7 +283,7 @@ impl Tracker {
             intent.set_all(geometry.extent_count());
             completed.set_all(geometry.extent_count());
         }
-        Ok(Self {
+        let tracker = Self {
             device,
             geometry,
             name,
@@ -298,7 +306,11 @@ impl Tracker {
             recursion_misses: 0,
             misses_unreadable: false,
             misses_checked: std::time::Instant::now(),
-        })
+        };
+        // An exempt process of a run that crashed stays in the pinned flags: its pid may be
+        // another process's now. The process that exports sets its own again.
+        tracker.exempt_writes_of(0);
+        Ok(tracker)
     }
 
     pub fn device(&self) -> &BlockDevice {
