@@ -212,8 +212,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             commands::track::run(&args, &stop)
         }
         Command::Untrack { name } => {
-            let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
-            replicator::tracker::unpin(&pin_dir)?;
+            let pin_dir = replicator::tracker::untrack(&name)?;
             eprintln!("untrack: removed {}", pin_dir.display());
             Ok(())
         }

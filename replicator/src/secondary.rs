@@ -158,7 +158,9 @@ pub fn serve(
                     continue;
                 }
                 Err(e) => {
+                    // Out of descriptors, say: no busy loop while it lasts.
                     tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
                     continue;
                 }
             };
@@ -216,7 +218,20 @@ fn handle_connection(
         tracing::info!(%peer, "primary reconnected: ending the previous session");
         previous.store(true, Ordering::Relaxed);
     }
-    let _image = sessions.image.lock().unwrap_or_else(poisoned);
+    // The previous session ends once its writes are done (`Session::finish`); meanwhile a
+    // newer connection, or a stop, makes this one give up, so at most one waits.
+    let _image = loop {
+        match sessions.image.try_lock() {
+            Ok(image) => break image,
+            Err(std::sync::TryLockError::Poisoned(error)) => break poisoned(error),
+            Err(std::sync::TryLockError::WouldBlock) => {
+                if superseded.load(Ordering::Relaxed) || stop.load(Ordering::Relaxed) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(ACCEPT_POLL_MS));
+            }
+        }
+    };
     if superseded.load(Ordering::Relaxed) {
         return;
     }
@@ -258,7 +273,7 @@ fn handle_connection(
         Err(e) => tracing::info!(%peer, reason = %e, "session ended"),
         Ok(()) => {}
     }
-    session.finish(&stream);
+    session.finish(&stream, stop);
 }
 
 /// The one session allowed to write the image: `image` is held while a session runs; `current`
@@ -772,6 +787,7 @@ impl<'a> Session<'a> {
             at_bytes += chunk_bytes;
             if at_bytes < end_bytes && last_keepalive.elapsed() > keepalive_after {
                 wire::write_frame(stream, &Message::Keepalive, self.next_ack_sequence)?;
+                self.next_ack_sequence += 1;
                 last_keepalive = Instant::now();
             }
         }
@@ -926,10 +942,17 @@ impl<'a> Session<'a> {
     /// writes: the next session may write the same extents only once these are done (two writes
     /// of one extent in flight together may land in either order, and the older data could
     /// land last); a device that never completes them keeps the image locked, and says so.
-    fn finish(&mut self, stream: &TcpStream) {
+    fn finish(&mut self, stream: &TcpStream, stop: &AtomicBool) {
         let _ = stream.shutdown(std::net::Shutdown::Both);
-        let mut warned_at = Instant::now();
+        let started = Instant::now();
+        let mut warned_at = started;
         while self.recv_in_flight.is_some() || self.writes.iter().any(Option::is_some) {
+            if stop.load(Ordering::Relaxed) && started.elapsed() > Duration::from_millis(self.timeout_ms) {
+                // Stopping, and the device still holds writes: the process exits (the kernel
+                // finishes or fails them); no new session starts here.
+                tracing::error!(device = self.device, "stopping with writes still in the device");
+                return;
+            }
             let wait = types::Timespec::new().nsec(100_000_000);
             let _ = self.ring.submitter().submit_with_args(1, &types::SubmitArgs::new().timespec(&wait));
             let completions: Vec<u64> = self.ring.completion().map(|c| c.user_data()).collect();

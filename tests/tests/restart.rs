@@ -21,7 +21,7 @@ const DEVICE_BYTES: u64 = 1024 * MIB;
 /// A running `replicator track --json`, with a thread collecting the extents it prints.
 struct TrackProcess {
     child: Child,
-    reader: JoinHandle<BTreeSet<u64>>,
+    reader: Option<JoinHandle<BTreeSet<u64>>>,
 }
 
 impl TrackProcess {
@@ -45,14 +45,24 @@ impl TrackProcess {
             }
             extents
         });
-        Self { child, reader }
+        Self { child, reader: Some(reader) }
     }
 
     /// Stops the process with `signal` and returns what it printed.
     fn stop(mut self, signal: Signal) -> (BTreeSet<u64>, std::process::ExitStatus) {
         kill(Pid::from_raw(self.child.id() as i32), signal).expect("signalling replicator track");
         let status = self.child.wait().expect("waiting for replicator track");
-        (self.reader.join().expect("reader thread"), status)
+        (self.reader.take().expect("stopped once").join().expect("reader thread"), status)
+    }
+}
+
+impl Drop for TrackProcess {
+    /// A test that fails leaves no tracker running.
+    fn drop(&mut self) {
+        if self.reader.is_some() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -138,4 +148,39 @@ fn kill_9_and_restart_keeps_every_mark() {
     );
     assert!(missed.is_empty(), "written extents never reported: {missed:?}");
     assert!(spurious == 0, "{spurious} extents reported that were never written");
+}
+
+/// A tracker is held by one process: a second `replicator track` of the same name, and
+/// `replicator untrack` of it, are refused while the first runs (two drains would take each
+/// other's marks; untrack would throw them away); a name that is not a plain file name is
+/// refused (it would have removed that path). Once the first stops, untrack succeeds.
+#[test]
+fn a_running_tracker_is_held_alone() {
+    require_root();
+    let device = LoopDevice::create("held", 64 * MIB).expect("loop device");
+    let name = tracker_name("held");
+    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    let first = TrackProcess::start(&device.path, &name);
+    wait_for_links(&pin_dir);
+    let replicator = |args: &[&str]| {
+        let output = Command::new(replicator_bin()).args(args).output().expect("running replicator");
+        (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    };
+    let device_arg = device.path.to_str().expect("a UTF-8 path");
+    let (ok, stderr) = replicator(&["track", "--name", &name, "--device", device_arg]);
+    assert!(!ok && stderr.contains("in use by another process"), "a second track ran: {stderr}");
+    let (ok, stderr) = replicator(&["untrack", "--name", &name]);
+    assert!(
+        !ok && stderr.contains("in use by another process"),
+        "untrack removed a running tracker: {stderr}"
+    );
+    assert!(pin_dir.join("INTENT").exists(), "the running tracker's pins are gone");
+    for bad in ["..", "/var/lib/replicator", "a/b"] {
+        let (ok, stderr) = replicator(&["untrack", "--name", bad]);
+        assert!(!ok && stderr.contains("tracker name"), "untrack {bad:?} was not refused: {stderr}");
+    }
+    let (_, status) = first.stop(Signal::SIGTERM);
+    assert!(status.success(), "replicator track exited with {status} after SIGTERM");
+    let (ok, stderr) = replicator(&["untrack", "--name", &name]);
+    assert!(ok, "untrack of a stopped tracker failed: {stderr}");
 }

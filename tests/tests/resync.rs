@@ -424,8 +424,12 @@ fn a_write_whose_completion_is_lost_is_shipped_anyway() {
     synchronized(&lab);
     let device = lab.primary_device.path.clone();
     let name = device.file_name().expect("a device name").to_string_lossy().into_owned();
-    let options =
-        replicator::TrackerOptions { name: Some(name), extent_bytes: EXTENT_BYTES, ..Default::default() };
+    let options = replicator::TrackerOptions {
+        name: Some(name),
+        extent_bytes: EXTENT_BYTES,
+        exclusive: false,
+        ..Default::default()
+    };
     let mut thief =
         replicator::Tracker::attach_with(&device, &options).expect("the primary's pinned tracker");
     let mut rng = Rng::new(42);

@@ -356,7 +356,7 @@ impl Engine {
             if peer.removed || (targets[i] && !overlapping) {
                 continue;
             }
-            peer.pending.insert_range(run.clone());
+            peer.pending_write(run.clone());
             for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
                 if *stamp == 0 {
                     *stamp = now_ms;

@@ -567,12 +567,6 @@ impl Engine {
                     }
                     assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
                     peer.conn = Some(Conn::new(connected.stream));
-                    if !peer.log.fractured() && peer.pending.any() {
-                        // Unreachable since start-up (or since it was added) while writes came:
-                        // it lacks them, so it is not SYNCHRONIZED until they are shipped. (A
-                        // secondary that disconnects later is fractured when it does.)
-                        peer.log.fall_behind();
-                    }
                     peer.stats.connects += 1;
                     peer.metrics.connects.inc();
                     peer.metrics.connected.set(1);
@@ -615,7 +609,7 @@ impl Engine {
             }
             self.quiet.note_dirty_run(run.clone());
             for peer in self.peers.iter_mut().filter(|p| !p.removed) {
-                peer.pending.insert_range(run.clone());
+                peer.pending_write(run.clone());
             }
         }
     }

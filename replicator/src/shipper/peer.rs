@@ -316,6 +316,17 @@ impl ZeroCopyProbe {
 }
 
 impl Peer {
+    /// Extents `run` were written and must be shipped to it. One that is not connected now
+    /// (unreachable since start-up, or since it was added) is behind from here on: fractured,
+    /// so it is SYNCHRONIZING, not SYNCHRONIZED, when it connects, until they are shipped. (One
+    /// that disconnects is fractured then.)
+    pub fn pending_write(&mut self, run: std::ops::Range<usize>) {
+        self.pending.insert_range(run);
+        if self.conn.is_none() && !self.log.fractured() {
+            self.log.fall_behind();
+        }
+    }
+
     /// Whether this peer can take another extent frame now.
     pub fn eligible(&self, backlog_bytes_max: u64, run_bytes_max: u64, queue_max: usize) -> bool {
         self.conn.as_ref().is_some_and(|c| {

@@ -85,6 +85,12 @@ pub enum TrackerError {
     #[error("tracker name {name:?}: use letters, digits, '-' and '_' (bpffs reserves '.' and '/')")]
     Name { name: String },
     #[error(
+        "tracker {name:?} ({pin_dir}) is in use by another process (a running primary, or \
+         `replicator track`): two processes draining one tracker take each other's marks; stop that \
+         one first"
+    )]
+    InUse { name: String, pin_dir: PathBuf },
+    #[error(
         "{device}: a zoned disk ({model}): zone appends land where the write pointer is, not where the \
          write says, and zone resets carry no length, so the tracker cannot mark them"
     )]
@@ -102,6 +108,10 @@ pub struct TrackerOptions {
     /// `SWEEP_INTERVAL`, the default). `None`, for tests: never, so the summaries alone must
     /// find every mark.
     pub sweep_interval: Option<std::time::Duration>,
+    /// Hold the tracker alone (the default): another attach of the same name, or `untrack`,
+    /// is refused while this one lives, since two drains would take each other's marks.
+    /// `false` only for fault injection in tests, which steal marks on purpose.
+    pub exclusive: bool,
 }
 
 impl Default for TrackerOptions {
@@ -111,6 +121,7 @@ impl Default for TrackerOptions {
             extent_bytes: replicator_common::extent::EXTENT_BYTES_DEFAULT,
             bpffs_root: PathBuf::from(BPFFS_ROOT),
             sweep_interval: Some(SWEEP_INTERVAL),
+            exclusive: true,
         }
     }
 }
@@ -184,6 +195,9 @@ pub struct Tracker {
     misses_unreadable: bool,
     /// When the programs' recursion misses were last read.
     misses_checked: std::time::Instant,
+    /// The exclusive lock on the pin directory (`TrackerOptions::exclusive`), held while this
+    /// tracker lives.
+    _lock: Option<nix::fcntl::Flock<fs::File>>,
 }
 
 impl Tracker {
@@ -215,12 +229,10 @@ impl Tracker {
             ..TrackerConfig::EMPTY
         };
         let name = options.name.clone().unwrap_or_else(|| default_name(path));
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-            return Err(TrackerError::Name { name });
-        }
-        let pin_dir = options.bpffs_root.join(&name);
+        let pin_dir = pin_dir_of(&options.bpffs_root, &name)?;
         let resumed = check_pinned_meta(&pin_dir, &name, &config)?;
         fs::create_dir_all(&pin_dir).map_err(|source| TrackerError::Io { path: pin_dir.clone(), source })?;
+        let lock = if options.exclusive { Some(lock_pin_dir(&pin_dir, &name)?) } else { None };
 
         let ebpf_err = |what: &str| {
             let device = path.to_path_buf();
@@ -306,10 +318,13 @@ impl Tracker {
             recursion_misses: 0,
             misses_unreadable: false,
             misses_checked: std::time::Instant::now(),
+            _lock: lock,
         };
-        // An exempt process of a run that crashed stays in the pinned flags: its pid may be
-        // another process's now. The process that exports sets its own again.
-        tracker.exempt_writes_of(0);
+        if tracker._lock.is_some() {
+            // An exempt process of a run that crashed stays in the pinned flags: its pid may be
+            // another process's now. The process that exports sets its own again.
+            tracker.exempt_writes_of(0);
+        }
         Ok(tracker)
     }
 
@@ -617,8 +632,42 @@ fn pinned_recursion_misses(pin_dir: &Path) -> u64 {
     total
 }
 
-/// Removes a tracker's pins (`replicator untrack`): the program detaches once no process holds
-/// its links, and the marks are discarded.
+/// Where tracker `name` pins its maps and links under `bpffs_root`; the name must be a plain
+/// file name (it becomes a directory that `untrack` removes).
+pub fn pin_dir_of(bpffs_root: &Path, name: &str) -> Result<PathBuf, TrackerError> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(TrackerError::Name { name: name.to_owned() });
+    }
+    Ok(bpffs_root.join(name))
+}
+
+/// Takes the exclusive lock on a tracker's pin directory (flock: released when the process
+/// ends, however it ends).
+fn lock_pin_dir(pin_dir: &Path, name: &str) -> Result<nix::fcntl::Flock<fs::File>, TrackerError> {
+    use nix::fcntl::{Flock, FlockArg};
+    let dir = fs::File::open(pin_dir).map_err(|source| TrackerError::Io { path: pin_dir.into(), source })?;
+    Flock::lock(dir, FlockArg::LockExclusiveNonblock).map_err(|(_, errno)| match errno {
+        nix::errno::Errno::EWOULDBLOCK => {
+            TrackerError::InUse { name: name.to_owned(), pin_dir: pin_dir.into() }
+        }
+        other => TrackerError::Io { path: pin_dir.into(), source: other.into() },
+    })
+}
+
+/// `replicator untrack NAME`: removes the pins of tracker `name` under `BPFFS_ROOT`, unless a
+/// process holds it (a running primary would lose its marks). Returns the directory removed.
+pub fn untrack(name: &str) -> Result<PathBuf, TrackerError> {
+    let pin_dir = pin_dir_of(Path::new(BPFFS_ROOT), name)?;
+    if !pin_dir.exists() {
+        return Ok(pin_dir);
+    }
+    let _lock = lock_pin_dir(&pin_dir, name)?;
+    unpin(&pin_dir)?;
+    Ok(pin_dir)
+}
+
+/// Removes a tracker's pins: the program detaches once no process holds its links, and the
+/// marks are discarded.
 pub fn unpin(pin_dir: &Path) -> Result<(), TrackerError> {
     match fs::remove_dir_all(pin_dir) {
         Ok(()) => Ok(()),
