@@ -106,6 +106,20 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     let small_addr = format!("{}:7790", lab.secondary_addrs[1].ip());
     refused(&lab, &["add-secondary", &format!("small={small_addr}")], "image size");
 
+    // `primary` on a secondary's state directory (which holds the database too) is refused.
+    let wrong_host = run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "primary",
+            "--key-file",
+            lab.key_file.to_str().unwrap(),
+            "--state-dir",
+            lab.state_dir("s0").to_str().unwrap(),
+        ],
+    );
+    let error = wrong_host.expect_err("primary on a secondary's state directory").to_string();
+    assert!(error.contains("this is secondary s0"), "{error}");
+
     // Every member holds the database.
     let primary_db = db(&lab, "p");
     assert_eq!(primary_db.secondaries().count(), 2);
@@ -156,6 +170,7 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 
     // Minimum images: 3 of 3 needed; losing s1 is ATTENTION; its return clears it (automatic).
+    refused(&lab, &["set", "minimum-images=4"], "1 to 3");
     ok(&lab, &["set", "minimum-images=3"]);
     lab.processes[s1].kill();
     let status = until(&lab, "ATTENTION", |s| mirror_state(s) == "ATTENTION");

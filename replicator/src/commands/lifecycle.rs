@@ -140,11 +140,20 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let db = MirrorDb::load(state_dir)?.ok_or_else(|| {
         anyhow::anyhow!("{}: no mirror database here; nothing to destroy", state_dir.display())
     })?;
-    anyhow::ensure!(
-        crate::control::call(state_dir, &crate::control::Request::Status).is_err(),
-        "mirror {:?} is running: stop its primary (SIGTERM) first",
-        db.name
-    );
+    // Stopped only if nothing listens on the control socket: a primary that is there but does
+    // not answer (busy, hung, or not ours to ask) must not lose its logs under it.
+    match crate::control::call(state_dir, &crate::control::Request::Status) {
+        Err(crate::control::ControlError::NotRunning { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) => {}
+        Ok(_) => anyhow::bail!("mirror {:?} is running: stop its primary (SIGTERM) first", db.name),
+        Err(error) => anyhow::bail!(
+            "cannot tell whether mirror {:?}'s primary is running ({error}); stop it (SIGTERM) and try again",
+            db.name
+        ),
+    }
     let secondaries: Vec<&str> = db.secondaries().map(|i| i.name.as_str()).collect();
     anyhow::ensure!(
         secondaries.is_empty(),

@@ -60,7 +60,7 @@ pub fn set(target: &Target, secondary: Option<String>, settings: &[String]) -> a
 pub fn consistency_point(target: &Target, freeze: Option<PathBuf>, timeout_ms: u64) -> anyhow::Result<()> {
     let frozen = freeze.map(|mount| Frozen::new(mount, &target.state_dir)).transpose()?;
     let result = control::call(&target.state_dir, &Request::ConsistencyPoint { timeout_ms });
-    drop(frozen);
+    frozen.map(Frozen::thaw).transpose()?;
     let result = result?;
     if target.json {
         println!("{}", serde_json::to_string_pretty(&result)?);
@@ -77,9 +77,13 @@ pub fn consistency_point(target: &Target, freeze: Option<PathBuf>, timeout_ms: u
     Ok(())
 }
 
-/// A filesystem frozen with `fsfreeze`; thawed when dropped, whatever happened meanwhile.
+/// A filesystem frozen with `fsfreeze`; thawed by `thaw`, or when dropped, whatever happened
+/// meanwhile. While it is frozen, SIGINT, SIGTERM, SIGHUP and SIGQUIT are held: a Ctrl-C takes
+/// effect after the thaw instead of killing the process with the filesystem still frozen.
 struct Frozen {
     mount: PathBuf,
+    /// The signal mask to restore after the thaw; `None` once thawed.
+    mask_before: Option<nix::sys::signal::SigSet>,
 }
 
 impl Frozen {
@@ -94,18 +98,55 @@ impl Frozen {
             state_dir.display()
         );
         let mount_text = mount.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", mount.display()))?;
-        fsfreeze("--freeze", mount_text)?;
-        Ok(Self { mount })
+        let mask_before = hold_signals()?;
+        if let Err(error) = fsfreeze("--freeze", mount_text) {
+            restore_signals(&mask_before);
+            return Err(error);
+        }
+        Ok(Self { mount, mask_before: Some(mask_before) })
+    }
+
+    /// Thaws; an error says how to thaw by hand. Held signals take effect afterwards.
+    fn thaw(mut self) -> anyhow::Result<()> {
+        self.thaw_once()
+    }
+
+    fn thaw_once(&mut self) -> anyhow::Result<()> {
+        let Some(mask_before) = self.mask_before.take() else { return Ok(()) };
+        let mount = self.mount.to_string_lossy().into_owned();
+        let thawed = fsfreeze("--unfreeze", &mount).map_err(|e| {
+            anyhow::anyhow!(
+                "THAWING {mount} FAILED: {e}; it is still frozen: run `fsfreeze --unfreeze {mount}`"
+            )
+        });
+        restore_signals(&mask_before);
+        thawed
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        let mount = self.mount.to_string_lossy();
-        if let Err(e) = fsfreeze("--unfreeze", &mount) {
-            eprintln!("replicator: THAWING {mount} FAILED: {e}; run `fsfreeze --unfreeze {mount}`");
+        if let Err(error) = self.thaw_once() {
+            eprintln!("replicator: {error}");
         }
     }
+}
+
+/// Blocks the signals that would end the process; returns the mask to restore.
+fn hold_signals() -> anyhow::Result<nix::sys::signal::SigSet> {
+    use nix::sys::signal::{SigSet, SigmaskHow, Signal, sigprocmask};
+    let mut held = SigSet::empty();
+    for signal in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT] {
+        held.add(signal);
+    }
+    let mut before = SigSet::empty();
+    sigprocmask(SigmaskHow::SIG_BLOCK, Some(&held), Some(&mut before))
+        .map_err(|e| anyhow::anyhow!("holding signals while the filesystem is frozen: {e}"))?;
+    Ok(before)
+}
+
+fn restore_signals(mask: &nix::sys::signal::SigSet) {
+    let _ = nix::sys::signal::sigprocmask(nix::sys::signal::SigmaskHow::SIG_SETMASK, Some(mask), None);
 }
 
 /// Runs `fsfreeze FLAG MOUNTPOINT` (util-linux).

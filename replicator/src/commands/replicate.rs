@@ -222,6 +222,18 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         );
         let primary =
             db.primary().ok_or_else(|| anyhow::anyhow!("mirror {:?} has no primary image", db.name))?;
+        // A secondary's state directory holds the mirror database too (with the primary's
+        // device path): `primary` there would full-sync this image over every secondary.
+        let here = std::fs::read_to_string(state_dir.join(crate::failback::IMAGE_NAME_FILE)).ok();
+        if let Some(here) = here.as_deref().map(str::trim).filter(|here| *here != primary.name) {
+            anyhow::bail!(
+                "{}: this is secondary {here} of mirror {:?}, whose primary is {}; run `replicator secondary` \
+                 here, or `replicator promote` to make this image the primary",
+                state_dir.display(),
+                db.name,
+                primary.name
+            );
+        }
         device = primary.device.as_ref().map(PathBuf::from);
         mirror_id = Some(db.id);
         extent_size = Some(db.extent_bytes);

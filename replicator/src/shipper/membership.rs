@@ -254,6 +254,17 @@ impl Engine {
             let _ = reply.send(answer);
             return;
         };
+        if let Setting::MinimumImages(n) = setting {
+            let images = 1 + db.secondaries().count() as u32;
+            if n == 0 || n > images {
+                let _ = reply.send(Err(format!(
+                    "minimum-images {n}: the mirror has {images} images (the primary and {} secondaries), so \
+                     1 to {images}; more would fail every sync write with EIO",
+                    images - 1
+                )));
+                return;
+            }
+        }
         let mut db = db.clone();
         db.revision += 1;
         let names: Vec<String> = match index {
