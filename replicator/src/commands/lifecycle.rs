@@ -121,6 +121,8 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     db.store(&args.state_dir)?;
+    // A name this directory kept from a mirror it followed before is not this image's.
+    crate::logs::remove_file(&args.state_dir, crate::failback::IMAGE_NAME_FILE)?;
     println!(
         "created mirror {} (id {:#018x}) with primary image {} on {} ({} bytes); start it with\n  \
          replicator primary --state-dir {} --key-file KEY\nthen add secondaries with `replicator add-secondary`",
@@ -176,6 +178,7 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
         }
     }
     crate::logs::remove_file(state_dir, crate::mirror::DB_FILE)?;
+    crate::logs::remove_file(state_dir, crate::failback::IMAGE_NAME_FILE)?;
     println!("destroyed mirror {} (id {:#018x})", db.name, db.id);
     Ok(())
 }
@@ -284,6 +287,7 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     let options = crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes, ..Default::default() };
     drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
     new.store(state_dir)?;
+    crate::logs::replace_file(state_dir, crate::failback::IMAGE_NAME_FILE, name.as_bytes())?;
     println!(
         "{name} is now the primary of mirror {} at generation {} (was {old_primary}); writes to {} are tracked \
          from now on.\nStart it:  replicator primary --state-dir {} --key-file KEY\nBring {old_primary} back as a \

@@ -100,6 +100,8 @@ impl Frozen {
         let mount_text = mount.to_str().ok_or_else(|| anyhow::anyhow!("{}: not UTF-8", mount.display()))?;
         let mask_before = hold_signals()?;
         if let Err(error) = fsfreeze("--freeze", mount_text) {
+            // It may have frozen before it failed (killed after its freeze call): thaw anyway.
+            let _ = fsfreeze("--unfreeze", mount_text);
             restore_signals(&mask_before);
             return Err(error);
         }
@@ -119,6 +121,10 @@ impl Frozen {
                 "THAWING {mount} FAILED: {e}; it is still frozen: run `fsfreeze --unfreeze {mount}`"
             )
         });
+        if let Err(error) = &thawed {
+            // Said before the held signals are let go: one of them may end the process.
+            eprintln!("replicator: {error}");
+        }
         restore_signals(&mask_before);
         thawed
     }
@@ -126,9 +132,7 @@ impl Frozen {
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if let Err(error) = self.thaw_once() {
-            eprintln!("replicator: {error}");
-        }
+        let _ = self.thaw_once(); // a failure is printed there
     }
 }
 
@@ -151,8 +155,11 @@ fn restore_signals(mask: &nix::sys::signal::SigSet) {
 
 /// Runs `fsfreeze FLAG MOUNTPOINT` (util-linux).
 fn fsfreeze(flag: &str, mount: &str) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt as _;
     let output = std::process::Command::new("fsfreeze")
         .args([flag, mount])
+        // Its own process group: a Ctrl-C at the terminal does not kill it half-way.
+        .process_group(0)
         .output()
         .map_err(|e| anyhow::anyhow!("running fsfreeze (util-linux): {e}"))?;
     anyhow::ensure!(

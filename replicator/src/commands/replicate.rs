@@ -225,7 +225,9 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         // A secondary's state directory holds the mirror database too (with the primary's
         // device path): `primary` there would full-sync this image over every secondary.
         let here = std::fs::read_to_string(state_dir.join(crate::failback::IMAGE_NAME_FILE)).ok();
-        if let Some(here) = here.as_deref().map(str::trim).filter(|here| *here != primary.name) {
+        let secondary_here =
+            here.as_deref().map(str::trim).filter(|here| db.secondaries().any(|i| i.name == *here));
+        if let Some(here) = secondary_here {
             anyhow::bail!(
                 "{}: this is secondary {here} of mirror {:?}, whose primary is {}; run `replicator secondary` \
                  here, or `replicator promote` to make this image the primary",
