@@ -19,6 +19,10 @@ const REQUEST_BYTES_MAX: u64 = 64 * 1024;
 /// How long a client waits for the engine's answer (a consistency point may take its own
 /// timeout, up to `CONSISTENCY_TIMEOUT_MS_MAX`).
 const REPLY_TIMEOUT_MS: u64 = 30_000;
+/// Requests answered at once, each on a thread of its own: a `checkpoint` waiting minutes for
+/// its point does not hold up `status` or an urgent `fracture`. Past it, a request is refused
+/// at once as busy.
+const REQUESTS_IN_FLIGHT_MAX: usize = 8;
 pub const CONSISTENCY_TIMEOUT_MS_MAX: u64 = 300_000;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -103,8 +107,8 @@ impl Drop for ControlServer {
     }
 }
 
-/// Binds `state_dir/control.sock` and answers requests on a thread of its own, handing each to
-/// the receiver returned.
+/// Binds `state_dir/control.sock` and answers requests, each on a thread of its own (at most
+/// `REQUESTS_IN_FLIGHT_MAX`), handing each to the receiver returned.
 pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), ControlError> {
     let path = state_dir.join(SOCKET_FILE);
     let io = |source| ControlError::Io { path: path.clone(), source };
@@ -117,12 +121,29 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
     let listener = UnixListener::bind(&path).map_err(io)?;
     std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
     let (calls, receiver) = mpsc::channel();
+    let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if let Err(error) = answer(stream, &calls) {
-                    tracing::warn!(%error, "control request failed");
+            for mut stream in listener.incoming().flatten() {
+                use std::sync::atomic::Ordering;
+                if in_flight.fetch_add(1, Ordering::AcqRel) >= REQUESTS_IN_FLIGHT_MAX {
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                    let busy = serde_json::json!({ "ok": false, "error": format!(
+                        "busy: {REQUESTS_IN_FLIGHT_MAX} requests are being answered; try again") });
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = writeln!(stream, "{busy}");
+                    continue;
+                }
+                let (calls, in_flight) = (calls.clone(), std::sync::Arc::clone(&in_flight));
+                let spawned = std::thread::Builder::new().name("control-request".into()).spawn(move || {
+                    if let Err(error) = answer(stream, &calls) {
+                        tracing::warn!(%error, "control request failed");
+                    }
+                    in_flight.fetch_sub(1, Ordering::AcqRel);
+                });
+                if let Err(error) = spawned {
+                    tracing::warn!(%error, "control: starting a request thread failed");
                 }
             }
         })
@@ -147,9 +168,11 @@ fn answer(stream: UnixStream, calls: &Sender<Call>) -> std::io::Result<()> {
             if calls.send(Call { request, reply }).is_err() {
                 Err("the engine has stopped".to_owned())
             } else {
-                answer
-                    .recv_timeout(Duration::from_millis(wait_ms))
-                    .unwrap_or_else(|_| Err("the engine did not answer in time".to_owned()))
+                answer.recv_timeout(Duration::from_millis(wait_ms)).unwrap_or_else(|_| {
+                    Err("the engine did not answer in time; the request may still take effect: \
+                             check `status`"
+                        .to_owned())
+                })
             }
         }
     };
@@ -207,6 +230,30 @@ mod tests {
         let result = call(&dir, &Request::Fracture { secondary: "b".into() }).expect("answered");
         assert_eq!(result["fractured"], "b");
         assert!(matches!(call(&dir, &Request::Status), Err(ControlError::Refused(_))));
+        engine.join().unwrap();
+        drop(server);
+        assert!(matches!(call(&dir, &Request::Status), Err(ControlError::NotRunning { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// A request the engine holds (a consistency point waiting) does not hold up the next.
+    #[test]
+    fn a_waiting_request_does_not_hold_up_others() {
+        let dir = std::env::temp_dir().join(format!("replicator-control-wait-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, calls) = serve(&dir).expect("bind");
+        let engine = std::thread::spawn(move || {
+            let held = calls.recv().unwrap(); // the point: answered last
+            let status = calls.recv().unwrap();
+            status.reply.send(Ok(serde_json::json!("status"))).unwrap();
+            held.reply.send(Ok(serde_json::json!("point"))).unwrap();
+        });
+        let point_dir = dir.clone();
+        let point =
+            std::thread::spawn(move || call(&point_dir, &Request::ConsistencyPoint { timeout_ms: 10_000 }));
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(call(&dir, &Request::Status).expect("status while the point waits"), "status");
+        assert_eq!(point.join().unwrap().expect("the point"), "point");
         engine.join().unwrap();
         drop(server);
         assert!(matches!(call(&dir, &Request::Status), Err(ControlError::NotRunning { .. })));
