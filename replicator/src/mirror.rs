@@ -235,6 +235,16 @@ impl MirrorDb {
         if db.images.len() > 1 + crate::shipper::PEERS_MAX || db.image_bytes == 0 {
             return Err(format!("{} images of {} bytes", db.images.len(), db.image_bytes));
         }
+        // One name per image (it names the image's fracture log), and a secondary is reached
+        // at its address (one without would get nothing, yet count in the mirror's states).
+        let mut names: Vec<&str> = db.images.iter().map(|i| i.name.as_str()).collect();
+        names.sort_unstable();
+        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+            return Err(format!("two images named {:?}", twice[0]));
+        }
+        if let Some(image) = db.secondaries().find(|i| i.address.is_none()) {
+            return Err(format!("secondary {:?} has no address", image.name));
+        }
         Ok(db)
     }
 
@@ -316,6 +326,16 @@ mod tests {
 
     fn db() -> MirrorDb {
         sample_db()
+    }
+
+    #[test]
+    fn two_images_of_one_name_or_a_secondary_without_an_address_are_refused() {
+        let mut twice = db();
+        twice.images[1].name = "a".into();
+        assert!(MirrorDb::decode(&twice.encode()).unwrap_err().contains("two images named"));
+        let mut unreachable = db();
+        unreachable.images[1].address = None;
+        assert!(MirrorDb::decode(&unreachable.encode()).unwrap_err().contains("has no address"));
     }
 
     #[test]

@@ -259,7 +259,10 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
         }
     }
     // Logs of a primary: the old primary lacks what is written from now on (tracked from
-    // here); the other secondaries followed the old primary, so they are verified.
+    // here), and may hold writes of its own that nothing here knows of (those after its last
+    // intent-log checkpoint, if its host went down: no pinned tracker survives a reboot), so
+    // it is verified too when it returns, besides the extents it hands back; the other
+    // secondaries followed the old primary, so they are verified.
     let extents = db.image_bytes.div_ceil(db.extent_bytes) as usize;
     let empty = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; extents];
     let header = |kind, flags, secondary_id| {
@@ -274,7 +277,7 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     };
     use crate::logs::{FLAG_FRACTURED, FLAG_VERIFY, LogKind};
     for image in new.secondaries() {
-        let flags = if image.name == old_primary { FLAG_FRACTURED } else { FLAG_FRACTURED | FLAG_VERIFY };
+        let flags = FLAG_FRACTURED | FLAG_VERIFY;
         let bytes = crate::logs::encode(
             &header(LogKind::Fracture, flags, crate::logs::secondary_id(&image.name)),
             &empty,

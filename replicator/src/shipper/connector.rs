@@ -76,6 +76,15 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
             delay_ms = RETRY_FIRST_MS;
         }
         while !stop.load(Ordering::Relaxed) {
+            // Wants that came while retrying are met by this attempt; none left (the secondary
+            // was removed): stop retrying.
+            loop {
+                match wanted.try_recv() {
+                    Ok(_) => {}
+                    Err(std::sync::mpsc::TryRecvError::Empty) => break,
+                    Err(std::sync::mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
             config.metrics.connection_attempts.inc();
             match connect(&config) {
                 Ok((stream, next_sequence)) => {

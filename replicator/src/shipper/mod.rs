@@ -565,7 +565,13 @@ impl Engine {
                     if peer.removed || peer.connector != connected.connector {
                         continue; // a connector of a removed secondary, finishing
                     }
-                    assert!(peer.conn.is_none(), "a connector only connects a disconnected peer");
+                    if peer.conn.is_some() || peer.log.held {
+                        // A second connection for a want already met (a restore while the
+                        // connector was retrying), or one made while the secondary is fractured
+                        // and held (its restore asks for a new one): closed unused.
+                        let _ = connected.stream.shutdown(std::net::Shutdown::Both);
+                        continue;
+                    }
                     peer.conn = Some(Conn::new(connected.stream));
                     peer.stats.connects += 1;
                     peer.metrics.connects.inc();
@@ -2190,6 +2196,12 @@ fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
             "{} secondaries; between 1 and {PEERS_MAX} are supported",
             config.secondaries.len()
         ));
+    }
+    let mut names: Vec<&str> = config.secondaries.iter().map(|(name, _)| name.as_str()).collect();
+    names.sort_unstable();
+    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+        // They would share one fracture log.
+        return fail(format!("two secondaries named {:?}", twice[0]));
     }
     if !config.run_bytes_max.is_multiple_of(config.extent_bytes as usize) || config.run_bytes_max == 0 {
         return fail(format!(
