@@ -251,6 +251,24 @@ pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogError
 }
 
 /// Removes `dir/name` durably, if it exists.
+/// Creates the state directory (and its parents) durably: each directory made is fsynced
+/// into its parent, so a power loss right after the first run cannot take away the directory
+/// and the logs written in it.
+pub fn create_state_dir(dir: &Path) -> std::io::Result<()> {
+    let mut missing = Vec::new();
+    let mut at = Some(dir);
+    while let Some(path) = at.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+        missing.push(path);
+        at = path.parent();
+    }
+    std::fs::create_dir_all(dir)?;
+    for made in missing.iter().rev() {
+        let parent = made.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
 pub fn remove_file(dir: &Path, name: &str) -> Result<(), LogError> {
     let path = dir.join(name);
     match std::fs::remove_file(&path) {
@@ -373,6 +391,16 @@ mod tests {
             verify_next_extent: extents / 2,
             saved_unix_ms: 1,
         }
+    }
+
+    #[test]
+    fn a_state_dir_and_its_missing_parents_are_created() {
+        let root = std::env::temp_dir().join(format!("replicator-statedir-{}", std::process::id()));
+        let dir = root.join("a/b/state");
+        create_state_dir(&dir).expect("created");
+        assert!(dir.is_dir());
+        create_state_dir(&dir).expect("an existing directory is fine");
+        std::fs::remove_dir_all(&root).expect("cleanup");
     }
 
     proptest! {

@@ -110,7 +110,7 @@ pub fn serve(
     stats: &SecondaryMetrics,
 ) -> Result<(), SecondaryError> {
     let device = BlockDevice::resolve(&config.device)?;
-    std::fs::create_dir_all(&config.state_dir).map_err(|source| SecondaryError::Io {
+    crate::logs::create_state_dir(&config.state_dir).map_err(|source| SecondaryError::Io {
         what: format!("creating {}", config.state_dir.display()),
         source,
     })?;

@@ -118,7 +118,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
             recovery_policy: RecoveryPolicy::Automatic,
         }],
     };
-    std::fs::create_dir_all(&args.state_dir)
+    crate::logs::create_state_dir(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     db.store(&args.state_dir)?;
     // A name this directory kept from a mirror it followed before is not this image's.

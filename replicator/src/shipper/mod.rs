@@ -320,7 +320,7 @@ impl Engine {
         metrics: Arc<PrimaryMetrics>,
     ) -> Result<Self, ShipperError> {
         validate(&config)?;
-        std::fs::create_dir_all(&config.state_dir)
+        logs::create_state_dir(&config.state_dir)
             .map_err(io_error(format!("creating {}", config.state_dir.display())))?;
         // First, so that a second primary on the same state directory stops here.
         let (control_server, control) = control::serve(&config.state_dir)?;
