@@ -237,10 +237,8 @@ impl MirrorDb {
         }
         // One name per image (it names the image's fracture log), and a secondary is reached
         // at its address (one without would get nothing, yet count in the mirror's states).
-        let mut names: Vec<&str> = db.images.iter().map(|i| i.name.as_str()).collect();
-        names.sort_unstable();
-        if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
-            return Err(format!("two images named {:?}", twice[0]));
+        if let Some(twice) = first_duplicate(db.images.iter().map(|i| i.name.as_str())) {
+            return Err(format!("two images named {twice:?}"));
         }
         if let Some(image) = db.secondaries().find(|i| i.address.is_none()) {
             return Err(format!("secondary {:?} has no address", image.name));
@@ -269,6 +267,13 @@ pub fn new_mirror_id() -> u64 {
     let mut bytes = [0u8; 8];
     getrandom::fill(&mut bytes).expect("the kernel's random source");
     u64::from_le_bytes(bytes).max(1)
+}
+
+/// A name that `names` holds more than once (image names name fracture logs: one each).
+pub(crate) fn first_duplicate<'a>(names: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let mut names: Vec<&str> = names.collect();
+    names.sort_unstable();
+    names.windows(2).find(|pair| pair[0] == pair[1]).map(|pair| pair[0])
 }
 
 /// A mirror of two images (primary "a", secondary "b"), for tests.

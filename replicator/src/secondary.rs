@@ -778,12 +778,8 @@ impl<'a> Session<'a> {
         let mut at_bytes = offset_bytes;
         while at_bytes < end_bytes {
             let chunk_bytes = (end_bytes - at_bytes).min(ZEROES_CHUNK_BYTES);
-            zero_range(self.image, at_bytes, chunk_bytes, unmap).map_err(|error| SessionEnd::Write {
-                device: self.device.into(),
-                offset: at_bytes,
-                len: chunk_bytes as usize,
-                error,
-            })?;
+            zero_range(self.image, at_bytes, chunk_bytes, unmap)
+                .map_err(|error| self.write_failed(at_bytes, chunk_bytes as usize, error))?;
             at_bytes += chunk_bytes;
             if at_bytes < end_bytes && last_keepalive.elapsed() > keepalive_after {
                 wire::write_frame(stream, &Message::Keepalive, self.next_ack_sequence)?;
@@ -791,12 +787,12 @@ impl<'a> Session<'a> {
                 last_keepalive = Instant::now();
             }
         }
-        self.image.sync_data().map_err(|error| SessionEnd::Write {
-            device: self.device.into(),
-            offset: offset_bytes,
-            len: len_bytes as usize,
-            error,
-        })
+        self.image.sync_data().map_err(|error| self.write_failed(offset_bytes, len_bytes as usize, error))
+    }
+
+    /// The session ends: writing `len` bytes at `offset` of the image failed.
+    fn write_failed(&self, offset: u64, len: usize, error: std::io::Error) -> SessionEnd {
+        SessionEnd::Write { device: self.device.into(), offset, len, error }
     }
 
     /// Hashes extents `first_extent..first_extent + count` as they are on the image (every
@@ -891,12 +887,7 @@ impl<'a> Session<'a> {
             } else {
                 std::io::Error::other(format!("short write of {result} bytes"))
             };
-            return Err(SessionEnd::Write {
-                device: self.device.into(),
-                offset: write.offset_bytes,
-                len: write.len_bytes,
-                error,
-            });
+            return Err(self.write_failed(write.offset_bytes, write.len_bytes, error));
         }
         stats.written_bytes.inc_by(write.len_bytes as u64);
         stats.acked_frames.inc();

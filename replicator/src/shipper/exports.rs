@@ -156,9 +156,9 @@ impl ExportState {
         }
     }
 
-    /// Secondary `peer` (connection `generation`) is disconnecting: a sync op whose frame it
-    /// acknowledged (the sequence is no longer in `inflight`) counts that image, though the
-    /// connection is gone before `advance_exports` looks.
+    /// Counts secondary `peer` (connection `generation`) for every op whose frame it has
+    /// acknowledged (the sequence is no longer in `inflight`): every turn (`advance_exports`),
+    /// and at its disconnect, so acks that came with the failure still count.
     pub(super) fn credit_acks(
         &mut self,
         peer: usize,
@@ -356,12 +356,7 @@ impl Engine {
             if peer.removed || (targets[i] && !overlapping) {
                 continue;
             }
-            peer.pending_write(run.clone());
-            for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
-                if *stamp == 0 {
-                    *stamp = now_ms;
-                }
-            }
+            peer.pending_write(run.clone(), now_ms);
         }
         let export = self.export.as_mut().expect("an export");
         export.busy[run.clone()].fill(true);
@@ -446,8 +441,7 @@ impl Engine {
             InFlight { run: extents.clone(), bytes, queued_at: now, written_at: now, sent_at: None },
         );
         conn.backlog_bytes += bytes;
-        peer.written_since_point = true;
-        peer.written_since_point_frame = true;
+        peer.frame_queued();
         data.awaiting[index] = Some((peer.generation, sequence));
         data.sends += 1;
     }
@@ -514,8 +508,16 @@ impl Engine {
     /// Replies to every export op whose images have all answered: acked, or dropped by a
     /// disconnect (its extents then went to that secondary's fracture log).
     pub(super) fn advance_exports(&mut self) {
-        let Some(slots) = self.export.as_ref().map(|e| e.slots.len()) else { return };
         let minimum = self.minimum_images();
+        let Some(export) = self.export.as_mut() else { return };
+        // Acks are counted as they come, before the primary's part is done too: a secondary
+        // that acknowledges and then drops out still holds the write.
+        for (i, peer) in self.peers.iter().enumerate() {
+            if let Some(conn) = &peer.conn {
+                export.credit_acks(i, peer.generation, &conn.inflight);
+            }
+        }
+        let slots = export.slots.len();
         for slot in 0..slots as u32 {
             let export = self.export.as_mut().expect("an export");
             let Some(data) = export.slots[slot as usize].as_mut() else { continue };
@@ -529,20 +531,16 @@ impl Engine {
                 }
                 continue;
             }
-            // Acks are counted as they come, before the primary's part is done too: a secondary
-            // that acknowledges and then drops out still holds the write.
+            // What is still awaited after `credit_acks` is unacknowledged: it holds the reply
+            // while its connection lives, and is dropped with it.
             let mut done = primary_done;
             for (i, awaiting) in data.awaiting.iter_mut().enumerate() {
-                let Some((generation, sequence)) = *awaiting else { continue };
+                let Some((generation, _)) = *awaiting else { continue };
                 let peer = &self.peers[i];
-                let live = peer.generation == generation && peer.conn.is_some();
-                if !live {
-                    *awaiting = None;
-                } else if !peer.conn.as_ref().is_some_and(|c| c.inflight.contains_key(&sequence)) {
-                    *awaiting = None;
-                    data.acked += 1;
-                } else {
+                if peer.generation == generation && peer.conn.is_some() {
                     done = false;
+                } else {
+                    *awaiting = None;
                 }
             }
             if done {

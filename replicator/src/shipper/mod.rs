@@ -604,18 +604,11 @@ impl Engine {
         };
         for run in runs {
             let run = run.start as usize..run.end as usize;
+            self.quiet.note_dirty_run(run.clone());
             // A removed secondary's slot gets nothing: its pending set would keep the extents
             // dirty, and the intent log from ever clearing them.
             for peer in self.peers.iter_mut().filter(|p| !p.removed) {
-                for stamp in &mut peer.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
-                    if *stamp == 0 {
-                        *stamp = now_ms;
-                    }
-                }
-            }
-            self.quiet.note_dirty_run(run.clone());
-            for peer in self.peers.iter_mut().filter(|p| !p.removed) {
-                peer.pending_write(run.clone());
+                peer.pending_write(run.clone(), now_ms);
             }
         }
     }
@@ -1114,8 +1107,7 @@ impl Engine {
                     sent_at: None,
                 },
             );
-            self.peers[i].written_since_point = true;
-            self.peers[i].written_since_point_frame = true;
+            self.peers[i].frame_queued();
         }
         Ok(())
     }
@@ -2197,11 +2189,11 @@ fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
             config.secondaries.len()
         ));
     }
-    let mut names: Vec<&str> = config.secondaries.iter().map(|(name, _)| name.as_str()).collect();
-    names.sort_unstable();
-    if let Some(twice) = names.windows(2).find(|w| w[0] == w[1]) {
+    if let Some(twice) =
+        crate::mirror::first_duplicate(config.secondaries.iter().map(|(name, _)| name.as_str()))
+    {
         // They would share one fracture log.
-        return fail(format!("two secondaries named {:?}", twice[0]));
+        return fail(format!("two secondaries named {twice:?}"));
     }
     if !config.run_bytes_max.is_multiple_of(config.extent_bytes as usize) || config.run_bytes_max == 0 {
         return fail(format!(

@@ -317,15 +317,28 @@ impl ZeroCopyProbe {
 }
 
 impl Peer {
-    /// Extents `run` were written and must be shipped to it. One that is not connected now
-    /// (unreachable since start-up, or since it was added) is behind from here on: fractured,
-    /// so it is SYNCHRONIZING, not SYNCHRONIZED, when it connects, until they are shipped. (One
-    /// that disconnects is fractured then.)
-    pub fn pending_write(&mut self, run: std::ops::Range<usize>) {
+    /// Extents `run` were written (drained or exported at `now_ms`, the lag's start stamp of
+    /// their words unless an older write stamped them) and must be shipped to it. One that is
+    /// not connected now (unreachable since start-up, or since it was added) is behind from
+    /// here on: fractured, so it is SYNCHRONIZING, not SYNCHRONIZED, when it connects, until
+    /// they are shipped. (One that disconnects is fractured then.)
+    pub fn pending_write(&mut self, run: std::ops::Range<usize>, now_ms: u32) {
+        for stamp in &mut self.written_at_ms[run.start / 64..=(run.end - 1) / 64] {
+            if *stamp == 0 {
+                *stamp = now_ms;
+            }
+        }
         self.pending.insert_range(run);
         if self.conn.is_none() && !self.log.fractured() {
             self.log.fall_behind();
         }
+    }
+
+    /// An extent frame was queued to it: written after its last consistency point, and after
+    /// any point frame queued before it.
+    pub fn frame_queued(&mut self) {
+        self.written_since_point = true;
+        self.written_since_point_frame = true;
     }
 
     /// Whether this peer can take another extent frame now.

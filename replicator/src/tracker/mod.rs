@@ -197,7 +197,7 @@ pub struct Tracker {
     misses_checked: std::time::Instant,
     /// The exclusive lock on the pin directory (`TrackerOptions::exclusive`), held while this
     /// tracker lives.
-    _lock: Option<nix::fcntl::Flock<fs::File>>,
+    lock: Option<nix::fcntl::Flock<fs::File>>,
 }
 
 impl Tracker {
@@ -318,9 +318,9 @@ impl Tracker {
             recursion_misses: 0,
             misses_unreadable: false,
             misses_checked: std::time::Instant::now(),
-            _lock: lock,
+            lock,
         };
-        if tracker._lock.is_some() {
+        if tracker.lock.is_some() {
             // An exempt process of a run that crashed stays in the pinned flags: its pid may be
             // another process's now. The process that exports sets its own again.
             tracker.exempt_writes_of(0);
