@@ -5,7 +5,12 @@
 //! (`recv_room`; the address stays fixed while the op is in flight, and nothing moves the
 //! bytes until `received`); the decoder takes from the front. A long payload with nothing of
 //! it read ahead skips the buffer (`direct`): it is received straight into its own buffer, so
-//! the kernel copies it once. Small frames that arrive together cost one recv together.
+//! the kernel copies it once. Small frames that arrive together cost one recv together. After
+//! a long payload, the next header is received alone (`header_room`): in a stream of long
+//! frames (a resync, a sequential rewrite) a recv into the buffer would otherwise take up to
+//! `READ_AHEAD_BYTES` of the payload behind the header, to be copied again in userspace (1.5%
+//! of the CPU of a secondary at full speed here), and the rest of the payload would be too
+//! short to go direct.
 
 /// Bytes of a read-ahead buffer.
 pub const READ_AHEAD_BYTES: usize = 256 * 1024;
@@ -17,11 +22,13 @@ pub struct ReadAhead {
     bytes: Box<[u8]>,
     start: usize,
     end: usize,
+    /// The last payload taken was long: the next header is received alone.
+    header_alone: bool,
 }
 
 impl Default for ReadAhead {
     fn default() -> Self {
-        Self { bytes: vec![0; READ_AHEAD_BYTES].into_boxed_slice(), start: 0, end: 0 }
+        Self { bytes: vec![0; READ_AHEAD_BYTES].into_boxed_slice(), start: 0, end: 0, header_alone: false }
     }
 }
 
@@ -73,6 +80,22 @@ impl ReadAhead {
         Some((unsafe { self.bytes.as_mut_ptr().add(self.end) }, room as u32))
     }
 
+    /// `recv_room` for a reader waiting for a header, `header_missing` (> 0) bytes of which
+    /// have not arrived: only those bytes when the last payload was long (see the module
+    /// header), else all the room there is.
+    pub fn header_room(&mut self, header_missing: usize) -> Option<(*mut u8, u32)> {
+        assert!(header_missing > 0, "a header to wait for");
+        let (at, room) = self.recv_room()?;
+        let limit = if self.header_alone { header_missing.min(u32::MAX as usize) as u32 } else { u32::MAX };
+        Some((at, room.min(limit)))
+    }
+
+    /// A frame's payload of `len` bytes (0: none) has been taken whole: decides how the next
+    /// header is received.
+    pub fn payload_taken(&mut self, len: usize) {
+        self.header_alone = len >= DIRECT_RECV_BYTES_MIN;
+    }
+
     /// A recv posted at `recv_room` wrote `count` bytes.
     pub fn received(&mut self, count: usize) {
         assert!(self.end + count <= self.bytes.len(), "a recv wrote past the read-ahead buffer");
@@ -116,5 +139,20 @@ mod tests {
             }
             prop_assert_eq!(ahead.unread().len() as u64, sent - taken);
         }
+    }
+
+    #[test]
+    fn after_a_long_payload_the_header_comes_alone() {
+        let mut ahead = ReadAhead::default();
+        assert_eq!(ahead.header_room(32).expect("room").1 as usize, READ_AHEAD_BYTES, "small frames batch");
+        ahead.payload_taken(DIRECT_RECV_BYTES_MIN);
+        assert_eq!(ahead.header_room(32).expect("room").1, 32);
+        assert_eq!(
+            ahead.recv_room().expect("room").1 as usize,
+            READ_AHEAD_BYTES,
+            "a payload's recv is not cut"
+        );
+        ahead.payload_taken(4096);
+        assert_eq!(ahead.header_room(32).expect("room").1 as usize, READ_AHEAD_BYTES);
     }
 }

@@ -511,7 +511,11 @@ impl<'a> Session<'a> {
                 opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, rest as u32).flags(libc::MSG_WAITALL);
             (RecvKind::Direct { len: rest }, recv)
         } else {
-            let (at, room) = self.ahead.recv_room().expect("an empty read-ahead buffer has room");
+            let room = match self.receiving {
+                Receiving::Header => self.ahead.header_room(rest),
+                Receiving::Extent { .. } | Receiving::Small { .. } => self.ahead.recv_room(),
+            };
+            let (at, room) = room.expect("an empty read-ahead buffer has room");
             (RecvKind::Ahead, opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, room))
         };
         // SAFETY: the target (the read-ahead buffer, or the part: header array, small buffer,
@@ -625,6 +629,7 @@ impl<'a> Session<'a> {
                     }
                 };
                 self.receiving = Receiving::Header;
+                self.ahead.payload_taken(len);
                 let write = Write { buffer, offset_bytes, len_bytes, sequence: header.sequence };
                 if self.overlaps(&write) {
                     self.waiting = Some(Waiting::Overlap(write));
@@ -635,6 +640,7 @@ impl<'a> Session<'a> {
             }
             Receiving::Small { header } => {
                 self.receiving = Receiving::Header;
+                self.ahead.payload_taken(header.payload_bytes as usize);
                 let payload = &self.small[..header.payload_bytes as usize];
                 match wire::decode_payload(&self.header_bytes, &header, payload, &self.limits)? {
                     Message::Keepalive => {

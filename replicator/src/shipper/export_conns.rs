@@ -130,6 +130,7 @@ impl NbdConn {
                     return;
                 }
                 let Partial { request, buffer, .. } = self.partial.take().expect("checked above");
+                self.ahead.payload_taken(len);
                 if request.aligned(info.block_bytes_min) {
                     self.ready.push_back(self.engine_request(&request, Some(buffer)));
                 } else {
@@ -171,6 +172,9 @@ impl NbdConn {
     /// One decoded request: answered here, queued for the engine, or waiting for its data.
     fn dispatch(&mut self, request: nbd::Request, info: &ExportInfo) {
         let aligned = request.aligned(info.block_bytes_min);
+        if request.command != Command::Write {
+            self.ahead.payload_taken(0);
+        }
         match request.command {
             Command::Disconnect => {
                 // The requests before it complete and are answered; then the socket closes.
@@ -224,7 +228,12 @@ impl NbdConn {
                 return Some((at, missing as u32, true));
             }
         }
-        let (at, room) = self.ahead.recv_room()?;
+        let unread = self.ahead.unread().len();
+        let (at, room) = if self.partial.is_none() && self.waiting.is_none() && unread < nbd::REQUEST_BYTES {
+            self.ahead.header_room(nbd::REQUEST_BYTES - unread)?
+        } else {
+            self.ahead.recv_room()?
+        };
         Some((at, room, false))
     }
 }
