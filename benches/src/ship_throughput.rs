@@ -1,8 +1,10 @@
 //! ship-throughput: a sequential 2 GiB rewrite of the primary, shipped over veth between network
 //! namespaces to one and to two secondaries, with zero-copy and with plain sends, live (fio
 //! writing beside the replicator) and alone (the rewrite shipped by a resync, nothing else
-//! running); the baseline is iperf3 on the same veth path, in rounds alternating with the
-//! shipping. Reports MiB/s, the ratios to iperf3, and the primary's CPU seconds per GiB shipped.
+//! running); the baseline is iperf3 on the same veth paths (one stream to each secondary, all at
+//! once), in rounds alternating with the shipping. Reports MiB/s summed over the secondaries
+//! (what the primary puts on the wire, as iperf3's sum), the ratios to iperf3, and the
+//! primary's CPU seconds per GiB shipped.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -24,7 +26,9 @@ struct Run {
     zero_copy_kept: bool,
     shipped_bytes_per_secondary: u64,
     seconds: f64,
+    /// Summed over the secondaries, as `iperf3_mib_per_s` is.
     mib_per_s: f64,
+    /// One iperf3 stream to each secondary, all at once: the sum.
     iperf3_mib_per_s: f64,
     ratio_to_iperf3: f64,
     primary_cpu_seconds_per_gib: f64,
@@ -32,6 +36,7 @@ struct Run {
     /// writer beside it (`restore` to SYNCHRONIZED, from the primary's timestamps): the
     /// replicator alone on the two cores, as iperf3 is.
     alone_seconds: f64,
+    /// Summed over the secondaries.
     alone_mib_per_s: f64,
     alone_ratio_to_iperf3: f64,
     /// Each round's alone / iperf3, in order (the host's noise shows here).
@@ -49,9 +54,10 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
          between network namespaces. Live: time from the first write to every secondary acknowledging, with fio \
          writing on the same two cores. Alone: the same rewrite made while every secondary is fractured, then \
          shipped by `restore` with nothing else running (time to SYNCHRONIZED from the primary's timestamps), as \
-         iperf3 runs alone. iperf3: one stream on the same lab's veth path. Live is measured once, against the \
-         median iperf3; alone is {ALONE_ROUNDS} rounds of iperf3 then the shipping, and the figures are medians (the \
-         ratio: the median of each round's ratio).\n\n\
+         iperf3 runs alone. iperf3: one stream to each secondary over the same lab's veth paths, all at once. \
+         Rates are summed over the secondaries (with two, the primary sends every byte twice, as iperf3's two \
+         streams do). Live is measured once, against the median iperf3; alone is {ALONE_ROUNDS} rounds of iperf3 \
+         then the shipping, and the figures are medians (the ratio: the median of each round's ratio).\n\n\
          | secondaries | send | iperf3 MiB/s | live MiB/s | live / iperf3 | alone MiB/s | alone / iperf3 | alone / iperf3 by round | primary CPU s/GiB (live) |\n\
          |---|---|---|---|---|---|---|---|---|\n",
     );
@@ -77,22 +83,50 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     Ok((serde_json::json!({ "runs": runs }), md))
 }
 
-/// iperf3 (one stream, `IPERF3_SECONDS`) from the primary's namespace to the first
-/// secondary's, over the lab's own veth link, while the replicator idles.
+/// iperf3 (`IPERF3_SECONDS`) from the primary's namespace to every secondary's, one stream to
+/// each, all at once, over the lab's own veth links, while the replicator idles: the sum.
 fn iperf3(lab: &Lab) -> anyhow::Result<f64> {
-    let mut server = lab.secondary_ns[0].command(Path::new("iperf3"));
-    server.args(["-s", "-1"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-    let mut server = server.spawn().context("starting iperf3 (package iperf3)")?;
+    let null = std::process::Stdio::null;
+    let mut servers = Vec::new();
+    for ns in &lab.secondary_ns {
+        let mut server = ns.command(Path::new("iperf3"));
+        server.args(["-s", "-1"]).stdout(null()).stderr(null());
+        servers.push(server.spawn().context("starting iperf3 (package iperf3)")?);
+    }
     std::thread::sleep(Duration::from_millis(500));
-    let addr = lab.secondary_addrs[0].ip().to_string();
+    let sum = iperf3_clients(lab);
+    // Each server ends after its one test; one whose client never came is stopped here.
+    for mut server in servers {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    sum
+}
+
+/// The clients of `iperf3`, started together; the sum of what each secondary received.
+fn iperf3_clients(lab: &Lab) -> anyhow::Result<f64> {
     let seconds = IPERF3_SECONDS.to_string();
-    let output =
-        lab.primary_ns.command(Path::new("iperf3")).args(["-c", &addr, "-t", &seconds, "-J"]).output()?;
-    let _ = server.wait();
-    let json: serde_json::Value = serde_json::from_slice(&output.stdout).context("parsing iperf3's JSON")?;
-    let bits =
-        json["end"]["sum_received"]["bits_per_second"].as_f64().context("iperf3 reported no throughput")?;
-    Ok(bits / 8.0 / MIB)
+    let mut clients = Vec::new();
+    for addr in &lab.secondary_addrs {
+        let addr = addr.ip().to_string();
+        let mut client = lab.primary_ns.command(Path::new("iperf3"));
+        client
+            .args(["-c", &addr, "-t", &seconds, "-J"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        clients.push(client.spawn().context("starting iperf3's client")?);
+    }
+    let mut sum_mib_per_s = 0.0;
+    for client in clients {
+        let output = client.wait_with_output()?;
+        let json: serde_json::Value =
+            serde_json::from_slice(&output.stdout).context("parsing iperf3's JSON")?;
+        let bits = json["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .context("iperf3 reported no throughput")?;
+        sum_mib_per_s += bits / 8.0 / MIB;
+    }
+    Ok(sum_mib_per_s)
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -143,9 +177,10 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
     }
     let iperf3_mib_per_s = crate::median(iperf3_rounds.iter().copied());
     let alone_seconds = crate::median(alone_rounds.iter().copied());
-    let alone_mib_per_s = DEVICE_BYTES as f64 / MIB / alone_seconds;
+    let wire_mib = (DEVICE_BYTES * secondaries as u64) as f64 / MIB;
+    let alone_mib_per_s = wire_mib / alone_seconds;
     let alone_ratio_rounds: Vec<f64> =
-        alone_rounds.iter().zip(&iperf3_rounds).map(|(s, i)| DEVICE_BYTES as f64 / MIB / s / i).collect();
+        alone_rounds.iter().zip(&iperf3_rounds).map(|(s, i)| wire_mib / s / i).collect();
     let alone_ratio_to_iperf3 = crate::median(alone_ratio_rounds.iter().copied());
     let hashes = lab.hashes()?;
     anyhow::ensure!(hashes.iter().all(|h| *h == hashes[0]), "images differ after the benchmark");
@@ -155,9 +190,9 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
         zero_copy_kept,
         shipped_bytes_per_secondary: shipped,
         seconds,
-        mib_per_s: shipped as f64 / MIB / seconds,
+        mib_per_s: (shipped * secondaries as u64) as f64 / MIB / seconds,
         iperf3_mib_per_s,
-        ratio_to_iperf3: shipped as f64 / MIB / seconds / iperf3_mib_per_s,
+        ratio_to_iperf3: (shipped * secondaries as u64) as f64 / MIB / seconds / iperf3_mib_per_s,
         primary_cpu_seconds_per_gib: cpu / (shipped as f64 * secondaries as f64 / (1u64 << 30) as f64),
         alone_seconds,
         alone_mib_per_s,
