@@ -28,9 +28,7 @@ pub const PREFIX_BYTES: usize = 4096;
 const HUGE_PAGE_BYTES: usize = 2 << 20;
 
 pub struct BufferPool {
-    base: NonNull<u8>,
-    /// The mapping: `base` up, a whole number of huge pages.
-    mapping_bytes: usize,
+    mapping: HugeMapping,
     buffer_bytes: usize,
     data_bytes_max: usize,
     count: usize,
@@ -48,18 +46,9 @@ impl BufferPool {
         assert!(count > 0 && count <= usize::from(u16::MAX), "pool of {count} buffers");
         assert!(data_bytes_max > 0 && data_bytes_max.is_multiple_of(PREFIX_BYTES));
         let buffer_bytes = PREFIX_BYTES + data_bytes_max;
-        let mapping_bytes = (buffer_bytes * count).next_multiple_of(HUGE_PAGE_BYTES);
-        let base = map_huge_aligned(mapping_bytes)?;
+        let mapping = HugeMapping::new(buffer_bytes * count)?;
         let free = (0..count as u16).rev().collect();
-        Ok(Self {
-            base,
-            mapping_bytes,
-            buffer_bytes,
-            data_bytes_max,
-            count,
-            free,
-            is_free: vec![true; count],
-        })
+        Ok(Self { mapping, buffer_bytes, data_bytes_max, count, free, is_free: vec![true; count] })
     }
 
     pub fn count(&self) -> usize {
@@ -91,7 +80,7 @@ impl BufferPool {
     pub fn buffer_ptr(&self, index: u16) -> *mut u8 {
         assert!((index as usize) < self.count);
         // SAFETY: inside the mapping.
-        unsafe { self.base.as_ptr().add(index as usize * self.buffer_bytes) }
+        unsafe { self.mapping.base().as_ptr().add(index as usize * self.buffer_bytes) }
     }
 
     /// Start of buffer `index`'s data area (page-aligned).
@@ -212,44 +201,73 @@ impl PollWindow {
     }
 }
 
-/// A private anonymous mapping of `bytes` (a multiple of `HUGE_PAGE_BYTES`) that starts on a
-/// huge-page boundary, advised to use huge pages. Over-maps by one huge page and unmaps the
-/// slack on either side: mmap itself only aligns to 4 KiB.
-fn map_huge_aligned(bytes: usize) -> nix::Result<NonNull<u8>> {
-    assert!(bytes > 0 && bytes.is_multiple_of(HUGE_PAGE_BYTES));
-    let over_bytes = bytes + HUGE_PAGE_BYTES;
-    let length = NonZeroUsize::new(over_bytes).expect("non-zero mapping");
-    // SAFETY: a fresh private anonymous mapping; its slack is unmapped below and the rest is
-    // owned by the pool until drop.
-    let over: NonNull<u8> = unsafe {
-        mmap_anonymous(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)?
-    }
-    .cast();
-    let head_bytes = (over.as_ptr() as usize).next_multiple_of(HUGE_PAGE_BYTES) - over.as_ptr() as usize;
-    let tail_bytes = HUGE_PAGE_BYTES - head_bytes;
-    // SAFETY: `base` and the slack on either side are inside the mapping just made.
-    let base = unsafe { over.add(head_bytes) };
-    unsafe {
-        if head_bytes > 0 {
-            munmap(over.cast(), head_bytes)?;
-        }
-        if tail_bytes > 0 {
-            munmap(base.add(bytes).cast(), tail_bytes)?;
-        }
-    }
-    assert_eq!(base.as_ptr() as usize % HUGE_PAGE_BYTES, 0);
-    // SAFETY: advice over the pool's own mapping. A kernel without transparent huge pages says
-    // EINVAL; the pool then works with small pages.
-    if let Err(error) = unsafe { madvise(base.cast(), bytes, MmapAdvise::MADV_HUGEPAGE) } {
-        tracing::debug!(%error, "no transparent huge pages for the buffer pool");
-    }
-    Ok(base)
+/// A private anonymous mapping that starts on a huge-page boundary and is advised to use huge
+/// pages (see the module header), unmapped on drop. Its owner hands out pointers into it and
+/// keeps it alive while the kernel or another thread may use them.
+pub struct HugeMapping {
+    base: NonNull<u8>,
+    /// A whole number of huge pages.
+    bytes: usize,
 }
 
-impl Drop for BufferPool {
+// SAFETY: the mapping is plain memory owned by this value; who reads or writes which part of
+// it is the business of its users (the pool's ownership rule, one export buffer per part).
+unsafe impl Send for HugeMapping {}
+unsafe impl Sync for HugeMapping {}
+
+impl HugeMapping {
+    /// Maps at least `bytes` (rounded up to whole huge pages). mmap itself only aligns to
+    /// 4 KiB: this over-maps by one huge page and unmaps the slack on either side.
+    pub fn new(bytes: usize) -> nix::Result<Self> {
+        assert!(bytes > 0, "an empty mapping");
+        let bytes = bytes.next_multiple_of(HUGE_PAGE_BYTES);
+        let length = NonZeroUsize::new(bytes + HUGE_PAGE_BYTES).expect("non-zero mapping");
+        // SAFETY: a fresh private anonymous mapping; its slack is unmapped below and the rest
+        // is owned by the returned value until drop.
+        let over: NonNull<u8> = unsafe {
+            mmap_anonymous(None, length, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)?
+        }
+        .cast();
+        let head_bytes = (over.as_ptr() as usize).next_multiple_of(HUGE_PAGE_BYTES) - over.as_ptr() as usize;
+        let tail_bytes = HUGE_PAGE_BYTES - head_bytes;
+        // SAFETY: `base` and the slack on either side are inside the mapping just made; on a
+        // failure (ENOMEM: too many mappings to split one more) what is left of it goes.
+        let base = unsafe { over.add(head_bytes) };
+        unsafe {
+            if head_bytes > 0
+                && let Err(error) = munmap(over.cast(), head_bytes)
+            {
+                let _ = munmap(over.cast(), bytes + HUGE_PAGE_BYTES);
+                return Err(error);
+            }
+            if let Err(error) = munmap(base.add(bytes).cast(), tail_bytes) {
+                let _ = munmap(base.cast(), bytes + tail_bytes);
+                return Err(error);
+            }
+        }
+        assert_eq!(base.as_ptr() as usize % HUGE_PAGE_BYTES, 0);
+        // SAFETY: advice over this mapping. A kernel without transparent huge pages says
+        // EINVAL; the mapping then works with small pages.
+        if let Err(error) = unsafe { madvise(base.cast(), bytes, MmapAdvise::MADV_HUGEPAGE) } {
+            tracing::debug!(%error, "no transparent huge pages for a buffer mapping");
+        }
+        Ok(Self { base, bytes })
+    }
+
+    pub fn base(&self) -> NonNull<u8> {
+        self.base
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+impl Drop for HugeMapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `new`; the ring that used it is gone by now.
-        let _ = unsafe { munmap(self.base.cast(), self.mapping_bytes) };
+        // SAFETY: unmaps the mapping made in `new`; its users are gone (the ring that used a
+        // pool is dropped before it; export buffers hold it through an Arc).
+        let _ = unsafe { munmap(self.base.cast(), self.bytes) };
     }
 }
 
@@ -264,6 +282,8 @@ mod tests {
         let b = pool.take().expect("b");
         assert_ne!(a, b);
         assert_eq!(pool.buffer_ptr(0) as usize % HUGE_PAGE_BYTES, 0, "the mapping starts on a huge page");
+        assert!(pool.mapping.bytes() >= 4 * (PREFIX_BYTES + 65536));
+        assert!(pool.mapping.bytes().is_multiple_of(HUGE_PAGE_BYTES));
         assert_eq!(pool.data_ptr(a) as usize % 4096, 0);
         pool.data_mut(a, 4).copy_from_slice(b"abcd");
         pool.prefix_tail_mut(a, 40).fill(7);

@@ -22,7 +22,6 @@ pub mod nbd;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::num::NonZeroUsize;
 use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
@@ -33,9 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use nix::sys::eventfd::EventFd;
-use nix::sys::mman::{MapFlags, ProtFlags, mmap_anonymous, munmap};
 
-use crate::pool::PREFIX_BYTES;
+use crate::pool::{HugeMapping, PREFIX_BYTES};
 pub use nbd::{Command, ExportInfo};
 
 /// Buffers (and so requests with data in flight) of one export, by default.
@@ -110,23 +108,33 @@ pub struct ExportConfig {
 
 /// One page-aligned buffer: a prefix page, then `data_bytes_max` of data (O_DIRECT needs the
 /// alignment; a wire frame's header goes at the end of the prefix, right before the data).
+/// The buffers of an export are parts of one mapping on huge pages, so a client's 1 MiB write
+/// reaches the primary device in one request (see `pool`'s header); each buffer keeps the
+/// mapping alive.
 pub struct ExportBuffer {
     base: NonNull<u8>,
     data_bytes_max: usize,
+    _mapping: Arc<HugeMapping>,
 }
 
-// SAFETY: the buffer owns its mapping; it is moved between threads, never shared.
+// SAFETY: each buffer is its own part of the mapping; it is moved between threads, never
+// shared.
 unsafe impl Send for ExportBuffer {}
 
 impl ExportBuffer {
-    fn new(data_bytes_max: usize) -> nix::Result<Self> {
-        assert!(data_bytes_max > 0 && data_bytes_max.is_multiple_of(PREFIX_BYTES));
-        let bytes = NonZeroUsize::new(PREFIX_BYTES + data_bytes_max).expect("non-zero");
-        // SAFETY: a fresh private anonymous mapping, owned by this buffer until drop.
-        let base = unsafe {
-            mmap_anonymous(None, bytes, ProtFlags::PROT_READ | ProtFlags::PROT_WRITE, MapFlags::MAP_PRIVATE)?
-        };
-        Ok(Self { base: base.cast(), data_bytes_max })
+    /// `count` buffers of `data_bytes_max` (a multiple of 4 KiB) each, in one mapping.
+    fn new_set(count: usize, data_bytes_max: usize) -> nix::Result<Vec<Self>> {
+        assert!(count > 0 && data_bytes_max > 0 && data_bytes_max.is_multiple_of(PREFIX_BYTES));
+        let buffer_bytes = PREFIX_BYTES + data_bytes_max;
+        let mapping = Arc::new(HugeMapping::new(buffer_bytes * count)?);
+        let buffers = (0..count)
+            .map(|i| {
+                // SAFETY: buffer `i` is inside the mapping, which is at least `count` buffers.
+                let base = unsafe { mapping.base().add(i * buffer_bytes) };
+                Self { base, data_bytes_max, _mapping: Arc::clone(&mapping) }
+            })
+            .collect();
+        Ok(buffers)
     }
 
     pub fn data_ptr(&self) -> *mut u8 {
@@ -151,13 +159,6 @@ impl ExportBuffer {
         assert!(len <= PREFIX_BYTES);
         // SAFETY: inside the prefix page; exclusive through &mut self.
         unsafe { std::slice::from_raw_parts_mut(self.data_ptr().sub(len), len) }
-    }
-}
-
-impl Drop for ExportBuffer {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `new`; no I/O uses it once its owner drops it.
-        let _ = unsafe { munmap(self.base.cast(), PREFIX_BYTES + self.data_bytes_max) };
     }
 }
 
@@ -505,13 +506,8 @@ impl Export {
             EventFd::from_value_and_flags(0, nix::sys::eventfd::EfdFlags::EFD_CLOEXEC)
                 .map_err(|e| io("creating an eventfd")(e.into()))?,
         );
-        let mut buffers = Vec::with_capacity(usize::from(config.buffers));
-        for _ in 0..config.buffers {
-            buffers.push(
-                ExportBuffer::new(config.block_bytes_max as usize)
-                    .map_err(|e| io("allocating buffers")(e.into()))?,
-            );
-        }
+        let buffers = ExportBuffer::new_set(usize::from(config.buffers), config.block_bytes_max as usize)
+            .map_err(|e| io("allocating buffers")(e.into()))?;
         let free = Arc::new(FreeList {
             buffers: Mutex::new(buffers),
             wanted: AtomicBool::new(false),
@@ -730,6 +726,19 @@ fn read_block(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn buffers_of_one_mapping_are_apart_and_outlive_each_other() {
+        let mut buffers = ExportBuffer::new_set(3, 1 << 20).expect("mmap");
+        for (i, buffer) in buffers.iter_mut().enumerate() {
+            assert_eq!(buffer.data_ptr() as usize % 4096, 0);
+            buffer.data_mut(1 << 20).fill(i as u8);
+            buffer.prefix_tail_mut(64).fill(0xee);
+        }
+        let last = buffers.pop().expect("three");
+        drop(buffers); // the mapping stays while a buffer holds it
+        assert!(last.data(1 << 20).iter().all(|&b| b == 2));
+    }
 
     #[test]
     fn export_targets() {
