@@ -85,9 +85,16 @@ impl ReadAhead {
     /// header), else all the room there is.
     pub fn header_room(&mut self, header_missing: usize) -> Option<(*mut u8, u32)> {
         assert!(header_missing > 0, "a header to wait for");
+        if self.header_alone { self.room_at_most(header_missing) } else { self.recv_room() }
+    }
+
+    /// `recv_room`, at most `count` (> 0) bytes of it: for the end of a long payload that
+    /// arrived in pieces, so the recv stops where the payload does and the next header is
+    /// received alone.
+    pub fn room_at_most(&mut self, count: usize) -> Option<(*mut u8, u32)> {
+        assert!(count > 0, "a recv of nothing");
         let (at, room) = self.recv_room()?;
-        let limit = if self.header_alone { header_missing.min(u32::MAX as usize) as u32 } else { u32::MAX };
-        Some((at, room.min(limit)))
+        Some((at, room.min(count.min(u32::MAX as usize) as u32)))
     }
 
     /// A frame's payload of `len` bytes (0: none) has been taken whole: decides how the next
@@ -154,5 +161,6 @@ mod tests {
         );
         ahead.payload_taken(4096);
         assert_eq!(ahead.header_room(32).expect("room").1 as usize, READ_AHEAD_BYTES);
+        assert_eq!(ahead.room_at_most(100).expect("room").1, 100);
     }
 }

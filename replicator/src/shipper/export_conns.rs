@@ -227,6 +227,12 @@ impl NbdConn {
                 let at = unsafe { partial.buffer.data_ptr().add(partial.filled) };
                 return Some((at, missing as u32, true));
             }
+            if missing > 0 && partial.request.len_bytes as usize >= crate::read_ahead::DIRECT_RECV_BYTES_MIN {
+                // The tail of a long write that came in pieces: no further, or the recv takes
+                // the next write's header and much of its data, to be copied again.
+                let (at, room) = self.ahead.room_at_most(missing)?;
+                return Some((at, room, false));
+            }
         }
         let unread = self.ahead.unread().len();
         let (at, room) = if self.partial.is_none() && self.waiting.is_none() && unread < nbd::REQUEST_BYTES {
