@@ -24,7 +24,8 @@ struct Run {
     zero_copy: bool,
     /// Zero-copy was asked for and kept: the kernel did not copy every probed send.
     zero_copy_kept: bool,
-    shipped_bytes_per_secondary: u64,
+    /// Summed over the secondaries.
+    shipped_bytes: u64,
     seconds: f64,
     /// Summed over the secondaries, as `iperf3_mib_per_s` is.
     mib_per_s: f64,
@@ -86,47 +87,65 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
 /// iperf3 (`IPERF3_SECONDS`) from the primary's namespace to every secondary's, one stream to
 /// each, all at once, over the lab's own veth links, while the replicator idles: the sum.
 fn iperf3(lab: &Lab) -> anyhow::Result<f64> {
-    let null = std::process::Stdio::null;
     let mut servers = Vec::new();
     for ns in &lab.secondary_ns {
         let mut server = ns.command(Path::new("iperf3"));
-        server.args(["-s", "-1"]).stdout(null()).stderr(null());
-        servers.push(server.spawn().context("starting iperf3 (package iperf3)")?);
+        server.args(["-s", "-1"]).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        match server.spawn() {
+            Ok(child) => servers.push(child),
+            Err(error) => {
+                stop_all(servers);
+                return Err(error).context("starting iperf3 (package iperf3)");
+            }
+        }
     }
     std::thread::sleep(Duration::from_millis(500));
     let sum = iperf3_clients(lab);
     // Each server ends after its one test; one whose client never came is stopped here.
-    for mut server in servers {
-        let _ = server.kill();
-        let _ = server.wait();
-    }
+    stop_all(servers);
     sum
 }
 
-/// The clients of `iperf3`, started together; the sum of what each secondary received.
+/// The clients of `iperf3`, started together; the sum of what each secondary received. Every
+/// client started is waited for, whatever happens to the others.
 fn iperf3_clients(lab: &Lab) -> anyhow::Result<f64> {
     let seconds = IPERF3_SECONDS.to_string();
     let mut clients = Vec::new();
     for addr in &lab.secondary_addrs {
         let addr = addr.ip().to_string();
         let mut client = lab.primary_ns.command(Path::new("iperf3"));
+        // -O 1: TCP's first second (slow start) is left out of the figure.
         client
-            .args(["-c", &addr, "-t", &seconds, "-J"])
+            .args(["-c", &addr, "-t", &seconds, "-O", "1", "-J"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
-        clients.push(client.spawn().context("starting iperf3's client")?);
+        match client.spawn() {
+            Ok(child) => clients.push(child),
+            Err(error) => {
+                stop_all(clients);
+                return Err(error).context("starting iperf3's client");
+            }
+        }
     }
+    let outputs: Vec<_> = clients.into_iter().map(|c| c.wait_with_output()).collect();
     let mut sum_mib_per_s = 0.0;
-    for client in clients {
-        let output = client.wait_with_output()?;
+    for output in outputs {
+        let output = output.context("waiting for iperf3's client")?;
         let json: serde_json::Value =
             serde_json::from_slice(&output.stdout).context("parsing iperf3's JSON")?;
-        let bits = json["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .context("iperf3 reported no throughput")?;
+        let bits = json["end"]["sum_received"]["bits_per_second"].as_f64().with_context(|| {
+            format!("iperf3 reported no throughput ({}): {}", output.status, json["error"])
+        })?;
         sum_mib_per_s += bits / 8.0 / MIB;
     }
     Ok(sum_mib_per_s)
+}
+
+fn stop_all(children: Vec<std::process::Child>) {
+    for mut child in children {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }
 
 fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
@@ -165,7 +184,9 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
     // wait_in_sync holds for a settle period after the last ack; take it off.
     let seconds = started.elapsed().as_secs_f64() - 0.6;
     let cpu = cpu_seconds(pid)? - cpu_before;
-    let shipped = status["secondaries"][0]["shipped_bytes"].as_u64().unwrap_or(0);
+    // Every secondary's, summed: what the primary put on the wire.
+    let shipped: u64 =
+        (0..secondaries).map(|i| status["secondaries"][i]["shipped_bytes"].as_u64().unwrap_or(0)).sum();
     let zero_copy_kept = status["secondaries"][0]["zero_copy"].as_bool().unwrap_or(false);
     let mut iperf3_rounds = Vec::new();
     let mut alone_rounds = Vec::new();
@@ -188,12 +209,12 @@ fn ship(binary: &Path, secondaries: usize, zero_copy: bool) -> anyhow::Result<Ru
         secondaries,
         zero_copy,
         zero_copy_kept,
-        shipped_bytes_per_secondary: shipped,
+        shipped_bytes: shipped,
         seconds,
-        mib_per_s: (shipped * secondaries as u64) as f64 / MIB / seconds,
+        mib_per_s: shipped as f64 / MIB / seconds,
         iperf3_mib_per_s,
-        ratio_to_iperf3: (shipped * secondaries as u64) as f64 / MIB / seconds / iperf3_mib_per_s,
-        primary_cpu_seconds_per_gib: cpu / (shipped as f64 * secondaries as f64 / (1u64 << 30) as f64),
+        ratio_to_iperf3: shipped as f64 / MIB / seconds / iperf3_mib_per_s,
+        primary_cpu_seconds_per_gib: cpu / (shipped as f64 / (1u64 << 30) as f64),
         alone_seconds,
         alone_mib_per_s,
         alone_ratio_to_iperf3,
