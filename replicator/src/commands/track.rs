@@ -1,12 +1,19 @@
 //! `replicator track`: prints the extents written to a device as they complete, like `blktrace`
 //! at extent grain. Also the way to see the tracker survive a restart: marks made while no
 //! `track` runs are printed by the next one.
+//!
+//! At least once: an extent leaves the tracker's write-intent map only once its line is written
+//! and flushed. A `track` killed between taking marks from the kernel and printing them (kill -9
+//! in the middle of a drain) leaves them there, and the next `track` prints the intent map first:
+//! a consumer may see an extent twice after an unclean stop, never miss one.
 
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use bitvec::prelude::*;
 
 use crate::tracker::{Tracker, TrackerOptions};
 use crate::units::format_bytes;
@@ -25,18 +32,27 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         TrackerOptions { name: args.name.clone(), extent_bytes: args.extent_bytes, ..Default::default() };
     let mut tracker = Tracker::attach_with(&args.device, &options)
         .with_context(|| format!("attaching the tracker to {}", args.device.display()))?;
+    let mut stdout = std::io::stdout().lock();
+    let extents = tracker.geometry().extent_count() as usize;
+    // Reused every drain: the runs printed, and the same extents as bits to clear from intent.
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    let mut printed = bitvec![u64, Lsb0; 0; extents];
     if tracker.resumed() {
         eprintln!(
-            "track: resumed pinned state at {}: extents written while no tracker ran follow",
+            "track: resumed pinned state at {}: extents written while no tracker ran, and those the \
+             last one may not have printed, follow",
             tracker.pin_dir().display()
         );
+        runs.extend(one_runs(&tracker.intent_snapshot()));
+        print_runs(&mut tracker, &runs, &mut printed, args.json, &mut stdout)?;
     }
-    let mut stdout = std::io::stdout().lock();
     loop {
         // Read the flag before draining, so the drain after a signal is the last one: it also
         // reports queued writes whose completion was never traced.
         let stopping = stop.load(Ordering::Relaxed);
-        print_drain(&mut tracker, args.json, stopping, &mut stdout)?;
+        runs.clear();
+        runs.extend(if stopping { tracker.drain_unmatched() } else { tracker.drain_completed() });
+        print_runs(&mut tracker, &runs, &mut printed, args.json, &mut stdout)?;
         if stopping {
             break;
         }
@@ -52,15 +68,19 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_drain(
+/// Prints `runs` and flushes them; then, handed to the consumer, they leave the intent map
+/// (`printed` is scratch, one bit per extent, all clear between calls).
+fn print_runs(
     tracker: &mut Tracker,
+    runs: &[Range<u64>],
+    printed: &mut BitVec<u64, Lsb0>,
     json: bool,
-    last: bool,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
     let geometry = *tracker.geometry();
-    let mut wrote = false;
-    let runs = if last { tracker.drain_unmatched() } else { tracker.drain_completed() };
     for run in runs {
         let (offset_bytes, _) = geometry.extent_byte_range(run.start);
         let (last_offset, last_len) = geometry.extent_byte_range(run.end - 1);
@@ -81,10 +101,26 @@ fn print_drain(
                 format_bytes(len_bytes)
             )?;
         }
-        wrote = true;
     }
-    if wrote {
-        out.flush()?;
+    out.flush()?;
+    for run in runs {
+        printed[run.start as usize..run.end as usize].fill(true);
+    }
+    tracker.clear_intent(printed);
+    for run in runs {
+        printed[run.start as usize..run.end as usize].fill(false);
     }
     Ok(())
+}
+
+/// The runs of set bits in `bits`.
+fn one_runs(bits: &BitSlice<u64, Lsb0>) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for extent in bits.iter_ones().map(|e| e as u64) {
+        match runs.last_mut() {
+            Some(run) if run.end == extent => run.end += 1,
+            _ => runs.push(extent..extent + 1),
+        }
+    }
+    runs
 }
