@@ -100,15 +100,21 @@ fn wait_for_links(pin_dir: &Path) {
     panic!("replicator track did not pin its links in {} within 5 s", pin_dir.display());
 }
 
+/// A loop device of `device_bytes`, a tracker name for this test, and its pin directory.
+fn tracked_device(label: &str, device_bytes: u64) -> (LoopDevice, String, PathBuf) {
+    let device = LoopDevice::create(label, device_bytes).expect("creating a loop device");
+    let name = tracker_name(label);
+    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    (device, name, pin_dir)
+}
+
 const PHASE_RUNNING: u8 = 0;
 const PHASE_DOWN: u8 = 1;
 
 #[test]
 fn kill_9_and_restart_keeps_every_mark() {
     require_root();
-    let device = LoopDevice::create("restart", DEVICE_BYTES).expect("creating a loop device");
-    let name = tracker_name("restart");
-    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    let (device, name, pin_dir) = tracked_device("restart", DEVICE_BYTES);
     let first = TrackProcess::start(&device.path, &name);
     wait_for_links(&pin_dir);
 
@@ -181,9 +187,7 @@ fn kill_9_and_restart_keeps_every_mark() {
 #[test]
 fn kill_9_in_the_middle_of_a_drain_loses_no_mark() {
     require_root();
-    let device = LoopDevice::create("middrain", DEVICE_BYTES).expect("creating a loop device");
-    let name = tracker_name("middrain");
-    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    let (device, name, pin_dir) = tracked_device("middrain", DEVICE_BYTES);
     let first = TrackProcess::start_unread(&device.path, &name);
     wait_for_links(&pin_dir);
     // Every other extent: a run, and a line of about 90 bytes, each; far more than a pipe holds.
@@ -228,9 +232,7 @@ fn kill_9_in_the_middle_of_a_drain_loses_no_mark() {
 #[test]
 fn a_running_tracker_is_held_alone() {
     require_root();
-    let device = LoopDevice::create("held", 64 * MIB).expect("loop device");
-    let name = tracker_name("held");
-    let pin_dir = PathBuf::from(replicator::tracker::BPFFS_ROOT).join(&name);
+    let (device, name, pin_dir) = tracked_device("held", 64 * MIB);
     let first = TrackProcess::start(&device.path, &name);
     wait_for_links(&pin_dir);
     let replicator = |args: &[&str]| {

@@ -13,8 +13,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use bitvec::prelude::*;
 
+use crate::extent_set::ExtentSet;
 use crate::tracker::{Tracker, TrackerOptions};
 use crate::units::format_bytes;
 
@@ -33,18 +33,16 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let mut tracker = Tracker::attach_with(&args.device, &options)
         .with_context(|| format!("attaching the tracker to {}", args.device.display()))?;
     let mut stdout = std::io::stdout().lock();
-    let extents = tracker.geometry().extent_count() as usize;
-    // Reused every drain: the runs printed, and the same extents as bits to clear from intent.
+    // Reused every drain: the runs to print.
     let mut runs: Vec<Range<u64>> = Vec::new();
-    let mut printed = bitvec![u64, Lsb0; 0; extents];
     if tracker.resumed() {
         eprintln!(
             "track: resumed pinned state at {}: extents written while no tracker ran, and those the \
              last one may not have printed, follow",
             tracker.pin_dir().display()
         );
-        runs.extend(one_runs(&tracker.intent_snapshot()));
-        print_runs(&mut tracker, &runs, &mut printed, args.json, &mut stdout)?;
+        runs.extend(ExtentSet::from_bits(&tracker.intent_snapshot()).runs());
+        print_runs(&mut tracker, &runs, args.json, &mut stdout)?;
     }
     loop {
         // Read the flag before draining, so the drain after a signal is the last one: it also
@@ -52,7 +50,7 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         let stopping = stop.load(Ordering::Relaxed);
         runs.clear();
         runs.extend(if stopping { tracker.drain_unmatched() } else { tracker.drain_completed() });
-        print_runs(&mut tracker, &runs, &mut printed, args.json, &mut stdout)?;
+        print_runs(&mut tracker, &runs, args.json, &mut stdout)?;
         if stopping {
             break;
         }
@@ -68,12 +66,10 @@ pub fn run(args: &TrackArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints `runs` and flushes them; then, handed to the consumer, they leave the intent map
-/// (`printed` is scratch, one bit per extent, all clear between calls).
+/// Prints `runs` and flushes them; then, handed to the consumer, they leave the intent map.
 fn print_runs(
     tracker: &mut Tracker,
     runs: &[Range<u64>],
-    printed: &mut BitVec<u64, Lsb0>,
     json: bool,
     out: &mut impl std::io::Write,
 ) -> anyhow::Result<()> {
@@ -104,23 +100,7 @@ fn print_runs(
     }
     out.flush()?;
     for run in runs {
-        printed[run.start as usize..run.end as usize].fill(true);
-    }
-    tracker.clear_intent(printed);
-    for run in runs {
-        printed[run.start as usize..run.end as usize].fill(false);
+        tracker.clear_intent_run(run.clone());
     }
     Ok(())
-}
-
-/// The runs of set bits in `bits`.
-fn one_runs(bits: &BitSlice<u64, Lsb0>) -> Vec<Range<u64>> {
-    let mut runs: Vec<Range<u64>> = Vec::new();
-    for extent in bits.iter_ones().map(|e| e as u64) {
-        match runs.last_mut() {
-            Some(run) if run.end == extent => run.end += 1,
-            _ => runs.push(extent..extent + 1),
-        }
-    }
-    runs
 }

@@ -502,6 +502,13 @@ impl Tracker {
         self.intent.clear_bits(extents);
     }
 
+    /// Removes the extents `run` (non-empty) from the write-intent log; the words it covers
+    /// only, for a caller that clears what it has just handed on (`track`).
+    pub fn clear_intent_run(&mut self, run: std::ops::Range<u64>) {
+        assert!(!run.is_empty() && run.end <= self.geometry.extent_count(), "run {run:?}");
+        self.intent.clear_span(ExtentSpan { first: run.start, last: run.end - 1 });
+    }
+
     /// Adds extents to the write-intent log (recovered from its checkpoint after a host crash).
     pub fn mark_intent(&mut self, extents: &BitSlice<u64, Lsb0>) {
         self.intent.set_bits(extents);

@@ -94,6 +94,14 @@ impl SharedBitmap {
         }
     }
 
+    /// Clears the bits of `span` (one atomic AND per word it covers).
+    pub fn clear_span(&self, span: ExtentSpan) {
+        assert!(span.last_word() < self.words as u64, "span {span:?} beyond the bitmap");
+        for word in span.first_word()..=span.last_word() {
+            self.words()[word as usize].fetch_and(!span.word_mask(word), Ordering::AcqRel);
+        }
+    }
+
     /// Sets the bits of every extent on the device (`extent_count` bits).
     pub fn set_all(&self, extent_count: u64) {
         assert!(extent_count.div_ceil(WORD_BITS) <= self.words as u64);
