@@ -55,7 +55,11 @@ pub fn reconcile(
         }
         let incoming_primary = db.primary().map_or("?", |p| p.name.as_str()).to_owned();
         let own_primary = own.primary().map_or("?", |p| p.name.as_str()).to_owned();
-        if db.generation < own.generation {
+        let resolved = std::fs::read_to_string(state_dir.join(RESOLVED_FILE)).ok();
+        // `resolve --keep` named the incoming primary here: its database wins even when older
+        // (the old primary kept against the promoted side).
+        let kept = resolved.as_deref().map(str::trim) == Some(incoming_primary.as_str());
+        if db.generation < own.generation && !kept {
             return Err(format!(
                 "stale primary {incoming_primary}: generation {} is older than this image's {} (primary {own_primary})",
                 db.generation, own.generation
@@ -76,8 +80,6 @@ pub fn reconcile(
             ));
         }
         if was_primary_here && own_primary != incoming_primary {
-            let resolved = std::fs::read_to_string(state_dir.join(RESOLVED_FILE)).ok();
-            let kept = resolved.as_deref().map(str::trim) == Some(incoming_primary.as_str());
             let apart = wrote_without(state_dir, &own, &incoming_primary);
             if apart > 0 && !kept {
                 return Err(format!(

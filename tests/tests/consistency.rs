@@ -80,6 +80,9 @@ fn consistency_point_with_freeze_gives_a_clean_filesystem_on_the_secondary() {
         "{status}"
     );
     assert_eq!(record.image_bytes, DEVICE_BYTES);
+    let answer: serde_json::Value = serde_json::from_str(&answer).expect("checkpoint --json answers JSON");
+    assert_eq!(answer["generation"].as_u64(), Some(record.generation), "{answer}");
+    assert_eq!(status["mirror"]["generation"].as_u64().unwrap_or(1), record.generation, "{status}");
 
     // The application quiesced by hand (here: frozen), a point, then the secondary cut off
     // before any write: it is CONSISTENT, not merely UNSYNCHRONIZED.

@@ -192,41 +192,76 @@ fn promote_and_failback_without_a_full_copy() {
     assert_eq!(status["mirror"]["generation"], 2, "{status}");
     let logs = lab.logs();
     assert!(logs.contains("failing back"), "{logs}");
+    // A consistency point taken by the new primary is recorded at its generation.
+    run(&lab, &["checkpoint", "--state-dir", promoted.to_str().unwrap()]);
+    let record = replicator::consistency::ConsistencyRecord::load(&lab.state_dir("p"))
+        .expect("a readable record")
+        .expect("the old primary, now a secondary, recorded the point");
+    assert_eq!(record.generation, 2, "{record:?}");
 }
 
-/// 5. Split brain: both sides written while apart. The mirror goes to ATTENTION and nothing
-///    is overwritten until `resolve --keep`; then the images end identical.
-#[test]
-fn split_brain_needs_resolve_and_overwrites_nothing_before() {
-    let mut lab = lab("split");
-    let (primary, s0) = mirror(&mut lab);
+/// Extents each side writes while apart in the split-brain tests.
+const APART_OLD_PRIMARY: u64 = 40;
+const APART_PROMOTED: u64 = 30;
+
+/// Both sides written while apart: the old primary `p` fractures `s0` and writes on, `s0` is
+/// promoted and written too. The promoted side meets the old primary (started as a secondary)
+/// and must go to ATTENTION naming both generations, with nothing overwritten. Returns the
+/// promoted state directory, the hash of the old primary's image when it stopped, and the
+/// indexes of the new primary and of the old primary's secondary process.
+fn split_brain(lab: &mut Lab) -> (PathBuf, String, usize, usize) {
+    let (primary, s0) = mirror(lab);
     std::thread::sleep(Duration::from_millis(1500));
     let link = lab.primary_ifs[0].clone();
     lab.primary_ns.run(&["link", "set", &link, "down"]).expect("link down");
-    write_extents(&lab.primary_device.path, 0, 20, 0x44);
-    until(&lab, &lab.state_dir("p"), "the old primary to fracture s0", |s| {
+    write_extents(&lab.primary_device.path, 0, APART_OLD_PRIMARY / 2, 0x44);
+    until(lab, &lab.state_dir("p"), "the old primary to fracture s0", |s| {
         s["secondaries"][0]["fractured"] == true
     });
-    write_extents(&lab.primary_device.path, 100, 20, 0x45);
+    write_extents(&lab.primary_device.path, 100, APART_OLD_PRIMARY / 2, 0x45);
     std::thread::sleep(Duration::from_millis(500));
-    let promoted = promote_s0(&mut lab, s0);
-    write_extents(&lab.secondary_devices[0].path, 200, 30, 0x55);
-    start_new_primary(&mut lab, &promoted);
+    let promoted = promote_s0(lab, s0);
+    write_extents(&lab.secondary_devices[0].path, 200, APART_PROMOTED, 0x55);
+    start_new_primary(lab, &promoted);
+    let new_primary = lab.processes.len() - 1;
     assert!(lab.processes[primary].stop(), "the old primary stops cleanly\n{}", lab.logs());
     let before = hash_device(&lab.primary_device.path).unwrap();
-    let old = start_old_primary_as_secondary(&mut lab);
+    let old = start_old_primary_as_secondary(lab);
     lab.primary_ns.run(&["link", "set", &link, "up"]).expect("link up");
-    let status = until(&lab, &promoted, "ATTENTION for the split brain", |s| {
+    let status = until(lab, &promoted, "ATTENTION for the split brain", |s| {
         s["mirror"]["state"] == "ATTENTION"
             && s["mirror"]["state_cause"].as_str().unwrap_or("").contains("split brain")
     });
-    eprintln!("split brain reported: {}", status["mirror"]["state_cause"]);
+    let cause = status["mirror"]["state_cause"].as_str().unwrap_or("").to_owned();
+    eprintln!("split brain reported: {cause}");
+    assert!(
+        cause.contains("generation 1") && cause.contains("generation 2"),
+        "both generations named: {cause}"
+    );
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         hash_device(&lab.primary_device.path).unwrap(),
         before,
         "nothing was overwritten on the old primary"
     );
+    (promoted, before, new_primary, old)
+}
+
+/// At most twice the extents written on both sides while apart: the union of both sides'
+/// logs, never a full copy.
+fn assert_split_resync_bounded(lab: &Lab, shipped: u64) {
+    let bound = 2 * (APART_OLD_PRIMARY + APART_PROMOTED) * EXTENT_BYTES;
+    eprintln!("split-brain resync shipped {} KiB, bound {} KiB", shipped / KIB, bound / KIB);
+    assert!(shipped > 0 && shipped <= bound, "resync shipped {shipped} bytes, bound {bound}\n{}", lab.logs());
+}
+
+/// 5. Split brain: both sides written while apart. The mirror goes to ATTENTION and nothing
+///    is overwritten until `resolve --keep`; kept here: the promoted side. The old primary's
+///    writes are discarded and the images end identical.
+#[test]
+fn split_brain_needs_resolve_and_overwrites_nothing_before() {
+    let mut lab = lab("split");
+    let (promoted, _, _, old) = split_brain(&mut lab);
     assert!(lab.processes[old].stop());
     let refused = run_command(
         lab.binary.to_str().unwrap(),
@@ -235,7 +270,37 @@ fn split_brain_needs_resolve_and_overwrites_nothing_before() {
     assert!(refused.is_err(), "resolve --keep p on p's own side is refused");
     run(&lab, &["resolve", "--keep", "s0", "--state-dir", lab.state_dir("p").to_str().unwrap()]);
     start_old_primary_as_secondary(&mut lab);
-    old_primary_synchronized(&lab, &promoted, "after resolve the images are identical");
+    let status = old_primary_synchronized(&lab, &promoted, "after resolve the images are identical");
+    assert_split_resync_bounded(&lab, p_record(&status)["shipped_bytes"].as_u64().unwrap_or(0));
+}
+
+/// 5b. The same split brain resolved the other way: the old primary (generation 1) is kept,
+///     the promoted side (generation 2) stops, becomes its secondary again, and is resynced
+///     with the union of both sides' logs; the old primary's image is untouched.
+#[test]
+fn split_brain_resolved_for_the_old_primary() {
+    let mut lab = lab("splitold");
+    let (promoted, before, new_primary, old) = split_brain(&mut lab);
+    assert!(lab.processes[old].stop());
+    let state = promoted.to_str().unwrap();
+    let running =
+        run_command(lab.binary.to_str().unwrap(), &["resolve", "--keep", "p", "--state-dir", state]);
+    let error = running.expect_err("resolve while the promoted primary runs is refused").to_string();
+    assert!(error.contains("stop its primary"), "{error}");
+    assert!(lab.processes[new_primary].stop(), "the promoted primary stops cleanly\n{}", lab.logs());
+    let own_side =
+        run_command(lab.binary.to_str().unwrap(), &["resolve", "--keep", "s0", "--state-dir", state]);
+    assert!(own_side.is_err(), "resolve --keep s0 on s0's own side is refused");
+    run(&lab, &["resolve", "--keep", "p", "--state-dir", state]);
+    lab.start_secondary(0, &[]).expect("s0 as a secondary again");
+    lab.start_primary_from_db(FAST).expect("the old primary again");
+    let status =
+        lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let hashes = lab.hashes().expect("hashes");
+    assert_eq!(hashes[0], before, "the kept side's image is untouched");
+    assert_eq!(hashes[0], hashes[1], "after resolve the images are identical\n{}", lab.logs());
+    assert_split_resync_bounded(&lab, status["secondaries"][0]["shipped_bytes"].as_u64().unwrap_or(0));
+    assert_eq!(status["mirror"]["generation"], 1, "{status}");
 }
 
 /// Promote is refused for a secondary that is SYNCHRONIZING: its image is no copy of any point.

@@ -142,20 +142,7 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
     let db = MirrorDb::load(state_dir)?.ok_or_else(|| {
         anyhow::anyhow!("{}: no mirror database here; nothing to destroy", state_dir.display())
     })?;
-    // Stopped only if nothing listens on the control socket: a primary that is there but does
-    // not answer (busy, hung, or not ours to ask) must not lose its logs under it.
-    match crate::control::call(state_dir, &crate::control::Request::Status) {
-        Err(crate::control::ControlError::NotRunning { source, .. })
-            if matches!(
-                source.kind(),
-                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
-            ) => {}
-        Ok(_) => anyhow::bail!("mirror {:?} is running: stop its primary (SIGTERM) first", db.name),
-        Err(error) => anyhow::bail!(
-            "cannot tell whether mirror {:?}'s primary is running ({error}); stop it (SIGTERM) and try again",
-            db.name
-        ),
-    }
+    ensure_primary_stopped(state_dir, &db.name)?;
     let secondaries: Vec<&str> = db.secondaries().map(|i| i.name.as_str()).collect();
     anyhow::ensure!(
         secondaries.is_empty(),
@@ -181,6 +168,25 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
     crate::logs::remove_file(state_dir, crate::failback::IMAGE_NAME_FILE)?;
     println!("destroyed mirror {} (id {:#018x})", db.name, db.id);
     Ok(())
+}
+
+/// Refuses unless nothing listens on `state_dir`'s control socket: a primary that is there but
+/// does not answer (busy, hung, or not ours to ask) must not have its logs changed under it.
+fn ensure_primary_stopped(state_dir: &std::path::Path, mirror: &str) -> anyhow::Result<()> {
+    match crate::control::call(state_dir, &crate::control::Request::Status) {
+        Err(crate::control::ControlError::NotRunning { source, .. })
+            if matches!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+            ) =>
+        {
+            Ok(())
+        }
+        Ok(_) => anyhow::bail!("mirror {mirror:?} is running here: stop its primary (SIGTERM) first"),
+        Err(error) => anyhow::bail!(
+            "cannot tell whether mirror {mirror:?}'s primary is running here ({error}); stop it (SIGTERM) and try again"
+        ),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -304,7 +310,8 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `resolve --keep NAME`, on the member whose writes since a split brain are discarded.
+/// `resolve --keep NAME`, on the member whose writes since a split brain are discarded: the
+/// old primary (keeping the promoted side) or the promoted one (keeping the old primary).
 pub fn resolve(state_dir: &std::path::Path, keep: &str) -> anyhow::Result<()> {
     let db = MirrorDb::load(state_dir)?
         .ok_or_else(|| anyhow::anyhow!("{}: no mirror database here", state_dir.display()))?;
@@ -312,10 +319,17 @@ pub fn resolve(state_dir: &std::path::Path, keep: &str) -> anyhow::Result<()> {
         db.primary().is_none_or(|p| p.name != keep),
         "this member is {keep}'s side: run `resolve --keep {keep}` on the other member, whose writes are discarded"
     );
+    anyhow::ensure!(
+        db.images.iter().any(|i| i.name == keep),
+        "mirror {:?} has no image named {keep} (its images: {})",
+        db.name,
+        db.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
+    );
+    ensure_primary_stopped(state_dir, &db.name)?;
     crate::logs::replace_file(state_dir, crate::failback::RESOLVED_FILE, keep.as_bytes())?;
     println!(
-        "resolved in favour of {keep}: start this member as a secondary; the extents it wrote since the split are \
-         copied over from {keep} (nothing else)"
+        "resolved in favour of {keep}: start this member as a secondary (and {keep} as the primary); the extents \
+         written on either side since the split are copied over from {keep} (nothing else)"
     );
     Ok(())
 }

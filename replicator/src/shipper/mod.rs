@@ -2048,6 +2048,7 @@ impl Engine {
 
     fn advance_point(&mut self, index: usize) -> Option<control::Reply> {
         let now_ms = logs::unix_ms_now();
+        let mirror_generation = self.generation();
         let mut done = true;
         for peer_index in 0..self.peers.len() {
             let Some(target) = self.points[index].targets[peer_index] else { continue };
@@ -2064,7 +2065,7 @@ impl Engine {
                     let sequence = self.next_sequence;
                     self.next_sequence += 1;
                     let mut payload = [0u8; 16];
-                    payload[..8].copy_from_slice(&1u64.to_le_bytes());
+                    payload[..8].copy_from_slice(&mirror_generation.to_le_bytes());
                     payload[8..].copy_from_slice(&point_unix_ms.to_le_bytes());
                     let header =
                         wire::encode_header(wire::MessageKind::ConsistencyPoint, sequence, &[&payload]);
@@ -2093,9 +2094,11 @@ impl Engine {
                 .map(|i| self.peers[i].name.as_str())
                 .collect();
             tracing::info!(point_unix_ms = point.point_unix_ms, secondaries = ?names, "consistency point recorded");
-            return Some(Ok(
-                serde_json::json!({ "point_unix_ms": point.point_unix_ms, "generation": 1, "secondaries": names }),
-            ));
+            return Some(Ok(serde_json::json!({
+                "point_unix_ms": point.point_unix_ms,
+                "generation": mirror_generation,
+                "secondaries": names,
+            })));
         }
         (Instant::now() > point.deadline).then(|| {
             Err("timed out: writes kept coming; freeze the filesystem (--freeze) or quiesce the application".to_owned())
