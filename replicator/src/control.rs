@@ -1,6 +1,8 @@
-//! The control socket: `STATE_DIR/control.sock`, a unix socket (mode 0600) on which the CLI's
-//! operator commands (`fracture`, `restore`, `verify`, `sync`, `set`, `status`) reach a running
-//! primary.
+//! The control socket: `STATE_DIR/control.sock`, a unix socket (mode 0600, bound under a
+//! temporary name and renamed into place once its mode is set, so it is never reachable with
+//! a wider one) on which the CLI's operator commands (`fracture`, `restore`, `verify`, `sync`,
+//! `set`, `status`) reach a running primary. Only root, or the user the primary runs as, is
+//! answered (checked with `SO_PEERCRED` on every connection).
 //!
 //! One JSON request per connection, one JSON reply: `{"ok":true,"result":...}` or
 //! `{"ok":false,"error":"..."}`. Owns the listening thread; requests are handed to the engine,
@@ -118,8 +120,16 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
         }
         std::fs::remove_file(&path).map_err(io)?;
     }
-    let listener = UnixListener::bind(&path).map_err(io)?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    let staged = state_dir.join(format!(".{SOCKET_FILE}.{}", std::process::id()));
+    let _ = std::fs::remove_file(&staged);
+    let listener = UnixListener::bind(&staged).map_err(io)?;
+    let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
+        .and_then(|()| std::fs::rename(&staged, &path));
+    if let Err(source) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(io(source));
+    }
+    let own_uid = nix::unistd::Uid::effective().as_raw();
     let (calls, receiver) = mpsc::channel();
     let in_flight = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     std::thread::Builder::new()
@@ -127,6 +137,12 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
         .spawn(move || {
             for mut stream in listener.incoming().flatten() {
                 use std::sync::atomic::Ordering;
+                if let Err(refused) = check_peer(&stream, own_uid) {
+                    tracing::warn!(%refused, "control: connection refused");
+                    let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
+                    let _ = writeln!(stream, "{}", serde_json::json!({ "ok": false, "error": refused }));
+                    continue;
+                }
                 if in_flight.fetch_add(1, Ordering::AcqRel) >= REQUESTS_IN_FLIGHT_MAX {
                     in_flight.fetch_sub(1, Ordering::AcqRel);
                     let busy = serde_json::json!({ "ok": false, "error": format!(
@@ -149,6 +165,17 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
         })
         .map_err(io)?;
     Ok((ControlServer { path }, receiver))
+}
+
+/// Root, or the user this process runs as: anyone else is refused, whatever the socket's mode.
+fn check_peer(stream: &UnixStream, own_uid: u32) -> Result<(), String> {
+    let credentials = nix::sys::socket::getsockopt(stream, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| format!("reading the caller's credentials: {e}"))?;
+    match credentials.uid() {
+        0 => Ok(()),
+        uid if uid == own_uid => Ok(()),
+        uid => Err(format!("uid {uid} may not operate this mirror: only root (or uid {own_uid})")),
+    }
 }
 
 fn answer(stream: UnixStream, calls: &Sender<Call>) -> std::io::Result<()> {
@@ -233,6 +260,20 @@ mod tests {
         engine.join().unwrap();
         drop(server);
         assert!(matches!(call(&dir, &Request::Status), Err(ControlError::NotRunning { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The socket is in place with mode 0600 and nothing of its staging is left behind.
+    #[test]
+    fn the_socket_is_owner_only_from_the_start() {
+        let dir = std::env::temp_dir().join(format!("replicator-control-mode-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (server, _calls) = serve(&dir).expect("bind");
+        let mode = std::fs::metadata(dir.join(SOCKET_FILE)).expect("the socket").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+        let names: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| e.file_name()).collect();
+        assert_eq!(names, [SOCKET_FILE], "only the socket is there");
+        drop(server);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -353,6 +353,9 @@ struct Session<'a> {
     /// Acks of completed writes not sent yet, and the scratch frame they are encoded in.
     acks: Vec<u8>,
     ack_frame: Vec<u8>,
+    /// The database of a change in progress: checked and held since its prepare frame, stored
+    /// when its commit frame comes, dropped if another database arrives first.
+    prepared: Option<failback::Reconciled>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -425,6 +428,7 @@ impl<'a> Session<'a> {
             next_ack_sequence: 0,
             acks: Vec::with_capacity(usize::from(depth) * (wire::HEADER_BYTES + 16)),
             ack_frame: Vec::with_capacity(wire::HEADER_BYTES + 16),
+            prepared: None,
         })
     }
 
@@ -655,20 +659,25 @@ impl<'a> Session<'a> {
                         self.retry_waiting(stream)
                     }
                     Message::MirrorDb { envelope } => {
-                        let local = stream.local_addr().ok();
-                        let reconciled =
-                            failback::reconcile(self.state_dir, self.device_path, envelope, local)
-                                .map_err(SessionEnd::Refused)?;
-                        self.flush_acks(stream)?;
-                        self.next_ack_sequence =
-                            send_divergent(stream, &reconciled.divergent, self.next_ack_sequence)?;
+                        self.prepared = None;
+                        let envelope = envelope.to_vec(); // a control frame: copied out of `small`
+                        let reconciled = self.reconcile_db(&envelope, stream)?;
                         store_mirror_db(self.state_dir, &reconciled)?;
-                        let sequence = header.sequence;
-                        let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
-                        self.flush_acks(stream)?;
-                        wire::write_frame(stream, &ack, self.next_ack_sequence)?;
-                        self.next_ack_sequence += 1;
-                        Ok(())
+                        self.ack_control(header.sequence, stream)
+                    }
+                    Message::MirrorDbPrepare { envelope } => {
+                        let envelope = envelope.to_vec();
+                        self.prepared = Some(self.reconcile_db(&envelope, stream)?);
+                        self.ack_control(header.sequence, stream)
+                    }
+                    Message::MirrorDbCommit { revision } => {
+                        let prepared = self.prepared.take().filter(|p| p.db.revision == revision).ok_or_else(|| {
+                            SessionEnd::Refused(format!(
+                                "commit of mirror database revision {revision}, which was not prepared here"
+                            ))
+                        })?;
+                        store_mirror_db(self.state_dir, &prepared)?;
+                        self.ack_control(header.sequence, stream)
                     }
                     Message::ConsistencyPoint { generation, point_unix_ms } => {
                         let sequence = header.sequence;
@@ -708,7 +717,9 @@ impl<'a> Session<'a> {
             | wire::MessageKind::VerifyRequest
             | wire::MessageKind::ConsistencyPoint
             | wire::MessageKind::Zeroes
-            | wire::MessageKind::MirrorDb => {
+            | wire::MessageKind::MirrorDb
+            | wire::MessageKind::MirrorDbPrepare
+            | wire::MessageKind::MirrorDbCommit => {
                 if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
                     return Err(wire::WireError::TooLong {
                         found: header.payload_bytes,
@@ -871,6 +882,30 @@ impl<'a> Session<'a> {
     }
 
     /// Sends the buffered acks; before the session waits, and before any other frame.
+    /// Checks a database the primary sent against this member's (`failback::reconcile`), and
+    /// hands a former primary's divergent extents back before anything else.
+    fn reconcile_db(
+        &mut self,
+        envelope: &[u8],
+        stream: &mut TcpStream,
+    ) -> Result<failback::Reconciled, SessionEnd> {
+        let local = stream.local_addr().ok();
+        let reconciled = failback::reconcile(self.state_dir, self.device_path, envelope, local)
+            .map_err(SessionEnd::Refused)?;
+        self.flush_acks(stream)?;
+        self.next_ack_sequence = send_divergent(stream, &reconciled.divergent, self.next_ack_sequence)?;
+        Ok(reconciled)
+    }
+
+    /// Acknowledges a control frame (database, commit) at once, after the acks before it.
+    fn ack_control(&mut self, sequence: u64, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+        self.flush_acks(stream)?;
+        wire::write_frame(stream, &ack, self.next_ack_sequence)?;
+        self.next_ack_sequence += 1;
+        Ok(())
+    }
+
     fn flush_acks(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
         if !self.acks.is_empty() {
             stream.write_all(&self.acks)?;

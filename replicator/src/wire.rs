@@ -62,6 +62,8 @@ pub enum MessageKind {
     DivergentRuns = 12,
     BlockData = 13,
     Zeroes = 14,
+    MirrorDbPrepare = 15,
+    MirrorDbCommit = 16,
 }
 
 impl MessageKind {
@@ -81,6 +83,8 @@ impl MessageKind {
             12 => Self::DivergentRuns,
             13 => Self::BlockData,
             14 => Self::Zeroes,
+            15 => Self::MirrorDbPrepare,
+            16 => Self::MirrorDbCommit,
             _ => return None,
         })
     }
@@ -207,6 +211,17 @@ pub enum Message<'a> {
     MirrorDb {
         envelope: &'a [u8],
     },
+    /// Primary to secondary, the first step of a change of the mirror (`set`, `add-secondary`,
+    /// ...): a database to check and hold, not to store yet; acknowledged once held.
+    MirrorDbPrepare {
+        envelope: &'a [u8],
+    },
+    /// Primary to secondary, the second step: store the held database of this revision
+    /// durably, then acknowledge. The change takes effect on the primary once every reachable
+    /// secondary has acknowledged this.
+    MirrorDbCommit {
+        revision: u64,
+    },
     /// Secondary (a former primary, failing back) to primary: runs of extents it wrote that
     /// the new primary may not have; each run is two u64, first and end (exclusive) extent.
     DivergentRuns {
@@ -228,6 +243,8 @@ impl Message<'_> {
             Self::VerifyHashes { .. } => MessageKind::VerifyHashes,
             Self::ConsistencyPoint { .. } => MessageKind::ConsistencyPoint,
             Self::MirrorDb { .. } => MessageKind::MirrorDb,
+            Self::MirrorDbPrepare { .. } => MessageKind::MirrorDbPrepare,
+            Self::MirrorDbCommit { .. } => MessageKind::MirrorDbCommit,
             Self::DivergentRuns { .. } => MessageKind::DivergentRuns,
             Self::BlockData { .. } => MessageKind::BlockData,
             Self::Zeroes { .. } => MessageKind::Zeroes,
@@ -430,7 +447,7 @@ pub fn decode_payload<'a>(
             }
             Message::DivergentRuns { runs: payload }
         }
-        MessageKind::MirrorDb => {
+        MessageKind::MirrorDb | MessageKind::MirrorDbPrepare => {
             if payload.is_empty() || payload.len() > MIRROR_DB_BYTES_MAX {
                 return Err(WireError::PayloadSize {
                     kind: header.kind,
@@ -438,7 +455,15 @@ pub fn decode_payload<'a>(
                     expected: "1..=65560",
                 });
             }
-            Message::MirrorDb { envelope: payload }
+            if header.kind == MessageKind::MirrorDb {
+                Message::MirrorDb { envelope: payload }
+            } else {
+                Message::MirrorDbPrepare { envelope: payload }
+            }
+        }
+        MessageKind::MirrorDbCommit => {
+            size(8, "8")?;
+            Message::MirrorDbCommit { revision: u64_at(payload, 0) }
         }
         MessageKind::ConsistencyPoint => {
             size(16, "16")?;
@@ -584,7 +609,11 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
             fixed[8..12].copy_from_slice(&count.to_le_bytes());
             [&fixed[..VERIFY_FIXED_BYTES], &[]]
         }
-        Message::MirrorDb { envelope } => [&[], envelope],
+        Message::MirrorDb { envelope } | Message::MirrorDbPrepare { envelope } => [&[], envelope],
+        Message::MirrorDbCommit { revision } => {
+            fixed[..8].copy_from_slice(&revision.to_le_bytes());
+            [&fixed[..8], &[]]
+        }
         Message::DivergentRuns { runs } => [&[], runs],
         Message::ConsistencyPoint { generation, point_unix_ms } => {
             fixed[..8].copy_from_slice(&generation.to_le_bytes());
@@ -637,7 +666,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..14,
+            0u8..16,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -674,6 +703,8 @@ mod tests {
                 len_bytes: (n % 9999 + 1) * 512,
                 unmap: n.is_multiple_of(2),
             },
+            13 => Message::MirrorDbPrepare { envelope: &data[..(n % 1000 + 1) as usize] },
+            14 => Message::MirrorDbCommit { revision: n },
             _ => Message::Error { code: n as u32, message: text },
         }
     }

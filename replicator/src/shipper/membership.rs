@@ -1,8 +1,10 @@
 //! The mirror database at run time: adding and removing secondaries, activating and
-//! deactivating the mirror, and settings. Every change is written on every reachable
-//! secondary (a `MirrorDb` frame it stores durably, then acknowledges) before it takes effect
-//! on the primary; a secondary that cannot be reached is marked unreachable and gets the current
-//! database when it connects again (seed 0095).
+//! deactivating the mirror, and settings. A change goes in two steps: every reachable
+//! secondary checks and holds the new database (`MirrorDbPrepare`, acknowledged), the primary
+//! stores it, every reachable secondary stores it (`MirrorDbCommit`, acknowledged once
+//! durable), and only then does it take effect on the primary. A change the primary cannot
+//! store is refused before any secondary stored it. A secondary that cannot be reached is
+//! marked unreachable and gets the current database when it connects again (seed 0095).
 //!
 //! Owns the one change in progress. Invariant: at most one change at a time, and at most one
 //! database frame queued per connection (`Conn::db_sequence`).
@@ -52,6 +54,8 @@ pub(super) struct PendingChange {
     /// Per secondary: the database frame's sequence once queued; `Some(None)` = to send.
     targets: [Option<Option<u64>>; PEERS_MAX],
     generations: [u32; PEERS_MAX],
+    /// Every target holds `db` and the primary stored it: the commit frames are going out.
+    committing: bool,
 }
 
 impl Engine {
@@ -60,7 +64,8 @@ impl Engine {
     pub(super) fn send_mirror_db(&mut self, indexes: impl IntoIterator<Item = usize>) {
         let Some(envelope) = self.mirror.as_ref().map(MirrorDb::encode) else { return };
         for index in indexes {
-            let queued = self.queue_db_frame(index, &envelope).is_some();
+            let queued =
+                self.queue_db_frame(index, &wire::Message::MirrorDb { envelope: &envelope }).is_some();
             if let Some(conn) = self.peers[index].conn.as_mut() {
                 conn.db_stale = !queued;
             }
@@ -84,15 +89,15 @@ impl Engine {
     }
 
     /// Queues a database frame; returns its sequence, or none if one is still in flight.
-    fn queue_db_frame(&mut self, index: usize, envelope: &[u8]) -> Option<u64> {
+    fn queue_db_frame(&mut self, index: usize, message: &wire::Message) -> Option<u64> {
         let sequence = self.next_sequence;
         let conn = self.peers[index].conn.as_mut()?;
         if conn.db_in_flight() {
             return None;
         }
         self.next_sequence += 1;
-        let mut frame = Vec::with_capacity(wire::HEADER_BYTES + envelope.len());
-        wire::encode(&wire::Message::MirrorDb { envelope }, sequence, &mut frame);
+        let mut frame = Vec::new();
+        wire::encode(message, sequence, &mut frame);
         conn.db_frame = frame;
         conn.queue.push_back(SendJob::Db { sent: 0 });
         conn.inflight.insert(sequence, InFlight::control());
@@ -321,17 +326,29 @@ impl Engine {
         }
         let deadline = Instant::now() + Duration::from_millis(CHANGE_TIMEOUT_MS);
         let envelope = db.encode();
-        self.change = Some(PendingChange { reply, deadline, db, envelope, effect, targets, generations });
+        self.change = Some(PendingChange {
+            reply,
+            deadline,
+            db,
+            envelope,
+            effect,
+            targets,
+            generations,
+            committing: false,
+        });
     }
 
-    /// Moves the change in progress on; applies it once every reachable secondary has the new
-    /// database (one that does not answer in time is disconnected: it gets it on return).
+    /// Moves the change in progress on: prepared on every reachable secondary, stored here,
+    /// committed on every reachable secondary, applied (one that does not answer in time is
+    /// disconnected: it gets the database on return).
     pub(super) fn advance_change(&mut self) {
         let Some(mut change) = self.change.take() else { return };
         let timed_out = Instant::now() > change.deadline;
         if let Effect::Added { index } = change.effect {
             let peer = &self.peers[index];
-            if peer.conn.is_some() && change.targets[index].is_none() {
+            if change.committing {
+                // Prepared and stored everywhere reachable: nothing more to wait for here.
+            } else if peer.conn.is_some() && change.targets[index].is_none() {
                 change.targets[index] = Some(None);
                 change.generations[index] = peer.generation;
             } else if peer.conn.is_none() && timed_out {
@@ -357,8 +374,13 @@ impl Engine {
                 change.targets[index] = None; // unreachable now: it gets the database on return
                 continue;
             }
+            let message = if change.committing {
+                wire::Message::MirrorDbCommit { revision: change.db.revision }
+            } else {
+                wire::Message::MirrorDbPrepare { envelope: &change.envelope }
+            };
             match target {
-                None => match self.queue_db_frame(index, &change.envelope) {
+                None => match self.queue_db_frame(index, &message) {
                     Some(sequence) => {
                         change.targets[index] = Some(Some(sequence));
                         waiting = true;
@@ -387,23 +409,43 @@ impl Engine {
             self.change = Some(change);
             return;
         }
-        self.apply_change(change);
+        if change.committing {
+            self.apply_change(change);
+            return;
+        }
+        if let Err(error) = change.db.store(&self.config.state_dir) {
+            // Refused before any secondary stored it: they hold it until the next database.
+            self.undo_change(&change.effect);
+            let _ = change.reply.send(Err(format!("saving the mirror database: {error}")));
+            return;
+        }
+        change.committing = true;
+        for target in change.targets.iter_mut().filter(|t| t.is_some()) {
+            *target = Some(None);
+        }
+        self.change = Some(change);
+        self.advance_change();
+    }
+
+    /// Undoes what was done when a change started that does not happen.
+    fn undo_change(&mut self, effect: &Effect) {
+        match *effect {
+            Effect::Added { index } => self.remove_peer(index),
+            Effect::Remove { index, .. } => self.peers[index].draining = false,
+            Effect::Activate | Effect::Deactivate | Effect::Set { .. } => {}
+        }
     }
 
     fn apply_change(&mut self, change: PendingChange) {
-        let PendingChange { reply, db, effect, .. } = change;
+        let PendingChange { reply, db, effect, targets, .. } = change;
         tracing::info!(mirror = %db.name, revision = db.revision, ?effect, "mirror database change takes effect");
-        if let Err(error) = db.store(&self.config.state_dir) {
-            // The change does not happen: undo what was done when it started.
-            match effect {
-                Effect::Added { index } => self.remove_peer(index),
-                Effect::Remove { index, .. } => self.peers[index].draining = false,
-                Effect::Activate | Effect::Deactivate | Effect::Set { .. } => {}
-            }
-            let _ = reply.send(Err(format!("saving the mirror database: {error}")));
-            return;
-        }
         self.mirror = Some(db);
+        // Connected now but not committed (it connected, or reconnected, meanwhile): it was
+        // sent the database before this one.
+        let missed: Vec<usize> = (0..self.peers.len())
+            .filter(|&i| targets[i].is_none() && !self.peers[i].removed && self.peers[i].conn.is_some())
+            .collect();
+        self.send_mirror_db(missed);
         let outcome = match effect {
             Effect::Added { .. } => Ok(()),
             Effect::Remove { index, .. } => {
