@@ -40,9 +40,12 @@ pub struct LatencyHistogram {
     inner: Arc<std::sync::Mutex<hdrhistogram::Histogram<u64>>>,
 }
 
-/// Bucket bounds in seconds: 1-2.5-5 steps from 100 µs to 10 s.
-const LATENCY_BUCKETS_S: [f64; 16] =
-    [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+/// Bucket bounds in seconds: 1-2.5-5 steps from 10 µs (an ack round trip on a fast link is
+/// tens of microseconds) to 10 s.
+const LATENCY_BUCKETS_S: [f64; 19] = [
+    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+    0.5, 1.0, 2.5, 5.0, 10.0,
+];
 
 /// A histogram for recording microseconds, 1 µs to an hour.
 pub fn new_latency_recorder() -> hdrhistogram::Histogram<u64> {
@@ -219,7 +222,7 @@ impl PrimaryMetrics {
             self.verify_differing_extents.clone(),
         );
         r.register(
-            "replicator_sync_rate_limit_bytes",
+            "replicator_sync_rate_limit_bytes_per_second",
             "Resync rate limit per secondary, in bytes per second (0: unlimited)",
             self.sync_rate_limit_bytes.clone(),
         );

@@ -60,6 +60,40 @@ fn db(lab: &Lab, member: &str) -> MirrorDb {
     MirrorDb::load(&lab.state_dir(member)).expect("a readable database").expect("a database")
 }
 
+/// The `status` table a person reads.
+fn status_table(lab: &Lab) -> String {
+    let table = lab.operate_text(&["status"]).unwrap_or_else(|e| panic!("status: {e}\n{}", lab.logs()));
+    eprintln!("{table}");
+    table
+}
+
+/// `promote` of s1 as the primary's database records it while s1 is gone (UNSYNCHRONIZED),
+/// on a copy of that database: refused, saying why.
+fn promote_of_an_unsynchronized_image_is_refused(lab: &Lab) {
+    until(lab, "s1 UNSYNCHRONIZED in the database", |_| {
+        db(lab, "p").images.iter().any(|i| i.name == "s1" && i.state == ImageState::Unsynchronized)
+    });
+    let scratch = lab.dir.join("promote-s1");
+    std::fs::create_dir_all(&scratch).expect("scratch state directory");
+    db(lab, "p").store(&scratch).expect("a copy of the database");
+    let refused = run_command(
+        lab.binary.to_str().unwrap(),
+        &[
+            "promote",
+            "--device",
+            lab.secondary_devices[1].path.to_str().unwrap(),
+            "--state-dir",
+            scratch.to_str().unwrap(),
+            "--image",
+            "s1",
+            "--old-primary-address",
+            "10.0.0.1:7788",
+        ],
+    );
+    let error = refused.expect_err("promote of an UNSYNCHRONIZED image is refused").to_string();
+    assert!(error.contains("Unsynchronized") && error.contains("cannot be promoted"), "{error}");
+}
+
 /// 1. The whole lifecycle from `create` to `destroy`, every refusal tried.
 #[test]
 fn lifecycle_from_create_to_destroy_with_every_refusal() {
@@ -90,6 +124,15 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     refused(&lab, &["add-secondary", &format!("s0={a1}")], "already has an image named s0");
     ok(&lab, &["add-secondary", &format!("s1={a1}"), "--synchronized"]);
     lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let table = status_table(&lab);
+    assert!(table.contains("mirror vol1") && table.contains("ACTIVE"), "{table}");
+    for name in ["s0", "s1"] {
+        assert!(table.lines().any(|l| l.starts_with(name) && l.contains(" SYNCHRONIZED ")), "{table}");
+    }
+    let socket = lab.state_dir("p").join(replicator::control::SOCKET_FILE);
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
+    assert_eq!(mode & 0o777, 0o600, "the control socket is root's only");
     // An image of another size is refused at its first contact, naming both sizes.
     let small = LoopDevice::create("life-small", DEVICE_BYTES / 2).expect("a smaller device");
     let mut command = lab.secondary_ns[1].command(&lab.binary);
@@ -138,10 +181,26 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     ok(&lab, &["set", "sync-rate=1MiB", "--secondary", "s0"]);
     ok(&lab, &["sync", "s0"]);
     until(&lab, "s0 SYNCHRONIZING", |s| s["secondaries"][0]["state"] == "SYNCHRONIZING");
+    // Its line shows a progress bar, then (once the rate is sampled) the rate and time left.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table = status_table(&lab);
+        let line = table.lines().find(|l| l.starts_with("s0")).unwrap_or("").to_owned();
+        assert!(line.contains("SYNCHRONIZING") && line.contains("] "), "{table}");
+        if line.contains("MiB/s") && line.contains(" s left") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no rate and time left in s0's line: {table}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
     refused(&lab, &["deactivate"], "SYNCHRONIZING");
     refused(&lab, &["remove-secondary", "s0"], "SYNCHRONIZING");
+    ok(&lab, &["deactivate", "--force"]);
+    until(&lab, "INACTIVE, forced during a resync", |s| mirror_state(s) == "INACTIVE");
+    ok(&lab, &["activate"]);
     ok(&lab, &["set", "sync-rate=0", "--secondary", "s0"]);
     lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, "ACTIVE after the forced deactivation", |s| mirror_state(s) == "ACTIVE");
     // Refusals while running.
     let destroy = run_command(
         lab.binary.to_str().unwrap(),
@@ -169,15 +228,49 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     let hashes = lab.hashes().expect("hashes");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
 
+    // `verify s0` finds an extent changed behind the replicator's back and ships only it.
+    write_direct(&lab.secondary_devices[0].path, 5 * 65536, 65536, 0x99).expect("a write on s0");
+    let before = lab.status().expect("status")["secondaries"][0]["resync_bytes"].as_u64().unwrap_or(0);
+    ok(&lab, &["verify", "s0"]);
+    let status = until(&lab, "the verify of s0 to ship the differing extent and finish", |s| {
+        let p = &s["secondaries"][0];
+        p["resync_bytes"].as_u64() > Some(before)
+            && p["verifying"] == false
+            && p["state"] == "SYNCHRONIZED"
+            && p["in_sync"] == true
+    });
+    let shipped = status["secondaries"][0]["resync_bytes"].as_u64().unwrap_or(0) - before;
+    assert!(shipped > 0 && shipped <= 2 * 65536, "verify shipped {shipped} bytes for one differing extent");
+    let hashes = lab.hashes().expect("hashes");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ after verify: {hashes:?}\n{}", lab.logs());
+
     // Minimum images: 3 of 3 needed; losing s1 is ATTENTION; its return clears it (automatic).
     refused(&lab, &["set", "minimum-images=4"], "1 to 3");
     ok(&lab, &["set", "minimum-images=3"]);
     lab.processes[s1].kill();
     let status = until(&lab, "ATTENTION", |s| mirror_state(s) == "ATTENTION");
     assert!(status["mirror"]["state_cause"].as_str().unwrap_or("").contains("minimum 3"), "{status}");
-    lab.start_secondary(1, &[]).expect("s1 again");
+    promote_of_an_unsynchronized_image_is_refused(&lab);
+    let s1 = lab.start_secondary(1, &[]).expect("s1 again");
     until(&lab, "ACTIVE again", |s| mirror_state(s) == "ACTIVE");
     ok(&lab, &["set", "minimum-images=1"]);
+
+    // Maximum missing images 0 under the manual activation policy: losing s1 is ATTENTION,
+    // and it stays so after s1 is back, until `activate`.
+    ok(&lab, &["set", "maximum-missing-images=0", "activation-policy=manual"]);
+    lab.processes[s1].kill();
+    let status = until(&lab, "ATTENTION, one missing", |s| mirror_state(s) == "ATTENTION");
+    let cause = status["mirror"]["state_cause"].as_str().unwrap_or("");
+    assert!(cause.contains("over the maximum of 0"), "{status}");
+    lab.start_secondary(1, &[]).expect("s1 again");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let status = until(&lab, "the manual policy's cause", |s| {
+        s["mirror"]["state_cause"].as_str().unwrap_or("").contains("activation policy manual")
+    });
+    assert_eq!(mirror_state(&status), "ATTENTION", "{status}");
+    ok(&lab, &["activate"]);
+    until(&lab, "ACTIVE after activate", |s| mirror_state(s) == "ACTIVE");
+    ok(&lab, &["set", "maximum-missing-images=8", "activation-policy=automatic"]);
 
     // Destroy is refused while secondaries remain (the primary stopped for it, then back).
     assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
@@ -204,7 +297,12 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     replicator::testbed::write_direct(&lab.primary_device.path, 0, 65536, 0x3c).expect("a write");
     until(&lab, "the write in the intent log", |s| s["intent_log_extents"].as_u64() > Some(0));
     until(&lab, "the intent log to empty with s1 removed", |s| s["intent_log_extents"] == 0);
-    ok(&lab, &["remove-secondary", "s0"]);
+    // s0 removed in the middle of a full sync: refused gracefully, done with --force.
+    ok(&lab, &["set", "sync-rate=1MiB", "--secondary", "s0"]);
+    ok(&lab, &["sync", "s0"]);
+    until(&lab, "s0 SYNCHRONIZING again", |s| s["secondaries"][0]["state"] == "SYNCHRONIZING");
+    refused(&lab, &["remove-secondary", "s0"], "SYNCHRONIZING");
+    ok(&lab, &["remove-secondary", "s0", "--force"]);
     assert_eq!(db(&lab, "p").secondaries().count(), 0);
     assert!(lab.processes[primary].stop(), "the primary stops cleanly\n{}", lab.logs());
     run_command(

@@ -86,6 +86,12 @@ fn a_real_prometheus_scrapes_primary_and_secondary() {
         "replicator_image_state{secondary=\"s0\",state=\"SYNCHRONIZED\"}",
         |v| v == 1.0,
     );
+    until(
+        &lab,
+        "s0's transition to SYNCHRONIZED counted",
+        "replicator_image_state_transitions_total{secondary=\"s0\",state=\"SYNCHRONIZED\"}",
+        |v| v >= 1.0,
+    );
     until(&lab, "the secondary's writes", "replicator_written_bytes_total", |v| v > 0.0);
     until(&lab, "a lag histogram", "replicator_replication_lag_seconds_count", |v| v > 0.0);
     // Its buckets are cumulative once: +Inf holds every sample, no more, and the p99 falls in

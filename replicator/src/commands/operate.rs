@@ -197,8 +197,12 @@ fn print_table(secondaries: &serde_json::Value) {
         if let Some(progress) = progress_bar(p) {
             notes.push(progress);
         }
-        if let Some(lag_ms) = p["lag_ms"].as_u64().filter(|&l| l > 0) {
+        if let Some(lag_ms) = p["lag_ms"].as_u64().filter(|_| p["connected"].as_bool() == Some(true)) {
             notes.push(format!("lag {lag_ms} ms"));
+        }
+        if let Some(point_ms) = p["consistency_point_unix_ms"].as_u64().filter(|&t| t > 0) {
+            let age_s = crate::logs::unix_ms_now().saturating_sub(point_ms) / 1000;
+            notes.push(format!("consistency point {age_s} s ago"));
         }
         if let Some(error) = p["last_error"].as_str().filter(|e| !e.is_empty()) {
             notes.push(format!("last error: {error}"));
@@ -221,17 +225,23 @@ fn print_table(secondaries: &serde_json::Value) {
     }
 }
 
-/// `[#####.....] 52% 120 MiB/s 3 s left` for a secondary that is resyncing.
+/// `[#####.....] 52% 120 MiB/s 3 s left` for a secondary that is resyncing (the rate and time
+/// left once the rate has been sampled, a second into the resync).
 fn progress_bar(p: &serde_json::Value) -> Option<String> {
     let done = p["resync_bytes_done"].as_u64()?;
     let left = p["out_of_sync_bytes"].as_u64()?;
-    let eta = p["resync_eta_seconds"].as_f64()?;
-    if done + left == 0 {
+    if done + left == 0 || p["fractured"].as_bool() != Some(true) {
         return None;
     }
     const WIDTH: u64 = 20;
     let filled = done * WIDTH / (done + left);
     let bar: String = (0..WIDTH).map(|i| if i < filled { '#' } else { '.' }).collect();
-    let rate = if eta > 0.0 { left as f64 / eta } else { 0.0 };
-    Some(format!("[{bar}] {}% {}/s {:.0} s left", done * 100 / (done + left), format_bytes(rate as u64), eta))
+    let percent = done * 100 / (done + left);
+    Some(match p["resync_eta_seconds"].as_f64().filter(|&eta| eta > 0.0) {
+        Some(eta) => {
+            let rate = left as f64 / eta;
+            format!("[{bar}] {percent}% {}/s {eta:.0} s left", format_bytes(rate as u64))
+        }
+        None => format!("[{bar}] {percent}% measuring the rate"),
+    })
 }

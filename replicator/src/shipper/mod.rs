@@ -1504,6 +1504,10 @@ impl Engine {
     }
 
     fn update_status(&mut self) {
+        let now = Instant::now();
+        for peer in &mut self.peers {
+            peer.log.sample_rate(now);
+        }
         for index in 0..self.peers.len() {
             let peer = &self.peers[index];
             let in_sync = peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty())
@@ -2328,8 +2332,5 @@ fn recover_peer(
     log.held = log.admin_fractured()
         || (config.recovery_policy == RecoveryPolicy::Manual && log.flags & logs::FLAG_FRACTURED != 0);
     log.throttled = log.fractured();
-    if log.fractured() {
-        log.resync_started = Some(Instant::now());
-    }
     (pending, log)
 }

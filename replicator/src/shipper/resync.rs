@@ -169,9 +169,17 @@ pub struct PeerLog {
     pub throttled: bool,
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
-    /// When this resync started shipping, and the bytes done then, for the ETA.
-    pub resync_started: Option<Instant>,
+    /// The resync's rate, bytes per second, smoothed over the last few samples (`sample_rate`):
+    /// what the time left is estimated from. Not persisted: after a restart the rate is
+    /// measured afresh, while the progress (bytes done, extents left) is read back.
+    pub resync_rate_bytes_per_s: f64,
+    /// When the rate was last sampled, and the bytes done then.
+    rate_sampled: Option<(Instant, u64)>,
 }
+
+/// How often the resync rate is sampled, and the weight of the rate so far in each sample.
+const RATE_SAMPLE_MS: u64 = 1000;
+const RATE_WEIGHT_OLD: f64 = 0.5;
 
 impl PeerLog {
     /// The log state of secondary `name` before anything is known about it: not fractured,
@@ -191,7 +199,8 @@ impl PeerLog {
             throttled: false,
             synchronized_at_unix_ms: 0,
             fractured_at_unix_ms: 0,
-            resync_started: None,
+            resync_rate_bytes_per_s: 0.0,
+            rate_sampled: None,
         }
     }
 
@@ -217,23 +226,46 @@ impl PeerLog {
     pub fn fall_behind(&mut self) {
         if self.flags & FLAG_FRACTURED == 0 {
             self.fractured_at_unix_ms = crate::logs::unix_ms_now();
-            self.resync_started = Some(Instant::now());
         }
         self.flags |= FLAG_FRACTURED;
         self.persist_now = true;
     }
 
-    /// Seconds left to resync `left_bytes` at the rate seen since the resync started.
+    /// Samples the resync's rate once every `RATE_SAMPLE_MS`: an exponentially weighted
+    /// average, so a burst at the start (the throttle's first bucket) or a pause while the
+    /// secondary was away fades within a few seconds.
+    pub fn sample_rate(&mut self, now: Instant) {
+        if !self.fractured() {
+            self.resync_rate_bytes_per_s = 0.0;
+            self.rate_sampled = None;
+            return;
+        }
+        let Some((at, bytes_then)) = self.rate_sampled else {
+            self.rate_sampled = Some((now, self.resync_bytes_done));
+            return;
+        };
+        let elapsed_s = now.saturating_duration_since(at).as_secs_f64();
+        if elapsed_s * 1000.0 < RATE_SAMPLE_MS as f64 {
+            return;
+        }
+        let sample = self.resync_bytes_done.saturating_sub(bytes_then) as f64 / elapsed_s;
+        self.resync_rate_bytes_per_s = if self.resync_rate_bytes_per_s == 0.0 {
+            sample
+        } else {
+            RATE_WEIGHT_OLD * self.resync_rate_bytes_per_s + (1.0 - RATE_WEIGHT_OLD) * sample
+        };
+        self.rate_sampled = Some((now, self.resync_bytes_done));
+    }
+
+    /// Seconds left to resync `left_bytes` at the sampled rate; none before the first sample.
     pub fn eta_seconds(&self, left_bytes: u64) -> Option<f64> {
-        let started = self.resync_started.filter(|_| self.fractured())?;
-        let rate = self.resync_bytes_done as f64 / started.elapsed().as_secs_f64().max(1e-3);
-        (rate > 0.0).then(|| left_bytes as f64 / rate)
+        let rate = self.resync_rate_bytes_per_s;
+        (self.fractured() && rate > 0.0).then(|| left_bytes as f64 / rate)
     }
 
     /// Back in sync: nothing to resync, no throttle.
     pub fn synchronized(&mut self) {
         self.synchronized_at_unix_ms = crate::logs::unix_ms_now();
-        self.resync_started = None;
         self.flags = 0;
         self.resync_bytes_done = 0;
         self.persist_now = true;
@@ -270,6 +302,29 @@ impl PeerLog {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    /// A burst at the start fades: after a few seconds at 1 MiB/s the time left is what
+    /// 1 MiB/s gives, not what the burst suggested.
+    #[test]
+    fn time_left_follows_the_recent_rate() {
+        let mut log = PeerLog::new("b", 1 << 20, RecoveryPolicy::Automatic);
+        let start = Instant::now();
+        log.fall_behind();
+        log.sample_rate(start);
+        assert_eq!(log.eta_seconds(1 << 30), None, "no rate before the first sample");
+        log.resync_bytes_done = 10 << 20; // the first second: a 10 MiB burst
+        log.sample_rate(start + Duration::from_secs(1));
+        for second in 2..=10u64 {
+            log.resync_bytes_done += 1 << 20;
+            log.sample_rate(start + Duration::from_secs(second));
+        }
+        let eta = log.eta_seconds(100 << 20).expect("a rate");
+        assert!((95.0..=110.0).contains(&eta), "100 MiB at about 1 MiB/s: {eta} s");
+        log.synchronized();
+        log.sample_rate(start + Duration::from_secs(11));
+        assert_eq!(log.eta_seconds(1), None, "nothing to resync");
+    }
 
     #[test]
     fn verify_marks_exactly_the_differing_extents() {
