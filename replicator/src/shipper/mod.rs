@@ -1392,8 +1392,12 @@ impl Engine {
                 recovery_policy: p.log.recovery,
                 sync_rate_bytes_per_s: p.log.throttle.rate_bytes_per_s,
                 resync_bytes_done: p.log.resync_bytes_done,
-                out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes),
-                resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes(p, self.config.extent_bytes)),
+                out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes, self.device_bytes),
+                resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes(
+                    p,
+                    self.config.extent_bytes,
+                    self.device_bytes,
+                )),
                 consistency_point_unix_ms: p.consistency_point_unix_ms,
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
@@ -1540,7 +1544,7 @@ impl Engine {
         }
         self.last_status = Instant::now();
         for peer in &mut self.peers {
-            let bytes = out_of_sync_bytes(peer, self.config.extent_bytes);
+            let bytes = out_of_sync_bytes(peer, self.config.extent_bytes, self.device_bytes);
             peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
             peer.metrics.lag.merge_from(&mut peer.latency.lag_us);
             peer.metrics.ack_rtt.merge_from(&mut peer.latency.rtt_us);
@@ -2150,10 +2154,17 @@ fn transition_cause(peer: &Peer, state: ImageState) -> &str {
     }
 }
 
-/// Bytes of the extents a secondary lacks: pending, plus sent and not acknowledged.
-fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64) -> u64 {
+/// Bytes of the extents a secondary may lack: pending, sent and not acknowledged, and during
+/// a verify every extent not compared yet (the verify exists because any of them may differ).
+/// 0 exactly when it is in sync.
+fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64, device_bytes: u64) -> u64 {
     let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
-    peer.pending.count() as u64 * extent_bytes + backlog
+    let unverified_bytes = peer
+        .log
+        .verify
+        .as_ref()
+        .map_or(0, |verify| device_bytes.saturating_sub(verify.next_extent.saturating_mul(extent_bytes)));
+    peer.pending.count() as u64 * extent_bytes + backlog + unverified_bytes
 }
 
 /// Slots for export requests in the engine: a write holds a buffer, flushes and TRIMs none.
