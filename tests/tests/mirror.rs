@@ -67,6 +67,23 @@ fn status_table(lab: &Lab) -> String {
     table
 }
 
+/// Every field of `status --json` (the top level, the mirror, its images, the secondaries) is
+/// named in the README's schema paragraph: the schema is stable, so it is written down.
+fn every_status_field_is_documented(lab: &Lab) {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
+    let start = readme.find("**`status --json`**").expect("the schema paragraph");
+    let schema = &readme[start..start + readme[start..].find("\n\n").expect("its end")];
+    let status: serde_json::Value = serde_json::from_str(&ok(lab, &["status"])).expect("JSON");
+    let objects = [&status, &status["mirror"], &status["mirror"]["images"][0], &status["secondaries"][0]];
+    for object in objects {
+        for key in object.as_object().expect("an object").keys() {
+            let named = schema.contains(&format!("`{key}`")) || schema.contains(&format!("`{key}[]`"));
+            assert!(named, "status --json field {key:?} is not in the README's schema");
+        }
+    }
+}
+
 /// `promote` of s1 as the primary's database records it while s1 is gone (UNSYNCHRONIZED),
 /// on a copy of that database: refused, saying why.
 fn promote_of_an_unsynchronized_image_is_refused(lab: &Lab) {
@@ -129,6 +146,7 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     for name in ["s0", "s1"] {
         assert!(table.lines().any(|l| l.starts_with(name) && l.contains(" SYNCHRONIZED ")), "{table}");
     }
+    every_status_field_is_documented(&lab);
     let socket = lab.state_dir("p").join(replicator::control::SOCKET_FILE);
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
