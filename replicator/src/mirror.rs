@@ -235,6 +235,17 @@ impl MirrorDb {
         if db.images.len() > 1 + crate::shipper::PEERS_MAX || db.image_bytes == 0 {
             return Err(format!("{} images of {} bytes", db.images.len(), db.image_bytes));
         }
+        // The ranges `create` and `set` allow: 0 minimum images would never need attention,
+        // and an extent size outside them would divide by zero or not fit a bitmap.
+        if !(1..=1 + crate::shipper::PEERS_MAX as u32).contains(&db.minimum_images)
+            || !(1..=10).contains(&db.sync_priority)
+            || !(4096..=64 << 20).contains(&db.extent_bytes)
+        {
+            return Err(format!(
+                "out of range: minimum images {}, sync priority {}, extent size {}",
+                db.minimum_images, db.sync_priority, db.extent_bytes
+            ));
+        }
         // One name per image (it names the image's fracture log), and a secondary is reached
         // at its address (one without would get nothing, yet count in the mirror's states).
         if let Some(twice) = first_duplicate(db.images.iter().map(|i| i.name.as_str())) {
@@ -333,6 +344,97 @@ mod tests {
         sample_db()
     }
 
+    /// An envelope around `body`, with the checksum right.
+    fn seal(body: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&DB_MAGIC);
+        out.extend_from_slice(&DB_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(body);
+        let crc = crc32c::crc32c(&out);
+        out[12..16].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    fn arbitrary_image() -> impl Strategy<Value = ImageRecord> {
+        (
+            prop_oneof![Just("a".to_owned()), Just("b".to_owned()), Just("c-1".to_owned()), "[a-z/._]{0,6}"],
+            any::<bool>(),
+            proptest::option::of((any::<[u8; 4]>(), any::<u16>())),
+            prop_oneof![
+                Just(ImageState::Synchronized),
+                Just(ImageState::Synchronizing),
+                Just(ImageState::Consistent),
+                Just(ImageState::Unsynchronized)
+            ],
+            any::<(bool, u64, u64, u64, bool)>(),
+        )
+            .prop_map(
+                |(name, primary, address, state, (reachable, generation, rate, done, manual))| ImageRecord {
+                    name,
+                    designator: if primary { Designator::Primary } else { Designator::Secondary },
+                    address: address.map(|(ip, port)| SocketAddr::from((ip, port))),
+                    device: primary.then(|| "/dev/vdb".to_owned()),
+                    state,
+                    reachable,
+                    generation,
+                    sync_rate_bytes_per_s: rate,
+                    resync_bytes_done: done,
+                    recovery_policy: if manual { RecoveryPolicy::Manual } else { RecoveryPolicy::Automatic },
+                },
+            )
+    }
+
+    fn arbitrary_db() -> impl Strategy<Value = MirrorDb> {
+        (
+            prop_oneof![Just("vol1".to_owned()), "[a-z0-9 ./]{0,8}"],
+            any::<(u64, u64, u64)>(),
+            prop_oneof![Just(65536u64), Just(4096), any::<u64>()],
+            prop_oneof![Just(1u64 << 30), any::<u64>()],
+            (0u32..12, any::<u32>(), 0u8..12),
+            any::<(bool, u64, bool, u8)>(),
+            proptest::collection::vec(arbitrary_image(), 0..10),
+        )
+            .prop_map(
+                |(
+                    name,
+                    (id, revision, generation),
+                    extent_bytes,
+                    image_bytes,
+                    (minimum, missing, priority),
+                    rest,
+                    images,
+                )| {
+                    let (sync, backlog, manual, state) = rest;
+                    MirrorDb {
+                        name,
+                        id,
+                        revision,
+                        state: [MirrorState::Active, MirrorState::Inactive, MirrorState::Attention]
+                            [state as usize % 3],
+                        state_cause: "because".into(),
+                        generation,
+                        extent_bytes,
+                        image_bytes,
+                        fracture_log_bytes: image_bytes / extent_bytes.max(1) / 8,
+                        minimum_images: minimum,
+                        maximum_missing_images: missing,
+                        sync_priority: priority,
+                        write_policy: if sync { WritePolicy::Sync } else { WritePolicy::Async },
+                        write_backlog_bytes: backlog,
+                        activation_policy: if manual {
+                            ActivationPolicy::Manual
+                        } else {
+                            ActivationPolicy::Automatic
+                        },
+                        images,
+                    }
+                },
+            )
+    }
+
     #[test]
     fn two_images_of_one_name_or_a_secondary_without_an_address_are_refused() {
         let mut twice = db();
@@ -376,6 +478,43 @@ mod tests {
             let at = flip.index(bytes.len());
             bytes[at] ^= 1 << bit;
             prop_assert!(MirrorDb::decode(&bytes).is_err());
+        }
+
+        /// Any database the types can hold: one `decode` accepts comes back equal, and it
+        /// accepts exactly those that keep the rules (names, one primary, addresses, ranges).
+        #[test]
+        fn arbitrary_databases_round_trip_or_are_refused_for_a_reason(db in arbitrary_db()) {
+            let valid_name = |n: &str| {
+                !n.is_empty() && n.len() <= 64 && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            };
+            let names: std::collections::BTreeSet<&str> = db.images.iter().map(|i| i.name.as_str()).collect();
+            let valid = valid_name(&db.name)
+                && db.images.iter().all(|i| valid_name(&i.name))
+                && names.len() == db.images.len()
+                && db.images.iter().filter(|i| i.designator == Designator::Primary).count() <= 1
+                && db.secondaries().all(|i| i.address.is_some())
+                && (1..=9).contains(&db.minimum_images)
+                && (1..=10).contains(&db.sync_priority)
+                && db.extent_bytes.is_power_of_two()
+                && (4096..=64 << 20).contains(&db.extent_bytes)
+                && db.image_bytes > 0;
+            match MirrorDb::decode(&db.encode()) {
+                Ok(decoded) => {
+                    prop_assert!(valid, "accepted a database that breaks a rule: {db:?}");
+                    prop_assert_eq!(decoded, db);
+                }
+                Err(reason) => prop_assert!(!valid, "refused a valid database ({reason}): {db:?}"),
+            }
+        }
+
+        /// A body changed byte by byte and sealed again with a right checksum reaches the JSON
+        /// decoder and the rules behind it: never a panic.
+        #[test]
+        fn sealed_damaged_bodies_never_panic(db in arbitrary_db(), at in any::<prop::sample::Index>(), byte in any::<u8>()) {
+            let mut body = serde_json::to_vec(&db).expect("serializes");
+            let at = at.index(body.len());
+            body[at] = byte;
+            let _ = MirrorDb::decode(&seal(&body));
         }
 
         #[test]
