@@ -263,9 +263,14 @@ fn fracture_demo(lab: &crate::testbed::Lab) -> anyhow::Result<()> {
     println!("$ replicator status");
     print!("{}", indent(&operate(&["status"])?));
     let before = lab.status().map_or(0, |s| s["secondaries"][1]["resync_bytes"].as_u64().unwrap_or(0));
+    println!("$ replicator set sync-rate=4MiB --secondary s1   # slow, to watch it");
+    operate(&["set", "sync-rate=4MiB", "--secondary", "s1"])?;
     println!("$ replicator restore s1");
     let started = Instant::now();
     operate(&["restore", "s1"])?;
+    std::thread::sleep(Duration::from_millis(1500)); // the rate is sampled once a second
+    println!("$ replicator status   # s1 SYNCHRONIZING: progress, rate, time left");
+    print!("{}", indent(&operate(&["status"])?));
     let status =
         lab.wait_synchronized(Duration::from_secs(60)).map_err(|e| anyhow::anyhow!("{e}\n{}", lab.logs()))?;
     let resynced = status["secondaries"][1]["resync_bytes"].as_u64().unwrap_or(0) - before;

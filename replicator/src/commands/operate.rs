@@ -230,7 +230,8 @@ fn print_table(secondaries: &serde_json::Value) {
 fn progress_bar(p: &serde_json::Value) -> Option<String> {
     let done = p["resync_bytes_done"].as_u64()?;
     let left = p["out_of_sync_bytes"].as_u64()?;
-    if done + left == 0 || p["fractured"].as_bool() != Some(true) {
+    let resyncing = p["fractured"].as_bool() == Some(true) && p["connected"].as_bool() == Some(true);
+    if done + left == 0 || !resyncing {
         return None;
     }
     const WIDTH: u64 = 20;
