@@ -4,6 +4,7 @@
 
 mod export_latency;
 mod fio;
+mod goals;
 mod lag;
 mod report;
 mod resync;
@@ -55,8 +56,12 @@ fn main() -> anyhow::Result<()> {
         if scenarios.iter().any(|s| s != "tracker-overhead") { Some(replicator_binary()?) } else { None };
     let mut results = serde_json::Map::new();
     let mut sections = std::collections::BTreeMap::new();
+    let run_started = std::time::Instant::now();
+    let commit = git_commit();
     for scenario in &scenarios {
-        let (json, md) = match scenario.as_str() {
+        let started = std::time::Instant::now();
+        let measured_at = now_utc();
+        let (mut json, mut md) = match scenario.as_str() {
             "tracker-overhead" => tracker_overhead::run(args.round_seconds, args.rounds)?,
             "ship-throughput" => ship_throughput::run(binary.as_deref().expect("resolved above"))?,
             "resync" => resync::run(binary.as_deref().expect("resolved above"))?,
@@ -65,6 +70,14 @@ fn main() -> anyhow::Result<()> {
             "export-latency" => export_latency::run(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
+        // Stamped, so that a table kept from an earlier run of the day says so.
+        let seconds = started.elapsed().as_secs();
+        if let Some(object) = json.as_object_mut() {
+            object.insert("measured_at".into(), measured_at.clone().into());
+            object.insert("commit".into(), commit.clone().into());
+            object.insert("seconds".into(), seconds.into());
+        }
+        md.push_str(&format!("_Measured {measured_at} at commit {commit}, in {seconds} s._\n\n"));
         results.insert(scenario.clone(), json);
         sections.insert(scenario.clone(), md);
     }
@@ -74,21 +87,35 @@ fn main() -> anyhow::Result<()> {
     let md_path = args.out_dir.join(format!("{date}.md"));
     // A run of some scenarios keeps the other scenarios' results of the same day.
     report::merge_earlier(&json_path, &md_path, &mut results, &mut sections)?;
-    let mut markdown: String =
-        SCENARIOS.iter().filter_map(|s| sections.get(*s)).map(String::as_str).collect();
+    let run_seconds = run_started.elapsed().as_secs();
+    println!("{} scenarios measured in {run_seconds} s", scenarios.len());
+    let mut markdown = goals::table(&results);
+    if scenarios.len() == SCENARIOS.len() {
+        markdown.push_str(&format!(
+            "All {} scenarios ran in this run, in {} min {} s.\n\n",
+            SCENARIOS.len(),
+            run_seconds / 60,
+            run_seconds % 60
+        ));
+    }
+    markdown.extend(SCENARIOS.iter().filter_map(|s| sections.get(*s)).map(String::as_str));
+    let mut plots = Vec::new();
     if let Some(resync) = results.get("resync") {
         let plot = args.out_dir.join(format!("{date}-resync.svg"));
         report::plot_resync(resync, &plot)?;
+        plots.push(("resync time against the dirty fraction", plot));
+    }
+    if let Some(lag) = results.get("lag") {
+        let plot = args.out_dir.join(format!("{date}-lag.svg"));
+        report::plot_lag(lag, &plot)?;
+        plots.push(("replication lag against the load", plot));
+    }
+    for (_, plot) in &plots {
         markdown.push_str(&format!("Plot: `{}`.\n", plot.display()));
-        if SCENARIOS.iter().all(|s| sections.contains_key(*s)) {
-            report::update_readme(
-                std::path::Path::new("README.md"),
-                &markdown,
-                &date,
-                &plot.display().to_string(),
-            )?;
-            println!("README.md: Performance section regenerated");
-        }
+    }
+    if SCENARIOS.iter().all(|s| sections.contains_key(*s)) {
+        report::update_readme(std::path::Path::new("README.md"), &markdown, &date, &plots)?;
+        println!("README.md: Performance section regenerated");
     }
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     std::fs::write(&md_path, &markdown)?;
@@ -117,11 +144,24 @@ fn replicator_binary() -> anyhow::Result<PathBuf> {
 
 /// Today's date as YYYY-MM-DD, from `date` (no time crate needed for a file name).
 fn replicator_date() -> String {
-    std::process::Command::new("date")
-        .arg("+%Y-%m-%d")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .filter(|d| !d.is_empty())
-        .unwrap_or_else(|| "undated".into())
+    command_line("date", &["+%Y-%m-%d"]).unwrap_or_else(|| "undated".into())
+}
+
+/// "2026-11-26 19:40 UTC", for the stamp under each scenario.
+fn now_utc() -> String {
+    command_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]).unwrap_or_else(|| "at an unknown time".into())
+}
+
+/// The commit measured (with `+` if the tree had changes), or "unknown" outside a checkout.
+fn git_commit() -> String {
+    let commit = command_line("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into());
+    let dirty = command_line("git", &["status", "--porcelain", "--untracked-files=no"]).is_some();
+    if dirty { format!("{commit}+") } else { commit }
+}
+
+/// The first line a command prints, if it ran and printed one.
+fn command_line(program: &str, args: &[&str]) -> Option<String> {
+    let output = std::process::Command::new(program).args(args).output().ok()?;
+    let text = String::from_utf8_lossy(&output.stdout).lines().next()?.trim().to_owned();
+    (output.status.success() && !text.is_empty()).then_some(text)
 }

@@ -1,6 +1,6 @@
-//! What a full benchmark run leaves behind besides its JSON: an SVG plot of resync time against
-//! the dirty fraction (with the baselines), and the README's Performance section, generated
-//! between its markers from the run's markdown.
+//! What a full benchmark run leaves behind besides its JSON: SVG plots (resync time against the
+//! dirty fraction, with the baselines; replication lag against the load), and the README's
+//! Performance section, generated between its markers from the run's markdown.
 
 use std::path::Path;
 
@@ -45,17 +45,62 @@ pub fn plot_resync(resync: &serde_json::Value, path: &Path) -> anyhow::Result<()
     Ok(())
 }
 
-/// Replaces the README's Performance section with `markdown`, stamped with the machine.
-pub fn update_readme(readme: &Path, markdown: &str, date: &str, plot: &str) -> anyhow::Result<()> {
+/// Plots lag p50, p99 and p99.9 (ms, log scale) against the load, with fio's own write p99.
+pub fn plot_lag(lag: &serde_json::Value, path: &Path) -> anyhow::Result<()> {
+    let levels = lag["levels"].as_array().context("lag results have no levels")?;
+    let series = |field: &str| -> Vec<(f64, f64)> {
+        levels
+            .iter()
+            .filter_map(|l| Some((l["load"].as_f64()? * 100.0, l[field].as_f64()?.max(0.01))))
+            .collect()
+    };
+    let lines = [
+        ("lag p50", series("lag_p50_ms"), GREEN),
+        ("lag p99", series("lag_p99_ms"), RED),
+        ("lag p99.9", series("lag_p999_ms"), MAGENTA),
+        ("the write's own p99 (baseline)", series("write_p99_ms"), BLACK),
+    ];
+    let root = SVGBackend::new(path, (720, 440)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Replication lag against the load (share of the measured maximum)", ("sans-serif", 20))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..100.0, (0.01f64..10_000.0).log_scale())?;
+    chart.configure_mesh().x_desc("load (% of the maximum)").y_desc("milliseconds").draw()?;
+    for (label, points, color) in lines {
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(points.iter().map(|&p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().background_style(WHITE.mix(0.8)).border_style(BLACK).draw()?;
+    root.present()?;
+    Ok(())
+}
+
+/// Replaces the README's Performance section with `markdown` and `plots` (alt text, path),
+/// stamped with the machine.
+pub fn update_readme(
+    readme: &Path,
+    markdown: &str,
+    date: &str,
+    plots: &[(&str, std::path::PathBuf)],
+) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(readme).with_context(|| format!("reading {}", readme.display()))?;
     let (Some(begin), Some(end)) = (text.find(README_BEGIN), text.find(README_END)) else {
         anyhow::bail!("{} has no {README_BEGIN} ... {README_END} markers", readme.display());
     };
     let machine = machine();
+    let images: String =
+        plots.iter().map(|(alt, path)| format!("![{alt}]({})\n\n", path.display())).collect();
     let section = format!(
         "{README_BEGIN}\nMeasured by `cargo xtask bench` on {date}, on {machine}. Every scenario measures its \
-         baseline in the same run; figures are absolute and as ratios to that baseline.\n\n\
-         ![resync time against the dirty fraction]({plot})\n\n{markdown}"
+         baseline in the same run; figures are absolute and as ratios to that baseline. Under each table: when \
+         it was measured and at which commit (a run of some scenarios keeps the day's earlier tables of the \
+         others).\n\n{images}{markdown}"
     );
     let updated = format!("{}{section}{}", &text[..begin], &text[end..]);
     std::fs::write(readme, updated).with_context(|| format!("writing {}", readme.display()))

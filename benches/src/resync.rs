@@ -102,12 +102,12 @@ fn markdown(initial_sync_seconds: f64, rounds: &[Round]) -> String {
          a full copy with `dd | nc` and `rsync --inplace --no-whole-file` of the image file to a copy of the \
          secondary's image taken at the fracture. The replicator's initial full sync of the image took \
          {initial_sync_seconds:.2} s.\n\n\
-         | rewritten | dirty MiB | resync s | resync MiB | rsync s | rsync MiB on wire | full copy s | rsync / resync | full copy / resync |\n\
-         |---|---|---|---|---|---|---|---|---|\n"
+         | rewritten | dirty MiB | resync s | resync MiB | rsync s | rsync MiB on wire | full copy s | full copy MiB | rsync / resync | full copy / resync | resync MiB / full copy MiB |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|\n"
     );
     for r in rounds {
         md.push_str(&format!(
-            "| {:.1}% | {:.1} | {:.3} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0}x | {:.0}x |\n",
+            "| {:.1}% | {:.1} | {:.3} | {:.1} | {:.2} | {:.1} | {:.2} | {:.0} | {:.0}x | {:.0}x | {:.4} |\n",
             r.fraction * 100.0,
             r.dirty_bytes as f64 / MIB,
             r.resync_seconds,
@@ -115,8 +115,10 @@ fn markdown(initial_sync_seconds: f64, rounds: &[Round]) -> String {
             r.rsync_seconds,
             r.rsync_wire_bytes as f64 / MIB,
             r.full_copy_seconds,
+            r.full_copy_bytes as f64 / MIB,
             r.rsync_over_resync,
             r.full_copy_over_resync,
+            r.resync_bytes as f64 / r.full_copy_bytes as f64,
         ));
     }
     md.push('\n');

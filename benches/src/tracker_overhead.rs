@@ -48,7 +48,7 @@ pub fn run(round_seconds: u32, rounds: u32) -> anyhow::Result<(serde_json::Value
         md.push_str(&format!(
             "| {iodepth} | detached | {:.0} | {:.1} | {:.1} | {:.1} |\n\
              | {iodepth} | attached | {:.0} | {:.1} | {:.1} | {:.1} |\n\
-             | {iodepth} | ratio / delta | {:.3}x | {:+.1} | {:+.1} | {:+.1} |\n",
+             | {iodepth} | ratio (delta µs) | {:.3}x | {:.2}x ({:+.1}) | {:.2}x ({:+.1}) | {:.2}x ({:+.1}) |\n",
             base.iops,
             base.p50_us,
             base.p99_us,
@@ -58,8 +58,11 @@ pub fn run(round_seconds: u32, rounds: u32) -> anyhow::Result<(serde_json::Value
             with.p99_us,
             with.p999_us,
             with.iops / base.iops,
+            with.p50_us / base.p50_us,
             with.p50_us - base.p50_us,
+            with.p99_us / base.p99_us,
             with.p99_us - base.p99_us,
+            with.p999_us / base.p999_us,
             with.p999_us - base.p999_us,
         ));
     }
