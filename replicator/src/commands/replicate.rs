@@ -110,6 +110,11 @@ pub struct PrimaryArgs {
     /// covers.
     #[arg(long)]
     pub checkpoint_ms: Option<u64>,
+    /// The longest wait between two attempts to reach an unreachable secondary, in ms
+    /// [default: 1000]: retries start at 100 ms and double up to it, so a secondary that
+    /// returns is found within this long.
+    #[arg(long)]
+    pub retry_max_ms: Option<u64>,
     /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
@@ -260,7 +265,11 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         backlog_bytes_max: backlog.unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
         timeout_ms,
         keepalive_ms: (timeout_ms / 5).max(100),
-        retry_max_ms: ShipperConfig::RETRY_MAX_MS_DEFAULT,
+        retry_max_ms: cli
+            .retry_max_ms
+            .or(file.retry_max_ms)
+            .unwrap_or(ShipperConfig::RETRY_MAX_MS_DEFAULT)
+            .clamp(100, 3_600_000),
         initial_sync: !(cli.skip_initial_sync || file.skip_initial_sync),
         zero_copy: !(cli.no_zero_copy || file.no_zero_copy),
         checkpoint_ms: cli
