@@ -99,16 +99,22 @@ fn main() -> anyhow::Result<()> {
         ));
     }
     markdown.extend(SCENARIOS.iter().filter_map(|s| sections.get(*s)).map(String::as_str));
+    // The results first: a plot that fails must not lose minutes of measuring.
+    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     let mut plots = Vec::new();
     if let Some(resync) = results.get("resync") {
         let plot = args.out_dir.join(format!("{date}-resync.svg"));
-        report::plot_resync(resync, &plot)?;
-        plots.push(("resync time against the dirty fraction", plot));
+        match report::plot_resync(resync, &plot) {
+            Ok(()) => plots.push(("resync time against the dirty fraction", plot)),
+            Err(error) => eprintln!("warning: plotting {}: {error:#}", plot.display()),
+        }
     }
     if let Some(lag) = results.get("lag") {
         let plot = args.out_dir.join(format!("{date}-lag.svg"));
-        report::plot_lag(lag, &plot)?;
-        plots.push(("replication lag against the load", plot));
+        match report::plot_lag(lag, &plot) {
+            Ok(()) => plots.push(("replication lag against the load", plot)),
+            Err(error) => eprintln!("warning: plotting {}: {error:#}", plot.display()),
+        }
     }
     for (_, plot) in &plots {
         markdown.push_str(&format!("Plot: `{}`.\n", plot.display()));
@@ -117,7 +123,6 @@ fn main() -> anyhow::Result<()> {
         report::update_readme(std::path::Path::new("README.md"), &markdown, &date, &plots)?;
         println!("README.md: Performance section regenerated");
     }
-    std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     std::fs::write(&md_path, &markdown)?;
     println!("{markdown}");
     println!("results: {} and {}", json_path.display(), md_path.display());

@@ -1,5 +1,5 @@
 //! The control socket: `STATE_DIR/control.sock`, a unix socket (mode 0600, bound under a
-//! temporary name and renamed into place once its mode is set, so it is never reachable with
+//! temporary name and linked into place once its mode is set, so it is never reachable with
 //! a wider one) on which the CLI's operator commands (`fracture`, `restore`, `verify`, `sync`,
 //! `set`, `status`) reach a running primary. Only root, or the user the primary runs as, is
 //! answered (checked with `SO_PEERCRED` on every connection).
@@ -120,14 +120,21 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
         }
         std::fs::remove_file(&path).map_err(io)?;
     }
-    let staged = state_dir.join(format!(".{SOCKET_FILE}.{}", std::process::id()));
+    // Staged under a name no longer than the socket's (the path limit of a unix socket), and
+    // linked into place: a link fails where something is there already (another primary that
+    // started at the same moment), where a rename would replace it.
+    let staged = state_dir.join(format!(".c{}", std::process::id()));
     let _ = std::fs::remove_file(&staged);
     let listener = UnixListener::bind(&staged).map_err(io)?;
     let placed = std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))
-        .and_then(|()| std::fs::rename(&staged, &path));
-    if let Err(source) = placed {
-        let _ = std::fs::remove_file(&staged);
-        return Err(io(source));
+        .and_then(|()| std::fs::hard_link(&staged, &path));
+    let _ = std::fs::remove_file(&staged);
+    match placed {
+        Ok(()) => {}
+        Err(source) if source.kind() == std::io::ErrorKind::AlreadyExists => {
+            return Err(ControlError::InUse { path });
+        }
+        Err(source) => return Err(io(source)),
     }
     let own_uid = nix::unistd::Uid::effective().as_raw();
     let (calls, receiver) = mpsc::channel();

@@ -18,7 +18,8 @@ use crate::logs::{self, LogHeader, LogIdentity, LogKind};
 use crate::mirror::MirrorDb;
 use crate::shipper::ImageState;
 
-/// Written by `replicator resolve --keep NAME` on the member whose writes are discarded.
+/// Written by `replicator resolve --keep NAME` on the member whose writes are discarded;
+/// removed once this member stored the kept primary's database (it is honoured once).
 pub const RESOLVED_FILE: &str = "resolved-keep";
 /// This member's image name, as the primary's database knows it.
 pub const IMAGE_NAME_FILE: &str = "image-name";
@@ -90,6 +91,15 @@ pub fn reconcile(
                 ));
             }
             divergent = former_primary_extents(state_dir, device, &own)?;
+        } else if kept && db.generation < own.generation {
+            // A member that followed the side now discarded: what it took from that side is in
+            // no log here, so every extent is handed back (a full copy from the kept side).
+            tracing::warn!(
+                kept = %incoming_primary,
+                discarded = %own_primary,
+                "resolved for an older primary: this image followed the discarded side, so it is copied whole"
+            );
+            divergent = std::iter::once(0..own.image_bytes.div_ceil(own.extent_bytes)).collect();
         }
     }
     Ok(Reconciled { db, divergent, synchronized_here, image_name })
@@ -189,6 +199,32 @@ pub fn forget_former_primary(state_dir: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A member that followed the promoted side (b, generation 2), never a primary itself,
+    /// told to keep the old primary (a, generation 1): it takes a's database and hands back
+    /// every extent, since what it took from b is in no log here. Without the resolve, a is a
+    /// stale primary.
+    #[test]
+    fn a_follower_of_the_discarded_side_is_copied_whole() {
+        let dir = std::env::temp_dir().join(format!("replicator-failback-follower-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let incoming = crate::mirror::sample_db(); // a primary at generation 1
+        let mut own = incoming.clone();
+        own.generation = 2;
+        own.images[0].designator = crate::mirror::Designator::Secondary;
+        own.images[0].address = Some("10.0.0.1:7788".parse().expect("address"));
+        own.images[1].designator = crate::mirror::Designator::Primary;
+        own.images[1].address = None;
+        own.store(&dir).expect("storing");
+        let stale = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
+        assert!(stale.expect_err("a stale primary").contains("stale primary"));
+        std::fs::write(dir.join(RESOLVED_FILE), "a").expect("resolve --keep a");
+        let kept = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
+        std::fs::remove_dir_all(&dir).expect("removing the temp dir");
+        let kept = kept.expect("accepted once resolved");
+        assert_eq!(kept.db.generation, 1);
+        assert_eq!(kept.divergent, vec![0..(1u64 << 30) / 65536], "every extent handed back");
+    }
 
     /// A former primary that follows the new primary (b, generation 2) still has its intent log;
     /// a third member (c) claiming generation 2 too is refused, not taken for b's failback.

@@ -140,6 +140,19 @@ impl MirrorDb {
         self.images.iter_mut().find(|i| i.name == name)
     }
 
+    /// Takes each image's run-time record (state, reachability, generation, progress) from
+    /// `current`, for the images both hold: a change made from an older copy keeps them.
+    pub fn take_image_states(&mut self, current: &MirrorDb) {
+        for image in &mut self.images {
+            if let Some(now) = current.images.iter().find(|i| i.name == image.name) {
+                image.state = now.state;
+                image.reachable = now.reachable;
+                image.generation = now.generation;
+                image.resync_bytes_done = now.resync_bytes_done;
+            }
+        }
+    }
+
     /// The state the rules give, and why: INACTIVE stays until `activate`; too few images or
     /// too many missing is ATTENTION; under the manual activation policy ATTENTION stays until
     /// `activate` even once the cause is gone.

@@ -1047,6 +1047,8 @@ fn store_mirror_db(state_dir: &std::path::Path, reconciled: &failback::Reconcile
         crate::logs::replace_file(state_dir, failback::IMAGE_NAME_FILE, name.as_bytes())
             .map_err(|e| io(e.to_string()))?;
     }
+    // A resolve is honoured once: this member follows the kept primary from here on.
+    crate::logs::remove_file(state_dir, failback::RESOLVED_FILE).map_err(|e| io(e.to_string()))?;
     if reconciled.synchronized_here && state_dir.join(crate::logs::INTENT_LOG_FILE).exists() {
         tracing::info!(
             "SYNCHRONIZED with the new primary: forgetting this member's logs from when it was primary"

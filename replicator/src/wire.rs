@@ -23,7 +23,8 @@
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RPLW");
 /// The alignment of `BlockData` and `Zeroes`: the smallest logical block a Linux device has.
 pub const SECTOR_BYTES: u64 = 512;
-pub const VERSION: u16 = 1;
+/// 2: the mirror database changes in two steps (`MirrorDbPrepare`, `MirrorDbCommit`).
+pub const VERSION: u16 = 2;
 pub const HEADER_BYTES: usize = 32;
 /// Bytes of a handshake nonce and of an HMAC-SHA256 proof.
 pub const NONCE_BYTES: usize = 32;

@@ -205,7 +205,7 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
         let table = status_table(&lab);
         let line = table.lines().find(|l| l.starts_with("s0")).unwrap_or("").to_owned();
         assert!(line.contains("SYNCHRONIZING") && line.contains("] "), "{table}");
-        if line.contains("MiB/s") && line.contains(" s left") {
+        if line.contains("/s ") && line.contains(" s left") {
             break;
         }
         assert!(Instant::now() < deadline, "no rate and time left in s0's line: {table}");

@@ -39,7 +39,11 @@ pub fn run(target: &Target, request: Request) -> anyhow::Result<()> {
         );
     }
     let secondaries = result.get("secondaries").unwrap_or(&result);
-    print_table(secondaries);
+    let extents_total = match (result["image_bytes"].as_u64(), result["extent_bytes"].as_u64()) {
+        (Some(image), Some(extent)) if extent > 0 => Some(image.div_ceil(extent)),
+        _ => None,
+    };
+    print_table(secondaries, extents_total);
     Ok(())
 }
 
@@ -170,7 +174,7 @@ fn fsfreeze(flag: &str, mount: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn print_table(secondaries: &serde_json::Value) {
+fn print_table(secondaries: &serde_json::Value, extents_total: Option<u64>) {
     let Some(peers) = secondaries.as_array() else {
         println!("{secondaries}");
         return;
@@ -192,7 +196,13 @@ fn print_table(secondaries: &serde_json::Value) {
             }
         }
         if p["verifying"].as_bool() == Some(true) {
-            notes.push(format!("verify at extent {}", p["verify_next_extent"]));
+            let next = p["verify_next_extent"].as_u64().unwrap_or(0);
+            match extents_total.filter(|&total| total > 0) {
+                Some(total) => {
+                    notes.push(format!("verified {next} of {total} extents ({}%)", next * 100 / total))
+                }
+                None => notes.push(format!("verify at extent {next}")),
+            }
         }
         if let Some(progress) = progress_bar(p) {
             notes.push(progress);
@@ -230,7 +240,9 @@ fn print_table(secondaries: &serde_json::Value) {
 fn progress_bar(p: &serde_json::Value) -> Option<String> {
     let done = p["resync_bytes_done"].as_u64()?;
     let left = p["out_of_sync_bytes"].as_u64()?;
-    let resyncing = p["fractured"].as_bool() == Some(true) && p["connected"].as_bool() == Some(true);
+    let resyncing = p["fractured"].as_bool() == Some(true)
+        && p["connected"].as_bool() == Some(true)
+        && p["verifying"].as_bool() != Some(true);
     if done + left == 0 || !resyncing {
         return None;
     }

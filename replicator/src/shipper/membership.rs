@@ -58,6 +58,13 @@ pub(super) struct PendingChange {
     committing: bool,
 }
 
+impl PendingChange {
+    /// Stored on the primary, its commit frames going out.
+    pub(super) fn committing(&self) -> bool {
+        self.committing
+    }
+}
+
 impl Engine {
     /// Queues the current mirror database to every secondary in `indexes` (just connected,
     /// or its state changed), encoded once.
@@ -111,7 +118,8 @@ impl Engine {
             .change
             .as_ref()
             .is_some_and(|c| matches!(c.effect, Effect::Added { index: i } if i == index));
-        if joining && error.contains("handshake") {
+        let committing = self.change.as_ref().is_some_and(|c| c.committing);
+        if joining && !committing && error.contains("handshake") {
             let change = self.change.take().expect("checked");
             let name = self.peers[index].name.clone();
             self.remove_peer(index);
@@ -420,6 +428,7 @@ impl Engine {
             return;
         }
         change.committing = true;
+        change.deadline = Instant::now() + Duration::from_millis(CHANGE_TIMEOUT_MS);
         for target in change.targets.iter_mut().filter(|t| t.is_some()) {
             *target = Some(None);
         }
@@ -437,8 +446,16 @@ impl Engine {
     }
 
     fn apply_change(&mut self, change: PendingChange) {
-        let PendingChange { reply, db, effect, targets, .. } = change;
+        let PendingChange { reply, mut db, effect, targets, .. } = change;
         tracing::info!(mirror = %db.name, revision = db.revision, ?effect, "mirror database change takes effect");
+        // What the images did meanwhile (kept in memory, not stored, while committing).
+        if let Some(current) = &self.mirror {
+            db.take_image_states(current);
+        }
+        if let Err(error) = db.store(&self.config.state_dir) {
+            tracing::error!(%error, "saving the mirror database failed");
+            self.metrics.log_write_errors.inc();
+        }
         self.mirror = Some(db);
         // Connected now but not committed (it connected, or reconnected, meanwhile): it was
         // sent the database before this one.

@@ -1493,7 +1493,13 @@ impl Engine {
             db.state_cause = cause;
             changed = true;
         }
-        if changed && let Err(error) = db.store(&self.config.state_dir) {
+        // While a change commits, the primary's file holds the change's revision: the image
+        // states go into it when the change takes effect (`apply_change`), not over it now.
+        let committing = self.change.as_ref().is_some_and(|c| c.committing());
+        if changed
+            && !committing
+            && let Err(error) = db.store(&self.config.state_dir)
+        {
             tracing::error!(%error, "saving the mirror database failed");
             self.metrics.log_write_errors.inc();
         }
@@ -1510,7 +1516,8 @@ impl Engine {
     fn update_status(&mut self) {
         let now = Instant::now();
         for peer in &mut self.peers {
-            peer.log.sample_rate(now);
+            let connected = peer.conn.is_some();
+            peer.log.sample_rate(now, connected);
         }
         for index in 0..self.peers.len() {
             let peer = &self.peers[index];

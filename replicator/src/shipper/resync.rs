@@ -231,11 +231,12 @@ impl PeerLog {
         self.persist_now = true;
     }
 
-    /// Samples the resync's rate once every `RATE_SAMPLE_MS`: an exponentially weighted
-    /// average, so a burst at the start (the throttle's first bucket) or a pause while the
-    /// secondary was away fades within a few seconds.
-    pub fn sample_rate(&mut self, now: Instant) {
-        if !self.fractured() {
+    /// Samples the resync's rate once every `RATE_SAMPLE_MS` while it copies (`connected`, and
+    /// not verifying: a verify compares far more than it copies): an exponentially weighted
+    /// average, so a burst at the start (the throttle's first bucket) fades within seconds. It
+    /// starts afresh after a disconnection.
+    pub fn sample_rate(&mut self, now: Instant, connected: bool) {
+        if !self.fractured() || !connected || self.verify.is_some() {
             self.resync_rate_bytes_per_s = 0.0;
             self.rate_sampled = None;
             return;
@@ -257,10 +258,11 @@ impl PeerLog {
         self.rate_sampled = Some((now, self.resync_bytes_done));
     }
 
-    /// Seconds left to resync `left_bytes` at the sampled rate; none before the first sample.
+    /// Seconds left to resync `left_bytes` at the sampled rate; none before the first sample,
+    /// while disconnected, and during a verify.
     pub fn eta_seconds(&self, left_bytes: u64) -> Option<f64> {
         let rate = self.resync_rate_bytes_per_s;
-        (self.fractured() && rate > 0.0).then(|| left_bytes as f64 / rate)
+        (self.fractured() && self.verify.is_none() && rate > 0.0).then(|| left_bytes as f64 / rate)
     }
 
     /// Back in sync: nothing to resync, no throttle.
@@ -311,18 +313,18 @@ mod tests {
         let mut log = PeerLog::new("b", 1 << 20, RecoveryPolicy::Automatic);
         let start = Instant::now();
         log.fall_behind();
-        log.sample_rate(start);
+        log.sample_rate(start, true);
         assert_eq!(log.eta_seconds(1 << 30), None, "no rate before the first sample");
         log.resync_bytes_done = 10 << 20; // the first second: a 10 MiB burst
-        log.sample_rate(start + Duration::from_secs(1));
+        log.sample_rate(start + Duration::from_secs(1), true);
         for second in 2..=10u64 {
             log.resync_bytes_done += 1 << 20;
-            log.sample_rate(start + Duration::from_secs(second));
+            log.sample_rate(start + Duration::from_secs(second), true);
         }
         let eta = log.eta_seconds(100 << 20).expect("a rate");
         assert!((95.0..=110.0).contains(&eta), "100 MiB at about 1 MiB/s: {eta} s");
         log.synchronized();
-        log.sample_rate(start + Duration::from_secs(11));
+        log.sample_rate(start + Duration::from_secs(11), true);
         assert_eq!(log.eta_seconds(1), None, "nothing to resync");
     }
 
