@@ -27,9 +27,12 @@
 //! 72   resync_bytes_done  u64
 //! 80   verify_next_extent u64
 //! 88   saved_unix_ms      u64
-//! 96   bitmap             ceil(extents / 64) little-endian u64 words; no bit past the last
+//! 96   resync_rate        u64     bytes per second the resync last ran at (version 2 on)
+//! 104  bitmap             ceil(extents / 64) little-endian u64 words; no bit past the last
 //!                         extent is set
 //! ```
+//!
+//! Version 1 files (a 96-byte header, no resync rate) are still read, with a rate of 0.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -39,8 +42,10 @@ use bitvec::prelude::*;
 use sha2::Digest as _;
 
 pub const LOG_MAGIC: [u8; 8] = *b"RPLLOG\0\0";
-pub const LOG_VERSION: u32 = 1;
-pub const LOG_HEADER_BYTES: usize = 96;
+pub const LOG_VERSION: u32 = 2;
+pub const LOG_HEADER_BYTES: usize = 104;
+/// The header of a version 1 file, which had no resync rate.
+const LOG_HEADER_BYTES_V1: usize = 96;
 pub const INTENT_LOG_FILE: &str = "intent.log";
 
 /// Checkpoints an extent must stay clean before it leaves the write-intent log.
@@ -77,6 +82,9 @@ pub struct LogHeader {
     pub resync_bytes_done: u64,
     pub verify_next_extent: u64,
     pub saved_unix_ms: u64,
+    /// With the resync's progress (`resync_bytes_done`, the bitmap's extents left): the rate it
+    /// last ran at, so the time left is known again at once after a restart.
+    pub resync_rate_bytes_per_s: u64,
 }
 
 impl LogHeader {
@@ -95,6 +103,7 @@ impl LogHeader {
             resync_bytes_done: 0,
             verify_next_extent: 0,
             saved_unix_ms: unix_ms_now(),
+            resync_rate_bytes_per_s: 0,
         }
     }
 
@@ -158,6 +167,7 @@ pub fn encode(header: &LogHeader, bits: &BitSlice<u64, Lsb0>) -> Vec<u8> {
         header.resync_bytes_done,
         header.verify_next_extent,
         header.saved_unix_ms,
+        header.resync_rate_bytes_per_s,
     ] {
         out.extend_from_slice(&field.to_le_bytes());
     }
@@ -172,8 +182,8 @@ pub fn encode(header: &LogHeader, bits: &BitSlice<u64, Lsb0>) -> Vec<u8> {
 
 /// Decodes a log without trusting any byte of it: every malformed input is a reason string.
 pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
-    if bytes.len() < LOG_HEADER_BYTES {
-        return Err(format!("{} bytes, shorter than the {LOG_HEADER_BYTES}-byte header", bytes.len()));
+    if bytes.len() < LOG_HEADER_BYTES_V1 {
+        return Err(format!("{} bytes, shorter than a header", bytes.len()));
     }
     if bytes[..8] != LOG_MAGIC {
         return Err("bad magic".into());
@@ -181,8 +191,13 @@ pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
     let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
     let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
     let version = u32_at(8);
-    if version != LOG_VERSION {
-        return Err(format!("version {version}, this build reads {LOG_VERSION}"));
+    let header_bytes = match version {
+        1 => LOG_HEADER_BYTES_V1,
+        LOG_VERSION => LOG_HEADER_BYTES,
+        _ => return Err(format!("version {version}, this build reads 1 and {LOG_VERSION}")),
+    };
+    if bytes.len() < header_bytes {
+        return Err(format!("{} bytes, shorter than the {header_bytes}-byte header", bytes.len()));
     }
     let stored_crc = u32_at(20);
     let computed_crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..20]), &[0; 4]);
@@ -211,13 +226,14 @@ pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
         resync_bytes_done: u64_at(72),
         verify_next_extent: u64_at(80),
         saved_unix_ms: u64_at(88),
+        resync_rate_bytes_per_s: if version == 1 { 0 } else { u64_at(96) },
     };
     if !header.extent_bytes.is_power_of_two() || header.extent_bytes < 512 {
         return Err(format!("extent size {} is not a power of two of at least 512", header.extent_bytes));
     }
     let extents = header.extent_count();
     let words = extents.div_ceil(64);
-    let body = &bytes[LOG_HEADER_BYTES..];
+    let body = &bytes[header_bytes..];
     if body.len() as u64 != words * 8 {
         return Err(format!("bitmap of {} bytes, expected {} for {extents} extents", body.len(), words * 8));
     }
@@ -390,7 +406,27 @@ mod tests {
             resync_bytes_done: 12345,
             verify_next_extent: extents / 2,
             saved_unix_ms: 1,
+            resync_rate_bytes_per_s: 200 << 20,
         }
+    }
+
+    /// A version 1 file (no resync rate in its 96-byte header) is read, with a rate of 0.
+    #[test]
+    fn version_1_files_are_read() {
+        let mut bits = bitvec![u64, Lsb0; 0; 100];
+        bits.set(3, true);
+        let header = header(100, FLAG_FRACTURED);
+        let v2 = encode(&header, &bits);
+        let mut v1 = Vec::new();
+        v1.extend_from_slice(&v2[..96]);
+        v1.extend_from_slice(&v2[LOG_HEADER_BYTES..]);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[20..24].fill(0);
+        let crc = crc32c::crc32c(&v1);
+        v1[20..24].copy_from_slice(&crc.to_le_bytes());
+        let (read, read_bits) = decode(&v1).expect("a version 1 file");
+        assert_eq!(read, LogHeader { resync_rate_bytes_per_s: 0, ..header });
+        assert_eq!(read_bits, bits);
     }
 
     #[test]

@@ -94,6 +94,7 @@ fn header(kind: LogKind, flags: u32) -> LogHeader {
         resync_bytes_done: 0,
         verify_next_extent: 0,
         saved_unix_ms: 0,
+        resync_rate_bytes_per_s: 0,
     }
 }
 

@@ -523,6 +523,19 @@ fn a_resync_interrupted_by_a_primary_crash_resumes_where_it_stopped() {
     std::thread::sleep(Duration::from_millis(500)); // a checkpoint of its progress
     let shipped_before = resync_bytes(&lab.status().expect("status"), 0) - base;
     lab.processes[primary].kill();
+    // The progress is on disk: bytes done, the extents left (the bitmap), and the rate the
+    // time left is estimated from.
+    let file = lab.state_dir("p").join(replicator::logs::fracture_log_file("s0"));
+    let (header, left) =
+        replicator::logs::decode(&std::fs::read(&file).expect("the fracture log")).expect("sound");
+    eprintln!(
+        "persisted: {} KiB done, {} extents left, {} KiB/s",
+        header.resync_bytes_done / KIB,
+        left.count_ones(),
+        header.resync_rate_bytes_per_s / KIB
+    );
+    assert!(header.resync_bytes_done > 0 && left.any(), "{header:?}");
+    assert!(header.resync_rate_bytes_per_s > 0, "the rate is persisted: {header:?}");
     lab.start_primary(PRIMARY_ARGS).expect("primary again");
     let shipped_after = resync_bytes(&synchronized(&lab), 0);
     assert_images_equal(&lab);

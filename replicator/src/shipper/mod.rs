@@ -1708,6 +1708,7 @@ impl Engine {
                 sequence: self.checkpoint_sequence,
                 resync_bytes_done: peer.log.resync_bytes_done,
                 verify_next_extent,
+                resync_rate_bytes_per_s: peer.log.resync_rate_bytes_per_s as u64,
                 ..LogHeader::new(&identity, generation)
             };
             let bytes = logs::encode(&header, &dirty);
@@ -2321,6 +2322,7 @@ fn recover_peer(
             pending.union_bits(&bits);
             log.flags = header.flags;
             log.resync_bytes_done = header.resync_bytes_done;
+            log.resync_rate_bytes_per_s = header.resync_rate_bytes_per_s as f64;
             if header.flags & logs::FLAG_VERIFY != 0 {
                 log.start_verify(header.verify_next_extent);
             }

@@ -170,8 +170,8 @@ pub struct PeerLog {
     pub synchronized_at_unix_ms: u64,
     pub fractured_at_unix_ms: u64,
     /// The resync's rate, bytes per second, smoothed over the last few samples (`sample_rate`):
-    /// what the time left is estimated from. Not persisted: after a restart the rate is
-    /// measured afresh, while the progress (bytes done, extents left) is read back.
+    /// what the time left is estimated from. Persisted with the progress (bytes done, extents
+    /// left) in the fracture log, so a restarted primary estimates at once.
     pub resync_rate_bytes_per_s: f64,
     /// When the rate was last sampled, and the bytes done then.
     rate_sampled: Option<(Instant, u64)>,
@@ -233,11 +233,16 @@ impl PeerLog {
 
     /// Samples the resync's rate once every `RATE_SAMPLE_MS` while it copies (`connected`, and
     /// not verifying: a verify compares far more than it copies): an exponentially weighted
-    /// average, so a burst at the start (the throttle's first bucket) fades within seconds. It
-    /// starts afresh after a disconnection.
+    /// average, so a burst at the start (the throttle's first bucket) fades within seconds.
+    /// While it does not copy the rate is kept (it is persisted with the progress, and a
+    /// restarted primary starts from it), and sampling starts afresh when it copies again.
     pub fn sample_rate(&mut self, now: Instant, connected: bool) {
-        if !self.fractured() || !connected || self.verify.is_some() {
+        if !self.fractured() {
             self.resync_rate_bytes_per_s = 0.0;
+            self.rate_sampled = None;
+            return;
+        }
+        if !connected || self.verify.is_some() {
             self.rate_sampled = None;
             return;
         }
@@ -258,8 +263,8 @@ impl PeerLog {
         self.rate_sampled = Some((now, self.resync_bytes_done));
     }
 
-    /// Seconds left to resync `left_bytes` at the sampled rate; none before the first sample,
-    /// while disconnected, and during a verify.
+    /// Seconds left to resync `left_bytes` at the sampled (or persisted) rate; none before the
+    /// first sample and during a verify.
     pub fn eta_seconds(&self, left_bytes: u64) -> Option<f64> {
         let rate = self.resync_rate_bytes_per_s;
         (self.fractured() && self.verify.is_none() && rate > 0.0).then(|| left_bytes as f64 / rate)
