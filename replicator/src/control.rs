@@ -146,6 +146,10 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
                 use std::sync::atomic::Ordering;
                 if let Err(refused) = check_peer(&stream, own_uid) {
                     tracing::warn!(%refused, "control: connection refused");
+                    // Its request is read (and dropped) first, so that the caller is not cut
+                    // off in the middle of sending it and gets the reason.
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = BufReader::new((&stream).take(REQUEST_BYTES_MAX)).read_line(&mut String::new());
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = writeln!(stream, "{}", serde_json::json!({ "ok": false, "error": refused }));
                     continue;

@@ -84,6 +84,24 @@ fn every_status_field_is_documented(lab: &Lab) {
     }
 }
 
+/// With the socket opened to everyone by hand, a user other than root (nobody, through
+/// `setpriv`) is still refused: the primary checks the caller's uid on each connection.
+fn another_user_is_refused_whatever_the_mode(lab: &Lab, socket: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o666)).expect("chmod");
+    let output = std::process::Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(&lab.binary)
+        .args(["status", "--state-dir"])
+        .arg(lab.state_dir("p"))
+        .output()
+        .expect("setpriv (package util-linux)");
+    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "uid 65534 was answered: {}", String::from_utf8_lossy(&output.stdout));
+    assert!(stderr.contains("uid 65534 may not operate"), "refused, but not by the uid check: {stderr}");
+}
+
 /// `promote` of s1 as the primary's database records it while s1 is gone (UNSYNCHRONIZED),
 /// on a copy of that database: refused, saying why.
 fn promote_of_an_unsynchronized_image_is_refused(lab: &Lab) {
@@ -151,6 +169,7 @@ fn lifecycle_from_create_to_destroy_with_every_refusal() {
     let mode =
         std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&socket).expect("socket").permissions());
     assert_eq!(mode & 0o777, 0o600, "the control socket is root's only");
+    another_user_is_refused_whatever_the_mode(&lab, &socket);
     // An image of another size is refused at its first contact, naming both sizes.
     let small = LoopDevice::create("life-small", DEVICE_BYTES / 2).expect("a smaller device");
     let mut command = lab.secondary_ns[1].command(&lab.binary);
