@@ -8,7 +8,7 @@
 //! it strikes). No full copy.
 
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use replicator_tests::*;
@@ -51,6 +51,31 @@ impl Workload {
 
 fn synchronized(lab: &Lab) -> serde_json::Value {
     lab.wait_synchronized(SYNC_TIMEOUT).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()))
+}
+
+/// A lab with one secondary and the primary (started with `primary_args`), 100 extents
+/// written and SYNCHRONIZED: where most cases start.
+struct Mirrored {
+    lab: Lab,
+    workload: Workload,
+    /// The primary's device.
+    device: PathBuf,
+    /// Indexes in `lab.processes`.
+    secondary: usize,
+    primary: usize,
+    /// The secondary's resync bytes once SYNCHRONIZED (its initial full sync).
+    before: u64,
+}
+
+fn mirrored(label: &str, seed: u64, primary_args: &[&str]) -> Mirrored {
+    let mut lab = lab(label, 1, DEVICE_BYTES);
+    let mut workload = Workload::new(seed, DEVICE_BYTES);
+    let secondary = lab.start_secondary(0, &[]).expect("secondary");
+    let primary = lab.start_primary(primary_args).expect("primary");
+    let device = lab.primary_device.path.clone();
+    workload.write(&device, 100);
+    let before = resync_bytes(&synchronized(&lab), 0);
+    Mirrored { lab, workload, device, secondary, primary, before }
 }
 
 fn resync_bytes(status: &serde_json::Value, peer: usize) -> u64 {
@@ -107,13 +132,8 @@ fn quiet_intent_log() {
 /// 1. Kill -9 the secondary in the middle of writes; restart it.
 #[test]
 fn secondary_killed_and_restarted() {
-    let mut lab = lab("r-kill-s", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(1, DEVICE_BYTES);
-    let secondary = lab.start_secondary(0, &[]).expect("secondary");
-    lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    let before = resync_bytes(&synchronized(&lab), 0);
+    let Mirrored { mut lab, mut workload, device, secondary, before, .. } =
+        mirrored("r-kill-s", 1, PRIMARY_ARGS);
     let mut during = workload.write(&device, 20);
     lab.processes[secondary].kill();
     during.extend(workload.write(&device, 100));
@@ -128,13 +148,7 @@ fn secondary_killed_and_restarted() {
 /// 2. The link goes down for 10 s (`ip link set ... down`), then up.
 #[test]
 fn link_down_for_ten_seconds() {
-    let mut lab = lab("r-link", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(2, DEVICE_BYTES);
-    lab.start_secondary(0, &[]).expect("secondary");
-    lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    let before = resync_bytes(&synchronized(&lab), 0);
+    let Mirrored { lab, mut workload, device, before, .. } = mirrored("r-link", 2, PRIMARY_ARGS);
     let link = lab.primary_ifs[0].clone();
     let mut during = workload.write(&device, 20);
     lab.primary_ns.run(&["link", "set", &link, "down"]).expect("link down");
@@ -152,13 +166,8 @@ fn link_down_for_ten_seconds() {
 ///    pinned maps bring it back without a full copy, writes made while no primary ran included.
 #[test]
 fn primary_killed_while_a_secondary_is_fractured() {
-    let mut lab = lab("r-kill-p", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(3, DEVICE_BYTES);
-    let secondary = lab.start_secondary(0, &[]).expect("secondary");
-    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    synchronized(&lab);
+    let Mirrored { mut lab, mut workload, device, secondary, primary, .. } =
+        mirrored("r-kill-p", 3, PRIMARY_ARGS);
     quiet_intent_log();
     lab.processes[secondary].kill();
     let mut during = workload.write(&device, 100);
@@ -181,13 +190,7 @@ fn primary_killed_while_a_secondary_is_fractured() {
 ///    secondary bring it back; the verify ships only the extents that differ.
 #[test]
 fn host_crash_of_the_primary() {
-    let mut lab = lab("r-host", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(4, DEVICE_BYTES);
-    lab.start_secondary(0, &[]).expect("secondary");
-    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    synchronized(&lab);
+    let Mirrored { mut lab, mut workload, device, primary, .. } = mirrored("r-host", 4, PRIMARY_ARGS);
     quiet_intent_log();
     let mut during = workload.write(&device, 50);
     lab.processes[primary].kill();
@@ -275,13 +278,7 @@ fn damaged_fracture_logs_fall_back_to_verify() {
 ///    change until restore.
 #[test]
 fn administrator_fracture_and_restore() {
-    let mut lab = lab("r-admin", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(6, DEVICE_BYTES);
-    lab.start_secondary(0, &[]).expect("secondary");
-    lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    let before = resync_bytes(&synchronized(&lab), 0);
+    let Mirrored { lab, mut workload, device, before, .. } = mirrored("r-admin", 6, PRIMARY_ARGS);
     let mut during = workload.write(&device, 20);
     lab.operate(&["fracture", "s0"]).unwrap_or_else(|e| panic!("fracture: {e}\n{}", lab.logs()));
     let status = fractured(&lab, 0);
@@ -502,13 +499,7 @@ fn a_secondary_down_at_start_up_catches_up_before_it_is_synchronized() {
 /// had copied (up to its last checkpoint) are not copied again.
 #[test]
 fn a_resync_interrupted_by_a_primary_crash_resumes_where_it_stopped() {
-    let mut lab = lab("r-resume", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(9, DEVICE_BYTES);
-    lab.start_secondary(0, &[]).expect("secondary");
-    let primary = lab.start_primary(PRIMARY_ARGS).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    synchronized(&lab);
+    let Mirrored { mut lab, mut workload, device, primary, .. } = mirrored("r-resume", 9, PRIMARY_ARGS);
     quiet_intent_log();
     lab.operate(&["fracture", "s0"]).unwrap_or_else(|e| panic!("fracture: {e}\n{}", lab.logs()));
     let base = resync_bytes(&fractured(&lab, 0), 0); // the initial full sync's
@@ -563,14 +554,8 @@ fn a_resync_interrupted_by_a_primary_crash_resumes_where_it_stopped() {
 /// untouched, until `restore`; then only what it missed is copied.
 #[test]
 fn manual_recovery_policy_waits_for_restore() {
-    let mut lab = lab("r-manual", 1, DEVICE_BYTES);
-    let mut workload = Workload::new(10, DEVICE_BYTES);
-    let secondary = lab.start_secondary(0, &[]).expect("secondary");
     let args: Vec<&str> = PRIMARY_ARGS.iter().copied().chain(["--recovery-policy", "manual"]).collect();
-    lab.start_primary(&args).expect("primary");
-    let device = lab.primary_device.path.clone();
-    workload.write(&device, 100);
-    let before = resync_bytes(&synchronized(&lab), 0);
+    let Mirrored { mut lab, mut workload, device, secondary, before, .. } = mirrored("r-manual", 10, &args);
     let mut during = workload.write(&device, 20);
     lab.processes[secondary].kill();
     during.extend(workload.write(&device, 100));

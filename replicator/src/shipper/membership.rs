@@ -448,11 +448,16 @@ impl Engine {
     fn apply_change(&mut self, change: PendingChange) {
         let PendingChange { reply, mut db, effect, targets, .. } = change;
         tracing::info!(mirror = %db.name, revision = db.revision, ?effect, "mirror database change takes effect");
-        // What the images did meanwhile (kept in memory, not stored, while committing).
+        // What the images did meanwhile (kept in memory, not stored, while committing): the
+        // file holds the change as stored before its commit, so it is written again only if
+        // an image's state moved since.
+        let stored = db.clone();
         if let Some(current) = &self.mirror {
             db.take_image_states(current);
         }
-        if let Err(error) = db.store(&self.config.state_dir) {
+        if db != stored
+            && let Err(error) = db.store(&self.config.state_dir)
+        {
             tracing::error!(%error, "saving the mirror database failed");
             self.metrics.log_write_errors.inc();
         }

@@ -1373,7 +1373,8 @@ impl Engine {
         self.peers
             .iter()
             .filter(|p| !p.removed)
-            .map(|p| PeerStatus {
+            .map(|p| (p, out_of_sync_bytes(p, self.config.extent_bytes, self.device_bytes)))
+            .map(|(p, out_of_sync_bytes)| PeerStatus {
                 name: p.name.clone(),
                 addr: p.addr.to_string(),
                 connected: p.conn.is_some(),
@@ -1392,12 +1393,8 @@ impl Engine {
                 recovery_policy: p.log.recovery,
                 sync_rate_bytes_per_s: p.log.throttle.rate_bytes_per_s,
                 resync_bytes_done: p.log.resync_bytes_done,
-                out_of_sync_bytes: out_of_sync_bytes(p, self.config.extent_bytes, self.device_bytes),
-                resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes(
-                    p,
-                    self.config.extent_bytes,
-                    self.device_bytes,
-                )),
+                out_of_sync_bytes,
+                resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes),
                 consistency_point_unix_ms: p.consistency_point_unix_ms,
                 synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
                 fractured_at_unix_ms: p.log.fractured_at_unix_ms,
