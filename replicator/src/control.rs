@@ -26,6 +26,8 @@ const REPLY_TIMEOUT_MS: u64 = 30_000;
 /// at once as busy.
 const REQUESTS_IN_FLIGHT_MAX: usize = 8;
 pub const CONSISTENCY_TIMEOUT_MS_MAX: u64 = 300_000;
+/// How long the request of a caller refused by its uid is read before the refusal is sent.
+const REFUSED_READ_MS: u64 = 200;
 
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case", deny_unknown_fields)]
@@ -148,7 +150,7 @@ pub fn serve(state_dir: &Path) -> Result<(ControlServer, Receiver<Call>), Contro
                     tracing::warn!(%refused, "control: connection refused");
                     // Its request is read (and dropped) first, so that the caller is not cut
                     // off in the middle of sending it and gets the reason.
-                    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+                    let _ = stream.set_read_timeout(Some(Duration::from_millis(REFUSED_READ_MS)));
                     let _ = BufReader::new((&stream).take(REQUEST_BYTES_MAX)).read_line(&mut String::new());
                     let _ = stream.set_write_timeout(Some(Duration::from_secs(1)));
                     let _ = writeln!(stream, "{}", serde_json::json!({ "ok": false, "error": refused }));
