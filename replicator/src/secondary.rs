@@ -50,9 +50,8 @@ pub struct SecondaryConfig {
     pub frame_data_bytes_max: usize,
     /// A session with no frame from the primary for this long is over.
     pub timeout_ms: u64,
-    /// Spin this long for the next completion before the session sleeps (0: never; at most
-    /// `pool::POLL_US_MAX`).
-    pub poll_us: u64,
+    /// How long a session spins for its next completion before it sleeps.
+    pub poll: crate::pool::PollSetting,
 }
 
 impl SecondaryConfig {
@@ -356,6 +355,9 @@ struct Session<'a> {
     /// The database of a change in progress: checked and held since its prepare frame, stored
     /// when its commit frame comes, dropped if another database arrives first.
     prepared: Option<failback::Reconciled>,
+    /// When the last frame a client waits on came (`FLAG_CLIENT_WAITS`): the session
+    /// busy-polls while they flow (`PollSetting::Auto`).
+    client_waits_at: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -409,7 +411,7 @@ impl<'a> Session<'a> {
         Ok(Self {
             ring,
             pool,
-            poll: crate::pool::PollWindow::new(config.poll_us),
+            poll: crate::pool::PollWindow::new(config.poll),
             limits,
             image,
             device,
@@ -429,6 +431,7 @@ impl<'a> Session<'a> {
             acks: Vec::with_capacity(usize::from(depth) * (wire::HEADER_BYTES + 16)),
             ack_frame: Vec::with_capacity(wire::HEADER_BYTES + 16),
             prepared: None,
+            client_waits_at: None,
         })
     }
 
@@ -453,7 +456,8 @@ impl<'a> Session<'a> {
                 self.submit_recv(stream)?;
             }
             self.flush_acks(stream)?;
-            self.poll.spin(&mut self.ring).map_err(SessionEnd::Io)?;
+            let client_waits = crate::pool::within_poll_window(self.client_waits_at);
+            self.poll.spin(&mut self.ring, client_waits).map_err(SessionEnd::Io)?;
             let wait = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&wait);
             match self.ring.submitter().submit_with_args(1, &args) {
@@ -611,6 +615,9 @@ impl<'a> Session<'a> {
         match self.receiving {
             Receiving::Header => {
                 let header = wire::decode_header(&self.header_bytes, &self.limits)?;
+                if header.flags & wire::FLAG_CLIENT_WAITS != 0 {
+                    self.client_waits_at = Some(Instant::now());
+                }
                 self.start_payload(header, stream)
             }
             Receiving::Extent { header, buffer } => {

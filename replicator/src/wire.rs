@@ -11,7 +11,8 @@
 //! 12  crc32c         u32  over the header (this field zero) and the payload
 //! 16  sequence       u64  per connection and direction, increasing (gaps allowed: the
 //!                         primary numbers extent frames once for all its secondaries)
-//! 24  reserved       u64  zero
+//! 24  flags          u8   FLAG_CLIENT_WAITS on a BlockData frame, else zero
+//! 25  reserved       7 bytes, zero
 //! ```
 //!
 //! All integers are little-endian. Invariant: nothing from the network reaches the image
@@ -24,7 +25,11 @@ pub const MAGIC: u32 = u32::from_le_bytes(*b"RPLW");
 /// The alignment of `BlockData` and `Zeroes`: the smallest logical block a Linux device has.
 pub const SECTOR_BYTES: u64 = 512;
 /// 2: the mirror database changes in two steps (`MirrorDbPrepare`, `MirrorDbCommit`).
-pub const VERSION: u16 = 2;
+/// 3: the header's flags byte (`FLAG_CLIENT_WAITS`).
+pub const VERSION: u16 = 3;
+/// On a `BlockData` frame: a client's synchronous write through the export waits for this
+/// frame's ack. A secondary busy-polls while such frames flow (`--poll-us`, by default).
+pub const FLAG_CLIENT_WAITS: u8 = 1;
 pub const HEADER_BYTES: usize = 32;
 /// Bytes of a handshake nonce and of an HMAC-SHA256 proof.
 pub const NONCE_BYTES: usize = 32;
@@ -112,6 +117,8 @@ pub enum WireError {
     TooLong { found: u32, limit: u32 },
     #[error("reserved header bytes are not zero")]
     Reserved,
+    #[error("header flags {found:#04x} on a {kind:?} frame")]
+    Flags { kind: MessageKind, found: u8 },
     #[error("checksum mismatch: frame says {expected:#010x}, computed {computed:#010x}")]
     Checksum { expected: u32, computed: u32 },
     #[error("{kind:?} payload of {found} bytes, expected {expected}")]
@@ -141,6 +148,8 @@ pub struct Header {
     pub payload_bytes: u32,
     pub crc32c: u32,
     pub sequence: u64,
+    /// `FLAG_*` bits; only `FLAG_CLIENT_WAITS`, only on `BlockData`.
+    pub flags: u8,
 }
 
 /// A decoded message, borrowing its payload.
@@ -285,10 +294,14 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES], limits: &Limits) -> Result<Head
     if payload_bytes > limits.payload_bytes_max {
         return Err(WireError::TooLong { found: payload_bytes, limit: limits.payload_bytes_max });
     }
-    if u64_at(bytes, 24) != 0 {
+    let flags = bytes[24];
+    if flags != 0 && (kind != MessageKind::BlockData || flags & !FLAG_CLIENT_WAITS != 0) {
+        return Err(WireError::Flags { kind, found: flags });
+    }
+    if bytes[25..].iter().any(|&b| b != 0) {
         return Err(WireError::Reserved);
     }
-    Ok(Header { kind, payload_bytes, crc32c: u32_at(bytes, 12), sequence: u64_at(bytes, 16) })
+    Ok(Header { kind, payload_bytes, crc32c: u32_at(bytes, 12), sequence: u64_at(bytes, 16), flags })
 }
 
 /// The frame checksum: crc32c over the header with its checksum field zero, then the payload.
@@ -304,19 +317,21 @@ pub const EXTENT_PREFIX_BYTES: usize = HEADER_BYTES + 8;
 /// The header and offset of an extent-data frame, to send right before `data` (the primary
 /// writes them just before the data in the same buffer, so the frame goes out in one send).
 pub fn encode_extent_prefix(sequence: u64, offset_bytes: u64, data: &[u8]) -> [u8; EXTENT_PREFIX_BYTES] {
-    encode_data_prefix(MessageKind::ExtentData, sequence, offset_bytes, data)
+    encode_data_prefix(MessageKind::ExtentData, sequence, offset_bytes, data, 0)
 }
 
-/// As [`encode_extent_prefix`], for `ExtentData` or `BlockData`.
+/// As [`encode_extent_prefix`], for `ExtentData` or `BlockData` (which may carry `flags`).
 pub fn encode_data_prefix(
     kind: MessageKind,
     sequence: u64,
     offset_bytes: u64,
     data: &[u8],
+    flags: u8,
 ) -> [u8; EXTENT_PREFIX_BYTES] {
     assert!(matches!(kind, MessageKind::ExtentData | MessageKind::BlockData));
+    assert!(flags == 0 || (kind == MessageKind::BlockData && flags == FLAG_CLIENT_WAITS));
     let offset = offset_bytes.to_le_bytes();
-    let header = encode_header(kind, sequence, &[&offset, data]);
+    let header = encode_flagged_header(kind, sequence, flags, &[&offset, data]);
     let mut prefix = [0u8; EXTENT_PREFIX_BYTES];
     prefix[..HEADER_BYTES].copy_from_slice(&header);
     prefix[HEADER_BYTES..].copy_from_slice(&offset);
@@ -550,6 +565,16 @@ fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<
 /// Writes a frame header for `kind` and `payload` (the payload may be sent from elsewhere, as
 /// zero-copy sends do; only its bytes enter the checksum).
 pub fn encode_header(kind: MessageKind, sequence: u64, payload: &[&[u8]]) -> [u8; HEADER_BYTES] {
+    encode_flagged_header(kind, sequence, 0, payload)
+}
+
+/// As [`encode_header`], with the header's flags byte.
+fn encode_flagged_header(
+    kind: MessageKind,
+    sequence: u64,
+    flags: u8,
+    payload: &[&[u8]],
+) -> [u8; HEADER_BYTES] {
     let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -557,6 +582,7 @@ pub fn encode_header(kind: MessageKind, sequence: u64, payload: &[&[u8]]) -> [u8
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     header[8..12].copy_from_slice(&u32::try_from(payload_bytes).expect("payload under 4 GiB").to_le_bytes());
     header[16..24].copy_from_slice(&sequence.to_le_bytes());
+    header[24] = flags;
     let crc = payload.iter().fold(crc32c::crc32c(&header), |crc, part| crc32c::crc32c_append(crc, part));
     header[12..16].copy_from_slice(&crc.to_le_bytes());
     header
@@ -759,6 +785,34 @@ mod tests {
         let (_, sequence, message) = parse_frame(&stream[used..], &LIMITS).expect("valid").expect("whole");
         assert_eq!((sequence, message), (43, Message::Keepalive));
         assert!(parse_frame(&[0u8; HEADER_BYTES], &LIMITS).is_err(), "bad header reported early");
+    }
+
+    #[test]
+    fn the_client_waits_flag_rides_only_on_block_data() {
+        let data = vec![3u8; 4096];
+        let mut frame =
+            encode_data_prefix(MessageKind::BlockData, 7, 8192, &data, FLAG_CLIENT_WAITS).to_vec();
+        frame.extend_from_slice(&data);
+        let header = decode_header(frame.first_chunk().expect("a header"), &LIMITS).expect("valid");
+        assert_eq!(header.flags, FLAG_CLIENT_WAITS);
+        assert_eq!(
+            decode(&frame),
+            Ok((7, Message::BlockData { offset_bytes: 8192, data: &data })),
+            "checksum covers it"
+        );
+        let mut unknown = frame.clone();
+        unknown[24] = 2;
+        assert_eq!(decode(&unknown), Err(WireError::Flags { kind: MessageKind::BlockData, found: 2 }));
+        let mut extent = encode_extent_prefix(7, 0, &vec![0u8; 65536]).to_vec();
+        extent[24] = FLAG_CLIENT_WAITS;
+        let header = extent.first_chunk().expect("a header");
+        assert_eq!(
+            decode_header(header, &LIMITS),
+            Err(WireError::Flags { kind: MessageKind::ExtentData, found: FLAG_CLIENT_WAITS })
+        );
+        let mut reserved = frame;
+        reserved[31] = 1;
+        assert_eq!(decode(&reserved), Err(WireError::Reserved));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use crate::auth::Key;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::mirror::{MirrorDb, WritePolicy};
+use crate::pool::PollSetting;
 use crate::secondary::{self, SecondaryConfig};
 use crate::shipper::{Engine, RecoveryPolicy, ShipperConfig};
 
@@ -133,10 +134,11 @@ pub struct PrimaryArgs {
     #[arg(long)]
     pub minimum_images: Option<u32>,
     /// Busy-poll: after submitting its work, spin up to this many µs (at most 1000) for the
-    /// next completion before sleeping [default: 0, off]. Lowers the latency of synchronous
-    /// export writes at low queue depth, most on VMs (where waking an idle vCPU is slow), for up
-    /// to a core of CPU while writes flow; a mirror with no writes never spins. Set it on the
-    /// primary and on each secondary.
+    /// next completion before sleeping, yielding the CPU to any thread that needs it, while
+    /// writes flow; 0 never spins [default: 200 while sync writes through the NBD export flow,
+    /// no spin otherwise]. Halves the latency of sync export writes at low queue depth on VMs
+    /// (where waking an idle vCPU is slow), for up to a core of CPU while they flow; a mirror
+    /// with no writes never spins.
     #[arg(long)]
     pub poll_us: Option<u64>,
 }
@@ -175,10 +177,11 @@ pub struct SecondaryArgs {
     #[arg(long)]
     pub metrics: Option<SocketAddr>,
     /// Busy-poll: after submitting its work, spin up to this many µs (at most 1000) for the
-    /// next completion before sleeping [default: 0, off]. Lowers the latency of synchronous
-    /// export writes at low queue depth, most on VMs (where waking an idle vCPU is slow), for up
-    /// to a core of CPU while writes flow; a mirror with no writes never spins. Set it on the
-    /// primary and on each secondary.
+    /// next completion before sleeping, yielding the CPU to any thread that needs it, while
+    /// writes flow; 0 never spins [default: 200 while sync writes through the NBD export flow,
+    /// no spin otherwise]. Halves the latency of sync export writes at low queue depth on VMs
+    /// (where waking an idle vCPU is slow), for up to a core of CPU while they flow; a mirror
+    /// with no writes never spins.
     #[arg(long)]
     pub poll_us: Option<u64>,
 }
@@ -286,7 +289,7 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         export,
         write_policy: write_policy.unwrap_or(WritePolicy::Async),
         minimum_images: minimum_images.unwrap_or(1),
-        poll_us: poll_us(cli.poll_us.or(file.poll_us))?,
+        poll: poll_setting(cli.poll_us.or(file.poll_us))?,
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     primary(config, &key_file, cli.metrics.or(file.metrics), stop)
@@ -304,20 +307,20 @@ pub fn run_secondary(cli: SecondaryArgs, stop: &AtomicBool) -> anyhow::Result<()
         queue_depth: SecondaryConfig::QUEUE_DEPTH_DEFAULT,
         frame_data_bytes_max: SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT,
         timeout_ms: cli.timeout_ms.or(file.timeout_ms).unwrap_or(SecondaryConfig::TIMEOUT_MS_DEFAULT),
-        poll_us: poll_us(cli.poll_us.or(file.poll_us))?,
+        poll: poll_setting(cli.poll_us.or(file.poll_us))?,
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     secondary(&config, &key_file, cli.metrics.or(file.metrics), stop)
 }
 
-fn poll_us(value: Option<u64>) -> anyhow::Result<u64> {
-    let poll_us = value.unwrap_or(0);
+fn poll_setting(value: Option<u64>) -> anyhow::Result<PollSetting> {
+    let Some(poll_us) = value else { return Ok(PollSetting::Auto) };
     anyhow::ensure!(
         poll_us <= crate::pool::POLL_US_MAX,
         "--poll-us {poll_us}: at most {} (a longer spin only burns CPU)",
         crate::pool::POLL_US_MAX
     );
-    Ok(poll_us)
+    Ok(PollSetting::Fixed(poll_us))
 }
 
 /// `NAME=ADDR:PORT`, as `--secondary` takes it.

@@ -69,6 +69,9 @@ pub(super) struct ExportState {
     pub(super) stale: BitVec<u64, Lsb0>,
     /// When the last "too few images" refusal was logged (one line per second at most).
     refused_logged: Option<Instant>,
+    /// When the engine last took a client's request (the engine busy-polls while they flow,
+    /// under the sync policy).
+    pub(super) last_request_at: Option<Instant>,
 }
 
 /// A client request in the engine.
@@ -119,6 +122,7 @@ impl ExportState {
             completed_overflow: false,
             stale: bitvec![u64, Lsb0; 0; extents],
             refused_logged: None,
+            last_request_at: None,
         }
     }
 
@@ -276,6 +280,7 @@ impl Engine {
                 return Ok(());
             }
             let Some(request) = export.next_request() else { return Ok(()) };
+            export.last_request_at = Some(Instant::now());
             self.start_export(request)?;
         }
     }
@@ -326,7 +331,7 @@ impl Engine {
         };
         let sequence = self.next_sequence;
         self.next_sequence += 1;
-        let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence);
+        let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence, sync);
         let slot = self.push_export(request, extents.clone(), entry, zeroes_frame, sync)?;
         for i in (0..self.peers.len()).filter(|&i| targets[i]) {
             self.queue_export_frame(i, slot, sequence, frame_bytes, &extents);
@@ -610,17 +615,23 @@ fn zero_entry(fd: types::Fd, request: &ExportRequest, unmap: bool) -> io_uring::
 }
 
 /// Encodes the wire frame of an op for the secondaries: a write's header and offset go into its
-/// buffer's prefix, right before the data; a TRIM's or WRITE_ZEROES' whole frame is returned.
-/// Returns the frame's length too.
-fn encode_frame(request: &mut ExportRequest, sequence: u64) -> (usize, Option<[u8; ZEROES_FRAME_BYTES]>) {
+/// buffer's prefix, right before the data (flagged `FLAG_CLIENT_WAITS` under the `sync` policy);
+/// a TRIM's or WRITE_ZEROES' whole frame is returned. Returns the frame's length too.
+fn encode_frame(
+    request: &mut ExportRequest,
+    sequence: u64,
+    sync: bool,
+) -> (usize, Option<[u8; ZEROES_FRAME_BYTES]>) {
     match request.buffer.as_mut() {
         Some(buffer) => {
             let len = request.len_bytes as usize;
+            let flags = if sync { wire::FLAG_CLIENT_WAITS } else { 0 };
             let prefix = wire::encode_data_prefix(
                 wire::MessageKind::BlockData,
                 sequence,
                 request.offset_bytes,
                 buffer.data(len),
+                flags,
             );
             buffer.prefix_tail_mut(wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
             (wire::EXTENT_PREFIX_BYTES + len, None)

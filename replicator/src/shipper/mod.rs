@@ -92,9 +92,8 @@ pub struct ShipperConfig {
     /// For a mirror given on the command line: images (the primary counts) a sync write must
     /// reach before it succeeds.
     pub minimum_images: u32,
-    /// Spin this long for the next completion before the engine sleeps (0: never; at most
-    /// `pool::POLL_US_MAX`).
-    pub poll_us: u64,
+    /// How long the engine spins for its next completion before it sleeps.
+    pub poll: crate::pool::PollSetting,
 }
 
 impl ShipperConfig {
@@ -375,7 +374,7 @@ impl Engine {
         let mirror = config.mirror.clone();
         let mut engine = Self {
             ring,
-            poll: crate::pool::PollWindow::new(config.poll_us),
+            poll: crate::pool::PollWindow::new(config.poll),
             pool,
             buffer_refs: vec![0; usize::from(buffers)],
             ops,
@@ -925,7 +924,10 @@ impl Engine {
     }
 
     fn wait_and_reap(&mut self) -> Result<(), ShipperError> {
-        self.poll.spin(&mut self.ring).map_err(io_error("polling the io_uring"))?;
+        let client_waits =
+            self.export.as_ref().is_some_and(|e| crate::pool::within_poll_window(e.last_request_at))
+                && self.write_policy() == crate::mirror::WritePolicy::Sync;
+        self.poll.spin(&mut self.ring, client_waits).map_err(io_error("polling the io_uring"))?;
         let wait = types::Timespec::new().nsec(2_000_000);
         let args = types::SubmitArgs::new().timespec(&wait);
         match self.ring.submitter().submit_with_args(1, &args) {
