@@ -14,6 +14,12 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::{MetricType, TypedMetric};
 use prometheus_client::registry::Registry;
 
+/// Seconds as a counter (`f64` in an atomic `u64`).
+pub type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+
+/// The help text of `replicator_busy_poll_seconds`, on the primary and the secondary.
+const BUSY_POLL_HELP: &str = "Seconds spent busy-polling for completions (--poll-us), yielding the CPU";
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecondaryLabel {
     pub secondary: String,
@@ -141,6 +147,7 @@ pub struct PrimaryMetrics {
     pub unmatched_writes: Counter,
     pub export_bytes: Counter,
     pub export_errors: Counter,
+    pub busy_poll_seconds: SecondsCounter,
 }
 
 /// Handles for one secondary, cloned out of the families once so the data path does no lookup.
@@ -298,6 +305,7 @@ impl PrimaryMetrics {
             "Export writes, TRIMs, zeroes and flushes that failed back to the client with EIO",
             self.export_errors.clone(),
         );
+        r.register("replicator_busy_poll_seconds", BUSY_POLL_HELP, self.busy_poll_seconds.clone());
         r.register(
             "replicator_tracker_write_events",
             "Writes (and discards) the tracker marked",
@@ -364,6 +372,7 @@ pub struct SecondaryMetrics {
     pub refused_connections: Counter,
     pub write_errors: Counter,
     pub primary_connected: Gauge,
+    pub busy_poll_seconds: SecondsCounter,
 }
 
 impl SecondaryMetrics {
@@ -394,6 +403,7 @@ impl SecondaryMetrics {
             "1 while a primary session is active",
             self.primary_connected.clone(),
         );
+        registry.register("replicator_busy_poll_seconds", BUSY_POLL_HELP, self.busy_poll_seconds.clone());
     }
 }
 

@@ -199,12 +199,14 @@ impl PollWindow {
     /// ring's deferred work when its flag says there is some, until a completion is ready or
     /// the budget is spent. The wait that follows then returns at once or blocks as before. A
     /// signal (EINTR) or a full completion queue (EBUSY) ends the spin, for that wait to meet.
-    pub fn spin(&mut self, ring: &mut io_uring::IoUring, client_waits: bool) -> std::io::Result<()> {
+    /// Returns the seconds spun (for `replicator_busy_poll_seconds`).
+    pub fn spin(&mut self, ring: &mut io_uring::IoUring, client_waits: bool) -> std::io::Result<f64> {
         let budget_us = self.setting.budget_us(client_waits);
         if budget_us == 0 {
             self.last_wait = None;
-            return Ok(());
+            return Ok(0.0);
         }
+        let mut spun_s = 0.0;
         let now = std::time::Instant::now();
         if within_poll_window(self.last_wait) {
             let spun = Self::spin_until_completion(ring, now, budget_us);
@@ -213,9 +215,10 @@ impl PollWindow {
             {
                 return Err(e);
             }
+            spun_s = now.elapsed().as_secs_f64();
         }
         self.last_wait = Some(std::time::Instant::now());
-        Ok(())
+        Ok(spun_s)
     }
 
     fn spin_until_completion(

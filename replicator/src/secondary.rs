@@ -457,7 +457,10 @@ impl<'a> Session<'a> {
             }
             self.flush_acks(stream)?;
             let client_waits = crate::pool::within_poll_window(self.client_waits_at);
-            self.poll.spin(&mut self.ring, client_waits).map_err(SessionEnd::Io)?;
+            let spun_s = self.poll.spin(&mut self.ring, client_waits).map_err(SessionEnd::Io)?;
+            if spun_s > 0.0 {
+                stats.busy_poll_seconds.inc_by(spun_s);
+            }
             let wait = types::Timespec::new().nsec(100_000_000);
             let args = types::SubmitArgs::new().timespec(&wait);
             match self.ring.submitter().submit_with_args(1, &args) {

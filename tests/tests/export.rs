@@ -726,3 +726,70 @@ fn a_long_trim_does_not_look_like_a_dead_secondary() {
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
     eprintln!("a 48 MiB TRIM that s0 applied in {took:?} (timeout 2 s) left it connected and in sync");
 }
+
+/// `replicator_busy_poll_seconds_total` as the member in `netns` serves it on `addr`.
+fn busy_poll_seconds(netns: &str, addr: &str) -> f64 {
+    let text = http_get(netns, addr, "/metrics");
+    text.lines()
+        .filter(|line| line.starts_with("replicator_busy_poll_seconds_total"))
+        .find_map(|line| line.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no replicator_busy_poll_seconds_total in:\n{text}"))
+}
+
+/// Busy-polling by default (no `--poll-us`): neither member spins for the initial full sync
+/// or for async writes through the export; both spin while sync writes flow (the secondary
+/// learns it from the frames' flag). Each write crosses the wire once either way.
+#[test]
+fn busy_polling_by_default_only_while_sync_writes_flow() {
+    require_root();
+    let mut lab = Lab::new(&replicator_bin(), "nbdpoll", 1, DEVICE_BYTES).expect("lab");
+    lab.start_secondary(0, &["--metrics", "127.0.0.1:9104"]).expect("s0");
+    let export = format!("nbd+unix:{}", socket(&lab).display());
+    let fast: Vec<&str> = FAST.iter().copied().filter(|a| *a != "--skip-initial-sync").collect();
+    let start = |lab: &mut Lab, policy: &str| {
+        let mut args =
+            vec!["--export", export.as_str(), "--write-policy", policy, "--metrics", "127.0.0.1:9103"];
+        args.extend(&fast);
+        let primary = lab.start_primary(&args).expect("primary");
+        lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+        wait_for_socket(lab);
+        primary
+    };
+    let (p_ns, s_ns) = (lab.primary_ns.name.clone(), lab.secondary_ns[0].name.clone());
+    const WRITES: u64 = 200;
+    let stream = |lab: &Lab, first_offset: u64, pattern: u8| {
+        let before = shipped_bytes(lab)[0];
+        let out = write_stream(lab, first_offset, WRITES, pattern)
+            .join()
+            .expect("qemu-io thread")
+            .unwrap_or_else(|e| panic!("qemu-io: {e}\n{}", lab.logs()));
+        assert_eq!(out.matches("wrote 65536/65536 bytes").count() as u64, WRITES, "{out}");
+        lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+        std::thread::sleep(Duration::from_millis(1000)); // a few drains
+        let shipped = shipped_bytes(lab)[0] - before;
+        assert_eq!(shipped, WRITES * 64 * KIB, "each write crosses the wire once\n{}", lab.logs());
+    };
+
+    // The initial full sync (64 MiB) and async writes: no spin on either member.
+    let primary = start(&mut lab, "async");
+    stream(&lab, 0, 0x5a);
+    let (p_async, s_async) =
+        (busy_poll_seconds(&p_ns, "127.0.0.1:9103"), busy_poll_seconds(&s_ns, "127.0.0.1:9104"));
+    eprintln!(
+        "busy-poll seconds after a full sync and {WRITES} async writes: primary {p_async}, secondary {s_async}"
+    );
+    assert_eq!((p_async, s_async), (0.0, 0.0), "spun without a client waiting\n{}", lab.logs());
+    lab.processes[primary].stop();
+    // The next primary's status, not this one's, must say when it is synchronized.
+    std::fs::remove_file(lab.state_dir("p").join("status.json")).expect("removing the status file");
+
+    // Sync writes: both spin while they flow.
+    start(&mut lab, "sync");
+    stream(&lab, 64 * KIB, 0xa5);
+    let (p_sync, s_sync) =
+        (busy_poll_seconds(&p_ns, "127.0.0.1:9103"), busy_poll_seconds(&s_ns, "127.0.0.1:9104"));
+    eprintln!("busy-poll seconds after {WRITES} sync writes: primary {p_sync}, secondary {s_sync}");
+    assert!(p_sync > 0.0 && s_sync > 0.0, "no spin while sync writes flowed\n{}", lab.logs());
+    let hashes = lab.hashes().expect("hashing");
+    assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
+}

@@ -927,7 +927,11 @@ impl Engine {
         let client_waits =
             self.export.as_ref().is_some_and(|e| crate::pool::within_poll_window(e.last_request_at))
                 && self.write_policy() == crate::mirror::WritePolicy::Sync;
-        self.poll.spin(&mut self.ring, client_waits).map_err(io_error("polling the io_uring"))?;
+        let spun_s =
+            self.poll.spin(&mut self.ring, client_waits).map_err(io_error("polling the io_uring"))?;
+        if spun_s > 0.0 {
+            self.metrics.busy_poll_seconds.inc_by(spun_s);
+        }
         let wait = types::Timespec::new().nsec(2_000_000);
         let args = types::SubmitArgs::new().timespec(&wait);
         match self.ring.submitter().submit_with_args(1, &args) {
