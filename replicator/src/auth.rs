@@ -31,6 +31,65 @@ pub const ERROR_PARAMETERS: u32 = 1;
 pub const ERROR_AUTHENTICATION: u32 = 2;
 pub const ERROR_PROTOCOL: u32 = 3;
 
+/// A stream whose reads and writes share one deadline: each waits at most the time left, so a
+/// peer that sends a byte at a time cannot stretch a handshake past `limit_ms` (a timeout per
+/// read would let it hold the connection, and its thread, for as long as it likes). Leaves
+/// the stream's timeouts set; its owner sets them again for what follows.
+pub struct Deadline<'a> {
+    stream: &'a std::net::TcpStream,
+    deadline: std::time::Instant,
+    limit_ms: u64,
+}
+
+impl<'a> Deadline<'a> {
+    pub fn new(stream: &'a std::net::TcpStream, limit_ms: u64) -> Self {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(limit_ms);
+        Self { stream, deadline, limit_ms }
+    }
+
+    fn left(&self) -> std::io::Result<std::time::Duration> {
+        let left = self.deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("handshake not done within {} ms", self.limit_ms),
+            ));
+        }
+        Ok(left)
+    }
+
+    /// A socket timeout (EAGAIN) is the deadline passing: said so, with the limit.
+    fn named<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
+        result.map_err(|e| match e.kind() {
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("handshake not done within {} ms", self.limit_ms),
+            ),
+            _ => e,
+        })
+    }
+}
+
+impl Read for Deadline<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.stream.set_read_timeout(Some(self.left()?))?;
+        let mut stream = self.stream;
+        self.named(stream.read(buf))
+    }
+}
+
+impl Write for Deadline<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.stream.set_write_timeout(Some(self.left()?))?;
+        let mut stream = self.stream;
+        self.named(stream.write(buf))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(()) // a TcpStream has nothing buffered
+    }
+}
+
 /// Limits for handshake frames: no extent data is accepted before the handshake is done.
 const HANDSHAKE_LIMITS: Limits = Limits { image_bytes: 0, extent_bytes: 1, payload_bytes_max: 4 + 1024 };
 

@@ -99,6 +99,20 @@ enum SessionEnd {
 
 /// How often the listener is polled for a connection (and the stop flag checked).
 const ACCEPT_POLL_MS: u64 = 5;
+/// Connections served at once, each on a thread of its own: the session, a primary that
+/// reconnects before it timed out, and a few handshakes. Past it a connection is closed at
+/// once, so a flood of connections costs at most this many threads, each for at most the
+/// handshake's deadline (`--timeout-ms`) unless it authenticates.
+const CONNECTIONS_MAX: usize = 8;
+
+/// One place among the `CONNECTIONS_MAX`, given back when its thread ends, however it ends.
+struct ConnectionPlace<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for ConnectionPlace<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Serves primaries until `stop` is set: one authenticated session at a time; a connection
 /// that fails the handshake is logged with its address and dropped.
@@ -148,6 +162,8 @@ pub fn serve(
         Err(error) => tracing::warn!(%error, "the consistency point record is damaged; ignoring it"),
     }
     let sessions = SessionSlot::default();
+    let connections = std::sync::atomic::AtomicUsize::new(0);
+    let mut refused_logged: Option<Instant> = None;
     std::thread::scope(|scope| {
         while !stop.load(Ordering::Relaxed) {
             let (stream, peer) = match listener.accept() {
@@ -163,8 +179,19 @@ pub fn serve(
                     continue;
                 }
             };
+            if connections.load(Ordering::Acquire) >= CONNECTIONS_MAX {
+                stats.refused_connections.inc();
+                if refused_logged.is_none_or(|t| t.elapsed() > Duration::from_secs(1)) {
+                    tracing::warn!(%peer, limit = CONNECTIONS_MAX, "refused a connection: {CONNECTIONS_MAX} are open already");
+                    refused_logged = Some(Instant::now());
+                }
+                continue; // dropped: closed
+            }
+            connections.fetch_add(1, Ordering::AcqRel);
+            let place = ConnectionPlace(&connections);
             let (key, image, sessions) = (Arc::clone(&key), &image, &sessions);
             scope.spawn(move || {
+                let _place = place;
                 handle_connection(stream, peer, &key, &expected, config, image, sessions, stop, stats)
             });
         }
@@ -195,7 +222,15 @@ fn handle_connection(
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
     }
-    let params = match auth::secondary_handshake(&mut stream, key, expected) {
+    // The whole handshake within the timeout, however the peer's bytes trickle in.
+    let handshake =
+        auth::secondary_handshake(&mut auth::Deadline::new(&stream, config.timeout_ms), key, expected);
+    let restored = stream.set_read_timeout(timeout).and_then(|()| stream.set_write_timeout(timeout));
+    if let Err(e) = restored {
+        tracing::warn!(%peer, error = %e, "setting up a connection failed");
+        return;
+    }
+    let params = match handshake {
         Ok(params) => params,
         Err(e) => {
             stats.refused_connections.inc();

@@ -313,6 +313,62 @@ fn hostile_peers_are_refused_and_write_nothing() {
     assert_images_equal(&lab);
 }
 
+/// A flood of connections that never handshake, and one that sends its Hello a byte at a
+/// time: the secondary serves at most 8 at once (the rest are closed at once), each for at
+/// most its timeout (1 s here) in all, not per read; then the real primary is served.
+#[test]
+fn handshakes_have_a_deadline_and_connections_a_bound() {
+    use std::io::{Read as _, Write as _};
+
+    let mut lab = lab("handshake", 1);
+    let secondary = lab.start_secondary(0, &["--timeout-ms", "1000"]).expect("secondary");
+    std::thread::sleep(Duration::from_millis(500));
+    let addr = lab.secondary_addrs[0];
+    let (idle_closed_s, trickle_closed_s) = in_netns(&lab.primary_ns.name, move || {
+        let connect = || std::net::TcpStream::connect(addr).expect("connecting to the secondary");
+        let started = Instant::now();
+        let idle: Vec<_> = (0..12).map(|_| connect()).collect();
+        // Closed by the secondary: each read ends (0 bytes or an error) once it gives up.
+        let closed = |mut stream: std::net::TcpStream| {
+            stream.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+            let mut byte = [0u8; 1];
+            let _ = stream.read(&mut byte);
+        };
+        idle.into_iter().for_each(closed);
+        let idle_closed_s = started.elapsed().as_secs_f64();
+        // A frame trickled a byte every 150 ms: its 32-byte header alone would take 4.8 s.
+        let mut trickle = connect();
+        let started = Instant::now();
+        let mut frame = Vec::new();
+        replicator::wire::encode(&replicator::wire::Message::Keepalive, 0, &mut frame);
+        for byte in &frame {
+            if trickle.write_all(std::slice::from_ref(byte)).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(150));
+        }
+        closed(trickle);
+        (idle_closed_s, started.elapsed().as_secs_f64())
+    });
+    eprintln!(
+        "12 idle connections all closed after {idle_closed_s:.2} s; the trickling one after {trickle_closed_s:.2} s"
+    );
+    assert!(idle_closed_s < 3.0, "idle connections held for {idle_closed_s:.2} s\n{}", lab.logs());
+    assert!(trickle_closed_s < 3.0, "a trickled handshake held for {trickle_closed_s:.2} s\n{}", lab.logs());
+    let log = lab.processes[secondary].log_text();
+    assert!(log.contains("are open already"), "connections past the bound refused:\n{log}");
+    assert!(log.contains("handshake not done within 1000 ms"), "the deadline named:\n{log}");
+
+    // The real primary is served, and ships what it is given.
+    lab.start_primary(&["--skip-initial-sync"]).expect("primary");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    write_direct(&lab.primary_device.path, 5 * MIB, 128 * KIB as usize, 0x42).expect("write");
+    lab.wait_in_sync(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    let status = lab.status().expect("status");
+    assert_eq!(peer_u64(&status, 0, "shipped_bytes"), 128 * KIB, "{status}");
+    assert_images_equal(&lab);
+}
+
 /// Writes `count` distinct extents not in `written`, 4 KiB into each, and records them.
 fn write_distinct_extents(
     lab: &Lab,

@@ -125,12 +125,11 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
 
 fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
     let timeout = Duration::from_millis(config.timeout_ms);
-    let mut stream =
-        TcpStream::connect_timeout(&config.addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let stream = TcpStream::connect_timeout(&config.addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| e.to_string())?;
-    let next_sequence = auth::primary_handshake(&mut stream, &config.key, &config.params)
+    // The whole handshake within the timeout, however the secondary's bytes trickle in.
+    let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
+    let next_sequence = auth::primary_handshake(&mut deadline, &config.key, &config.params)
         .map_err(|e| format!("handshake: {e}"))?;
     // The engine drives the socket with io_uring from here on; blocking timeouts do not apply.
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
