@@ -2170,12 +2170,24 @@ fn transition_cause(peer: &Peer, state: ImageState) -> &str {
 /// 0 exactly when it is in sync.
 fn out_of_sync_bytes(peer: &Peer, extent_bytes: u64, device_bytes: u64) -> u64 {
     let backlog = peer.conn.as_ref().map_or(0, |c| c.backlog_bytes);
-    let unverified_bytes = peer
-        .log
-        .verify
-        .as_ref()
-        .map_or(0, |verify| device_bytes.saturating_sub(verify.next_extent.saturating_mul(extent_bytes)));
-    peer.pending.count() as u64 * extent_bytes + backlog + unverified_bytes
+    let verify_next_extent = peer.log.verify.as_ref().map(|verify| verify.next_extent);
+    lacking_bytes(&peer.pending, verify_next_extent, extent_bytes, device_bytes) + backlog
+}
+
+/// Bytes of the `pending` extents and, during a verify at `verify_next_extent`, of every extent
+/// from there on; a pending extent not compared yet counts once.
+fn lacking_bytes(
+    pending: &ExtentSet,
+    verify_next_extent: Option<u64>,
+    extent_bytes: u64,
+    device_bytes: u64,
+) -> u64 {
+    let Some(next_extent) = verify_next_extent else {
+        return pending.count() as u64 * extent_bytes;
+    };
+    let from = usize::try_from(next_extent).unwrap_or(usize::MAX).min(pending.len());
+    let pending_before = pending.bits()[..from].count_ones() as u64;
+    pending_before * extent_bytes + device_bytes.saturating_sub(next_extent.saturating_mul(extent_bytes))
 }
 
 /// Slots for export requests in the engine: a write holds a buffer, flushes and TRIMs none.
@@ -2356,4 +2368,24 @@ fn recover_peer(
         || (config.recovery_policy == RecoveryPolicy::Manual && log.flags & logs::FLAG_FRACTURED != 0);
     log.throttled = log.fractured();
     (pending, log)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pending_extent_not_verified_yet_counts_once() {
+        let extent_bytes = 65536;
+        let mut pending = ExtentSet::new(100);
+        pending.insert_range(10..12);
+        pending.insert_range(50..53);
+        let device_bytes = 100 * extent_bytes;
+        assert_eq!(lacking_bytes(&pending, None, extent_bytes, device_bytes), 5 * extent_bytes);
+        // Verified up to extent 40: 10 and 11 are pending behind it, 40..100 not compared yet
+        // (50..53 among them, counted once).
+        assert_eq!(lacking_bytes(&pending, Some(40), extent_bytes, device_bytes), (2 + 60) * extent_bytes);
+        assert_eq!(lacking_bytes(&pending, Some(0), extent_bytes, device_bytes), device_bytes);
+        assert_eq!(lacking_bytes(&pending, Some(100), extent_bytes, device_bytes), 5 * extent_bytes);
+    }
 }
