@@ -18,7 +18,7 @@ use prometheus_client::registry::Registry;
 pub type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
 
 /// The help text of `replicator_busy_poll_seconds`, on the primary and the secondary.
-const BUSY_POLL_HELP: &str = "Seconds spent busy-polling for completions (--poll-us), yielding the CPU";
+const BUSY_POLL_HELP: &str = "Wall-clock seconds spent in busy-poll windows waiting for completions (--poll-us); the CPU is yielded to other threads meanwhile";
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecondaryLabel {

@@ -171,7 +171,7 @@ impl PollSetting {
 /// Busy-polling before a thread blocks on its ring (`--poll-us`). A synchronous write takes
 /// several hops between threads (client, engine, secondary, the devices' workers), and on a VM
 /// each hop to an idle vCPU costs tens of µs of halting and waking it. With a window, a thread
-/// that has submitted its work spins up to `budget_us` for the next completion before it
+/// that has submitted its work spins up to its window (`PollSetting::budget_us`) for the next completion before it
 /// sleeps: lower latency at low queue depth, for up to a core of CPU while writes flow. By
 /// default only while a client waits on them (`PollSetting::Auto`); it only spins while its
 /// loop turns faster than `POLL_ACTIVE_WITHIN_US`.
@@ -199,7 +199,8 @@ impl PollWindow {
     /// ring's deferred work when its flag says there is some, until a completion is ready or
     /// the budget is spent. The wait that follows then returns at once or blocks as before. A
     /// signal (EINTR) or a full completion queue (EBUSY) ends the spin, for that wait to meet.
-    /// Returns the seconds spun (for `replicator_busy_poll_seconds`).
+    /// Returns the seconds spent in the spin loop, after the submit that starts it (for
+    /// `replicator_busy_poll_seconds`): wall-clock time, yields to other threads included.
     pub fn spin(&mut self, ring: &mut io_uring::IoUring, client_waits: bool) -> std::io::Result<f64> {
         let budget_us = self.setting.budget_us(client_waits);
         if budget_us == 0 {
@@ -209,13 +210,11 @@ impl PollWindow {
         let mut spun_s = 0.0;
         let now = std::time::Instant::now();
         if within_poll_window(self.last_wait) {
-            let spun = Self::spin_until_completion(ring, now, budget_us);
-            if let Err(e) = spun
-                && !matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY))
-            {
-                return Err(e);
+            match Self::spin_until_completion(ring, now, budget_us) {
+                Ok(seconds) => spun_s = seconds,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                Err(e) => return Err(e),
             }
-            spun_s = now.elapsed().as_secs_f64();
         }
         self.last_wait = Some(std::time::Instant::now());
         Ok(spun_s)
@@ -225,11 +224,12 @@ impl PollWindow {
         ring: &mut io_uring::IoUring,
         start: std::time::Instant,
         budget_us: u64,
-    ) -> std::io::Result<()> {
+    ) -> std::io::Result<f64> {
         if !ring.completion().is_empty() {
-            return Ok(()); // the wait that follows submits what is queued
+            return Ok(0.0); // the wait that follows submits what is queued
         }
         ring.submit()?;
+        let spin_start = std::time::Instant::now();
         while ring.completion().is_empty() && start.elapsed().as_micros() < u128::from(budget_us) {
             if ring.submission().taskrun() {
                 // GETEVENTS without waiting: runs the deferred work, which posts completions.
@@ -239,7 +239,7 @@ impl PollWindow {
                 let _ = nix::sched::sched_yield();
             }
         }
-        Ok(())
+        Ok(spin_start.elapsed().as_secs_f64())
     }
 }
 

@@ -138,7 +138,7 @@ pub struct PrimaryArgs {
     /// writes flow; 0 never spins [default: 200 while sync writes through the NBD export flow,
     /// no spin otherwise]. Halves the latency of sync export writes at low queue depth on VMs
     /// (where waking an idle vCPU is slow), for up to a core of CPU while they flow; a mirror
-    /// with no writes never spins.
+    /// with no writes never spins. Per process: set it on the primary and on each secondary.
     #[arg(long)]
     pub poll_us: Option<u64>,
 }
@@ -181,7 +181,7 @@ pub struct SecondaryArgs {
     /// writes flow; 0 never spins [default: 200 while sync writes through the NBD export flow,
     /// no spin otherwise]. Halves the latency of sync export writes at low queue depth on VMs
     /// (where waking an idle vCPU is slow), for up to a core of CPU while they flow; a mirror
-    /// with no writes never spins.
+    /// with no writes never spins. Per process: set it on the primary and on each secondary.
     #[arg(long)]
     pub poll_us: Option<u64>,
 }
