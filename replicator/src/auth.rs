@@ -47,13 +47,17 @@ impl<'a> Deadline<'a> {
         Self { stream, deadline, limit_ms }
     }
 
+    fn expired(&self) -> std::io::Error {
+        std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("handshake not done within {} ms", self.limit_ms),
+        )
+    }
+
     fn left(&self) -> std::io::Result<std::time::Duration> {
         let left = self.deadline.saturating_duration_since(std::time::Instant::now());
         if left.is_zero() {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("handshake not done within {} ms", self.limit_ms),
-            ));
+            return Err(self.expired());
         }
         Ok(left)
     }
@@ -61,10 +65,7 @@ impl<'a> Deadline<'a> {
     /// A socket timeout (EAGAIN) is the deadline passing: said so, with the limit.
     fn named<T>(&self, result: std::io::Result<T>) -> std::io::Result<T> {
         result.map_err(|e| match e.kind() {
-            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => std::io::Error::new(
-                std::io::ErrorKind::TimedOut,
-                format!("handshake not done within {} ms", self.limit_ms),
-            ),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut => self.expired(),
             _ => e,
         })
     }

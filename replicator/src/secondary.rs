@@ -212,21 +212,19 @@ fn handle_connection(
     stop: &AtomicBool,
     stats: &SecondaryMetrics,
 ) {
-    let timeout = Some(Duration::from_millis(config.timeout_ms));
     // Acks and verify replies are small and latency-bound: no Nagle delay.
-    let setup = stream
-        .set_nonblocking(false)
-        .and_then(|()| stream.set_nodelay(true))
-        .and_then(|()| stream.set_read_timeout(timeout));
-    if let Err(e) = setup.and_then(|()| stream.set_write_timeout(timeout)) {
+    let setup = stream.set_nonblocking(false).and_then(|()| stream.set_nodelay(true));
+    if let Err(e) = setup {
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
     }
-    // The whole handshake within the timeout, however the peer's bytes trickle in.
+    // The whole handshake within the timeout, however the peer's bytes trickle in; then each
+    // blocking read or write of the session gets the timeout.
     let handshake =
         auth::secondary_handshake(&mut auth::Deadline::new(&stream, config.timeout_ms), key, expected);
-    let restored = stream.set_read_timeout(timeout).and_then(|()| stream.set_write_timeout(timeout));
-    if let Err(e) = restored {
+    let timeout = Some(Duration::from_millis(config.timeout_ms));
+    let session_timeouts = stream.set_read_timeout(timeout).and_then(|()| stream.set_write_timeout(timeout));
+    if let Err(e) = session_timeouts {
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
     }
@@ -926,7 +924,6 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
-    /// Sends the buffered acks; before the session waits, and before any other frame.
     /// Checks a database the primary sent against this member's (`failback::reconcile`), and
     /// hands a former primary's divergent extents back before anything else.
     fn reconcile_db(
@@ -951,6 +948,7 @@ impl<'a> Session<'a> {
         Ok(())
     }
 
+    /// Sends the buffered acks; before the session waits, and before any other frame.
     fn flush_acks(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
         if !self.acks.is_empty() {
             stream.write_all(&self.acks)?;

@@ -924,9 +924,9 @@ impl Engine {
     }
 
     fn wait_and_reap(&mut self) -> Result<(), ShipperError> {
-        let client_waits =
-            self.export.as_ref().is_some_and(|e| crate::pool::within_poll_window(e.last_request_at))
-                && self.write_policy() == crate::mirror::WritePolicy::Sync;
+        // The policy first: the clock is read only for a sync export.
+        let client_waits = self.write_policy() == crate::mirror::WritePolicy::Sync
+            && self.export.as_ref().is_some_and(|e| crate::pool::within_poll_window(e.last_request_at));
         let spun_s =
             self.poll.spin(&mut self.ring, client_waits).map_err(io_error("polling the io_uring"))?;
         if spun_s > 0.0 {
@@ -1517,11 +1517,6 @@ impl Engine {
     }
 
     fn update_status(&mut self) {
-        let now = Instant::now();
-        for peer in &mut self.peers {
-            let connected = peer.conn.is_some();
-            peer.log.sample_rate(now, connected);
-        }
         for index in 0..self.peers.len() {
             let peer = &self.peers[index];
             let in_sync = peer.conn.as_ref().is_some_and(|c| c.inflight.is_empty() && c.queue.is_empty())
@@ -1552,8 +1547,12 @@ impl Engine {
         if self.last_status.elapsed() < Duration::from_millis(STATUS_INTERVAL_MS) {
             return;
         }
-        self.last_status = Instant::now();
+        let now = Instant::now();
+        self.last_status = now;
         for peer in &mut self.peers {
+            // Every status interval, not every turn: a sample spans RATE_SAMPLE_MS anyway.
+            let connected = peer.conn.is_some();
+            peer.log.sample_rate(now, connected);
             let bytes = out_of_sync_bytes(peer, self.config.extent_bytes, self.device_bytes);
             peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
             peer.metrics.lag.merge_from(&mut peer.latency.lag_us);
