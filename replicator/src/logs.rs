@@ -473,10 +473,11 @@ mod tests {
 
         #[test]
         fn arbitrary_headers_with_a_valid_checksum_never_panic(
-            mut bytes in proptest::collection::vec(any::<u8>(), LOG_HEADER_BYTES..LOG_HEADER_BYTES + 64),
+            mut bytes in proptest::collection::vec(any::<u8>(), LOG_HEADER_BYTES_V1..LOG_HEADER_BYTES + 64),
+            version in 1u32..=LOG_VERSION,
         ) {
             bytes[..8].copy_from_slice(&LOG_MAGIC);
-            bytes[8..12].copy_from_slice(&LOG_VERSION.to_le_bytes());
+            bytes[8..12].copy_from_slice(&version.to_le_bytes());
             bytes[20..24].fill(0);
             let crc = crc32c::crc32c(&bytes);
             bytes[20..24].copy_from_slice(&crc.to_le_bytes());

@@ -29,6 +29,11 @@ pub const DB_VERSION: u32 = 1;
 pub const DB_HEADER_BYTES: usize = 24;
 /// Largest body accepted (from disk or from the wire): 8 images take well under this.
 pub const DB_BODY_BYTES_MAX: usize = 64 * 1024;
+/// What `create` accepts and the decoder checks: minimum images (the primary alone, up to
+/// every image), sync priority, and extent size (a power of two in this range).
+pub const MINIMUM_IMAGES: std::ops::RangeInclusive<u32> = 1..=1 + crate::shipper::PEERS_MAX as u32;
+pub const SYNC_PRIORITY: std::ops::RangeInclusive<u8> = 1..=10;
+pub const EXTENT_BYTES: std::ops::RangeInclusive<u64> = 4096..=64 << 20;
 const _: () = assert!(DB_HEADER_BYTES + DB_BODY_BYTES_MAX == crate::wire::MIRROR_DB_BYTES_MAX);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -250,9 +255,9 @@ impl MirrorDb {
         }
         // The ranges `create` and `set` allow: 0 minimum images would never need attention,
         // and an extent size outside them would divide by zero or not fit a bitmap.
-        if !(1..=1 + crate::shipper::PEERS_MAX as u32).contains(&db.minimum_images)
-            || !(1..=10).contains(&db.sync_priority)
-            || !(4096..=64 << 20).contains(&db.extent_bytes)
+        if !MINIMUM_IMAGES.contains(&db.minimum_images)
+            || !SYNC_PRIORITY.contains(&db.sync_priority)
+            || !EXTENT_BYTES.contains(&db.extent_bytes)
         {
             return Err(format!(
                 "out of range: minimum images {}, sync priority {}, extent size {}",

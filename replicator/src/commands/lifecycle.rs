@@ -45,7 +45,8 @@ pub struct CreateArgs {
     #[arg(long, default_value = "64MiB", value_parser = crate::units::parse_bytes)]
     pub write_backlog: u64,
     /// Relative resync priority, 1 (lowest) to 10.
-    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8).range(1..=10))]
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u8)
+        .range(i64::from(*crate::mirror::SYNC_PRIORITY.start())..=i64::from(*crate::mirror::SYNC_PRIORITY.end())))]
     pub sync_priority: u8,
 }
 
@@ -65,12 +66,12 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        args.extent_size.is_power_of_two() && (4096..=64 << 20).contains(&args.extent_size),
+        args.extent_size.is_power_of_two() && crate::mirror::EXTENT_BYTES.contains(&args.extent_size),
         "extent size {} is not a power of two from 4KiB to 64MiB",
         args.extent_size
     );
     anyhow::ensure!(
-        (1..=1 + PEERS_MAX as u32).contains(&args.minimum_images),
+        crate::mirror::MINIMUM_IMAGES.contains(&args.minimum_images),
         "minimum images {} must be 1 (the primary alone) to {}",
         args.minimum_images,
         1 + PEERS_MAX
