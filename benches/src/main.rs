@@ -102,17 +102,16 @@ fn main() -> anyhow::Result<()> {
     // The results first: a plot that fails must not lose minutes of measuring.
     std::fs::write(&json_path, serde_json::to_string_pretty(&results)?)?;
     let mut plots = Vec::new();
-    if let Some(resync) = results.get("resync") {
-        let plot = args.out_dir.join(format!("{date}-resync.svg"));
-        match report::plot_resync(resync, &plot) {
-            Ok(()) => plots.push(("resync time against the dirty fraction", plot)),
-            Err(error) => eprintln!("warning: plotting {}: {error:#}", plot.display()),
-        }
-    }
-    if let Some(lag) = results.get("lag") {
-        let plot = args.out_dir.join(format!("{date}-lag.svg"));
-        match report::plot_lag(lag, &plot) {
-            Ok(()) => plots.push(("replication lag against the load", plot)),
+    type Plot = fn(&serde_json::Value, &std::path::Path) -> anyhow::Result<()>;
+    let drawn: [(&str, &str, Plot); 2] = [
+        ("resync", "resync time against the dirty fraction", report::plot_resync),
+        ("lag", "replication lag against the load", report::plot_lag),
+    ];
+    for (scenario, title, draw) in drawn {
+        let Some(result) = results.get(scenario) else { continue };
+        let plot = args.out_dir.join(format!("{date}-{scenario}.svg"));
+        match draw(result, &plot) {
+            Ok(()) => plots.push((title, plot)),
             Err(error) => eprintln!("warning: plotting {}: {error:#}", plot.display()),
         }
     }
