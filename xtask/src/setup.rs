@@ -1,14 +1,20 @@
 //! `cargo xtask setup`: installs what the build and the tests need, only what is missing.
 //! A second run installs nothing and says so.
+//!
+//! bpf-linker links the eBPF crate's LLVM bitcode, so its LLVM must be the very LLVM of the
+//! nightly rustc that wrote the bitcode (LLVM 22's reader refuses LLVM 23's bitcode with
+//! "Invalid record"). A distribution's LLVM package follows its own release schedule, not
+//! nightly's, so bpf-linker is linked instead against the shared libLLVM that the nightly
+//! toolchain ships in its sysroot: it matches by construction, and a nightly that moves to a
+//! new LLVM (or a new build of the same one) gets bpf-linker rebuilt on the next setup.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context as _, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker; the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 14] = [
-    "llvm-22-dev",
+/// Debian packages: the tools the kernel tests and benchmarks drive.
+const PACKAGES: [&str; 13] = [
     "fio",
     "e2fsprogs",
     "fdisk",
@@ -27,8 +33,9 @@ const PACKAGES: [&str; 14] = [
 
 const NIGHTLY: &str = "nightly";
 
-/// The bpf-linker release that builds against Debian's LLVM 22 (rustc's LLVM is 22 too).
+/// The bpf-linker release installed; it supports LLVM 21, 22 and 23 (cargo features `llvm-N`).
 const BPF_LINKER_VERSION: &str = "0.13.0";
+const BPF_LINKER_LLVM_MAJORS: [u32; 3] = [21, 22, 23];
 
 pub fn run() -> anyhow::Result<()> {
     let mut done = Vec::new();
@@ -46,21 +53,10 @@ pub fn run() -> anyhow::Result<()> {
         )?;
         done.push("added rust-src to the nightly toolchain".into());
     }
-    if !bpf_linker_installed() {
-        run_checked(
-            Command::new("cargo").env("LLVM_PREFIX", "/usr/lib/llvm-22").args([
-                "install",
-                "bpf-linker",
-                "--version",
-                BPF_LINKER_VERSION,
-                "--locked",
-                "--no-default-features",
-                "--features",
-                "llvm-22",
-            ]),
-            "cargo install bpf-linker",
-        )?;
-        done.push("installed bpf-linker".into());
+    let llvm = NightlyLlvm::find()?;
+    if !bpf_linker_uses(&llvm) {
+        install_bpf_linker(&llvm)?;
+        done.push(format!("installed bpf-linker against the nightly's LLVM {}", llvm.major));
     }
     if done.is_empty() {
         println!("setup: nothing to do (packages, nightly rust-src and bpf-linker are installed)");
@@ -100,20 +96,102 @@ fn nightly_has_rust_src() -> anyhow::Result<bool> {
         && String::from_utf8_lossy(&output.stdout).lines().any(|l| l.starts_with("rust-src")))
 }
 
-fn bpf_linker_installed() -> bool {
-    let in_cargo_home = std::env::var_os("CARGO_HOME")
+/// The shared libLLVM of the nightly toolchain, and its major version (`rustc -vV`).
+struct NightlyLlvm {
+    major: u32,
+    /// `<sysroot>/lib/libLLVM.so.<version>-rust-<rustc version>`: also its soname.
+    library: PathBuf,
+}
+
+impl NightlyLlvm {
+    fn find() -> anyhow::Result<Self> {
+        let version = command_stdout(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
+        let major = version
+            .lines()
+            .find_map(|l| l.strip_prefix("LLVM version: "))
+            .and_then(|v| v.split('.').next())
+            .and_then(|m| m.trim().parse::<u32>().ok())
+            .with_context(|| format!("no LLVM version in `rustc +{NIGHTLY} -vV`:\n{version}"))?;
+        if !BPF_LINKER_LLVM_MAJORS.contains(&major) {
+            bail!(
+                "the {NIGHTLY} toolchain uses LLVM {major}; bpf-linker {BPF_LINKER_VERSION} supports LLVM \
+                 {BPF_LINKER_LLVM_MAJORS:?} only"
+            );
+        }
+        let sysroot =
+            command_stdout(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
+        let lib = Path::new(sysroot.trim()).join("lib");
+        let library = std::fs::read_dir(&lib)
+            .with_context(|| format!("reading {}", lib.display()))?
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+            .with_context(|| {
+                format!("the {NIGHTLY} toolchain ships no shared libLLVM in {}", lib.display())
+            })?;
+        Ok(Self { major, library })
+    }
+
+    fn soname(&self) -> String {
+        self.library.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+    }
+}
+
+/// Where bpf-linker is installed and where it finds libLLVM: `$CARGO_HOME` (default `~/.cargo`).
+fn cargo_home() -> anyhow::Result<PathBuf> {
+    std::env::var_os("CARGO_HOME")
         .map(PathBuf::from)
         .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
-        .map(|home| home.join("bin/bpf-linker"));
-    let candidates = [Some(PathBuf::from("bpf-linker")), in_cargo_home];
-    candidates.into_iter().flatten().any(|bin| {
-        Command::new(bin)
-            .arg("--version")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success())
-    })
+        .context("neither CARGO_HOME nor HOME is set")
+}
+
+/// Whether the bpf-linker that cargo installed runs and loads exactly `llvm`'s library.
+fn bpf_linker_uses(llvm: &NightlyLlvm) -> bool {
+    let Ok(home) = cargo_home() else { return false };
+    let binary = home.join("bin/bpf-linker");
+    let runs = Command::new(&binary)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    runs && command_stdout(Command::new("ldd").arg(&binary)).is_ok_and(|libs| libs.contains(&llvm.soname()))
+}
+
+/// Builds bpf-linker linked dynamically against `llvm`: its build script links `-lLLVM` from
+/// `$LLVM_PREFIX/lib` and sets that directory as the binary's rpath, so the prefix holds two
+/// links to the toolchain's library, by the link-time name and by the soname.
+fn install_bpf_linker(llvm: &NightlyLlvm) -> anyhow::Result<()> {
+    let prefix = cargo_home()?.join("bpf-linker-llvm");
+    let lib = prefix.join("lib");
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
+    for name in ["libLLVM.so".to_string(), llvm.soname()] {
+        std::os::unix::fs::symlink(&llvm.library, lib.join(&name)).with_context(|| {
+            format!("linking {} to {}", lib.join(&name).display(), llvm.library.display())
+        })?;
+    }
+    run_checked(
+        Command::new("cargo").env("LLVM_PREFIX", &prefix).args([
+            "install",
+            "bpf-linker",
+            "--force",
+            "--version",
+            BPF_LINKER_VERSION,
+            "--locked",
+            "--no-default-features",
+            "--features",
+            &format!("llvm-{}", llvm.major),
+        ]),
+        "cargo install bpf-linker",
+    )
+}
+
+fn command_stdout(command: &mut Command) -> anyhow::Result<String> {
+    let output = command.stderr(Stdio::null()).output().with_context(|| format!("starting {command:?}"))?;
+    if !output.status.success() {
+        bail!("{command:?} failed ({})", output.status);
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
