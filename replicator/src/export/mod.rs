@@ -6,10 +6,11 @@
 //! Threads: an acceptor; per connection one thread, which runs the handshake, hands the
 //! connection to the engine and then becomes its replier. The engine receives and decodes the
 //! requests in its own ring (`shipper::export_conns`), so a write reaches the ring without a
-//! thread hop. Replies go out as they complete, in completion order, each whole: the engine
-//! writes a write's 16-byte reply itself when the socket takes it at once and nothing is queued
-//! before it; everything else, and every read (served from the primary image), goes through
-//! the replier thread.
+//! thread hop. Replies go out in completion order, each whole: the engine gathers the replies
+//! without data that one turn completes and writes them to the socket in one send itself when
+//! nothing is queued before them (a part the socket does not take goes to the replier thread);
+//! everything else, and every read (served from the primary image), goes through the replier
+//! thread.
 //!
 //! Buffers: `buffers` of `block_bytes_max` each (plus a prefix page for the wire frame's
 //! header, as in `pool`), mapped at start and shared by all connections through the free list,
@@ -49,6 +50,10 @@ pub const CONNECTIONS_MAX: usize = 16;
 /// decoding that connection's requests: a client that floods reads, or stops reading its
 /// replies, costs bounded memory.
 pub const REPLIES_QUEUED_MAX: usize = 2 * CONNECTION_BUFFERS_MAX;
+/// Replies to one connection that the engine gathers in one turn and sends together
+/// (`Replier::reply_batched`, `Replier::flush_batch`): at queue depth 32 a turn completes
+/// several writes, and one send wakes the client once instead of once per reply.
+pub const REPLY_BATCH_MAX: usize = CONNECTION_BUFFERS_MAX;
 /// How often the acceptor checks the stop flag.
 const ACCEPT_POLL_MS: u64 = 50;
 /// A client that has not finished its handshake this long after connecting is dropped, so idle
@@ -208,6 +213,10 @@ pub struct Replier {
     /// To the replier thread, which ends when the last `Replier` is dropped.
     queue: Sender<Reply>,
     free: Arc<FreeList>,
+    /// Replies without data gathered by the engine this turn, not sent yet (cookie, error): at
+    /// most `REPLY_BATCH_MAX`. Only the engine's thread touches it, so the lock is never
+    /// contended; it is empty again after every `flush_batch`.
+    batch: Mutex<Vec<(u64, u32)>>,
 }
 
 /// What the replier thread shares with the engine's direct writes.
@@ -249,13 +258,69 @@ impl Replier {
                 Ok(n) => {
                     // Rare: the socket took part of it. The rest is kept under the lock, and the
                     // replier thread writes it before anything else, queued before or after.
-                    writer.tail = Some((header, n));
+                    assert!(writer.tail.is_empty(), "no tail is left while nothing is queued");
+                    writer.tail.extend_from_slice(&header[n..]);
                     self.enqueue(Reply::Tail);
                     return;
                 }
             }
         }
         self.enqueue(Reply::Done { cookie, error });
+    }
+
+    /// Adds a reply without data to this turn's batch; returns whether the batch was empty, so
+    /// the caller knows to `flush_batch` this connection before its turn ends. A full batch is
+    /// sent at once.
+    pub fn reply_batched(&self, cookie: u64, error: u32) -> bool {
+        let mut batch = self.batch.lock().expect("reply batch lock");
+        if batch.len() == REPLY_BATCH_MAX {
+            self.send_batch(&mut batch);
+        }
+        batch.push((cookie, error));
+        batch.len() == 1
+    }
+
+    /// Sends the replies batched this turn: in one send when the socket takes them without
+    /// blocking and nothing is queued, else through the replier thread, in order.
+    pub fn flush_batch(&self) {
+        let mut batch = self.batch.lock().expect("reply batch lock");
+        self.send_batch(&mut batch);
+    }
+
+    fn send_batch(&self, batch: &mut Vec<(u64, u32)>) {
+        if batch.is_empty() {
+            return;
+        }
+        assert!(batch.len() <= REPLY_BATCH_MAX);
+        let mut bytes = [0u8; REPLY_BATCH_MAX * nbd::REPLY_BYTES];
+        for (at, &(cookie, error)) in batch.iter().enumerate() {
+            bytes[at * nbd::REPLY_BYTES..][..nbd::REPLY_BYTES]
+                .copy_from_slice(&nbd::encode_reply(cookie, error));
+        }
+        let len = batch.len() * nbd::REPLY_BYTES;
+        if let Ok(mut writer) = self.side.writer.try_lock()
+            && self.side.queued.load(Ordering::Acquire) == 0
+        {
+            match writer.stream.send_nonblocking(&bytes[..len]) {
+                Ok(n) if n == len => {
+                    batch.clear();
+                    return;
+                }
+                Ok(0) | Err(_) => {}
+                Ok(n) => {
+                    // The socket took part of it. The rest is kept under the lock, and the
+                    // replier thread writes it before anything else, queued before or after.
+                    assert!(writer.tail.is_empty(), "no tail is left while nothing is queued");
+                    writer.tail.extend_from_slice(&bytes[n..len]);
+                    batch.clear();
+                    self.enqueue(Reply::Tail);
+                    return;
+                }
+            }
+        }
+        for (cookie, error) in batch.drain(..) {
+            self.enqueue(Reply::Done { cookie, error });
+        }
     }
 
     /// Has the replier thread read `len_bytes` at `offset_bytes` from the primary and send it.
@@ -302,8 +367,9 @@ impl WriteSide {
 
 struct Writer {
     stream: Stream,
-    /// The unsent rest of a reply the engine wrote in part: it goes out before anything else.
-    tail: Option<([u8; nbd::REPLY_BYTES], usize)>,
+    /// The unsent rest of replies the engine wrote in part: it goes out before anything else.
+    /// Empty unless a `Reply::Tail` is queued; at most `REPLY_BATCH_MAX` replies' bytes.
+    tail: Vec<u8>,
 }
 
 /// What the replier thread sends.
@@ -633,14 +699,7 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
         tracing::warn!(client = %peer, %error, "export: setting TCP keepalive failed; a dead client's place is freed only when the engine stops");
     }
     tracing::info!(client = %peer, "export: client connected");
-    let (queue, replies) = std::sync::mpsc::channel();
-    let side = Arc::new(WriteSide {
-        writer: Mutex::new(Writer { stream: writer, tail: None }),
-        queued: std::sync::atomic::AtomicUsize::new(0),
-        held: std::sync::atomic::AtomicUsize::new(0),
-        wanted: AtomicBool::new(false),
-    });
-    let reply = Arc::new(Replier { side: Arc::clone(&side), queue, free: Arc::clone(&shared.free) });
+    let (side, reply, replies) = replier(writer, &shared.free);
     let connection = Connection { stream: engine_stream, reply, client: peer.to_owned() };
     // The engine is stopping when it no longer takes connections; the replier then ends at once.
     if shared.connections.send(connection).is_ok() {
@@ -649,6 +708,28 @@ fn serve_connection(mut stream: Stream, peer: &str, shared: &Shared) {
     send_replies(&side, replies, shared);
     tracing::info!(client = %peer, "export: client disconnected");
     stream.shutdown();
+}
+
+/// A connection's reply side: what the engine holds (`Replier`), what it shares with the
+/// replier thread (`WriteSide`), and the replier thread's end of the queue.
+fn replier(writer: Stream, free: &Arc<FreeList>) -> (Arc<WriteSide>, Arc<Replier>, Receiver<Reply>) {
+    let (queue, replies) = std::sync::mpsc::channel();
+    let side = Arc::new(WriteSide {
+        writer: Mutex::new(Writer {
+            stream: writer,
+            tail: Vec::with_capacity(REPLY_BATCH_MAX * nbd::REPLY_BYTES),
+        }),
+        queued: std::sync::atomic::AtomicUsize::new(0),
+        held: std::sync::atomic::AtomicUsize::new(0),
+        wanted: AtomicBool::new(false),
+    });
+    let reply = Arc::new(Replier {
+        side: Arc::clone(&side),
+        queue,
+        free: Arc::clone(free),
+        batch: Mutex::new(Vec::with_capacity(REPLY_BATCH_MAX)),
+    });
+    (side, reply, replies)
 }
 
 /// The replier: writes the queued replies, blocking as a slow client needs, and serves reads
@@ -665,10 +746,8 @@ fn send_replies(side: &WriteSide, replies: Receiver<Reply>, shared: &Shared) {
         };
         let mut writer = side.writer.lock().expect("replier lock");
         let Writer { stream, tail } = &mut *writer;
-        let tail_sent = match tail.take() {
-            Some((bytes, from)) => stream.write_all(&bytes[from..]),
-            None => Ok(()),
-        };
+        let tail_sent = stream.write_all(tail);
+        tail.clear();
         let sent = tail_sent.and_then(|()| match (&reply, &read) {
             (Reply::Done { cookie, error }, _) => stream.write_all(&nbd::encode_reply(*cookie, *error)),
             (Reply::Read { cookie, len_bytes, .. }, Some(Ok(buffer))) => stream
@@ -738,6 +817,75 @@ mod tests {
         let last = buffers.pop().expect("three");
         drop(buffers); // the mapping stays while a buffer holds it
         assert!(last.data(1 << 20).iter().all(|&b| b == 2));
+    }
+
+    /// Batches of replies sent by the engine while the client does not read, over TCP and a
+    /// unix socket: the socket takes part of a batch (TCP; its tail goes through the replier
+    /// thread), then nothing (whole batches are queued); every reply arrives once, whole, in the
+    /// order the engine made them.
+    #[test]
+    fn batched_replies_arrive_whole_and_in_order_when_the_socket_is_full() {
+        use nix::sys::socket::{setsockopt, sockopt};
+        let (server, client) = UnixStream::pair().expect("socket pair");
+        // The smallest buffers the kernel allows, so the socket fills within a few batches.
+        setsockopt(&server, sockopt::SndBuf, &1).expect("SO_SNDBUF");
+        replies_arrive_in_order(Stream::Unix(server), client);
+        let listener = TcpListener::bind("127.0.0.1:0").expect("listening on loopback");
+        let client = TcpStream::connect(listener.local_addr().expect("address")).expect("connecting");
+        setsockopt(&client, sockopt::RcvBuf, &1).expect("SO_RCVBUF");
+        let (server, _) = listener.accept().expect("accepting");
+        setsockopt(&server, sockopt::SndBuf, &1).expect("SO_SNDBUF");
+        replies_arrive_in_order(Stream::Tcp(server), client);
+    }
+
+    fn replies_arrive_in_order(server: Stream, mut client: impl std::io::Read) {
+        const REPLIES: u64 = 5000;
+        let wake = Arc::new(EventFd::new().expect("eventfd"));
+        let free = Arc::new(FreeList {
+            buffers: Mutex::new(Vec::new()),
+            wanted: AtomicBool::new(false),
+            wake: Arc::clone(&wake),
+        });
+        let (connections, _engine) = std::sync::mpsc::sync_channel(1);
+        let shared = Arc::new(Shared {
+            info: ExportInfo {
+                name: String::new(),
+                image_bytes: 0,
+                block_bytes_min: 512,
+                block_bytes_max: 4096,
+            },
+            device: Arc::new(std::fs::File::open("/dev/null").expect("/dev/null")),
+            connections,
+            wake,
+            free: Arc::clone(&free),
+            stop: Arc::new(AtomicBool::new(false)),
+            streams: Arc::new(Mutex::new(Vec::new())),
+        });
+        let (side, replier, replies) = replier(server, &free);
+        let thread_shared = Arc::clone(&shared);
+        let replier_thread = std::thread::spawn(move || send_replies(&side, replies, &thread_shared));
+        let mut cookie = 0;
+        let mut batch_len = 1;
+        while cookie < REPLIES {
+            for _ in 0..batch_len.min(REPLIES - cookie) {
+                replier.reply_batched(cookie, (cookie % 7) as u32);
+                cookie += 1;
+            }
+            replier.flush_batch();
+            batch_len = batch_len % (REPLY_BATCH_MAX as u64 + 5) + 1; // past a full batch too
+        }
+        assert!(
+            replier.side.queued.load(Ordering::Acquire) > 0,
+            "the socket filled and replies were queued for the replier thread"
+        );
+        drop(replier); // the replier thread ends once the queue is written
+        let mut bytes = Vec::new();
+        client.read_to_end(&mut bytes).expect("reading the replies");
+        replier_thread.join().expect("replier thread");
+        assert_eq!(bytes.len() as u64, REPLIES * nbd::REPLY_BYTES as u64);
+        for (n, reply) in bytes.chunks(nbd::REPLY_BYTES).enumerate() {
+            assert_eq!(reply, nbd::encode_reply(n as u64, (n % 7) as u32), "reply {n}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@
 use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bitvec::prelude::*;
@@ -34,7 +35,7 @@ use super::export_conns::NbdConn;
 use super::peer::{InFlight, SendJob};
 use super::{Engine, Op, PEERS_MAX, ShipperError};
 use crate::export::nbd::{self, Command};
-use crate::export::{CONNECTIONS_MAX, EngineSide, Export, ExportRequest};
+use crate::export::{CONNECTIONS_MAX, EngineSide, Export, ExportRequest, Replier};
 use crate::mirror::WritePolicy;
 use crate::wire;
 
@@ -72,6 +73,9 @@ pub(super) struct ExportState {
     /// When the engine last took a client's request (the engine busy-polls while they flow,
     /// under the sync policy).
     pub(super) last_request_at: Option<Instant>,
+    /// The connections given replies this turn (`Replier::reply_batched`), each once: flushed
+    /// at the end of `advance_exports`, one send per connection.
+    batched: Vec<Arc<Replier>>,
 }
 
 /// A client request in the engine.
@@ -123,6 +127,7 @@ impl ExportState {
             stale: bitvec![u64, Lsb0; 0; extents],
             refused_logged: None,
             last_request_at: None,
+            batched: Vec::with_capacity(CONNECTIONS_MAX),
         }
     }
 
@@ -552,6 +557,10 @@ impl Engine {
                 self.reply_export(slot, minimum);
             }
         }
+        let export = self.export.as_mut().expect("an export");
+        for replier in export.batched.drain(..) {
+            replier.flush_batch();
+        }
     }
 
     fn reply_export(&mut self, slot: u32, minimum: u32) {
@@ -583,7 +592,9 @@ impl Engine {
         } else if data.request.command == Command::Write {
             self.metrics.export_bytes.inc_by(u64::from(data.request.len_bytes));
         }
-        data.request.reply.reply(data.request.cookie, error);
+        if data.request.reply.reply_batched(data.request.cookie, error) {
+            export.batched.push(Arc::clone(&data.request.reply));
+        }
         data.replied = true;
         self.release_export_slot(slot);
     }
