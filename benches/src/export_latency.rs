@@ -114,7 +114,8 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
          zeroed on both images first, as the small lab's images are written before its rounds), in the same \
          rounds, against the same baseline: the engine's work per write does not grow with the device. \
          `export sync` runs as by default: the primary and the secondary spin up to 200 µs for their next \
-         completion (yielding the CPU) while sync writes flow; `{POLL_LABEL}`: the same with busy-polling off.\n\n\
+         completion (yielding the CPU) while sync writes flow; `{POLL_LABEL}`: the same with busy-polling off. \
+         Latencies are fio's `lat`, the whole write from its submission.\n\n\
          | path | iodepth | IOPS | p50 µs | p99 µs | p99.9 µs | p99 / (raw p99 + TCP p99) | p99 / (raw p99 + ping) |\n\
          |---|---|---|---|---|---|---|---|\n",
         ping_us = rtt_ms * 1000.0,
@@ -239,6 +240,7 @@ fn medians(rounds: &[Row]) -> Vec<Row> {
 fn nbd_randwrite(socket: &Path, iodepth: u32, seconds: u32) -> anyhow::Result<FioResult> {
     let child = Command::new("fio")
         .args(["--name=export", "--ioengine=nbd", "--rw=randwrite", "--bs=4k"])
+        .arg(crate::fio::LATENCY_PERCENTILES)
         .arg(format!("--size={FIO_BYTES}"))
         .arg(format!("--uri=nbd+unix:///?socket={}", socket.display()))
         .arg(format!("--iodepth={iodepth}"))

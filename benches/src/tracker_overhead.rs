@@ -23,7 +23,7 @@ pub fn run(round_seconds: u32, rounds: u32) -> anyhow::Result<(serde_json::Value
         .or_else(|e| if e.to_string().contains("No space left") { Ok(String::new()) } else { Err(e) })?;
     let mut json = serde_json::Map::new();
     let mut md = format!(
-        "### tracker-overhead\n\nfio randwrite 4 KiB, O_DIRECT, io_uring; loop device over /dev/shm (1 GiB); \
+        "### tracker-overhead\n\nfio randwrite 4 KiB, O_DIRECT, io_uring, latency from submission (fio's `lat`); loop device over /dev/shm (1 GiB); \
          64 KiB extents; median of {rounds} alternating rounds of {round_seconds} s per side.\n\n\
          | iodepth | tracker | IOPS | p50 µs | p99 µs | p99.9 µs |\n|---|---|---|---|---|---|\n"
     );
