@@ -273,11 +273,12 @@ impl Replier {
     /// sent at once.
     pub fn reply_batched(&self, cookie: u64, error: u32) -> bool {
         let mut batch = self.batch.lock().expect("reply batch lock");
+        let first = batch.is_empty();
         if batch.len() == REPLY_BATCH_MAX {
             self.send_batch(&mut batch);
         }
         batch.push((cookie, error));
-        batch.len() == 1
+        first
     }
 
     /// Sends the replies batched this turn: in one send when the socket takes them without
