@@ -106,11 +106,7 @@ struct NightlyLlvm {
 impl NightlyLlvm {
     fn find() -> anyhow::Result<Self> {
         let version = command_stdout(Command::new("rustc").args([&format!("+{NIGHTLY}"), "-vV"]))?;
-        let major = version
-            .lines()
-            .find_map(|l| l.strip_prefix("LLVM version: "))
-            .and_then(|v| v.split('.').next())
-            .and_then(|m| m.trim().parse::<u32>().ok())
+        let major = llvm_major(&version)
             .with_context(|| format!("no LLVM version in `rustc +{NIGHTLY} -vV`:\n{version}"))?;
         if !BPF_LINKER_LLVM_MAJORS.contains(&major) {
             bail!(
@@ -134,6 +130,12 @@ impl NightlyLlvm {
     fn soname(&self) -> String {
         self.library.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
     }
+}
+
+/// The major version in the `LLVM version: 23.1.4` line of `rustc -vV`.
+fn llvm_major(rustc_version: &str) -> Option<u32> {
+    let version = rustc_version.lines().find_map(|l| l.strip_prefix("LLVM version: "))?;
+    version.split('.').next()?.trim().parse().ok()
 }
 
 /// Where bpf-linker is installed and where it finds libLLVM: `$CARGO_HOME` (default `~/.cargo`).
@@ -200,4 +202,18 @@ fn run_checked(command: &mut Command, what: &str) -> anyhow::Result<()> {
         bail!("{what} failed ({status})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::llvm_major;
+
+    #[test]
+    fn the_llvm_major_version_comes_from_rustc_vv() {
+        let nightly = "rustc 1.101.0-nightly (92b5b8c87 2026-10-29)\nbinary: rustc\nhost: x86_64-unknown-linux-gnu\nrelease: 1.101.0-nightly\nLLVM version: 23.1.4\n";
+        assert_eq!(llvm_major(nightly), Some(23));
+        assert_eq!(llvm_major("LLVM version: 22.1.8"), Some(22));
+        assert_eq!(llvm_major("rustc 1.95.0\nrelease: 1.95.0\n"), None);
+        assert_eq!(llvm_major("LLVM version: x.1"), None);
+    }
 }
