@@ -6,11 +6,12 @@
 //! Threads: an acceptor; per connection one thread, which runs the handshake, hands the
 //! connection to the engine and then becomes its replier. The engine receives and decodes the
 //! requests in its own ring (`shipper::export_conns`), so a write reaches the ring without a
-//! thread hop. Replies go out in completion order, each whole: the engine gathers the replies
-//! without data that one turn completes and writes them to the socket in one send itself when
-//! nothing is queued before them (a part the socket does not take goes to the replier thread);
-//! everything else, and every read (served from the primary image), goes through the replier
-//! thread.
+//! thread hop. Replies go out each whole: the engine gathers the replies without data that one
+//! turn completes (`reply_batched`, in slot order) and writes them to the socket in one send
+//! itself when nothing is queued before them (a part the socket does not take goes to the
+//! replier thread); a reply outside a turn (a refused or malformed request) is written at once
+//! the same way (`reply`); everything else, and every read (served from the primary image),
+//! goes through the replier thread.
 //!
 //! Buffers: `buffers` of `block_bytes_max` each (plus a prefix page for the wire frame's
 //! header, as in `pool`), mapped at start and shared by all connections through the free list,
@@ -248,6 +249,7 @@ impl Replier {
     /// Sends a reply without data: at once if the socket takes all 16 bytes without blocking
     /// and nothing is queued, else through the replier thread.
     pub fn reply(&self, cookie: u64, error: u32) {
+        self.assert_no_batch();
         let header = nbd::encode_reply(cookie, error);
         if let Ok(mut writer) = self.side.writer.try_lock()
             && self.side.queued.load(Ordering::Acquire) == 0
@@ -288,6 +290,12 @@ impl Replier {
         self.send_batch(&mut batch);
     }
 
+    /// Batches live only inside the engine's `advance_exports`, which flushes them; a reply
+    /// made outside it (a refused or malformed request, a read) finds none open.
+    fn assert_no_batch(&self) {
+        assert!(self.batch.lock().expect("reply batch lock").is_empty(), "a reply outside a turn's batch");
+    }
+
     fn send_batch(&self, batch: &mut Vec<(u64, u32)>) {
         if batch.is_empty() {
             return;
@@ -313,6 +321,8 @@ impl Replier {
                     // replier thread writes it before anything else, queued before or after.
                     assert!(writer.tail.is_empty(), "no tail is left while nothing is queued");
                     writer.tail.extend_from_slice(&bytes[n..len]);
+                    #[cfg(test)]
+                    tests::PARTIAL_BATCHES.fetch_add(1, Ordering::Relaxed);
                     batch.clear();
                     self.enqueue(Reply::Tail);
                     return;
@@ -326,6 +336,7 @@ impl Replier {
 
     /// Has the replier thread read `len_bytes` at `offset_bytes` from the primary and send it.
     pub fn read(&self, cookie: u64, offset_bytes: u64, len_bytes: u32) {
+        self.assert_no_batch();
         self.enqueue(Reply::Read { cookie, offset_bytes, len_bytes });
     }
 
@@ -807,6 +818,10 @@ fn read_block(
 mod tests {
     use super::*;
 
+    /// Batches the socket took only part of (`send_batch`'s tail path).
+    pub(super) static PARTIAL_BATCHES: std::sync::atomic::AtomicUsize =
+        std::sync::atomic::AtomicUsize::new(0);
+
     #[test]
     fn buffers_of_one_mapping_are_apart_and_outlive_each_other() {
         let mut buffers = ExportBuffer::new_set(3, 1 << 20).expect("mmap");
@@ -836,7 +851,12 @@ mod tests {
         setsockopt(&client, sockopt::RcvBuf, &1).expect("SO_RCVBUF");
         let (server, _) = listener.accept().expect("accepting");
         setsockopt(&server, sockopt::SndBuf, &1).expect("SO_SNDBUF");
+        let partial_before = PARTIAL_BATCHES.load(Ordering::Relaxed);
         replies_arrive_in_order(Stream::Tcp(server), client);
+        assert!(
+            PARTIAL_BATCHES.load(Ordering::Relaxed) > partial_before,
+            "over TCP the socket took part of a batch at least once (its tail went to the replier thread)"
+        );
     }
 
     fn replies_arrive_in_order(server: Stream, mut client: impl std::io::Read) {
