@@ -5,8 +5,10 @@
 //! nightly rustc that wrote the bitcode (LLVM 22's reader refuses LLVM 23's bitcode with
 //! "Invalid record"). A distribution's LLVM package follows its own release schedule, not
 //! nightly's, so bpf-linker is linked instead against the shared libLLVM that the nightly
-//! toolchain ships in its sysroot: it matches by construction, and a nightly that moves to a
-//! new LLVM (or a new build of the same one) gets bpf-linker rebuilt on the next setup.
+//! toolchain ships in its sysroot: it matches by construction. The library's file name (its
+//! soname, `libLLVM.so.23.1-rust-1.101.0-nightly`) changes with every nightly, and the old file
+//! goes with the old toolchain, so bpf-linker is rebuilt by the first setup after a nightly
+//! update (until then the eBPF build fails to start bpf-linker: run `cargo xtask setup`).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -117,13 +119,17 @@ impl NightlyLlvm {
         let sysroot =
             command_stdout(Command::new("rustc").args([&format!("+{NIGHTLY}"), "--print", "sysroot"]))?;
         let lib = Path::new(sysroot.trim()).join("lib");
-        let library = std::fs::read_dir(&lib)
+        let libraries: Vec<PathBuf> = std::fs::read_dir(&lib)
             .with_context(|| format!("reading {}", lib.display()))?
             .filter_map(|entry| entry.ok().map(|e| e.path()))
-            .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
-            .with_context(|| {
-                format!("the {NIGHTLY} toolchain ships no shared libLLVM in {}", lib.display())
-            })?;
+            .filter(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libLLVM.so.")))
+            .collect();
+        let [library] = <[PathBuf; 1]>::try_from(libraries).map_err(|found| {
+            anyhow::anyhow!(
+                "expected one shared libLLVM (libLLVM.so.*) in {}, found {found:?}",
+                lib.display()
+            )
+        })?;
         Ok(Self { major, library })
     }
 
@@ -161,16 +167,25 @@ fn bpf_linker_uses(llvm: &NightlyLlvm) -> bool {
 
 /// Builds bpf-linker linked dynamically against `llvm`: its build script links `-lLLVM` from
 /// `$LLVM_PREFIX/lib` and sets that directory as the binary's rpath, so the prefix holds two
-/// links to the toolchain's library, by the link-time name and by the soname.
+/// links to the toolchain's library, by the link-time name and by the soname. One prefix per
+/// soname: a new `LLVM_PREFIX` makes cargo run the build script again even where it reuses a
+/// target directory (`CARGO_TARGET_DIR`), and the working linker's prefix stays until the new
+/// one is installed and checked; then the other prefixes (of removed toolchains) go.
 fn install_bpf_linker(llvm: &NightlyLlvm) -> anyhow::Result<()> {
-    let prefix = cargo_home()?.join("bpf-linker-llvm");
+    let prefixes = cargo_home()?.join("bpf-linker-llvm");
+    let prefix = prefixes.join(llvm.soname());
     let lib = prefix.join("lib");
-    let _ = std::fs::remove_dir_all(&prefix);
     std::fs::create_dir_all(&lib).with_context(|| format!("creating {}", lib.display()))?;
     for name in ["libLLVM.so".to_string(), llvm.soname()] {
-        std::os::unix::fs::symlink(&llvm.library, lib.join(&name)).with_context(|| {
-            format!("linking {} to {}", lib.join(&name).display(), llvm.library.display())
-        })?;
+        let link = lib.join(&name);
+        if std::fs::read_link(&link).is_ok_and(|target| target == llvm.library) {
+            continue;
+        }
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("removing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&llvm.library, &link)
+            .with_context(|| format!("linking {} to {}", link.display(), llvm.library.display()))?;
     }
     run_checked(
         Command::new("cargo").env("LLVM_PREFIX", &prefix).args([
@@ -185,13 +200,27 @@ fn install_bpf_linker(llvm: &NightlyLlvm) -> anyhow::Result<()> {
             &format!("llvm-{}", llvm.major),
         ]),
         "cargo install bpf-linker",
-    )
+    )?;
+    if !bpf_linker_uses(llvm) {
+        bail!(
+            "{} was installed but does not load {} (see `ldd` on it); is CARGO_INSTALL_ROOT set?",
+            cargo_home()?.join("bin/bpf-linker").display(),
+            llvm.soname()
+        );
+    }
+    for entry in std::fs::read_dir(&prefixes).with_context(|| format!("reading {}", prefixes.display()))? {
+        let old = entry.with_context(|| format!("reading {}", prefixes.display()))?.path();
+        if old != prefix {
+            std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+        }
+    }
+    Ok(())
 }
 
 fn command_stdout(command: &mut Command) -> anyhow::Result<String> {
-    let output = command.stderr(Stdio::null()).output().with_context(|| format!("starting {command:?}"))?;
+    let output = command.output().with_context(|| format!("starting {command:?}"))?;
     if !output.status.success() {
-        bail!("{command:?} failed ({})", output.status);
+        bail!("{command:?} failed ({}): {}", output.status, String::from_utf8_lossy(&output.stderr).trim());
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
