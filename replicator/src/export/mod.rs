@@ -246,28 +246,13 @@ impl Replier {
         self.side.queued.load(Ordering::Acquire) >= REPLIES_QUEUED_MAX / 2
     }
 
-    /// Sends a reply without data: at once if the socket takes all 16 bytes without blocking
-    /// and nothing is queued, else through the replier thread.
+    /// Sends a reply without data, as a batch of one: at once if the socket takes all 16 bytes
+    /// without blocking and nothing is queued, else through the replier thread.
     pub fn reply(&self, cookie: u64, error: u32) {
-        self.assert_no_batch();
-        let header = nbd::encode_reply(cookie, error);
-        if let Ok(mut writer) = self.side.writer.try_lock()
-            && self.side.queued.load(Ordering::Acquire) == 0
-        {
-            match writer.stream.send_nonblocking(&header) {
-                Ok(n) if n == header.len() => return,
-                Ok(0) | Err(_) => {}
-                Ok(n) => {
-                    // Rare: the socket took part of it. The rest is kept under the lock, and the
-                    // replier thread writes it before anything else, queued before or after.
-                    assert!(writer.tail.is_empty(), "no tail is left while nothing is queued");
-                    writer.tail.extend_from_slice(&header[n..]);
-                    self.enqueue(Reply::Tail);
-                    return;
-                }
-            }
-        }
-        self.enqueue(Reply::Done { cookie, error });
+        let mut batch = self.batch.lock().expect("reply batch lock");
+        assert!(batch.is_empty(), "a reply outside a turn's batch");
+        batch.push((cookie, error));
+        self.send_batch(&mut batch);
     }
 
     /// Adds a reply without data to this turn's batch; returns whether the batch was empty, so
@@ -288,12 +273,6 @@ impl Replier {
     pub fn flush_batch(&self) {
         let mut batch = self.batch.lock().expect("reply batch lock");
         self.send_batch(&mut batch);
-    }
-
-    /// Batches live only inside the engine's `advance_exports`, which flushes them; a reply
-    /// made outside it (a refused or malformed request, a read) finds none open.
-    fn assert_no_batch(&self) {
-        assert!(self.batch.lock().expect("reply batch lock").is_empty(), "a reply outside a turn's batch");
     }
 
     fn send_batch(&self, batch: &mut Vec<(u64, u32)>) {
@@ -336,7 +315,9 @@ impl Replier {
 
     /// Has the replier thread read `len_bytes` at `offset_bytes` from the primary and send it.
     pub fn read(&self, cookie: u64, offset_bytes: u64, len_bytes: u32) {
-        self.assert_no_batch();
+        // Batches live only inside the engine's `advance_exports`, which flushes them: a read
+        // (decoded outside it) finds none open, and cannot overtake a batched reply.
+        assert!(self.batch.lock().expect("reply batch lock").is_empty(), "a read outside a turn's batch");
         self.enqueue(Reply::Read { cookie, offset_bytes, len_bytes });
     }
 
