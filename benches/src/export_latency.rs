@@ -10,7 +10,9 @@
 //! export again on a 1 TiB device (sparse files; fio writes its first 256 MiB), in the same
 //! rounds: the engine's work per loop turn must not grow with the size of the device. And the
 //! sync export with busy-polling off (`--poll-us 0`): by default the primary and the secondary
-//! spin for their next completion while sync writes through the export flow.
+//! spin for their next completion while sync writes through the export flow. And the sync
+//! export with the host's TCP congestion control on its link (`--tcp-congestion system`)
+//! instead of the replicator's default.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -32,6 +34,12 @@ const DEPTHS: [u32; 2] = [1, 32];
 /// default: only the sync export's, while its writes flow).
 const POLL: [&str; 2] = ["--poll-us", "0"];
 const POLL_LABEL: &str = "export sync, --poll-us 0";
+/// The row with the host's TCP congestion control on the link, on both ends, instead of the
+/// replicator's default (`replicator::link`).
+const SYSTEM_CONGESTION: [&str; 2] = ["--tcp-congestion", replicator::link::CONGESTION_SYSTEM];
+const SYSTEM_CONGESTION_LABEL: &str = "export sync, --tcp-congestion system";
+/// The host's default congestion control, which a new namespace starts with.
+const HOST_CONGESTION_PATH: &str = "/proc/sys/net/ipv4/tcp_congestion_control";
 
 #[derive(Debug, serde::Serialize)]
 struct Row {
@@ -82,9 +90,11 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
         // the other policy's round left behind, if anything.
         rounds.extend(export_rows(&mut lab, "export async", "async", &[])?);
         rounds.extend(export_rows(&mut lab, "export sync", "sync", &[])?);
-        secondary = restart_secondary(&mut lab, secondary, &POLL)?;
-        rounds.extend(export_rows(&mut lab, POLL_LABEL, "sync", &POLL)?);
-        secondary = restart_secondary(&mut lab, secondary, &[])?;
+        for (label, extra) in [(POLL_LABEL, &POLL), (SYSTEM_CONGESTION_LABEL, &SYSTEM_CONGESTION)] {
+            secondary = restart_secondary(&mut lab, secondary, extra)?;
+            rounds.extend(export_rows(&mut lab, label, "sync", extra)?);
+            secondary = restart_secondary(&mut lab, secondary, &[])?;
+        }
     }
     let rows = medians(&rounds);
     let tcp = crate::round_trip::RoundTrip {
@@ -103,6 +113,9 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
     let raw_p99 = |depth: u32| {
         rows.iter().find(|r| r.policy == "raw device" && r.iodepth == depth).map_or(0.0, |r| r.result.p99_us)
     };
+    let link_cc = replicator::link::CONGESTION_DEFAULT;
+    let host_cc = std::fs::read_to_string(HOST_CONGESTION_PATH)
+        .map_or_else(|e| format!("unknown: {HOST_CONGESTION_PATH}: {e}"), |s| s.trim().to_owned());
     let mut md = format!(
         "### export-latency\n\n4 KiB random writes, {ROUNDS} rounds of {ROUND_SECONDS} s per path, medians: fio's nbd engine through the export's unix \
          socket, one secondary over veth; baseline: the same job with io_uring on the raw primary device, no \
@@ -115,6 +128,8 @@ pub fn run(binary: &Path) -> anyhow::Result<(serde_json::Value, String)> {
          rounds, against the same baseline: the engine's work per write does not grow with the device. \
          `export sync` runs as by default: the primary and the secondary spin up to 200 µs for their next \
          completion (yielding the CPU) while sync writes flow; `{POLL_LABEL}`: the same with busy-polling off. \
+         The link, and the TCP exchange, use the replicator's default congestion control ({link_cc}); \
+         `{SYSTEM_CONGESTION_LABEL}`: the sync export with the host's ({host_cc}) on both ends. \
          Latencies are fio's `lat`, the whole write from its submission.\n\n\
          | path | iodepth | IOPS | p50 µs | p99 µs | p99.9 µs | p99 / (raw p99 + TCP p99) | p99 / (raw p99 + ping) |\n\
          |---|---|---|---|---|---|---|---|\n",

@@ -1,7 +1,8 @@
 //! The network round trip a synchronous write pays: one process sends a 4 KiB request over
 //! TCP, another process on the far side of the veth answers with 16 bytes, and the sender
 //! wakes. ICMP ping measures less than that (the far kernel answers in softirq, no process is
-//! woken), so the export-latency scenario reports both.
+//! woken), so the export-latency scenario reports both. Both ends use the congestion control
+//! the replicator's link uses by default (`replicator::link`), not the host's.
 //!
 //! The bench binary plays both ends, each in its namespace: `__round-trip-serve ADDR` and
 //! `__round-trip-client ADDR` (hidden modes, dispatched before argument parsing).
@@ -62,10 +63,16 @@ pub fn measure(lab: &Lab) -> anyhow::Result<RoundTrip> {
     serde_json::from_slice(&output.stdout).context("round-trip client output")
 }
 
+/// The congestion control the replicator's link uses by default, on both ends, as its own.
+fn link_congestion() -> anyhow::Result<replicator::link::Congestion> {
+    Ok(replicator::link::Congestion::resolve(None)?)
+}
+
 fn serve(addr: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     let (mut stream, _) = listener.accept().context("accepting the round-trip client")?;
     stream.set_nodelay(true)?;
+    link_congestion()?.apply(&stream).context("setting the link's congestion control")?;
     let mut request = vec![0u8; REQUEST_BYTES];
     while stream.read_exact(&mut request).is_ok() {
         stream.write_all(&[0u8; REPLY_BYTES])?;
@@ -83,6 +90,7 @@ fn client(addr: &str) -> anyhow::Result<()> {
         }
     };
     stream.set_nodelay(true)?;
+    link_congestion()?.apply(&stream).context("setting the link's congestion control")?;
     let request = vec![0x5au8; REQUEST_BYTES];
     let mut reply = [0u8; REPLY_BYTES];
     // Microseconds to a second at 3 significant digits, as the engine's own histograms.

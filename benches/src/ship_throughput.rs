@@ -117,8 +117,9 @@ fn iperf3_clients(lab: &Lab) -> anyhow::Result<f64> {
         // TCP's ramp (slow start) stays in the figure, as it does in the shipping's time (from
         // the restore, through the connection, to the last ack). Left out (-O 1), iperf3 moved
         // a few percent more in the one run made so (one secondary alone: 0.83 and 0.82).
+        // The replicator's link congestion control, whatever the host's default.
         client
-            .args(["-c", &addr, "-t", &seconds, "-J"])
+            .args(["-c", &addr, "-t", &seconds, "-J", "-C", replicator::link::CONGESTION_DEFAULT])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null());
         match client.spawn() {

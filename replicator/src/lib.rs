@@ -13,6 +13,7 @@ pub mod pool;
 pub mod read_ahead;
 pub mod wire;
 pub mod auth;
+pub mod link;
 pub mod secondary;
 pub mod metrics;
 pub mod control;

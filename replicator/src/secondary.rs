@@ -52,6 +52,8 @@ pub struct SecondaryConfig {
     pub timeout_ms: u64,
     /// How long a session spins for its next completion before it sleeps.
     pub poll: crate::pool::PollSetting,
+    /// The congestion control of each primary's connection (the acks flow on it).
+    pub tcp_congestion: crate::link::Congestion,
 }
 
 impl SecondaryConfig {
@@ -217,6 +219,10 @@ fn handle_connection(
     if let Err(e) = setup {
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
+    }
+    if let Err(error) = config.tcp_congestion.apply(&stream) {
+        // Checked at start-up; the session works without it, only slower under sync writes.
+        tracing::warn!(%peer, congestion = ?config.tcp_congestion, %error, "setting the TCP congestion control");
     }
     // The whole handshake within the timeout, however the peer's bytes trickle in; then each
     // blocking read or write of the session gets the timeout.

@@ -133,11 +133,39 @@ fn sync_writes_are_on_every_secondary_when_acknowledged() {
             lab.logs()
         );
     }
+    // The link runs the replicator's congestion control on both ends, whatever the host's.
+    let namespaces = std::iter::once(&lab.primary_ns).chain(&lab.secondary_ns);
+    let congestion: Vec<(String, Vec<String>)> =
+        namespaces.map(|ns| (ns.name.clone(), established_congestion(&ns.name))).collect();
+    assert_eq!(congestion[0].1.len(), 2, "the primary's connections to s0 and s1: {congestion:?}");
+    for (ns, names) in &congestion {
+        assert!(!names.is_empty(), "{ns}: no TCP connection found");
+        assert!(
+            names.iter().all(|name| name == replicator::link::CONGESTION_DEFAULT),
+            "{ns}: the link's connections use {names:?}, not {}",
+            replicator::link::CONGESTION_DEFAULT
+        );
+    }
     let hashes = lab.hashes().expect("hashing");
     assert!(hashes.iter().all(|h| *h == hashes[0]), "images differ: {hashes:?}\n{}", lab.logs());
     eprintln!(
         "{written} bytes written through the export, {written} shipped to each secondary; images equal"
     );
+}
+
+/// The congestion control of each established TCP connection in namespace `ns`, as `ss` shows
+/// it (first word of each connection's detail line).
+fn established_congestion(ns: &str) -> Vec<String> {
+    let output = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "ss", "-tin", "state", "established"])
+        .output()
+        .unwrap_or_else(|e| panic!("ss in {ns} (package iproute2): {e}"));
+    assert!(output.status.success(), "ss in {ns}: {}", String::from_utf8_lossy(&output.stderr));
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|line| line.starts_with(char::is_whitespace))
+        .filter_map(|line| line.split_whitespace().next().map(str::to_owned))
+        .collect()
 }
 
 /// TRIM, WRITE_ZEROES and FLUSH through the export: every image reads zeroes over the range

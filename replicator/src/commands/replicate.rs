@@ -13,6 +13,7 @@ use anyhow::Context as _;
 use serde::Deserialize;
 
 use crate::auth::Key;
+use crate::link::Congestion;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::mirror::{MirrorDb, WritePolicy};
 use crate::pool::PollSetting;
@@ -141,6 +142,13 @@ pub struct PrimaryArgs {
     /// with no writes never spins. Per process: set it on the primary and on each secondary.
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// TCP congestion control of the replication connections: a name the kernel has (cubic,
+    /// reno, bbr, ...), or `system` for the host's default (net.ipv4.tcp_congestion_control)
+    /// [default: cubic]. BBR, a common host default, paces every send and shrinks its window to
+    /// four packets for 200 ms every 10 s: on a mirror's link that stalls the sync writes
+    /// waiting on it. Set on the primary and on each secondary (the acks flow back on its side).
+    #[arg(long, value_name = "NAME|system")]
+    pub tcp_congestion: Option<String>,
 }
 
 /// `replicator secondary` settings.
@@ -184,6 +192,13 @@ pub struct SecondaryArgs {
     /// with no writes never spins. Per process: set it on the primary and on each secondary.
     #[arg(long)]
     pub poll_us: Option<u64>,
+    /// TCP congestion control of the replication connections: a name the kernel has (cubic,
+    /// reno, bbr, ...), or `system` for the host's default (net.ipv4.tcp_congestion_control)
+    /// [default: cubic]. BBR, a common host default, paces every send and shrinks its window to
+    /// four packets for 200 ms every 10 s: on a mirror's link that stalls the sync writes
+    /// waiting on it. Set on the primary and on each secondary (the acks flow back on its side).
+    #[arg(long, value_name = "NAME|system")]
+    pub tcp_congestion: Option<String>,
 }
 
 /// Runs `replicator primary` with command-line `cli` merged over its config file.
@@ -290,6 +305,7 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         write_policy: write_policy.unwrap_or(WritePolicy::Async),
         minimum_images: minimum_images.unwrap_or(1),
         poll: poll_setting(cli.poll_us.or(file.poll_us))?,
+        tcp_congestion: Congestion::resolve(cli.tcp_congestion.or(file.tcp_congestion).as_deref())?,
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     primary(config, &key_file, cli.metrics.or(file.metrics), stop)
@@ -308,6 +324,7 @@ pub fn run_secondary(cli: SecondaryArgs, stop: &AtomicBool) -> anyhow::Result<()
         frame_data_bytes_max: SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT,
         timeout_ms: cli.timeout_ms.or(file.timeout_ms).unwrap_or(SecondaryConfig::TIMEOUT_MS_DEFAULT),
         poll: poll_setting(cli.poll_us.or(file.poll_us))?,
+        tcp_congestion: Congestion::resolve(cli.tcp_congestion.or(file.tcp_congestion).as_deref())?,
     };
     let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
     secondary(&config, &key_file, cli.metrics.or(file.metrics), stop)

@@ -43,6 +43,7 @@ pub struct ConnectorConfig {
     pub params: Params,
     pub timeout_ms: u64,
     pub retry_max_ms: u64,
+    pub congestion: crate::link::Congestion,
 }
 
 /// Why the engine asks for a connection.
@@ -127,6 +128,10 @@ fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
     let timeout = Duration::from_millis(config.timeout_ms);
     let stream = TcpStream::connect_timeout(&config.addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    if let Err(error) = config.congestion.apply(&stream) {
+        // Checked at start-up; the connection works without it, only slower under sync writes.
+        tracing::warn!(secondary = %config.name, addr = %config.addr, ?config.congestion, %error, "setting the TCP congestion control");
+    }
     // The whole handshake within the timeout, however the secondary's bytes trickle in.
     let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
     let next_sequence = auth::primary_handshake(&mut deadline, &config.key, &config.params)

@@ -94,6 +94,8 @@ pub struct ShipperConfig {
     pub minimum_images: u32,
     /// How long the engine spins for its next completion before it sleeps.
     pub poll: crate::pool::PollSetting,
+    /// The congestion control of the connections to the secondaries.
+    pub tcp_congestion: crate::link::Congestion,
 }
 
 impl ShipperConfig {
@@ -472,6 +474,7 @@ impl Engine {
             params: self.params,
             timeout_ms: self.config.timeout_ms,
             retry_max_ms: self.config.retry_max_ms,
+            congestion: self.config.tcp_congestion.clone(),
         };
         let (tx, stop) = (self.connected_tx.clone(), Arc::clone(&self.stop_connectors));
         std::thread::Builder::new()
