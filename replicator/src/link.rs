@@ -56,7 +56,7 @@ impl Congestion {
         match congestion.probe() {
             Ok(()) => Ok(congestion),
             Err(error) if choice.is_none() => {
-                tracing::warn!(congestion = name, %error, "TCP congestion control unavailable; the link keeps the host's default");
+                tracing::warn!(tcp_congestion = name, %error, "TCP congestion control unavailable; the link keeps the host's default");
                 Ok(Self::System)
             }
             Err(error) => Err(LinkError::Congestion { name: name.to_owned(), available: available(), error }),
@@ -76,9 +76,22 @@ impl Congestion {
             .map_err(std::io::Error::from)
     }
 
+    /// On a fresh TCP socket, neither bound nor connected: it needs no address, so it works in
+    /// a namespace whose loopback is down.
     fn probe(&self) -> std::io::Result<()> {
-        let socket = std::net::TcpListener::bind(("127.0.0.1", 0))?;
+        use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
+        let socket = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
         self.apply(&socket)
+    }
+}
+
+/// The name set on each connection, or `system` (as `--tcp-congestion` takes it).
+impl std::fmt::Display for Congestion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::System => f.write_str(CONGESTION_SYSTEM),
+            Self::Named(name) => f.write_str(name),
+        }
     }
 }
 

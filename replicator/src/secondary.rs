@@ -222,7 +222,7 @@ fn handle_connection(
     }
     if let Err(error) = config.tcp_congestion.apply(&stream) {
         // Checked at start-up; the session works without it, only slower under sync writes.
-        tracing::warn!(%peer, congestion = ?config.tcp_congestion, %error, "setting the TCP congestion control");
+        tracing::warn!(%peer, tcp_congestion = %config.tcp_congestion, %error, "setting the TCP congestion control");
     }
     // The whole handshake within the timeout, however the peer's bytes trickle in; then each
     // blocking read or write of the session gets the timeout.
@@ -275,7 +275,7 @@ fn handle_connection(
     }
     stats.sessions.inc();
     stats.primary_connected.set(1);
-    tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, "primary connected");
+    tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, tcp_congestion = %config.tcp_congestion, "primary connected");
     let limits = Limits {
         image_bytes: expected.image_bytes,
         extent_bytes: params.extent_bytes,

@@ -89,7 +89,7 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
             config.metrics.connection_attempts.inc();
             match connect(&config) {
                 Ok((stream, next_sequence)) => {
-                    tracing::info!(secondary = %config.name, addr = %config.addr, "connected and authenticated");
+                    tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion = %config.congestion, "connected and authenticated");
                     last_error.clear();
                     last_connected = Some(Instant::now());
                     let event =
@@ -130,7 +130,7 @@ fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
     if let Err(error) = config.congestion.apply(&stream) {
         // Checked at start-up; the connection works without it, only slower under sync writes.
-        tracing::warn!(secondary = %config.name, addr = %config.addr, ?config.congestion, %error, "setting the TCP congestion control");
+        tracing::warn!(secondary = %config.name, addr = %config.addr, tcp_congestion = %config.congestion, %error, "setting the TCP congestion control");
     }
     // The whole handshake within the timeout, however the secondary's bytes trickle in.
     let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
