@@ -411,6 +411,8 @@ mod tests {
         assert_eq!(file.secondaries, ["b=10.0.0.2:7788"]);
         let unknown = toml::from_str::<PrimaryArgs>("devcie = \"/dev/vdb\"\n").unwrap_err().to_string();
         assert!(unknown.contains("devcie"), "{unknown}");
+        let secondary: SecondaryArgs = toml::from_str("tcp-congestion = \"system\"\n").expect("valid config");
+        assert_eq!(secondary.tcp_congestion.as_deref(), Some(crate::link::CONGESTION_SYSTEM));
     }
 
     #[test]
