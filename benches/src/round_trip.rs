@@ -63,16 +63,23 @@ pub fn measure(lab: &Lab) -> anyhow::Result<RoundTrip> {
     serde_json::from_slice(&output.stdout).context("round-trip client output")
 }
 
-/// The congestion control the replicator's link uses by default, on both ends, as its own.
+/// The congestion control the replicator's link uses by default, on both ends, as its own; an
+/// error if the kernel lacks it (the link would then run the host's, which the table would not say).
 fn link_congestion() -> anyhow::Result<replicator::link::Congestion> {
-    Ok(replicator::link::Congestion::resolve(None)?)
+    let congestion = replicator::link::Congestion::resolve(None)?;
+    anyhow::ensure!(
+        congestion.name() == Some(replicator::link::CONGESTION_DEFAULT),
+        "the kernel lacks TCP congestion control {}",
+        replicator::link::CONGESTION_DEFAULT
+    );
+    Ok(congestion)
 }
 
 fn serve(addr: &str) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
     let (mut stream, _) = listener.accept().context("accepting the round-trip client")?;
     stream.set_nodelay(true)?;
-    link_congestion()?.apply(&stream).context("setting the link's congestion control")?;
+    link_congestion()?.apply(&stream, "the round trip's socket")?;
     let mut request = vec![0u8; REQUEST_BYTES];
     while stream.read_exact(&mut request).is_ok() {
         stream.write_all(&[0u8; REPLY_BYTES])?;
@@ -90,7 +97,7 @@ fn client(addr: &str) -> anyhow::Result<()> {
         }
     };
     stream.set_nodelay(true)?;
-    link_congestion()?.apply(&stream).context("setting the link's congestion control")?;
+    link_congestion()?.apply(&stream, "the round trip's socket")?;
     let request = vec![0x5au8; REQUEST_BYTES];
     let mut reply = [0u8; REPLY_BYTES];
     // Microseconds to a second at 3 significant digits, as the engine's own histograms.

@@ -1,79 +1,99 @@
 //! The replication link's TCP settings: which congestion control the primary's connections to
-//! its secondaries use (set on both ends, since the acks flow back on the secondary's side).
+//! its secondaries use. The primary sets it on its socket before connecting; the secondary on
+//! its listening socket, whose accepted connections inherit it (the acks flow on its side).
 //!
 //! Why not the system's default: hosts often run BBR, which paces every send with a timer and,
 //! every ten seconds, shrinks the window to four packets for 200 ms to measure the path's
 //! round trip. That suits a bulk transfer over a WAN; on the low-latency link a mirror runs on,
-//! it stalls the synchronous writes that wait on it (measured on veth, 4 KiB sync writes at
-//! queue depth 32: BBR 71k-78k IOPS with p99.9 1.4-5.2 ms, CUBIC 81k-85k with 1.2-1.7 ms). So
-//! the link uses CUBIC, the kernel's own default, unless the operator names another
-//! (`--tcp-congestion`), or `system` to leave the host's choice alone.
+//! it stalls the synchronous writes that wait on it (see the README's export section for the
+//! measurements). So the link uses CUBIC, the kernel's own default, unless the operator names
+//! another (`--tcp-congestion`), or `system` to leave the host's choice alone.
 //!
-//! Invariant: a congestion control named by the operator is checked once at start-up, so a
-//! name the kernel does not have stops the start instead of every later connection.
+//! Invariant: a `Congestion` holds a name that is well formed and that the kernel accepted on a
+//! scratch socket at start-up (`resolve` is the only way to make one), so a name the kernel
+//! does not have, or will not let this process use, stops the start instead of every later
+//! connection.
 
-use std::ffi::OsString;
 use std::os::fd::AsFd;
 
 /// What `--tcp-congestion` takes when it is not given.
 pub const CONGESTION_DEFAULT: &str = "cubic";
 /// What `--tcp-congestion` takes to leave the host's default in place.
 pub const CONGESTION_SYSTEM: &str = "system";
-/// Where the kernel lists the congestion controls it has loaded (for the error message).
+/// Where the kernel lists the congestion controls it has loaded, and those a process without
+/// CAP_NET_ADMIN may choose (for the error message).
 const AVAILABLE_PATH: &str = "/proc/sys/net/ipv4/tcp_available_congestion_control";
+const ALLOWED_PATH: &str = "/proc/sys/net/ipv4/tcp_allowed_congestion_control";
 /// The kernel's `TCP_CA_NAME_MAX` less its terminating zero.
 const NAME_BYTES_MAX: usize = 15;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     #[error(
-        "TCP congestion control {name:?} is not usable here: {error} (loaded: {available}; \
-         `--tcp-congestion system` keeps the host's default)"
+        "--tcp-congestion {name:?}: a congestion control's name is 1 to {NAME_BYTES_MAX} of a-z, 0-9 and _"
     )]
-    Congestion { name: String, available: String, error: std::io::Error },
+    Name { name: String },
+    #[error(
+        "TCP congestion control {name:?} is not usable here (loaded: {available}; allowed without \
+         CAP_NET_ADMIN: {allowed}; `--tcp-congestion system` keeps the host's default)"
+    )]
+    Congestion { name: String, available: String, allowed: String, source: std::io::Error },
+    #[error("setting TCP congestion control {name:?} on {what}: {error}")]
+    Apply { name: String, what: String, error: std::io::Error },
 }
 
-/// The congestion control of every replication connection, checked by [`Congestion::resolve`].
+/// The congestion control of every replication connection, made by [`Congestion::resolve`].
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Congestion {
-    /// The host's default (`net.ipv4.tcp_congestion_control`): the socket is not touched.
-    System,
-    /// Set on each connection with `TCP_CONGESTION`.
-    Named(String),
+pub struct Congestion {
+    /// `None`: the host's default (`net.ipv4.tcp_congestion_control`); the socket is not touched.
+    name: Option<String>,
 }
 
 impl Congestion {
     /// Checks the operator's choice (`None`: the default) by setting it on a scratch socket.
-    /// An explicit name that fails is an error; the default that fails (a kernel built without
-    /// CUBIC) falls back to the host's with a warning, as a default must not stop a start.
+    /// An explicit name that fails is an error. The default falls back to the host's, with a
+    /// warning, only when the kernel lacks it (built without CUBIC): a default must not stop a
+    /// start, but one the host forbids (EPERM) is a setting to fix, not to run without.
     pub fn resolve(choice: Option<&str>) -> Result<Self, LinkError> {
         let name = match choice {
-            Some(CONGESTION_SYSTEM) => return Ok(Self::System),
+            Some(CONGESTION_SYSTEM) => return Ok(Self { name: None }),
             Some(name) => name,
             None => CONGESTION_DEFAULT,
         };
-        let congestion = Self::Named(name.to_owned());
+        if !well_formed(name) {
+            return Err(LinkError::Name { name: name.to_owned() });
+        }
+        let congestion = Self { name: Some(name.to_owned()) };
         match congestion.probe() {
             Ok(()) => Ok(congestion),
-            Err(error) if choice.is_none() => {
-                tracing::warn!(tcp_congestion = name, %error, "TCP congestion control unavailable; the link keeps the host's default");
-                Ok(Self::System)
+            Err(source) if choice.is_none() && source.raw_os_error() == Some(libc::ENOENT) => {
+                tracing::warn!(tcp_congestion = name, error = %source, "the kernel lacks this congestion control; the link keeps the host's default");
+                Ok(Self { name: None })
             }
-            Err(error) => Err(LinkError::Congestion { name: name.to_owned(), available: available(), error }),
+            Err(source) => Err(LinkError::Congestion {
+                name: name.to_owned(),
+                available: read_list(AVAILABLE_PATH),
+                allowed: read_list(ALLOWED_PATH),
+                source,
+            }),
         }
     }
 
-    /// Sets this congestion control on `socket` (a connected one is switched at once).
-    pub fn apply(&self, socket: &impl AsFd) -> std::io::Result<()> {
-        let Self::Named(name) = self else { return Ok(()) };
-        if name.is_empty() || name.len() > NAME_BYTES_MAX {
-            return Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidInput,
-                format!("a congestion control's name is 1 to {NAME_BYTES_MAX} bytes"),
-            ));
-        }
-        nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::TcpCongestion, &OsString::from(name))
-            .map_err(std::io::Error::from)
+    /// The name set on each connection; `None` when the host's default is kept.
+    pub fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// Sets this congestion control on `socket`, named `what` in the error. On a listening
+    /// socket it is inherited by the connections accepted from it.
+    pub fn apply(&self, socket: &impl AsFd, what: &str) -> Result<(), LinkError> {
+        let Some(name) = &self.name else { return Ok(()) };
+        assert!(well_formed(name), "a Congestion holds a checked name");
+        set(socket, name).map_err(|error| LinkError::Apply {
+            name: name.clone(),
+            what: what.to_owned(),
+            error,
+        })
     }
 
     /// On a fresh TCP socket, neither bound nor connected: it needs no address, so it works in
@@ -81,23 +101,15 @@ impl Congestion {
     fn probe(&self) -> std::io::Result<()> {
         use nix::sys::socket::{AddressFamily, SockFlag, SockType, socket};
         let socket = socket(AddressFamily::Inet, SockType::Stream, SockFlag::SOCK_CLOEXEC, None)?;
-        self.apply(&socket)
+        self.name.as_deref().map_or(Ok(()), |name| set(&socket, name))
     }
 }
 
 /// The name set on each connection, or `system` (as `--tcp-congestion` takes it).
 impl std::fmt::Display for Congestion {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Self::System => f.write_str(CONGESTION_SYSTEM),
-            Self::Named(name) => f.write_str(name),
-        }
+        f.write_str(self.name().unwrap_or(CONGESTION_SYSTEM))
     }
-}
-
-fn available() -> String {
-    std::fs::read_to_string(AVAILABLE_PATH)
-        .map_or_else(|e| format!("unknown ({AVAILABLE_PATH}: {e})"), |s| s.trim().to_owned())
 }
 
 /// The congestion control a socket uses, as the kernel reports it.
@@ -106,33 +118,66 @@ pub fn congestion_of(socket: &impl AsFd) -> std::io::Result<String> {
     Ok(name.to_string_lossy().trim_end_matches('\0').to_owned())
 }
 
+/// What a connection of the link runs, for its log line: the kernel's word, with a warning when
+/// it is not the one asked for (a route that locks its own, `ip route ... congctl lock NAME`).
+pub fn connection_congestion(socket: &impl AsFd, asked: &Congestion, peer: &str) -> String {
+    match congestion_of(socket) {
+        Ok(actual) => {
+            if asked.name().is_some_and(|name| name != actual) {
+                tracing::warn!(peer, asked = %asked, actual, "the connection runs another TCP congestion control than asked (does its route lock one?)");
+            }
+            actual
+        }
+        Err(error) => format!("unknown ({error})"),
+    }
+}
+
+/// What the kernel's congestion controls are called: `TCP_CONGESTION` takes the bytes up to
+/// the first zero, so anything else could set another control than the one logged.
+fn well_formed(name: &str) -> bool {
+    (1..=NAME_BYTES_MAX).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+fn set(socket: &impl AsFd, name: &str) -> std::io::Result<()> {
+    let name = std::ffi::OsString::from(name);
+    nix::sys::socket::setsockopt(socket, nix::sys::socket::sockopt::TcpCongestion, &name)
+        .map_err(std::io::Error::from)
+}
+
+fn read_list(path: &str) -> String {
+    std::fs::read_to_string(path).map_or_else(|e| format!("unknown ({path}: {e})"), |s| s.trim().to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    /// Real sockets on loopback: the default and an explicit name reach the kernel, on both
-    /// ends of a connection; a name it does not have is refused at once, naming it.
+    /// Real sockets on loopback: the default and an explicit name reach the kernel; a listening
+    /// socket passes its choice to the connections it accepts; names the kernel does not have,
+    /// or that are not names, are refused at once, naming them.
     #[test]
     fn the_links_congestion_control_reaches_the_socket() {
         let default = Congestion::resolve(None).expect("the default resolves");
+        let reno = Congestion::resolve(Some("reno")).expect("reno is built into every kernel");
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("listening on loopback");
+        reno.apply(&listener, "the listener").expect("setting reno on the listener");
         let client =
             std::net::TcpStream::connect(listener.local_addr().expect("address")).expect("connecting");
         let (server, _) = listener.accept().expect("accepting");
-        for socket in [&client, &server] {
-            default.apply(socket).expect("setting the default");
-            if let Congestion::Named(name) = &default {
-                assert_eq!(&congestion_of(socket).expect("reading it back"), name);
-            }
+        assert_eq!(congestion_of(&server).expect("reading it back"), "reno", "inherited from the listener");
+        default.apply(&client, "the client").expect("switching a connected socket");
+        if let Some(name) = default.name() {
+            assert_eq!(congestion_of(&client).expect("reading it back"), name);
         }
-        let reno = Congestion::resolve(Some("reno")).expect("reno is built into every kernel");
-        reno.apply(&client).expect("switching a connected socket");
-        assert_eq!(congestion_of(&client).expect("reading it back"), "reno");
 
-        assert_eq!(Congestion::resolve(Some(CONGESTION_SYSTEM)).expect("system"), Congestion::System);
-        let error = Congestion::resolve(Some("no-such-cc")).expect_err("an unknown name is refused");
-        assert!(error.to_string().contains("\"no-such-cc\""), "{error}");
-        let error = Congestion::resolve(Some("a-name-longer-than-the-kernels")).expect_err("too long");
-        assert!(error.to_string().contains("1 to 15 bytes"), "{error}");
+        assert_eq!(Congestion::resolve(Some(CONGESTION_SYSTEM)).expect("system").name(), None);
+        // As root this asks modprobe for tcp_no_such_cc first, which finds nothing.
+        let error = Congestion::resolve(Some("no_such_cc")).expect_err("an unknown name is refused");
+        assert!(error.to_string().contains("\"no_such_cc\" is not usable here"), "{error}");
+        for bad in ["", "cubic\0bbr", "a_name_longer_than_15", "Cubic", "cu bic"] {
+            let error = Congestion::resolve(Some(bad)).expect_err("not a name");
+            assert!(matches!(error, LinkError::Name { .. }), "{bad:?}: {error}");
+        }
     }
 }

@@ -204,16 +204,18 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, joined by ": ", leaving out a cause whose text the message already
-/// holds (the library's errors name their source in their own text).
+/// The error and its causes, joined by ": ", leaving out a cause whose text its own parent's
+/// message already holds (the library's errors name their source in their own text).
 fn error_text(err: &anyhow::Error) -> String {
     let mut text = err.to_string();
+    let mut parent = text.clone();
     for cause in err.chain().skip(1) {
         let cause = cause.to_string();
-        if !text.contains(&cause) {
+        if !parent.contains(&cause) {
             text.push_str(": ");
             text.push_str(&cause);
         }
+        parent = cause;
     }
     text
 }

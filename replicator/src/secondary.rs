@@ -72,6 +72,8 @@ pub enum SecondaryError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("{what}: {source}")]
     Io { what: String, source: std::io::Error },
+    #[error(transparent)]
+    Link(#[from] crate::link::LinkError),
 }
 
 /// Why a session ended.
@@ -137,6 +139,8 @@ pub fn serve(
         .map_err(|source| SecondaryError::Open { path: config.device.clone(), source })?;
     let listener = TcpListener::bind(config.listen)
         .map_err(|source| SecondaryError::Listen { addr: config.listen, source })?;
+    // Inherited by every connection accepted from it, from the handshake on.
+    config.tcp_congestion.apply(&listener, &format!("the listening socket {}", config.listen))?;
     listener
         .set_nonblocking(true)
         .map_err(|source| SecondaryError::Listen { addr: config.listen, source })?;
@@ -220,10 +224,6 @@ fn handle_connection(
         tracing::warn!(%peer, error = %e, "setting up a connection failed");
         return;
     }
-    if let Err(error) = config.tcp_congestion.apply(&stream) {
-        // Checked at start-up; the session works without it, only slower under sync writes.
-        tracing::warn!(%peer, tcp_congestion = %config.tcp_congestion, %error, "setting the TCP congestion control");
-    }
     // The whole handshake within the timeout, however the peer's bytes trickle in; then each
     // blocking read or write of the session gets the timeout.
     let handshake =
@@ -275,7 +275,9 @@ fn handle_connection(
     }
     stats.sessions.inc();
     stats.primary_connected.set(1);
-    tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, tcp_congestion = %config.tcp_congestion, "primary connected");
+    let tcp_congestion =
+        crate::link::connection_congestion(&stream, &config.tcp_congestion, &peer.to_string());
+    tracing::info!(%peer, mirror_id = params.mirror_id, extent_bytes = params.extent_bytes, tcp_congestion, "primary connected");
     let limits = Limits {
         image_bytes: expected.image_bytes,
         extent_bytes: params.extent_bytes,

@@ -89,7 +89,9 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
             config.metrics.connection_attempts.inc();
             match connect(&config) {
                 Ok((stream, next_sequence)) => {
-                    tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion = %config.congestion, "connected and authenticated");
+                    let tcp_congestion =
+                        crate::link::connection_congestion(&stream, &config.congestion, &config.name);
+                    tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion, "connected and authenticated");
                     last_error.clear();
                     last_connected = Some(Instant::now());
                     let event =
@@ -124,14 +126,21 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
     }
 }
 
+/// A TCP connection to the secondary whose congestion control is set before the SYN, so the
+/// handshake already runs under it (an ECN-based control negotiates there).
+fn connect_with_congestion(config: &ConnectorConfig, timeout: Duration) -> Result<TcpStream, String> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(config.addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| format!("socket: {e}"))?;
+    config.congestion.apply(&socket, "the connection's socket").map_err(|e| e.to_string())?;
+    socket.connect_timeout(&config.addr.into(), timeout).map_err(|e| format!("connect: {e}"))?;
+    Ok(socket.into())
+}
+
 fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
     let timeout = Duration::from_millis(config.timeout_ms);
-    let stream = TcpStream::connect_timeout(&config.addr, timeout).map_err(|e| format!("connect: {e}"))?;
+    let stream = connect_with_congestion(config, timeout)?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    if let Err(error) = config.congestion.apply(&stream) {
-        // Checked at start-up; the connection works without it, only slower under sync writes.
-        tracing::warn!(secondary = %config.name, addr = %config.addr, tcp_congestion = %config.congestion, %error, "setting the TCP congestion control");
-    }
     // The whole handshake within the timeout, however the secondary's bytes trickle in.
     let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
     let next_sequence = auth::primary_handshake(&mut deadline, &config.key, &config.params)
