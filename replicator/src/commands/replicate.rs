@@ -147,6 +147,7 @@ pub struct PrimaryArgs {
     /// [default: cubic]. BBR, a common host default, paces every send and shrinks its window to
     /// four packets for 200 ms every 10 s: on a mirror's link that stalls the sync writes
     /// waiting on it. Set on the primary and on each secondary (the acks flow back on its side).
+    /// A name the kernel lacks, or lets only CAP_NET_ADMIN use, stops the start.
     #[arg(long, value_name = "NAME|system")]
     pub tcp_congestion: Option<String>,
 }
@@ -197,6 +198,7 @@ pub struct SecondaryArgs {
     /// [default: cubic]. BBR, a common host default, paces every send and shrinks its window to
     /// four packets for 200 ms every 10 s: on a mirror's link that stalls the sync writes
     /// waiting on it. Set on the primary and on each secondary (the acks flow back on its side).
+    /// A name the kernel lacks, or lets only CAP_NET_ADMIN use, stops the start.
     #[arg(long, value_name = "NAME|system")]
     pub tcp_congestion: Option<String>,
 }
