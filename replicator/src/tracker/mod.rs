@@ -453,10 +453,13 @@ impl Tracker {
     }
 
     /// The completion safety net: what was queued is remembered until its completion is
-    /// drained; what waited a whole `UNMATCHED_AFTER` is reported as completed anyway (a
-    /// completion the kernel did not trace was seen, 1 write in ~10 000 on a loop device). A
-    /// completion that still comes reports the extent again. Word at a time, over the words
-    /// that hold something.
+    /// drained; what waited a whole `UNMATCHED_AFTER` is reported as completed anyway. The
+    /// kernel does not always trace a completion: on a loop device, 64 KiB O_DIRECT writes one
+    /// at a time lost 0 to 2 in 20 000, and the kernel's own `block_rq_complete` and
+    /// `block_io_done` events (perf) lacked the same requests, though each write had returned;
+    /// 1.3 million writes at queue depth 32 lost none (2026-11-27, Linux 6.18). A completion
+    /// that still comes reports the extent again. Word at a time, over the words that hold
+    /// something.
     ///
     /// A completion on an extent in `keep` does not match a queued write there: it may be the
     /// exempt writer's (see `drain_completed_except`), so the queued write waits for its own.
