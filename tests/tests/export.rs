@@ -107,11 +107,11 @@ fn sync_writes_are_on_every_secondary_when_acknowledged() {
     // Every namespace defaults to reno, so the link's own congestion control shows below
     // whatever the host's default is.
     for ns in std::iter::once(&lab.primary_ns).chain(&lab.secondary_ns) {
-        let status = std::process::Command::new("ip")
-            .args(["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"])
-            .status()
-            .expect("sysctl (package procps)");
-        assert!(status.success(), "{}: setting its default congestion control to reno", ns.name);
+        run_command(
+            "ip",
+            &["netns", "exec", &ns.name, "sysctl", "-qw", "net.ipv4.tcp_congestion_control=reno"],
+        )
+        .unwrap_or_else(|e| panic!("{}: setting its default congestion control to reno: {e}", ns.name));
     }
     let lab = start_export_lab(lab, &primary, &poll);
     let before = shipped_bytes(&lab);
@@ -174,12 +174,10 @@ fn sync_writes_are_on_every_secondary_when_acknowledged() {
 /// option that adds words before it).
 fn link_congestion(ns: &str, addr: std::net::SocketAddr) -> Vec<String> {
     let filter = format!("( src {addr} or dst {addr} )");
-    let output = std::process::Command::new("ip")
-        .args(["netns", "exec", ns, "ss", "-tin", "state", "established", &filter])
-        .output()
-        .unwrap_or_else(|e| panic!("ss in {ns} (package iproute2): {e}"));
-    assert!(output.status.success(), "ss in {ns}: {}", String::from_utf8_lossy(&output.stderr));
-    String::from_utf8_lossy(&output.stdout)
+    let output = run_command("ip", &["netns", "exec", ns, "ss", "-tin", "state", "established", &filter])
+        .unwrap_or_else(|e| panic!("ss in {ns}: {e}"));
+    // The header line comes first, so trimming the output leaves the detail lines' indent.
+    output
         .lines()
         .filter(|line| line.starts_with(char::is_whitespace))
         .filter_map(|line| line.split_whitespace().next().map(str::to_owned))

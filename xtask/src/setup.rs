@@ -16,13 +16,15 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 13] = [
+const PACKAGES: [&str; 14] = [
     "fio",
     "e2fsprogs",
     "fdisk",
     "util-linux",
     "kmod",
     "iproute2",
+    // sysctl: the export test sets a namespace's default TCP congestion control.
+    "procps",
     "bpftool",
     "iperf3",
     "rsync",

@@ -280,15 +280,16 @@ impl Replier {
             return;
         }
         assert!(batch.len() <= REPLY_BATCH_MAX);
-        let mut bytes = [0u8; REPLY_BATCH_MAX * nbd::REPLY_BYTES];
-        for (at, &(cookie, error)) in batch.iter().enumerate() {
-            bytes[at * nbd::REPLY_BYTES..][..nbd::REPLY_BYTES]
-                .copy_from_slice(&nbd::encode_reply(cookie, error));
-        }
-        let len = batch.len() * nbd::REPLY_BYTES;
         if let Ok(mut writer) = self.side.writer.try_lock()
             && self.side.queued.load(Ordering::Acquire) == 0
         {
+            // Encoded only to be sent here: queued replies are encoded by the replier thread.
+            let mut bytes = [0u8; REPLY_BATCH_MAX * nbd::REPLY_BYTES];
+            for (at, &(cookie, error)) in batch.iter().enumerate() {
+                bytes[at * nbd::REPLY_BYTES..][..nbd::REPLY_BYTES]
+                    .copy_from_slice(&nbd::encode_reply(cookie, error));
+            }
+            let len = batch.len() * nbd::REPLY_BYTES;
             match writer.stream.send_nonblocking(&bytes[..len]) {
                 Ok(n) if n == len => {
                     batch.clear();
