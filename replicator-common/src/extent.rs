@@ -17,6 +17,14 @@ pub const EXTENT_BYTES_SHIFT_MAX: u32 = 26;
 /// The default extent size, 64 KiB.
 pub const EXTENT_BYTES_DEFAULT: u64 = 64 * 1024;
 
+/// The one rule for an extent size: a power of two from 4 KiB to 64 MiB (userspace wraps it in
+/// `replicator::model::ExtentBytes`).
+pub const fn extent_bytes_valid(extent_bytes: u64) -> bool {
+    extent_bytes.is_power_of_two()
+        && extent_bytes.trailing_zeros() >= EXTENT_BYTES_SHIFT_MIN
+        && extent_bytes.trailing_zeros() <= EXTENT_BYTES_SHIFT_MAX
+}
+
 /// The tracked device as the kernel program sees it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -68,13 +76,10 @@ impl ExtentSpan {
 impl ExtentGeometry {
     /// `None` when `extent_bytes` is not a power of two between 4 KiB and 64 MiB.
     pub fn new(start_sector: u64, nr_sectors: u64, extent_bytes: u64) -> Option<Self> {
-        if !extent_bytes.is_power_of_two() {
+        if !extent_bytes_valid(extent_bytes) {
             return None;
         }
         let shift_bytes = extent_bytes.trailing_zeros();
-        if !(EXTENT_BYTES_SHIFT_MIN..=EXTENT_BYTES_SHIFT_MAX).contains(&shift_bytes) {
-            return None;
-        }
         if nr_sectors == 0 || start_sector.checked_add(nr_sectors).is_none() {
             return None;
         }

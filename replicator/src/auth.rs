@@ -173,7 +173,7 @@ pub struct Params {
 pub struct Expected {
     pub image_bytes: u64,
     pub mirror_id: Option<u64>,
-    pub extent_bytes: Option<u64>,
+    pub extent_bytes: Option<crate::model::ExtentBytes>,
 }
 
 impl Expected {
@@ -193,22 +193,14 @@ impl Expected {
                 self.image_bytes, offered.image_bytes
             ));
         }
-        if self.extent_bytes.is_some_and(|e| e != offered.extent_bytes) {
-            let here = self.extent_bytes.unwrap_or(0);
+        if self.extent_bytes.is_some_and(|e| e.get() != offered.extent_bytes) {
+            let here = self.extent_bytes.map_or(0, crate::model::ExtentBytes::get);
             differences.push(format!("extent size: here {here} bytes, peer {} bytes", offered.extent_bytes));
         }
         // Every extent size a primary can use; anything else (0 included) would break the
         // session's arithmetic.
-        let shift = offered.extent_bytes.trailing_zeros();
-        if !offered.extent_bytes.is_power_of_two()
-            || !(replicator_common::extent::EXTENT_BYTES_SHIFT_MIN
-                ..=replicator_common::extent::EXTENT_BYTES_SHIFT_MAX)
-                .contains(&shift)
-        {
-            differences.push(format!(
-                "extent size: peer {} bytes, not a power of two from 4 KiB to 64 MiB",
-                offered.extent_bytes
-            ));
+        if let Err(error) = crate::model::ExtentBytes::new(offered.extent_bytes) {
+            differences.push(format!("extent size: peer {} bytes: {error}", offered.extent_bytes));
         }
         (!differences.is_empty()).then(|| differences.join("; "))
     }

@@ -16,7 +16,7 @@ use bitvec::prelude::*;
 
 use crate::logs::{self, LogHeader, LogIdentity, LogKind};
 use crate::mirror::MirrorDb;
-use crate::shipper::ImageState;
+use crate::model::ImageState;
 
 /// Written by `replicator resolve --keep NAME` on the member whose writes are discarded;
 /// removed once this member stored the kept primary's database (it is honoured once).
@@ -99,7 +99,7 @@ pub fn reconcile(
                 discarded = %own_primary,
                 "resolved for an older primary: this image followed the discarded side, so it is copied whole"
             );
-            divergent = std::iter::once(0..own.image_bytes.div_ceil(own.extent_bytes)).collect();
+            divergent = std::iter::once(0..own.extent_bytes.extents_of(own.image_bytes)).collect();
         }
     }
     Ok(Reconciled { db, divergent, synchronized_here, image_name })
@@ -130,7 +130,7 @@ fn former_primary_extents(
     device: &Path,
     own: &MirrorDb,
 ) -> Result<Vec<Range<u64>>, String> {
-    let extents = own.image_bytes.div_ceil(own.extent_bytes) as usize;
+    let extents = own.extent_bytes.extents_of(own.image_bytes) as usize;
     let mut union = bitvec![u64, Lsb0; 0; extents];
     let identity = |kind, secondary_id| LogIdentity {
         kind,
@@ -163,7 +163,7 @@ fn former_primary_extents(
         if pin_dir.exists() {
             let options = crate::tracker::TrackerOptions {
                 name: Some(name.to_string_lossy().into_owned()),
-                extent_bytes: own.extent_bytes,
+                extent_bytes: own.extent_bytes.get(),
                 ..Default::default()
             };
             let mut tracker =

@@ -4,6 +4,7 @@
 //! shipper (the primary's io_uring engine: read, send, track acks) -> the wire protocol and its
 //! authentication -> the secondary writer (write durably, acknowledge). Then what they stand on.
 
+pub mod model;
 pub mod device;
 pub mod tracker;
 pub mod logs;

@@ -98,7 +98,7 @@ impl LogHeader {
             secondary_id: identity.secondary_id,
             generation,
             sequence: 0,
-            extent_bytes: identity.extent_bytes,
+            extent_bytes: identity.extent_bytes.get(),
             image_bytes: identity.image_bytes,
             resync_bytes_done: 0,
             verify_next_extent: 0,
@@ -118,7 +118,7 @@ pub struct LogIdentity {
     pub kind: LogKind,
     pub mirror_id: u64,
     pub secondary_id: u64,
-    pub extent_bytes: u64,
+    pub extent_bytes: crate::model::ExtentBytes,
     pub image_bytes: u64,
 }
 
@@ -228,9 +228,7 @@ pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
         saved_unix_ms: u64_at(88),
         resync_rate_bytes_per_s: if version == 1 { 0 } else { u64_at(96) },
     };
-    if !header.extent_bytes.is_power_of_two() || header.extent_bytes < 512 {
-        return Err(format!("extent size {} is not a power of two of at least 512", header.extent_bytes));
-    }
+    crate::model::ExtentBytes::new(header.extent_bytes).map_err(|e| e.to_string())?;
     let extents = header.extent_count();
     let words = extents.div_ceil(64);
     let body = &bytes[header_bytes..];
@@ -311,7 +309,7 @@ pub fn load(dir: &Path, name: &str, identity: &LogIdentity) -> Result<Option<Loa
         ("log kind", header.kind as u64, identity.kind as u64),
         ("mirror id", header.mirror_id, identity.mirror_id),
         ("secondary id", header.secondary_id, identity.secondary_id),
-        ("extent size", header.extent_bytes, identity.extent_bytes),
+        ("extent size", header.extent_bytes, identity.extent_bytes.get()),
         ("image size", header.image_bytes, identity.image_bytes),
     ];
     for (what, found, expected) in checks {
@@ -495,7 +493,7 @@ mod tests {
             kind: LogKind::Fracture,
             mirror_id: 7,
             secondary_id: secondary_id("b"),
-            extent_bytes: 65536,
+            extent_bytes: crate::model::ExtentBytes::DEFAULT,
             image_bytes: header.image_bytes,
         };
         assert!(load(&dir, "f.log", &identity).unwrap().is_none());

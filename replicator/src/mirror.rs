@@ -21,7 +21,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use crate::shipper::{ImageState, RecoveryPolicy};
+use crate::model::{
+    ActivationPolicy, ExtentBytes, IMAGES_MAX, ImageState, MirrorState, NameOf, RecoveryPolicy, WritePolicy,
+    check_name,
+};
 
 pub const DB_FILE: &str = "mirror.db";
 pub const DB_MAGIC: [u8; 8] = *b"RPLMDB\0\0";
@@ -30,42 +33,10 @@ pub const DB_HEADER_BYTES: usize = 24;
 /// Largest body accepted (from disk or from the wire): 8 images take well under this.
 pub const DB_BODY_BYTES_MAX: usize = 64 * 1024;
 /// What `create` accepts and the decoder checks: minimum images (the primary alone, up to
-/// every image), sync priority, and extent size (a power of two in this range).
-pub const MINIMUM_IMAGES: std::ops::RangeInclusive<u32> = 1..=1 + crate::shipper::PEERS_MAX as u32;
+/// every image) and sync priority. (The extent size is an `ExtentBytes`, checked as it is read.)
+pub const MINIMUM_IMAGES: std::ops::RangeInclusive<u32> = 1..=crate::model::IMAGES_MAX as u32;
 pub const SYNC_PRIORITY: std::ops::RangeInclusive<u8> = 1..=10;
-pub const EXTENT_BYTES: std::ops::RangeInclusive<u64> = 4096..=64 << 20;
 const _: () = assert!(DB_HEADER_BYTES + DB_BODY_BYTES_MAX == crate::wire::MIRROR_DB_BYTES_MAX);
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum MirrorState {
-    /// Replicating to its secondaries.
-    Active,
-    /// Deactivated by the administrator: writes are tracked in the fracture logs, not shipped.
-    Inactive,
-    /// Needs the administrator: too few images, too many missing (or a split brain).
-    Attention,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum ActivationPolicy {
-    /// The mirror leaves ATTENTION by itself once the cause has gone.
-    Automatic,
-    /// The mirror stays in ATTENTION until `replicator activate`.
-    Manual,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum WritePolicy {
-    /// An export write completes once the primary has it; it is shipped behind, as the
-    /// tracker path ships an application's writes.
-    Async,
-    /// An export write completes once the primary and every SYNCHRONIZED secondary have it
-    /// durably (`primary --export`).
-    Sync,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -106,7 +77,7 @@ pub struct MirrorDb {
     /// Why the mirror is in its state (for ATTENTION: what to fix).
     pub state_cause: String,
     pub generation: u64,
-    pub extent_bytes: u64,
+    pub extent_bytes: ExtentBytes,
     pub image_bytes: u64,
     /// Bytes of one fracture log's bitmap.
     pub fracture_log_bytes: u64,
@@ -234,45 +205,39 @@ impl MirrorDb {
             return Err(format!("checksum {:#010x}, computed {computed:#010x}", u32_at(12)));
         }
         let db: Self = serde_json::from_slice(&bytes[DB_HEADER_BYTES..]).map_err(|e| format!("body: {e}"))?;
-        if !db.extent_bytes.is_power_of_two()
-            || db.images.iter().filter(|i| i.designator == Designator::Primary).count() > 1
-        {
-            return Err("inconsistent: extent size not a power of two, or two primaries".into());
+        db.check()?;
+        Ok(db)
+    }
+
+    /// The rules every database keeps, from disk or from the wire (the extent size is checked
+    /// as the body is read): one primary at most, valid names (they become file names), one
+    /// name per image (it names the image's fracture log), an address for every secondary (one
+    /// without would get nothing, yet count in the mirror's states), and the ranges `create`
+    /// and `set` allow (0 minimum images would never need attention).
+    pub fn check(&self) -> Result<(), String> {
+        if self.images.iter().filter(|i| i.designator == Designator::Primary).count() > 1 {
+            return Err("inconsistent: two primaries".into());
         }
-        // Names become file names (fracture-<name>.log): letters, digits, '-' and '_' only.
-        let valid = |n: &str| {
-            !n.is_empty()
-                && n.len() <= 64
-                && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        };
-        if let Some(bad) =
-            std::iter::once(&db.name).chain(db.images.iter().map(|i| &i.name)).find(|n| !valid(n))
-        {
-            return Err(format!("name {bad:?} is not letters, digits, '-' and '_'"));
+        check_name(NameOf::Mirror, &self.name).map_err(|e| e.to_string())?;
+        for image in &self.images {
+            check_name(NameOf::Image, &image.name).map_err(|e| e.to_string())?;
         }
-        if db.images.len() > 1 + crate::shipper::PEERS_MAX || db.image_bytes == 0 {
-            return Err(format!("{} images of {} bytes", db.images.len(), db.image_bytes));
+        if self.images.len() > IMAGES_MAX || self.image_bytes == 0 {
+            return Err(format!("{} images of {} bytes", self.images.len(), self.image_bytes));
         }
-        // The ranges `create` and `set` allow: 0 minimum images would never need attention,
-        // and an extent size outside them would divide by zero or not fit a bitmap.
-        if !MINIMUM_IMAGES.contains(&db.minimum_images)
-            || !SYNC_PRIORITY.contains(&db.sync_priority)
-            || !EXTENT_BYTES.contains(&db.extent_bytes)
-        {
+        if !MINIMUM_IMAGES.contains(&self.minimum_images) || !SYNC_PRIORITY.contains(&self.sync_priority) {
             return Err(format!(
-                "out of range: minimum images {}, sync priority {}, extent size {}",
-                db.minimum_images, db.sync_priority, db.extent_bytes
+                "out of range: minimum images {}, sync priority {}",
+                self.minimum_images, self.sync_priority
             ));
         }
-        // One name per image (it names the image's fracture log), and a secondary is reached
-        // at its address (one without would get nothing, yet count in the mirror's states).
-        if let Some(twice) = first_duplicate(db.images.iter().map(|i| i.name.as_str())) {
+        if let Some(twice) = first_duplicate(self.images.iter().map(|i| i.name.as_str())) {
             return Err(format!("two images named {twice:?}"));
         }
-        if let Some(image) = db.secondaries().find(|i| i.address.is_none()) {
+        if let Some(image) = self.secondaries().find(|i| i.address.is_none()) {
             return Err(format!("secondary {:?} has no address", image.name));
         }
-        Ok(db)
+        Ok(())
     }
 
     pub fn load(state_dir: &Path) -> Result<Option<Self>, DbError> {
@@ -315,7 +280,7 @@ pub(crate) fn sample_db() -> MirrorDb {
         state: MirrorState::Active,
         state_cause: String::new(),
         generation: 1,
-        extent_bytes: 65536,
+        extent_bytes: ExtentBytes::DEFAULT,
         image_bytes: 1 << 30,
         fracture_log_bytes: 2048,
         minimum_images: 2,
@@ -409,7 +374,7 @@ mod tests {
         (
             prop_oneof![Just("vol1".to_owned()), "[a-z0-9 ./]{0,8}"],
             any::<(u64, u64, u64)>(),
-            prop_oneof![Just(65536u64), Just(4096), any::<u64>()],
+            (12u32..=26).prop_map(|shift| ExtentBytes::new(1 << shift).expect("in range")),
             prop_oneof![Just(1u64 << 30), any::<u64>()],
             (0u32..12, any::<u32>(), 0u8..12),
             any::<(bool, u64, bool, u8)>(),
@@ -436,7 +401,7 @@ mod tests {
                         generation,
                         extent_bytes,
                         image_bytes,
-                        fracture_log_bytes: image_bytes / extent_bytes.max(1) / 8,
+                        fracture_log_bytes: image_bytes / extent_bytes.get() / 8,
                         minimum_images: minimum,
                         maximum_missing_images: missing,
                         sync_priority: priority,
@@ -461,6 +426,18 @@ mod tests {
         let mut unreachable = db();
         unreachable.images[1].address = None;
         assert!(MirrorDb::decode(&unreachable.encode()).unwrap_err().contains("has no address"));
+    }
+
+    /// The extent size is checked as the body is read: a sealed body with one outside the rule
+    /// is refused.
+    #[test]
+    fn an_extent_size_outside_the_rule_is_refused() {
+        for extent_bytes in [0u64, 512, 3 * 4096, 128 << 20] {
+            let mut body = serde_json::to_value(db()).expect("serializes");
+            body["extent_bytes"] = extent_bytes.into();
+            let refused = MirrorDb::decode(&seal(&serde_json::to_vec(&body).expect("serializes")));
+            assert!(refused.expect_err("refused").contains("extent size"), "{extent_bytes}");
+        }
     }
 
     #[test]
@@ -513,8 +490,7 @@ mod tests {
                 && db.secondaries().all(|i| i.address.is_some())
                 && (1..=9).contains(&db.minimum_images)
                 && (1..=10).contains(&db.sync_priority)
-                && db.extent_bytes.is_power_of_two()
-                && (4096..=64 << 20).contains(&db.extent_bytes)
+                && db.images.len() <= 9
                 && db.image_bytes > 0;
             match MirrorDb::decode(&db.encode()) {
                 Ok(decoded) => {

@@ -43,7 +43,7 @@ pub struct SecondaryConfig {
     pub state_dir: PathBuf,
     /// Checked against the primary's Hello when given.
     pub mirror_id: Option<u64>,
-    pub extent_bytes: Option<u64>,
+    pub extent_bytes: Option<crate::model::ExtentBytes>,
     /// Writes in flight at once (and buffers in the pool).
     pub queue_depth: u16,
     /// Largest extent run in one frame.

@@ -145,9 +145,7 @@ fn promote_and_failback_without_a_full_copy() {
     lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
     let s0_knows = || {
         MirrorDb::load(&lab.state_dir("s0")).ok().flatten().is_some_and(|db| {
-            db.images
-                .iter()
-                .any(|i| i.name == "s0" && i.state == replicator::shipper::ImageState::Synchronized)
+            db.images.iter().any(|i| i.name == "s0" && i.state == replicator::model::ImageState::Synchronized)
         })
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -315,7 +313,7 @@ fn promote_is_refused_while_synchronizing() {
         MirrorDb::load(&lab.state_dir("s0")).ok().flatten().is_some_and(|db| {
             db.images
                 .iter()
-                .any(|i| i.name == "s0" && i.state == replicator::shipper::ImageState::Synchronizing)
+                .any(|i| i.name == "s0" && i.state == replicator::model::ImageState::Synchronizing)
         })
     };
     while !s0_knows() {

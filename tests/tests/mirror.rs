@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use replicator::mirror::MirrorDb;
-use replicator::shipper::ImageState;
+use replicator::model::ImageState;
 use replicator::testbed::Process;
 use replicator_tests::*;
 

@@ -8,8 +8,12 @@ use anyhow::Context as _;
 
 use crate::commands::operate::STATE_DIR_DEFAULT;
 use crate::device::BlockDevice;
-use crate::mirror::{ActivationPolicy, Designator, ImageRecord, MirrorDb, MirrorState, WritePolicy};
-use crate::shipper::{ImageState, PEERS_MAX, RecoveryPolicy, ShipperConfig};
+use crate::mirror::{Designator, ImageRecord, MirrorDb};
+use crate::model::{
+    ActivationPolicy, ExtentBytes, ImageState, MirrorState, NameOf, RecoveryPolicy, SECONDARIES_MAX,
+    WritePolicy, check_name,
+};
+use crate::shipper::ShipperConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
@@ -25,14 +29,14 @@ pub struct CreateArgs {
     #[arg(long)]
     pub image_name: Option<String>,
     /// Tracking and shipping grain, a power of two from 4KiB to 64MiB.
-    #[arg(long, default_value = "64KiB", value_parser = crate::units::parse_bytes)]
-    pub extent_size: u64,
+    #[arg(long, default_value = "64KiB")]
+    pub extent_size: ExtentBytes,
     /// Images (the primary counts) that must be SYNCHRONIZED, else the mirror needs attention.
     #[arg(long, default_value_t = 1)]
     pub minimum_images: u32,
     /// Secondaries that may be missing (unreachable, fractured) before the mirror needs
     /// attention [default: no limit].
-    #[arg(long, default_value_t = PEERS_MAX as u32)]
+    #[arg(long, default_value_t = SECONDARIES_MAX as u32)]
     pub maximum_missing_images: u32,
     /// What leaves ATTENTION once its cause is gone: automatic, or manual (`activate`).
     #[arg(long, value_enum, default_value = "automatic")]
@@ -51,13 +55,7 @@ pub struct CreateArgs {
 }
 
 pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
-    let valid_name =
-        |n: &str| !n.is_empty() && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-    anyhow::ensure!(
-        valid_name(&args.name),
-        "{:?}: a mirror's name is letters, digits, '-' and '_'",
-        args.name
-    );
+    check_name(NameOf::Mirror, &args.name)?;
     if let Some(db) = MirrorDb::load(&args.state_dir)? {
         anyhow::bail!(
             "{}: mirror {:?} already exists there; `replicator destroy` it first, or use another state directory",
@@ -66,15 +64,10 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         );
     }
     anyhow::ensure!(
-        args.extent_size.is_power_of_two() && crate::mirror::EXTENT_BYTES.contains(&args.extent_size),
-        "extent size {} is not a power of two from 4KiB to 64MiB",
-        args.extent_size
-    );
-    anyhow::ensure!(
         crate::mirror::MINIMUM_IMAGES.contains(&args.minimum_images),
         "minimum images {} must be 1 (the primary alone) to {}",
         args.minimum_images,
-        1 + PEERS_MAX
+        1 + SECONDARIES_MAX
     );
     let device = BlockDevice::resolve(&args.device)?;
     let image_bytes = device.size_bytes();
@@ -83,13 +76,10 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .ok()
             .and_then(|h| h.trim().split('.').next().map(str::to_owned))
-            .filter(|h| valid_name(h))
+            .filter(|h| check_name(NameOf::Image, h).is_ok())
             .unwrap_or_else(|| "primary".into()),
     };
-    anyhow::ensure!(
-        valid_name(&image_name),
-        "{image_name:?}: an image's name is letters, digits, '-' and '_'"
-    );
+    check_name(NameOf::Image, &image_name)?;
     let db = MirrorDb {
         name: args.name.clone(),
         id: crate::mirror::new_mirror_id(),
@@ -99,7 +89,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
         generation: 1,
         extent_bytes: args.extent_size,
         image_bytes,
-        fracture_log_bytes: image_bytes.div_ceil(args.extent_size).div_ceil(8),
+        fracture_log_bytes: args.extent_size.extents_of(image_bytes).div_ceil(8),
         minimum_images: args.minimum_images,
         maximum_missing_images: args.maximum_missing_images,
         sync_priority: args.sync_priority,
@@ -270,7 +260,7 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     // intent-log checkpoint, if its host went down: no pinned tracker survives a reboot), so
     // it is verified too when it returns, besides the extents it hands back; the other
     // secondaries followed the old primary, so they are verified.
-    let extents = db.image_bytes.div_ceil(db.extent_bytes) as usize;
+    let extents = db.extent_bytes.extents_of(db.image_bytes) as usize;
     let empty = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; extents];
     let header = |kind, flags, secondary_id| {
         let identity = crate::logs::LogIdentity {
@@ -294,7 +284,8 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
     let bytes = crate::logs::encode(&header(LogKind::Intent, 0, 0), &empty);
     crate::logs::replace_file(state_dir, crate::logs::INTENT_LOG_FILE, &bytes)?;
     // Track from this moment: the tracker stays pinned until the primary takes it over.
-    let options = crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes, ..Default::default() };
+    let options =
+        crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes.get(), ..Default::default() };
     drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
     new.store(state_dir)?;
     crate::logs::replace_file(state_dir, crate::failback::IMAGE_NAME_FILE, name.as_bytes())?;

@@ -15,10 +15,11 @@ use serde::Deserialize;
 use crate::auth::Key;
 use crate::link::Congestion;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
-use crate::mirror::{MirrorDb, WritePolicy};
+use crate::mirror::MirrorDb;
+use crate::model::{ExtentBytes, NameOf, RecoveryPolicy, WritePolicy, check_name};
 use crate::pool::PollSetting;
 use crate::secondary::{self, SecondaryConfig};
-use crate::shipper::{Engine, RecoveryPolicy, ShipperConfig};
+use crate::shipper::{Engine, ShipperConfig};
 
 /// A size from the config file: a number of bytes or a string such as "64KiB".
 fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
@@ -35,6 +36,11 @@ fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>
             crate::units::parse_bytes(&text).map(Some).map_err(serde::de::Error::custom)
         }
     }
+}
+
+/// An extent size from the config file, as `size` reads it, then the rule.
+fn extent_size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<ExtentBytes>, D::Error> {
+    size(deserializer)?.map(ExtentBytes::new).transpose().map_err(serde::de::Error::custom)
 }
 
 fn read_config<T: for<'de> Deserialize<'de> + Default>(path: Option<&Path>) -> anyhow::Result<T> {
@@ -72,9 +78,9 @@ pub struct PrimaryArgs {
     pub state_dir: Option<PathBuf>,
     /// Extent size, a power of two from 4KiB to 64MiB [default: 64KiB]. Must match the
     /// secondaries'.
-    #[arg(long, value_parser = crate::units::parse_bytes)]
-    #[serde(default, deserialize_with = "size")]
-    pub extent_size: Option<u64>,
+    #[arg(long)]
+    #[serde(default, deserialize_with = "extent_size")]
+    pub extent_size: Option<ExtentBytes>,
     /// Identifies the mirror [default: 1]; secondaries started with --mirror-id refuse another.
     #[arg(long)]
     pub mirror_id: Option<u64>,
@@ -176,9 +182,9 @@ pub struct SecondaryArgs {
     #[arg(long)]
     pub mirror_id: Option<u64>,
     /// Refuse primaries with another extent size.
-    #[arg(long, value_parser = crate::units::parse_bytes)]
-    #[serde(default, deserialize_with = "size")]
-    pub extent_size: Option<u64>,
+    #[arg(long)]
+    #[serde(default, deserialize_with = "extent_size")]
+    pub extent_size: Option<ExtentBytes>,
     /// A session with no frame from the primary for this long ends [default: 5000].
     #[arg(long)]
     pub timeout_ms: Option<u64>,
@@ -279,7 +285,7 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
         state_dir,
         tracker_name: None,
         mirror_id: mirror_id.unwrap_or(1),
-        extent_bytes: extent_size.unwrap_or(replicator_common::extent::EXTENT_BYTES_DEFAULT),
+        extent_bytes: extent_size.unwrap_or(ExtentBytes::DEFAULT),
         run_bytes_max: ShipperConfig::RUN_BYTES_MAX_DEFAULT,
         buffers: ShipperConfig::BUFFERS_DEFAULT,
         backlog_bytes_max: backlog.unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
@@ -345,9 +351,7 @@ fn poll_setting(value: Option<u64>) -> anyhow::Result<PollSetting> {
 /// `NAME=ADDR:PORT`, as `--secondary` takes it.
 pub fn parse_secondary(text: &str) -> Result<(String, SocketAddr), String> {
     let (name, addr) = text.split_once('=').ok_or_else(|| format!("{text:?}: expected NAME=ADDR:PORT"))?;
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(format!("{name:?}: a secondary's name is letters, digits, '-' and '_'"));
-    }
+    check_name(NameOf::Secondary, name).map_err(|e| e.to_string())?;
     let addr = addr.parse().map_err(|e| format!("{addr:?}: {e}; expected ADDR:PORT, e.g. 10.0.0.2:7788"))?;
     Ok((name.to_owned(), addr))
 }
@@ -408,7 +412,7 @@ mod tests {
             "device = \"/dev/vdb\"\nsecondary = [\"b=10.0.0.2:7788\"]\nextent-size = \"128KiB\"\nbacklog = 1048576\n",
         )
         .expect("valid config");
-        assert_eq!(file.extent_size, Some(128 * 1024));
+        assert_eq!(file.extent_size.map(ExtentBytes::get), Some(128 * 1024));
         assert_eq!(file.backlog, Some(1 << 20));
         assert_eq!(file.secondaries, ["b=10.0.0.2:7788"]);
         let unknown = toml::from_str::<PrimaryArgs>("devcie = \"/dev/vdb\"\n").unwrap_err().to_string();

@@ -33,10 +33,11 @@ use io_uring::{opcode, types};
 
 use super::export_conns::NbdConn;
 use super::peer::{InFlight, SendJob};
-use super::{Engine, Op, PEERS_MAX, ShipperError};
+use super::{Engine, Op, ShipperError};
 use crate::export::nbd::{self, Command};
 use crate::export::{CONNECTIONS_MAX, EngineSide, Export, ExportRequest, Replier};
-use crate::mirror::WritePolicy;
+use crate::model::SECONDARIES_MAX;
+use crate::model::WritePolicy;
 use crate::wire;
 
 /// Bytes of an encoded `Zeroes` frame.
@@ -91,7 +92,7 @@ struct Slot {
     flushing: bool,
     /// Per secondary sent the frame: the connection and the frame's sequence, until acked or
     /// the connection drops.
-    awaiting: [Option<(u32, u64)>; PEERS_MAX],
+    awaiting: [Option<(u32, u64)>; SECONDARIES_MAX],
     acked: u32,
     /// Send jobs queued or in flight that read this slot's buffer or frame.
     sends: u32,
@@ -298,12 +299,12 @@ impl Engine {
                 .build();
             return self.push_export(request, 0..0, entry, None, false).map(|_| ());
         }
-        let extent_bytes = self.config.extent_bytes;
+        let extent_bytes = self.config.extent_bytes.get();
         let end_bytes = request.offset_bytes + u64::from(request.len_bytes);
         let extents = request.offset_bytes / extent_bytes..end_bytes.div_ceil(extent_bytes);
         let sync = self.write_policy() == WritePolicy::Sync;
         let frame_bytes = if request.command == Command::Write { u64::from(request.len_bytes) } else { 0 };
-        let mut targets = [false; PEERS_MAX];
+        let mut targets = [false; SECONDARIES_MAX];
         for (i, target) in targets.iter_mut().enumerate().take(self.peers.len()) {
             // Async: only while the secondary's backlog has room (the write backlog size);
             // past it the extents wait in its pending bitmap, and the client never does.
@@ -347,7 +348,12 @@ impl Engine {
     /// Marks an export op's extents before it is submitted: in the intent log's quiet clock,
     /// pending for every secondary that does not get the frame, busy (no background read
     /// starts), stale where a background read is in flight, and masked from the tracker.
-    fn note_export_extents(&mut self, extents: &Range<u64>, bytes: &Range<u64>, targets: &[bool; PEERS_MAX]) {
+    fn note_export_extents(
+        &mut self,
+        extents: &Range<u64>,
+        bytes: &Range<u64>,
+        targets: &[bool; SECONDARIES_MAX],
+    ) {
         let run = extents.start as usize..extents.end as usize;
         let now_ms = (self.started.elapsed().as_millis() as u64).clamp(1, u64::from(u32::MAX)) as u32;
         self.quiet.note_dirty_run(run.clone());
@@ -418,7 +424,7 @@ impl Engine {
             primary: None,
             zeroing_fallback: false,
             flushing: false,
-            awaiting: [None; PEERS_MAX],
+            awaiting: [None; SECONDARIES_MAX],
             acked: 0,
             sends: 0,
             sync,

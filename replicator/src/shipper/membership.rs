@@ -15,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use super::peer::{InFlight, SendJob};
 use super::resync::{PeerLog, Throttle};
-use super::{Engine, ImageState, PEERS_MAX, RecoveryPolicy, connector, image_state};
+use super::{Engine, connector, image_state};
 use crate::control::Reply;
 use crate::extent_set::ExtentSet;
 use crate::logs;
-use crate::mirror::{ActivationPolicy, Designator, ImageRecord, MirrorDb, MirrorState};
+use crate::mirror::{Designator, ImageRecord, MirrorDb};
+use crate::model::{
+    ActivationPolicy, ImageState, MirrorState, NameOf, RecoveryPolicy, SECONDARIES_MAX, check_name,
+};
 use crate::wire;
 
 /// How long a change waits for secondaries (and a new one's first contact).
@@ -52,8 +55,8 @@ pub(super) struct PendingChange {
     envelope: Vec<u8>,
     effect: Effect,
     /// Per secondary: the database frame's sequence once queued; `Some(None)` = to send.
-    targets: [Option<Option<u64>>; PEERS_MAX],
-    generations: [u32; PEERS_MAX],
+    targets: [Option<Option<u64>>; SECONDARIES_MAX],
+    generations: [u32; SECONDARIES_MAX],
     /// Every target holds `db` and the primary stored it: the commit frames are going out.
     committing: bool,
 }
@@ -136,11 +139,7 @@ impl Engine {
     ) {
         let outcome = (|| {
             let db = self.mirror.as_ref().ok_or_else(no_database)?;
-            let valid =
-                !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            if !valid {
-                return Err(format!("{name:?}: a secondary's name is letters, digits, '-' and '_'"));
-            }
+            check_name(NameOf::Secondary, name).map_err(|e| e.to_string())?;
             if db.images.iter().any(|i| i.name == name) {
                 return Err(format!("mirror {:?} already has an image named {name}", db.name));
             }
@@ -149,8 +148,11 @@ impl Engine {
             if self.peers.iter().any(|p| !p.removed && p.name == name) {
                 return Err(format!("{name} is being added already; see `status`"));
             }
-            if db.secondaries().count() >= PEERS_MAX {
-                return Err(format!("mirror {:?} has {PEERS_MAX} secondaries, the most it can", db.name));
+            if db.secondaries().count() >= SECONDARIES_MAX {
+                return Err(format!(
+                    "mirror {:?} has {SECONDARIES_MAX} secondaries, the most it can",
+                    db.name
+                ));
             }
             let mut db = db.clone();
             db.revision += 1;
@@ -324,8 +326,8 @@ impl Engine {
             let _ = reply.send(Err("another change of the mirror is in progress; try again".into()));
             return;
         }
-        let mut targets = [None; PEERS_MAX];
-        let mut generations = [0; PEERS_MAX];
+        let mut targets = [None; SECONDARIES_MAX];
+        let mut generations = [0; SECONDARIES_MAX];
         for (i, peer) in self.peers.iter().enumerate() {
             generations[i] = peer.generation;
             if !peer.removed && peer.conn.is_some() {
@@ -533,7 +535,7 @@ pub(super) enum Setting {
     MinimumImages(u32),
     MaximumMissingImages(u32),
     ActivationPolicy(ActivationPolicy),
-    WritePolicy(crate::mirror::WritePolicy),
+    WritePolicy(crate::model::WritePolicy),
 }
 
 impl Setting {
@@ -564,8 +566,8 @@ impl Setting {
                 ActivationPolicy::Manual
             }),
             "write-policy" => Self::WritePolicy(match value {
-                "sync" => crate::mirror::WritePolicy::Sync,
-                "async" => crate::mirror::WritePolicy::Async,
+                "sync" => crate::model::WritePolicy::Sync,
+                "async" => crate::model::WritePolicy::Async,
                 other => return Err(format!("write-policy {other:?}: sync or async")),
             }),
             other => {

@@ -14,7 +14,7 @@
 //!
 //! Limits, all set at start-up: `buffers` (reads and unsent frames), `run_bytes_max` (largest
 //! coalesced read and frame), `backlog_bytes_max` (unacknowledged bytes per secondary; past it a
-//! secondary is not fed and its extents stay in its pending bitmap), `PEERS_MAX`.
+//! secondary is not fed and its extents stay in its pending bitmap), `SECONDARIES_MAX`.
 
 mod connector;
 mod export_conns;
@@ -39,7 +39,6 @@ use io_uring::{IoUring, cqueue, opcode, squeue, types};
 
 pub use peer::PeerStats;
 use peer::{Conn, InFlight, Peer, SendJob};
-pub use resync::{ImageState, RecoveryPolicy};
 use resync::{PeerLog, Throttle, VerifyBatch};
 
 use crate::auth::{Key, Params};
@@ -51,8 +50,7 @@ use crate::pool::BufferPool;
 use crate::tracker::{Tracker, TrackerOptions};
 use crate::wire::{self, Limits};
 
-/// Most secondaries one primary ships to.
-pub const PEERS_MAX: usize = 8;
+use crate::model::{ImageState, RecoveryPolicy, SECONDARIES_MAX};
 
 /// `IORING_SEND_ZC_REPORT_USAGE` and `IORING_NOTIF_USAGE_ZC_COPIED` from the kernel's uapi
 /// (`io_uring.h`); the io-uring crate keeps its `sys` module private.
@@ -66,7 +64,7 @@ pub struct ShipperConfig {
     pub state_dir: PathBuf,
     pub tracker_name: Option<String>,
     pub mirror_id: u64,
-    pub extent_bytes: u64,
+    pub extent_bytes: crate::model::ExtentBytes,
     pub run_bytes_max: usize,
     pub buffers: u16,
     pub backlog_bytes_max: u64,
@@ -88,7 +86,7 @@ pub struct ShipperConfig {
     pub export: Option<crate::export::ExportConfig>,
     /// For a mirror given on the command line (a database has its own): whether export writes
     /// wait for the secondaries (sync) or are shipped behind (async).
-    pub write_policy: crate::mirror::WritePolicy,
+    pub write_policy: crate::model::WritePolicy,
     /// For a mirror given on the command line: images (the primary counts) a sync write must
     /// reach before it succeeds.
     pub minimum_images: u32,
@@ -134,10 +132,10 @@ enum Op {
     Read {
         buffer: u16,
         run: Range<u64>,
-        targets: [Option<u32>; PEERS_MAX],
+        targets: [Option<u32>; SECONDARIES_MAX],
         /// Per target: when the oldest write the run carries for it was drained (ms since
         /// `started`), 0 unknown.
-        written_at_ms: [u32; PEERS_MAX],
+        written_at_ms: [u32; SECONDARIES_MAX],
     },
     Send {
         peer: usize,
@@ -303,7 +301,7 @@ struct PendingPoint {
     deadline: Instant,
     /// When the first point frame was queued (the point's time), 0 before.
     point_unix_ms: u64,
-    targets: [Option<PointTarget>; PEERS_MAX],
+    targets: [Option<PointTarget>; SECONDARIES_MAX],
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -327,7 +325,7 @@ impl Engine {
         let (control_server, control) = control::serve(&config.state_dir)?;
         let options = TrackerOptions {
             name: config.tracker_name.clone(),
-            extent_bytes: config.extent_bytes,
+            extent_bytes: config.extent_bytes.get(),
             ..TrackerOptions::default()
         };
         let mut tracker = Tracker::attach_with(&config.device, &options)?;
@@ -344,8 +342,8 @@ impl Engine {
         let buffers = config.buffers;
         let pool = BufferPool::new(usize::from(buffers), config.run_bytes_max)
             .map_err(|e| io_error("allocating the buffer pool")(e.into()))?;
-        // A mirror from a database may grow to PEERS_MAX secondaries at run time.
-        let peer_slots = if config.mirror.is_some() { PEERS_MAX } else { config.secondaries.len() };
+        // A mirror from a database may grow to SECONDARIES_MAX secondaries at run time.
+        let peer_slots = if config.mirror.is_some() { SECONDARIES_MAX } else { config.secondaries.len() };
         let export_slots = config.export.as_ref().map_or(0, export_slots_max);
         // An export has a Wake op and a recv op per client connection besides its requests.
         let export_ops =
@@ -360,7 +358,7 @@ impl Engine {
         let params = Params {
             mirror_id: config.mirror_id,
             image_bytes: geometry.device_bytes(),
-            extent_bytes: config.extent_bytes,
+            extent_bytes: config.extent_bytes.get(),
         };
         let recovered = recover_intent(&config, &mut tracker)?;
         let stop_connectors = Arc::new(AtomicBool::new(false));
@@ -384,7 +382,7 @@ impl Engine {
             device,
             device_bytes: geometry.device_bytes(),
             tracker,
-            peers: Vec::with_capacity(PEERS_MAX),
+            peers: Vec::with_capacity(SECONDARIES_MAX),
             connected,
             connected_tx,
             key,
@@ -428,7 +426,7 @@ impl Engine {
         }
         if let Some(db) = mirror {
             tracing::info!(mirror = %db.name, id = db.id, generation = db.generation, state = ?db.state, "mirror database loaded");
-            engine.metrics.set_mirror_state(state_name(db.state));
+            engine.metrics.set_mirror_state(db.state.as_str());
             engine.mirror = Some(db);
         }
         for (name, addr) in engine.config.secondaries.clone() {
@@ -455,10 +453,10 @@ impl Engine {
     ) -> Result<usize, ShipperError> {
         let index = match self.peers.iter().position(|p| p.removed) {
             Some(index) => index,
-            None if self.peers.len() < PEERS_MAX => self.peers.len(),
+            None if self.peers.len() < SECONDARIES_MAX => self.peers.len(),
             None => {
                 return Err(ShipperError::Config(format!(
-                    "{PEERS_MAX} secondaries already; remove one first"
+                    "{SECONDARIES_MAX} secondaries already; remove one first"
                 )));
             }
         };
@@ -644,7 +642,7 @@ impl Engine {
         }
         while self.pool.free_count() > 0 && self.free_slots() > 1 + self.peers.len() * 3 {
             // Indexes of the peers that can take a frame now; a fixed array, no allocation.
-            let mut eligible_at = [0usize; PEERS_MAX];
+            let mut eligible_at = [0usize; SECONDARIES_MAX];
             let mut eligible_count = 0;
             for i in 0..self.peers.len() {
                 let peer = &self.peers[i];
@@ -674,7 +672,7 @@ impl Engine {
                 return Ok(());
             };
             let (_, len) = self.run_bytes(&run);
-            let mut targets = [None; PEERS_MAX];
+            let mut targets = [None; SECONDARIES_MAX];
             for &i in eligible {
                 let peer = &mut self.peers[i];
                 let extents = run.start as usize..run.end as usize;
@@ -718,7 +716,7 @@ impl Engine {
             }
         }
         let start = start?;
-        let run_extents_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes) as usize;
+        let run_extents_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes.get()) as usize;
         let mut end = start + 1;
         while end < extents
             && end - start < run_extents_max
@@ -733,15 +731,15 @@ impl Engine {
     }
 
     fn run_bytes(&self, run: &Range<u64>) -> (u64, usize) {
-        let offset = run.start * self.config.extent_bytes;
-        let end = (run.end * self.config.extent_bytes).min(self.device_bytes);
+        let offset = run.start * self.config.extent_bytes.get();
+        let end = (run.end * self.config.extent_bytes.get()).min(self.device_bytes);
         (offset, (end - offset) as usize)
     }
 
     fn submit_read(
         &mut self,
         run: Range<u64>,
-        targets: [Option<u32>; PEERS_MAX],
+        targets: [Option<u32>; SECONDARIES_MAX],
     ) -> Result<(), ShipperError> {
         let reading = &mut self.reading[run.start as usize..run.end as usize];
         assert!(reading.not_any(), "two reads of one extent in flight could queue its frames out of order");
@@ -755,9 +753,13 @@ impl Engine {
 
     /// Per target, the oldest drain stamp of the words `run` covers; a target's words with
     /// nothing pending for it any more are unstamped (their writes are all being shipped).
-    fn take_written_at(&mut self, run: &Range<u64>, targets: &[Option<u32>; PEERS_MAX]) -> [u32; PEERS_MAX] {
+    fn take_written_at(
+        &mut self,
+        run: &Range<u64>,
+        targets: &[Option<u32>; SECONDARIES_MAX],
+    ) -> [u32; SECONDARIES_MAX] {
         let words = run.start as usize / 64..=(run.end as usize - 1) / 64;
-        let mut oldest = [0; PEERS_MAX];
+        let mut oldest = [0; SECONDARIES_MAX];
         for (i, peer) in self.peers.iter_mut().enumerate().filter(|(i, _)| targets[*i].is_some()) {
             oldest[i] =
                 peer.written_at_ms[words.clone()].iter().copied().filter(|&t| t > 0).min().unwrap_or(0);
@@ -928,7 +930,7 @@ impl Engine {
 
     fn wait_and_reap(&mut self) -> Result<(), ShipperError> {
         // The policy first: the clock is read only for a sync export.
-        let client_waits = self.write_policy() == crate::mirror::WritePolicy::Sync
+        let client_waits = self.write_policy() == crate::model::WritePolicy::Sync
             && self.export.as_ref().is_some_and(|e| crate::pool::within_poll_window(e.last_request_at));
         let spun_s =
             self.poll.spin(&mut self.ring, client_waits).map_err(io_error("polling the io_uring"))?;
@@ -1055,13 +1057,13 @@ impl Engine {
         &mut self,
         buffer: u16,
         run: Range<u64>,
-        targets: [Option<u32>; PEERS_MAX],
-        written_at_ms: [u32; PEERS_MAX],
+        targets: [Option<u32>; SECONDARIES_MAX],
+        written_at_ms: [u32; SECONDARIES_MAX],
         result: i32,
     ) -> Result<(), ShipperError> {
         self.reading[run.start as usize..run.end as usize].fill(false);
         let (offset, len) = self.run_bytes(&run);
-        let mut live = [false; PEERS_MAX];
+        let mut live = [false; SECONDARIES_MAX];
         for (i, peer) in self.peers.iter().enumerate() {
             live[i] = targets[i].is_some_and(|g| g == peer.generation && peer.conn.is_some());
         }
@@ -1184,7 +1186,7 @@ impl Engine {
                     frame.sent_at = Some(Instant::now());
                 }
                 let bytes = (frame_bytes - wire::EXTENT_PREFIX_BYTES) as u64;
-                let extents = bytes.div_ceil(self.config.extent_bytes);
+                let extents = bytes.div_ceil(self.config.extent_bytes.get());
                 peer.stats.shipped_bytes += bytes;
                 peer.stats.shipped_extents += extents;
                 peer.metrics.shipped_bytes.inc_by(bytes);
@@ -1382,7 +1384,7 @@ impl Engine {
         self.peers
             .iter()
             .filter(|p| !p.removed)
-            .map(|p| (p, out_of_sync_bytes(p, self.config.extent_bytes, self.device_bytes)))
+            .map(|p| (p, out_of_sync_bytes(p, self.config.extent_bytes.get(), self.device_bytes)))
             .map(|(p, out_of_sync_bytes)| PeerStatus {
                 name: p.name.clone(),
                 addr: p.addr.to_string(),
@@ -1428,7 +1430,7 @@ impl Engine {
         serde_json::json!({
             "device": self.config.device.display().to_string(),
             "mirror_id": self.config.mirror_id,
-            "extent_bytes": self.config.extent_bytes,
+            "extent_bytes": self.config.extent_bytes.get(),
             "image_bytes": self.device_bytes,
             "intent_log_extents": self.persisted_intent.as_ref().map_or(0, |i| i.count_ones()),
             "mirror": self.mirror,
@@ -1449,10 +1451,10 @@ impl Engine {
                 tracing::info!(secondary = %peer.name, from = ?peer.reported_state, to = ?state, %cause, "image state changed");
                 let label = crate::metrics::ImageStateLabel {
                     secondary: peer.name.clone(),
-                    state: state_name_image(state).into(),
+                    state: state.as_str().into(),
                 };
                 self.metrics.image_transitions.get_or_create(&label).inc();
-                self.metrics.set_image_state(&peer.name, state_name_image(state));
+                self.metrics.set_image_state(&peer.name, state.as_str());
                 peer.reported_state = Some(state);
             }
         }
@@ -1481,19 +1483,19 @@ impl Engine {
             }
         }
         let (state, cause) = match &self.split_brain {
-            Some((_, reason)) => (crate::mirror::MirrorState::Attention, reason.clone()),
+            Some((_, reason)) => (crate::model::MirrorState::Attention, reason.clone()),
             None => db.evaluate(),
         };
         if state != db.state || cause != db.state_cause {
             if state != db.state {
-                if state == crate::mirror::MirrorState::Attention {
+                if state == crate::model::MirrorState::Attention {
                     tracing::warn!(mirror = %db.name, from = ?db.state, to = ?state, %cause, "mirror state changed");
                 } else {
                     tracing::info!(mirror = %db.name, from = ?db.state, to = ?state, %cause, "mirror state changed");
                 }
-                let label = crate::metrics::StateLabel { state: state_name(state).into() };
+                let label = crate::metrics::StateLabel { state: state.as_str().into() };
                 self.metrics.mirror_transitions.get_or_create(&label).inc();
-                self.metrics.set_mirror_state(state_name(state));
+                self.metrics.set_mirror_state(state.as_str());
             }
             db.state = state;
             db.state_cause = cause;
@@ -1556,7 +1558,7 @@ impl Engine {
             // Every status interval, not every turn: a sample spans RATE_SAMPLE_MS anyway.
             let connected = peer.conn.is_some();
             peer.log.sample_rate(now, connected);
-            let bytes = out_of_sync_bytes(peer, self.config.extent_bytes, self.device_bytes);
+            let bytes = out_of_sync_bytes(peer, self.config.extent_bytes.get(), self.device_bytes);
             peer.metrics.out_of_sync_bytes.set(bytes.min(i64::MAX as u64) as i64);
             peer.metrics.lag.merge_from(&mut peer.latency.lag_us);
             peer.metrics.ack_rtt.merge_from(&mut peer.latency.rtt_us);
@@ -1793,7 +1795,7 @@ impl Engine {
     /// extents to hash them.
     fn schedule_verify(&mut self) -> Result<(), ShipperError> {
         let extents = self.reading.len() as u64;
-        let batch_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes)
+        let batch_max = (self.config.run_bytes_max as u64 / self.config.extent_bytes.get())
             .min(u64::from(wire::VERIFY_EXTENTS_MAX))
             .max(1);
         let peer_count = self.peers.len();
@@ -1833,7 +1835,7 @@ impl Engine {
                 local_failed: false,
             });
             conn.queue.push_back(SendJob::VerifyRequest { first_extent, count, sent: 0 });
-            peer.log.throttle.take(u64::from(count) * self.config.extent_bytes);
+            peer.log.throttle.take(u64::from(count) * self.config.extent_bytes.get());
             let generation = peer.generation;
             let buffer = self.pool.take().expect("checked a free buffer");
             let entry = self.read_entry(buffer, &(first_extent..first_extent + u64::from(count)));
@@ -1852,7 +1854,7 @@ impl Engine {
         result: i32,
     ) {
         let (offset, len) = self.run_bytes(&run);
-        let extent_bytes = self.config.extent_bytes as usize;
+        let extent_bytes = self.config.extent_bytes.get() as usize;
         let peer = &mut self.peers[index];
         let current = peer.generation == generation;
         if let Some(verify) = peer.log.verify.as_mut().filter(|_| current)
@@ -2017,7 +2019,7 @@ impl Engine {
     /// recorded once they have everything, as on a SYNCHRONIZED one). It is answered by
     /// `advance_points` once each target has recorded it, or fails (at the timeout).
     fn start_point(&mut self, timeout_ms: u64, reply: std::sync::mpsc::Sender<control::Reply>) {
-        let mut targets = [None; PEERS_MAX];
+        let mut targets = [None; SECONDARIES_MAX];
         for state in [ImageState::Synchronized, ImageState::Synchronizing] {
             for (i, peer) in self.peers.iter().enumerate() {
                 if image_state(peer) == state && peer.conn.is_some() && !peer.removed {
@@ -2127,23 +2129,6 @@ impl Engine {
     }
 }
 
-fn state_name(state: crate::mirror::MirrorState) -> &'static str {
-    match state {
-        crate::mirror::MirrorState::Active => "ACTIVE",
-        crate::mirror::MirrorState::Inactive => "INACTIVE",
-        crate::mirror::MirrorState::Attention => "ATTENTION",
-    }
-}
-
-fn state_name_image(state: ImageState) -> &'static str {
-    match state {
-        ImageState::Synchronized => "SYNCHRONIZED",
-        ImageState::Synchronizing => "SYNCHRONIZING",
-        ImageState::Consistent => "CONSISTENT",
-        ImageState::Unsynchronized => "UNSYNCHRONIZED",
-    }
-}
-
 /// A secondary's image state, as reported.
 fn image_state(peer: &Peer) -> ImageState {
     match (&peer.conn, peer.log.fractured()) {
@@ -2226,9 +2211,11 @@ fn start_export(
 
 fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
     let fail = |m: String| Err(ShipperError::Config(m));
-    if (config.secondaries.is_empty() && config.mirror.is_none()) || config.secondaries.len() > PEERS_MAX {
+    if (config.secondaries.is_empty() && config.mirror.is_none())
+        || config.secondaries.len() > SECONDARIES_MAX
+    {
         return fail(format!(
-            "{} secondaries; between 1 and {PEERS_MAX} are supported",
+            "{} secondaries; between 1 and {SECONDARIES_MAX} are supported",
             config.secondaries.len()
         ));
     }
@@ -2238,10 +2225,11 @@ fn validate(config: &ShipperConfig) -> Result<(), ShipperError> {
         // They would share one fracture log.
         return fail(format!("two secondaries named {twice:?}"));
     }
-    if !config.run_bytes_max.is_multiple_of(config.extent_bytes as usize) || config.run_bytes_max == 0 {
+    if !config.run_bytes_max.is_multiple_of(config.extent_bytes.get() as usize) || config.run_bytes_max == 0 {
         return fail(format!(
             "run size {} is not a multiple of the extent size {}",
-            config.run_bytes_max, config.extent_bytes
+            config.run_bytes_max,
+            config.extent_bytes.get()
         ));
     }
     if config.backlog_bytes_max < config.run_bytes_max as u64 {

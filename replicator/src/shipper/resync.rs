@@ -13,31 +13,8 @@ use bitvec::prelude::*;
 
 use crate::extent_set::ExtentSet;
 use crate::logs::{FLAG_ADMIN_FRACTURED, FLAG_FRACTURED, FLAG_FULL_SYNC, FLAG_VERIFY};
+use crate::model::RecoveryPolicy;
 use crate::wire::{VERIFY_EXTENTS_MAX, VERIFY_HASH_BYTES};
-
-/// A secondary image's state, as the seed names them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ImageState {
-    /// Connected, not fractured: it receives every write as it happens.
-    Synchronized,
-    /// Connected and copying what its fracture log, a full sync or a verify says it lacks.
-    Synchronizing,
-    /// Not connected, and its image is as of the last consistency point it recorded: no write
-    /// reached it since.
-    Consistent,
-    /// Not connected (fractured, unreachable) with writes since its last consistency point,
-    /// or never copied yet.
-    Unsynchronized,
-}
-
-/// What brings a fractured secondary back: a reconnect (automatic) or `restore` (manual).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "kebab-case")]
-pub enum RecoveryPolicy {
-    Automatic,
-    Manual,
-}
 
 /// A token bucket over resync bytes; `rate_bytes_per_s == 0` is unlimited.
 #[derive(Debug)]

@@ -82,8 +82,8 @@ pub enum TrackerError {
     Ebpf { device: PathBuf, what: String, source: Box<dyn std::error::Error + Send + Sync> },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("tracker name {name:?}: use letters, digits, '-' and '_' (bpffs reserves '.' and '/')")]
-    Name { name: String },
+    #[error(transparent)]
+    Name(#[from] crate::model::NameError),
     #[error(
         "tracker {name:?} ({pin_dir}) is in use by another process (a running primary, or \
          `replicator track`): two processes draining one tracker take each other's marks; stop that \
@@ -645,9 +645,7 @@ fn pinned_recursion_misses(pin_dir: &Path) -> u64 {
 /// Where tracker `name` pins its maps and links under `bpffs_root`; the name must be a plain
 /// file name (it becomes a directory that `untrack` removes).
 pub fn pin_dir_of(bpffs_root: &Path, name: &str) -> Result<PathBuf, TrackerError> {
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
-        return Err(TrackerError::Name { name: name.to_owned() });
-    }
+    crate::model::check_name(crate::model::NameOf::Tracker, name)?;
     Ok(bpffs_root.join(name))
 }
 
