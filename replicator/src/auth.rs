@@ -19,17 +19,12 @@ use std::path::{Path, PathBuf};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
-use crate::wire::{self, FrameError, Limits, Message, NONCE_BYTES, PROOF_BYTES};
+use crate::wire::{self, ErrorCode, FrameError, Limits, Message, NONCE_BYTES, PROOF_BYTES};
 
 /// Shortest key accepted from a key file.
 pub const KEY_BYTES_MIN: usize = 16;
 /// Longest key file read.
 pub const KEY_FILE_BYTES_MAX: u64 = 4096;
-
-/// Error codes carried in `Error` frames.
-pub const ERROR_PARAMETERS: u32 = 1;
-pub const ERROR_AUTHENTICATION: u32 = 2;
-pub const ERROR_PROTOCOL: u32 = 3;
 
 /// A stream whose reads and writes share one deadline: each waits at most the time left, so a
 /// peer that sends a byte at a time cannot stretch a handshake past `limit_ms` (a timeout per
@@ -106,8 +101,8 @@ pub enum AuthError {
     Unexpected { got: wire::MessageKind, expected: &'static str },
     #[error("peer failed authentication: its proof of the shared key is wrong")]
     BadProof,
-    #[error("peer refused the handshake: {0}")]
-    Refused(String),
+    #[error("peer refused the handshake: {message}")]
+    Refused { code: ErrorCode, message: String },
     #[error("parameters differ: {0}")]
     Parameters(String),
 }
@@ -252,11 +247,13 @@ pub fn primary_handshake(
     let (_, reply) = wire::read_frame(stream, &HANDSHAKE_LIMITS, &mut buffer)?;
     let (nonce_s, proof_s) = match reply {
         Message::Welcome { nonce, proof } => (nonce, proof),
-        Message::Error { message, .. } => return Err(AuthError::Refused(message.to_owned())),
+        Message::Error { code, message } => {
+            return Err(AuthError::Refused { code, message: message.to_owned() });
+        }
         other => return Err(AuthError::Unexpected { got: other.kind(), expected: "Welcome" }),
     };
     if secondary_mac(key, &nonce_p, &nonce_s, params).verify_slice(&proof_s).is_err() {
-        let refusal = Message::Error { code: ERROR_AUTHENTICATION, message: "authentication failed" };
+        let refusal = Message::Error { code: ErrorCode::Authentication, message: "authentication failed" };
         let _ = wire::write_frame(stream, &refusal, 1);
         return Err(AuthError::BadProof);
     }
@@ -277,13 +274,13 @@ pub fn secondary_handshake(
     let Message::Hello { mirror_id, image_bytes, extent_bytes, nonce: nonce_p } = hello else {
         return Err(refuse(
             stream,
-            ERROR_PROTOCOL,
+            ErrorCode::Protocol,
             AuthError::Unexpected { got: hello.kind(), expected: "Hello" },
         ));
     };
     let offered = Params { mirror_id, image_bytes, extent_bytes };
     if let Some(difference) = expected.mismatch(&offered) {
-        return Err(refuse(stream, ERROR_PARAMETERS, AuthError::Parameters(difference)));
+        return Err(refuse(stream, ErrorCode::Parameters, AuthError::Parameters(difference)));
     }
     let nonce_s = nonce();
     let proof_s = proof(secondary_mac(key, &nonce_p, &nonce_s, &offered));
@@ -294,18 +291,18 @@ pub fn secondary_handshake(
         Message::Proof { proof } if primary_mac(key, &nonce_s, &nonce_p).verify_slice(&proof).is_ok() => {
             Ok(offered)
         }
-        Message::Proof { .. } => Err(refuse(stream, ERROR_AUTHENTICATION, AuthError::BadProof)),
-        Message::Error { message, .. } => Err(AuthError::Refused(message.to_owned())),
+        Message::Proof { .. } => Err(refuse(stream, ErrorCode::Authentication, AuthError::BadProof)),
+        Message::Error { code, message } => Err(AuthError::Refused { code, message: message.to_owned() }),
         other => Err(refuse(
             stream,
-            ERROR_PROTOCOL,
+            ErrorCode::Protocol,
             AuthError::Unexpected { got: other.kind(), expected: "Proof" },
         )),
     }
 }
 
 /// Tells the peer why it is refused (best effort) and returns the error for the local log.
-fn refuse(stream: &mut impl Write, code: u32, error: AuthError) -> AuthError {
+fn refuse(stream: &mut impl Write, code: ErrorCode, error: AuthError) -> AuthError {
     let text = error.to_string();
     let _ = wire::write_frame(stream, &Message::Error { code, message: &text }, 1);
     error

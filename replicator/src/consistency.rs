@@ -2,22 +2,25 @@
 //! consistent as of a point (every extent written before it acknowledged, with the primary's
 //! filesystem frozen or its application quiesced): `STATE_DIR/consistency-point`.
 //!
+//! The record is a body in the common envelope (`envelope`, magic "RPLCONS", version 2):
+//!
 //! ```text
-//! 0   magic             8 bytes "RPLCONS\0"
-//! 8   version           u32     POINT_VERSION
-//! 12  crc32c            u32     over the record with this field zero
-//! 16  generation        u64     the mirror's generation
-//! 24  point_unix_ms     u64     when the primary took the point
-//! 32  image_bytes       u64
-//! 40  recorded_unix_ms  u64     when this secondary made it durable
+//! 0   generation        u64     the mirror's generation
+//! 8   point_unix_ms     u64     when the primary took the point
+//! 16  image_bytes       u64
+//! 24  recorded_unix_ms  u64     when this secondary made it durable
 //! ```
 //!
-//! Owns the record's format; it is replaced atomically (`logs::replace_file`).
+//! Version 1 (before the envelope: magic, version, a checksum at 12 over the record, then the
+//! same four fields) is still read, never written. Owns the record's format; it is replaced
+//! atomically (`envelope::replace_file`).
+
+use crate::envelope::{self, Reader};
 
 pub const POINT_FILE: &str = "consistency-point";
-pub const POINT_MAGIC: [u8; 8] = *b"RPLCONS\0";
-pub const POINT_VERSION: u32 = 1;
-pub const POINT_BYTES: usize = 48;
+const RECORD_BYTES: usize = 32;
+pub const POINT_KIND: envelope::Kind =
+    envelope::Kind { magic: *b"RPLCONS\0", version: 2, oldest_version: 2, body_bytes_max: RECORD_BYTES };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct ConsistencyRecord {
@@ -28,56 +31,59 @@ pub struct ConsistencyRecord {
 }
 
 impl ConsistencyRecord {
-    pub fn encode(&self) -> [u8; POINT_BYTES] {
-        let mut out = [0u8; POINT_BYTES];
-        out[..8].copy_from_slice(&POINT_MAGIC);
-        out[8..12].copy_from_slice(&POINT_VERSION.to_le_bytes());
+    pub fn encode(&self) -> Vec<u8> {
+        let mut body = [0u8; RECORD_BYTES];
         for (i, field) in [self.generation, self.point_unix_ms, self.image_bytes, self.recorded_unix_ms]
             .into_iter()
             .enumerate()
         {
-            out[16 + 8 * i..24 + 8 * i].copy_from_slice(&field.to_le_bytes());
+            body[8 * i..8 * i + 8].copy_from_slice(&field.to_le_bytes());
         }
-        let crc = crc32c::crc32c(&out);
-        out[12..16].copy_from_slice(&crc.to_le_bytes());
-        out
+        envelope::seal(&POINT_KIND, &body)
     }
 
     /// Decodes a record; any malformed input is a reason, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        let bytes: &[u8; POINT_BYTES] =
-            bytes.try_into().map_err(|_| format!("{} bytes, a record has {POINT_BYTES}", bytes.len()))?;
-        if bytes[..8] != POINT_MAGIC {
-            return Err("bad magic".into());
+        let body = match envelope::peek_version(&POINT_KIND, bytes) {
+            Some(1) => legacy_body(bytes)?,
+            _ => envelope::open(&POINT_KIND, bytes).map_err(|e| e.to_string())?.1,
+        };
+        if body.len() != RECORD_BYTES {
+            return Err(format!("a record of {} bytes, expected {RECORD_BYTES}", body.len()));
         }
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-        if u32_at(8) != POINT_VERSION {
-            return Err(format!("version {}, this build reads {POINT_VERSION}", u32_at(8)));
-        }
-        let mut zeroed = *bytes;
-        zeroed[12..16].fill(0);
-        let computed = crc32c::crc32c(&zeroed);
-        if computed != u32_at(12) {
-            return Err(format!("checksum {:#010x}, computed {computed:#010x}", u32_at(12)));
-        }
+        let mut fields = Reader::new(body);
+        let mut next = || fields.u64().map_err(|e| e.to_string());
         Ok(Self {
-            generation: u64_at(16),
-            point_unix_ms: u64_at(24),
-            image_bytes: u64_at(32),
-            recorded_unix_ms: u64_at(40),
+            generation: next()?,
+            point_unix_ms: next()?,
+            image_bytes: next()?,
+            recorded_unix_ms: next()?,
         })
     }
 
     /// The record in `state_dir`, if any; a damaged one is reported as an error.
     pub fn load(state_dir: &std::path::Path) -> Result<Option<Self>, String> {
         let path = state_dir.join(POINT_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => Self::decode(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(format!("{}: {e}", path.display())),
-        }
+        let Some(bytes) = envelope::read_file(state_dir, POINT_FILE).map_err(|e| e.to_string())? else {
+            return Ok(None);
+        };
+        Self::decode(&bytes).map(Some).map_err(|e| format!("{}: {e}", path.display()))
     }
+}
+
+/// A version 1 record's fields: 48 bytes, the checksum at 12 over the record with it zero.
+fn legacy_body(bytes: &[u8]) -> Result<&[u8], String> {
+    const LEGACY_BYTES: usize = 16 + RECORD_BYTES;
+    if bytes.len() != LEGACY_BYTES {
+        return Err(format!("{} bytes, a version 1 record has {LEGACY_BYTES}", bytes.len()));
+    }
+    let stored = Reader::new(&bytes[12..]).u32().map_err(|e| e.to_string())?;
+    let computed =
+        crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&bytes[..12]), &[0; 4]), &bytes[16..]);
+    if computed != stored {
+        return Err(format!("checksum {stored:#010x}, computed {computed:#010x}"));
+    }
+    Ok(&bytes[16..])
 }
 
 #[cfg(test)]
@@ -85,18 +91,39 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
+    /// A version 1 record, as the build before the envelope wrote it, is still read.
+    #[test]
+    fn version_1_records_are_read() {
+        let record =
+            ConsistencyRecord { generation: 3, point_unix_ms: 5, image_bytes: 7, recorded_unix_ms: 9 };
+        let mut v1 = [0u8; 48];
+        v1[..8].copy_from_slice(&POINT_KIND.magic);
+        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+        v1[16..].copy_from_slice(envelope::open(&POINT_KIND, &record.encode()).expect("sealed").1);
+        let crc = crc32c::crc32c(&v1);
+        v1[12..16].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(ConsistencyRecord::decode(&v1), Ok(record));
+        v1[40] ^= 1;
+        assert!(ConsistencyRecord::decode(&v1).is_err());
+    }
+
     proptest! {
         #[test]
-        fn round_trip_and_any_flip_is_caught(g in any::<u64>(), p in any::<u64>(), i in any::<u64>(), r in any::<u64>(), flip in 0usize..POINT_BYTES * 8) {
+        fn round_trip_and_any_flip_is_caught(g in any::<u64>(), p in any::<u64>(), i in any::<u64>(), r in any::<u64>(), flip in any::<prop::sample::Index>()) {
             let record = ConsistencyRecord { generation: g, point_unix_ms: p, image_bytes: i, recorded_unix_ms: r };
             let mut bytes = record.encode();
             prop_assert_eq!(ConsistencyRecord::decode(&bytes), Ok(record));
+            let flip = flip.index(bytes.len() * 8);
             bytes[flip / 8] ^= 1 << (flip % 8);
             prop_assert!(ConsistencyRecord::decode(&bytes).is_err());
         }
 
         #[test]
-        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80)) {
+        fn garbage_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..80), version in 0u32..4) {
+            if bytes.len() >= 12 {
+                bytes[..8].copy_from_slice(&POINT_KIND.magic);
+                bytes[8..12].copy_from_slice(&version.to_le_bytes());
+            }
             let _ = ConsistencyRecord::decode(&bytes);
         }
     }

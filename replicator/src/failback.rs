@@ -14,6 +14,7 @@ use std::path::Path;
 
 use bitvec::prelude::*;
 
+use crate::envelope;
 use crate::logs::{self, LogHeader, LogIdentity, LogKind};
 use crate::mirror::MirrorDb;
 use crate::model::ImageState;
@@ -23,6 +24,36 @@ use crate::model::ImageState;
 pub const RESOLVED_FILE: &str = "resolved-keep";
 /// This member's image name, as the primary's database knows it.
 pub const IMAGE_NAME_FILE: &str = "image-name";
+
+/// The two name files: a name (`model::check_name`) in the common envelope.
+pub const IMAGE_NAME_KIND: envelope::Kind = name_kind(*b"RPLNAME\0");
+pub const RESOLVED_KIND: envelope::Kind = name_kind(*b"RPLKEEP\0");
+
+const fn name_kind(magic: [u8; 8]) -> envelope::Kind {
+    envelope::Kind { magic, version: 1, oldest_version: 1, body_bytes_max: crate::model::NAME_BYTES_MAX }
+}
+
+/// Stores `name` in `file` (`IMAGE_NAME_FILE` or `RESOLVED_FILE`, with its kind) durably.
+pub fn store_name(state_dir: &Path, file: &str, kind: &envelope::Kind, name: &str) -> Result<(), String> {
+    crate::model::check_name(crate::model::NameOf::Image, name).map_err(|e| e.to_string())?;
+    envelope::replace_file(state_dir, file, &envelope::seal(kind, name.as_bytes())).map_err(|e| e.to_string())
+}
+
+/// The name in `file`, if there is one. A file without the envelope (written before it) is
+/// read as the plain name it held.
+pub fn load_name(state_dir: &Path, file: &str, kind: &envelope::Kind) -> Result<Option<String>, String> {
+    let Some(bytes) = envelope::read_file(state_dir, file).map_err(|e| e.to_string())? else {
+        return Ok(None);
+    };
+    let damaged = |reason: String| format!("{}: {reason}", state_dir.join(file).display());
+    let name = match envelope::peek_version(kind, &bytes) {
+        Some(_) => envelope::open(kind, &bytes).map_err(|e| damaged(e.to_string()))?.1,
+        None => bytes.trim_ascii(),
+    };
+    let name = std::str::from_utf8(name).map_err(|e| damaged(e.to_string()))?;
+    crate::model::check_name(crate::model::NameOf::Image, name).map_err(|e| damaged(e.to_string()))?;
+    Ok(Some(name.to_owned()))
+}
 
 /// What to do with an incoming database.
 #[derive(Debug)]
@@ -35,74 +66,116 @@ pub struct Reconciled {
     pub image_name: Option<String>,
 }
 
+/// Why a secondary refuses a primary's database; its `code` goes back in the `Error` frame.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// The database does not decode.
+    #[error("mirror database: {0}")]
+    Damaged(String),
+    /// Another mirror, a stale primary, two primaries at one generation.
+    #[error("{0}")]
+    Refused(String),
+    /// Both sides wrote as primary while apart.
+    #[error("split brain: {0}")]
+    SplitBrain(String),
+    /// This member's own state (its database, its logs, its tracker) cannot be read.
+    #[error("{0}")]
+    State(String),
+}
+
+impl Refusal {
+    pub fn code(&self) -> crate::wire::ErrorCode {
+        use crate::wire::ErrorCode;
+        match self {
+            Self::Damaged(_) => ErrorCode::Protocol,
+            Self::Refused(_) => ErrorCode::Refused,
+            Self::SplitBrain(_) => ErrorCode::SplitBrain,
+            Self::State(_) => ErrorCode::StateFailed,
+        }
+    }
+}
+
 pub fn reconcile(
     state_dir: &Path,
     device: &Path,
     envelope: &[u8],
     local_addr: Option<SocketAddr>,
-) -> Result<Reconciled, String> {
-    let db = MirrorDb::decode(envelope).map_err(|e| format!("mirror database: {e}"))?;
-    let own = MirrorDb::load(state_dir).map_err(|e| e.to_string())?;
+) -> Result<Reconciled, Refusal> {
+    let db = MirrorDb::decode(envelope).map_err(Refusal::Damaged)?;
+    let own = MirrorDb::load(state_dir).map_err(|e| Refusal::State(e.to_string()))?;
     let record = db.secondaries().find(|i| i.address.is_some_and(|a| Some(a) == local_addr));
     let image_name = record.map(|r| r.name.clone());
     let synchronized_here = record.is_some_and(|r| r.state == ImageState::Synchronized);
-    let mut divergent = Vec::new();
-    if let Some(own) = own {
-        if own.id != db.id {
-            return Err(format!(
-                "mirror database of mirror {:?} (id {:#x}), but this image belongs to {:?} (id {:#x})",
-                db.name, db.id, own.name, own.id
-            ));
-        }
-        let incoming_primary = db.primary().map_or("?", |p| p.name.as_str()).to_owned();
-        let own_primary = own.primary().map_or("?", |p| p.name.as_str()).to_owned();
-        let resolved = std::fs::read_to_string(state_dir.join(RESOLVED_FILE)).ok();
-        // `resolve --keep` named the incoming primary here: its database wins even when older
-        // (the old primary kept against the promoted side).
-        let kept = resolved.as_deref().map(str::trim) == Some(incoming_primary.as_str());
-        if db.generation < own.generation && !kept {
-            return Err(format!(
-                "stale primary {incoming_primary}: generation {} is older than this image's {} (primary {own_primary})",
-                db.generation, own.generation
-            ));
-        }
-        let was_primary_here = state_dir.join(logs::INTENT_LOG_FILE).exists();
-        // The stored database names this member its primary: it was promoted (or made the
-        // mirror) and has not followed anyone since. A former primary that follows a new one
-        // keeps its logs until it is SYNCHRONIZED, but a third primary at the new primary's
-        // generation is refused like on any secondary.
-        let own_name = std::fs::read_to_string(state_dir.join(IMAGE_NAME_FILE)).ok();
-        let primary_in_own_db =
-            was_primary_here && own_name.as_deref().is_none_or(|name| name.trim() == own_primary);
-        if db.generation == own.generation && own_primary != incoming_primary && !primary_in_own_db {
-            return Err(format!(
-                "two primaries at generation {}: this image follows {own_primary}, {incoming_primary} claims it too",
-                db.generation
-            ));
-        }
-        if was_primary_here && own_primary != incoming_primary {
-            let apart = wrote_without(state_dir, &own, &incoming_primary);
-            if apart > 0 && !kept {
-                return Err(format!(
-                    "split brain: this image was primary {own_primary} at generation {} and wrote {apart} extents \
-                     while {incoming_primary} was away; {incoming_primary} is primary at generation {}. Nothing \
-                     is overwritten: on the member whose writes are to be discarded run `replicator resolve --keep NAME`",
-                    own.generation, db.generation
-                ));
-            }
-            divergent = former_primary_extents(state_dir, device, &own)?;
-        } else if kept && db.generation < own.generation {
-            // A member that followed the side now discarded: what it took from that side is in
-            // no log here, so every extent is handed back (a full copy from the kept side).
-            tracing::warn!(
-                kept = %incoming_primary,
-                discarded = %own_primary,
-                "resolved for an older primary: this image followed the discarded side, so it is copied whole"
-            );
-            divergent = std::iter::once(0..own.extent_bytes.extents_of(own.image_bytes)).collect();
-        }
-    }
+    let divergent = match own {
+        Some(own) => divergent_from(state_dir, device, &own, &db)?,
+        None => Vec::new(),
+    };
     Ok(Reconciled { db, divergent, synchronized_here, image_name })
+}
+
+/// Checks an incoming database `db` against this member's `own`, and returns the extents to
+/// hand back to its primary (this member wrote them as a primary, or followed a side that a
+/// resolve discarded).
+fn divergent_from(
+    state_dir: &Path,
+    device: &Path,
+    own: &MirrorDb,
+    db: &MirrorDb,
+) -> Result<Vec<Range<u64>>, Refusal> {
+    if own.id != db.id {
+        return Err(Refusal::Refused(format!(
+            "mirror database of mirror {:?} (id {:#x}), but this image belongs to {:?} (id {:#x})",
+            db.name, db.id, own.name, own.id
+        )));
+    }
+    let incoming_primary = db.primary().map_or("?", |p| p.name.as_str());
+    let own_primary = own.primary().map_or("?", |p| p.name.as_str());
+    let resolved = load_name(state_dir, RESOLVED_FILE, &RESOLVED_KIND).map_err(Refusal::State)?;
+    // `resolve --keep` named the incoming primary here: its database wins even when older
+    // (the old primary kept against the promoted side).
+    let kept = resolved.as_deref() == Some(incoming_primary);
+    if db.generation < own.generation && !kept {
+        return Err(Refusal::Refused(format!(
+            "stale primary {incoming_primary}: generation {} is older than this image's {} (primary {own_primary})",
+            db.generation, own.generation
+        )));
+    }
+    let was_primary_here = state_dir.join(logs::INTENT_LOG_FILE).exists();
+    // The stored database names this member its primary: it was promoted (or made the
+    // mirror) and has not followed anyone since. A former primary that follows a new one
+    // keeps its logs until it is SYNCHRONIZED, but a third primary at the new primary's
+    // generation is refused like on any secondary.
+    let own_name = load_name(state_dir, IMAGE_NAME_FILE, &IMAGE_NAME_KIND).map_err(Refusal::State)?;
+    let primary_in_own_db = was_primary_here && own_name.as_deref().is_none_or(|name| name == own_primary);
+    if db.generation == own.generation && own_primary != incoming_primary && !primary_in_own_db {
+        return Err(Refusal::Refused(format!(
+            "two primaries at generation {}: this image follows {own_primary}, {incoming_primary} claims it too",
+            db.generation
+        )));
+    }
+    if was_primary_here && own_primary != incoming_primary {
+        let apart = wrote_without(state_dir, own, incoming_primary);
+        if apart > 0 && !kept {
+            return Err(Refusal::SplitBrain(format!(
+                "this image was primary {own_primary} at generation {} and wrote {apart} extents while \
+                 {incoming_primary} was away; {incoming_primary} is primary at generation {}. Nothing is \
+                 overwritten: on the member whose writes are to be discarded run `replicator resolve --keep NAME`",
+                own.generation, db.generation
+            )));
+        }
+        return former_primary_extents(state_dir, device, own).map_err(Refusal::State);
+    }
+    if kept && db.generation < own.generation {
+        // A member that followed the side now discarded: what it took from that side is in
+        // no log here, so every extent is handed back (a full copy from the kept side).
+        tracing::warn!(
+            kept = %incoming_primary,
+            discarded = %own_primary,
+            "resolved for an older primary: this image followed the discarded side, so it is copied whole"
+        );
+        return Ok(std::iter::once(0..own.extent_bytes.extents_of(own.image_bytes)).collect());
+    }
+    Ok(Vec::new())
 }
 
 /// Extents in this former primary's fracture log for `peer`: written while `peer` was away.
@@ -176,7 +249,7 @@ fn former_primary_extents(
             *union |= pinned.as_bitslice();
             // Kept in the intent log from here on, so the tracker can go.
             let header = LogHeader::new(&identity(LogKind::Intent, 0), own.generation);
-            logs::replace_file(state_dir, logs::INTENT_LOG_FILE, &logs::encode(&header, &union))
+            crate::envelope::replace_file(state_dir, logs::INTENT_LOG_FILE, &logs::encode(&header, &union))
                 .map_err(|e| e.to_string())?;
             tracker.stop().map_err(|e| e.to_string())?;
         }
@@ -190,7 +263,7 @@ pub fn forget_former_primary(state_dir: &Path) {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let former = logs::is_primary_log(&name) || name == RESOLVED_FILE || name == "status.json";
-        if former && let Err(error) = logs::remove_file(state_dir, &name) {
+        if former && let Err(error) = crate::envelope::remove_file(state_dir, &name) {
             tracing::warn!(%error, "removing a former primary's log failed");
         }
     }
@@ -217,8 +290,13 @@ mod tests {
         own.images[1].address = None;
         own.store(&dir).expect("storing");
         let stale = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
-        assert!(stale.expect_err("a stale primary").contains("stale primary"));
-        std::fs::write(dir.join(RESOLVED_FILE), "a").expect("resolve --keep a");
+        let stale = stale.expect_err("a stale primary");
+        assert!(
+            matches!(stale, Refusal::Refused(_)) && stale.to_string().contains("stale primary"),
+            "{stale}"
+        );
+        std::fs::write(dir.join(RESOLVED_FILE), "a")
+            .expect("resolve --keep a, as a plain file of before the envelope");
         let kept = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
         std::fs::remove_dir_all(&dir).expect("removing the temp dir");
         let kept = kept.expect("accepted once resolved");
@@ -243,7 +321,7 @@ mod tests {
         incoming.images[0].name = "c".into();
         let refused = reconcile(&dir, Path::new("/dev/null"), &incoming.encode(), None);
         std::fs::remove_dir_all(&dir).expect("removing the temp dir");
-        let message = refused.expect_err("a second primary at generation 2");
+        let message = refused.expect_err("a second primary at generation 2").to_string();
         assert!(message.contains("two primaries at generation 2"), "{message}");
     }
 }

@@ -5,6 +5,7 @@
 //! authentication -> the secondary writer (write durably, acknowledge). Then what they stand on.
 
 pub mod model;
+pub mod envelope;
 pub mod device;
 pub mod tracker;
 pub mod logs;

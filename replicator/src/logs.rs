@@ -7,45 +7,52 @@
 //! - A fracture log `fracture-<name>.log` holds the extents one fractured secondary has not
 //!   acknowledged, with its resync state (full sync, verify, administrator fracture).
 //!
-//! Owns the file format and its atomic replacement. Invariant: a file is replaced only by
-//! write-to-temp + fsync + rename + fsync of the directory, so a crash or torn write leaves the
-//! old file or the new one, never a mix; and a file that fails any check (magic, version,
-//! checksum, geometry, mirror, secondary) is an error, never an empty log.
+//! Owns the log format. Invariant: a log is replaced atomically (`envelope::replace_file`), so
+//! a crash leaves the old file or the new one; and a file that fails any check (envelope,
+//! fields, geometry, mirror, secondary) is an error, never an empty log.
+//!
+//! A log is a body in the common envelope (`envelope`, magic "RPLLOG", version 3):
 //!
 //! ```text
-//! 0    magic              8 bytes "RPLLOG\0\0"
-//! 8    version            u32     LOG_VERSION
-//! 12   kind               u32     1 intent, 2 fracture
-//! 16   flags              u32     FLAG_*
-//! 20   crc32c             u32     over the whole file with this field zero
-//! 24   mirror_id          u64
-//! 32   secondary_id       u64     0 for the intent log
-//! 40   generation         u64     the mirror's generation
-//! 48   sequence           u64     checkpoint number, increasing
-//! 56   extent_bytes       u64
-//! 64   image_bytes        u64
-//! 72   resync_bytes_done  u64
-//! 80   verify_next_extent u64
-//! 88   saved_unix_ms      u64
-//! 96   resync_rate        u64     bytes per second the resync last ran at (version 2 on)
-//! 104  bitmap             ceil(extents / 64) little-endian u64 words; no bit past the last
+//! 0    kind               u32     1 intent, 2 fracture
+//! 4    flags              u32     FLAG_*
+//! 8    mirror_id          u64
+//! 16   secondary_id       u64     0 for the intent log
+//! 24   generation         u64     the mirror's generation
+//! 32   sequence           u64     checkpoint number, increasing
+//! 40   extent_bytes       u64
+//! 48   image_bytes        u64
+//! 56   resync_bytes_done  u64
+//! 64   verify_next_extent u64
+//! 72   saved_unix_ms      u64
+//! 80   resync_rate        u64     bytes per second the resync last ran at
+//! 88   bitmap             ceil(extents / 64) little-endian u64 words; no bit past the last
 //!                         extent is set
 //! ```
 //!
-//! Version 1 files (a 96-byte header, no resync rate) are still read, with a rate of 0.
+//! Versions 1 and 2 (before the envelope: the same fields after a 24-byte header of their
+//! own, version 1 without the resync rate) are still read, never written.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
 use bitvec::prelude::*;
 use sha2::Digest as _;
 
-pub const LOG_MAGIC: [u8; 8] = *b"RPLLOG\0\0";
-pub const LOG_VERSION: u32 = 2;
-pub const LOG_HEADER_BYTES: usize = 104;
-/// The header of a version 1 file, which had no resync rate.
-const LOG_HEADER_BYTES_V1: usize = 96;
+use crate::envelope;
+
+/// The logs' envelope: version 3 is the first in it (1 and 2 are read by `legacy`). The
+/// body's limit is the envelope's (a u32 length): a bitmap of up to 4 GiB, 32 Gi extents.
+pub const LOG_KIND: envelope::Kind = envelope::Kind {
+    magic: *b"RPLLOG\0\0",
+    version: 3,
+    oldest_version: 3,
+    body_bytes_max: u32::MAX as usize,
+};
+/// Bytes of the body before the bitmap: kind, flags and `LOG_U64_FIELDS` u64 fields.
+const LOG_FIELDS_BYTES: usize = 8 + 8 * LOG_U64_FIELDS;
+const LOG_U64_FIELDS: usize = 10;
+/// The largest bitmap a log holds.
+pub const BITMAP_BYTES_MAX: u64 = u32::MAX as u64 - LOG_FIELDS_BYTES as u64;
 pub const INTENT_LOG_FILE: &str = "intent.log";
 
 /// Checkpoints an extent must stay clean before it leaves the write-intent log.
@@ -110,6 +117,51 @@ impl LogHeader {
     pub fn extent_count(&self) -> u64 {
         self.image_bytes.div_ceil(self.extent_bytes)
     }
+
+    /// The u64 fields in file order.
+    fn u64_fields(&self) -> [u64; LOG_U64_FIELDS] {
+        [
+            self.mirror_id,
+            self.secondary_id,
+            self.generation,
+            self.sequence,
+            self.extent_bytes,
+            self.image_bytes,
+            self.resync_bytes_done,
+            self.verify_next_extent,
+            self.saved_unix_ms,
+            self.resync_rate_bytes_per_s,
+        ]
+    }
+
+    fn from_u64_fields(kind: LogKind, flags: u32, fields: [u64; LOG_U64_FIELDS]) -> Self {
+        let [
+            mirror_id,
+            secondary_id,
+            generation,
+            sequence,
+            extent_bytes,
+            image_bytes,
+            resync_bytes_done,
+            verify_next_extent,
+            saved_unix_ms,
+            resync_rate_bytes_per_s,
+        ] = fields;
+        Self {
+            kind,
+            flags,
+            mirror_id,
+            secondary_id,
+            generation,
+            sequence,
+            extent_bytes,
+            image_bytes,
+            resync_bytes_done,
+            verify_next_extent,
+            saved_unix_ms,
+            resync_rate_bytes_per_s,
+        }
+    }
 }
 
 /// What a loaded log must match: the running mirror and, for a fracture log, its secondary.
@@ -124,8 +176,8 @@ pub struct LogIdentity {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LogError {
-    #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    File(#[from] envelope::FileError),
     #[error("{path}: damaged log: {reason}")]
     Damaged { path: PathBuf, reason: String },
     #[error("{path}: log of another {what}: file has {found}, expected {expected}")]
@@ -147,91 +199,64 @@ pub fn is_primary_log(file_name: &str) -> bool {
     file_name == INTENT_LOG_FILE || (file_name.starts_with("fracture-") && file_name.ends_with(".log"))
 }
 
-/// Encodes a log; `bits` has exactly `header.extent_count()` bits.
+/// Encodes a log in its envelope (the current version); `bits` has exactly
+/// `header.extent_count()` bits.
 pub fn encode(header: &LogHeader, bits: &BitSlice<u64, Lsb0>) -> Vec<u8> {
     assert_eq!(bits.len() as u64, header.extent_count(), "bitmap length is the extent count");
     let words = bits.len().div_ceil(64);
-    let mut out = Vec::with_capacity(LOG_HEADER_BYTES + words * 8);
-    out.extend_from_slice(&LOG_MAGIC);
-    out.extend_from_slice(&LOG_VERSION.to_le_bytes());
-    out.extend_from_slice(&(header.kind as u32).to_le_bytes());
-    out.extend_from_slice(&header.flags.to_le_bytes());
-    out.extend_from_slice(&0u32.to_le_bytes());
-    for field in [
-        header.mirror_id,
-        header.secondary_id,
-        header.generation,
-        header.sequence,
-        header.extent_bytes,
-        header.image_bytes,
-        header.resync_bytes_done,
-        header.verify_next_extent,
-        header.saved_unix_ms,
-        header.resync_rate_bytes_per_s,
-    ] {
-        out.extend_from_slice(&field.to_le_bytes());
+    let mut body = Vec::with_capacity(LOG_FIELDS_BYTES + words * 8);
+    body.extend_from_slice(&(header.kind as u32).to_le_bytes());
+    body.extend_from_slice(&header.flags.to_le_bytes());
+    for field in header.u64_fields() {
+        body.extend_from_slice(&field.to_le_bytes());
     }
-    assert_eq!(out.len(), LOG_HEADER_BYTES);
+    assert_eq!(body.len(), LOG_FIELDS_BYTES);
     for chunk in bits.chunks(64) {
-        out.extend_from_slice(&chunk.load_le::<u64>().to_le_bytes());
+        body.extend_from_slice(&chunk.load_le::<u64>().to_le_bytes());
     }
-    let crc = crc32c::crc32c(&out);
-    out[20..24].copy_from_slice(&crc.to_le_bytes());
-    out
+    envelope::seal(&LOG_KIND, &body)
 }
 
 /// Decodes a log without trusting any byte of it: every malformed input is a reason string.
 pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
-    if bytes.len() < LOG_HEADER_BYTES_V1 {
-        return Err(format!("{} bytes, shorter than a header", bytes.len()));
-    }
-    if bytes[..8] != LOG_MAGIC {
-        return Err("bad magic".into());
-    }
-    let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-    let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
-    let version = u32_at(8);
-    let header_bytes = match version {
-        1 => LOG_HEADER_BYTES_V1,
-        LOG_VERSION => LOG_HEADER_BYTES,
-        _ => return Err(format!("version {version}, this build reads 1 and {LOG_VERSION}")),
+    let short = |e: envelope::ShortRead| format!("fields cut short: {e}");
+    // The kind and flags, then the u64 fields and the bitmap.
+    let (version, kind_and_flags, rest) = match envelope::peek_version(&LOG_KIND, bytes) {
+        Some(version @ 1..=2) => legacy::open(bytes, version)?,
+        _ => {
+            let (version, body) = envelope::open(&LOG_KIND, bytes).map_err(|e| e.to_string())?;
+            let mut body = envelope::Reader::new(body);
+            (version, body.bytes(8).map_err(short)?, body.rest())
+        }
     };
-    if bytes.len() < header_bytes {
-        return Err(format!("{} bytes, shorter than the {header_bytes}-byte header", bytes.len()));
-    }
-    let stored_crc = u32_at(20);
-    let computed_crc = crc32c::crc32c_append(crc32c::crc32c(&bytes[..20]), &[0; 4]);
-    let computed_crc = crc32c::crc32c_append(computed_crc, &bytes[24..]);
-    if stored_crc != computed_crc {
-        return Err(format!("checksum {stored_crc:#010x}, computed {computed_crc:#010x}"));
-    }
-    let kind = match u32_at(12) {
+    let mut head = envelope::Reader::new(kind_and_flags);
+    let kind = match head.u32().map_err(short)? {
         1 => LogKind::Intent,
         2 => LogKind::Fracture,
         other => return Err(format!("unknown kind {other}")),
     };
-    let flags = u32_at(16);
+    let flags = head.u32().map_err(short)?;
     if flags & !FLAGS_KNOWN != 0 {
         return Err(format!("unknown flags {flags:#x}"));
     }
-    let header = LogHeader {
-        kind,
-        flags,
-        mirror_id: u64_at(24),
-        secondary_id: u64_at(32),
-        generation: u64_at(40),
-        sequence: u64_at(48),
-        extent_bytes: u64_at(56),
-        image_bytes: u64_at(64),
-        resync_bytes_done: u64_at(72),
-        verify_next_extent: u64_at(80),
-        saved_unix_ms: u64_at(88),
-        resync_rate_bytes_per_s: if version == 1 { 0 } else { u64_at(96) },
-    };
+    let mut fields = envelope::Reader::new(rest);
+    let mut u64s = [0u64; LOG_U64_FIELDS];
+    // Version 1 had no resync rate (the last field), read as 0.
+    let count = if version == 1 { LOG_U64_FIELDS - 1 } else { LOG_U64_FIELDS };
+    for field in &mut u64s[..count] {
+        *field = fields.u64().map_err(short)?;
+    }
+    let header = LogHeader::from_u64_fields(kind, flags, u64s);
+    let bits = decode_bitmap(&header, fields.rest())?;
+    Ok((header, bits))
+}
+
+/// The bitmap of a log whose header decoded as `header`: exactly its extents' words, no bit
+/// set past the last extent, and a verify position inside the image.
+fn decode_bitmap(header: &LogHeader, body: &[u8]) -> Result<BitVec<u64, Lsb0>, String> {
     crate::model::ExtentBytes::new(header.extent_bytes).map_err(|e| e.to_string())?;
     let extents = header.extent_count();
     let words = extents.div_ceil(64);
-    let body = &bytes[header_bytes..];
     if body.len() as u64 != words * 8 {
         return Err(format!("bitmap of {} bytes, expected {} for {extents} extents", body.len(), words * 8));
     }
@@ -244,51 +269,36 @@ pub fn decode(bytes: &[u8]) -> Result<(LogHeader, BitVec<u64, Lsb0>), String> {
     if header.verify_next_extent > extents {
         return Err(format!("verify position {} past the last extent", header.verify_next_extent));
     }
-    Ok((header, bits))
+    Ok(bits)
 }
 
-/// Replaces `dir/name` with `bytes` atomically: temp file, fsync, rename, fsync of `dir`.
-pub fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), LogError> {
-    let path = dir.join(name);
-    let temp = dir.join(format!("{name}.tmp"));
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| LogError::Io { path, source }
-    };
-    let mut file =
-        OpenOptions::new().write(true).create(true).truncate(true).open(&temp).map_err(io(&temp))?;
-    file.write_all(bytes).map_err(io(&temp))?;
-    file.sync_all().map_err(io(&temp))?;
-    drop(file);
-    std::fs::rename(&temp, &path).map_err(io(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))
-}
+/// Logs of versions 1 and 2, written before the envelope: magic, version, kind and flags,
+/// the checksum at offset 20 over the whole file (no length), then the fields and the bitmap
+/// as in the envelope's body. Read so that an upgraded primary keeps what its predecessor
+/// logged; never written.
+mod legacy {
+    use super::envelope::Reader;
 
-/// Removes `dir/name` durably, if it exists.
-/// Creates the state directory (and its parents) durably: each directory made is fsynced
-/// into its parent, so a power loss right after the first run cannot take away the directory
-/// and the logs written in it.
-pub fn create_state_dir(dir: &Path) -> std::io::Result<()> {
-    let mut missing = Vec::new();
-    let mut at = Some(dir);
-    while let Some(path) = at.filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
-        missing.push(path);
-        at = path.parent();
-    }
-    std::fs::create_dir_all(dir)?;
-    for made in missing.iter().rev() {
-        let parent = made.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        File::open(parent)?.sync_all()?;
-    }
-    Ok(())
-}
+    const KIND_AT: usize = 12;
+    const CRC_AT: usize = 20;
+    const FIELDS_AT: usize = 24;
+    /// A version 1 header had no resync rate.
+    const HEADER_BYTES_V1: usize = 96;
+    const HEADER_BYTES_V2: usize = 104;
 
-pub fn remove_file(dir: &Path, name: &str) -> Result<(), LogError> {
-    let path = dir.join(name);
-    match std::fs::remove_file(&path) {
-        Ok(()) => File::open(dir).and_then(|d| d.sync_all()).map_err(|source| LogError::Io { path, source }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(LogError::Io { path, source }),
+    /// Checks a version 1 or 2 file; returns its kind and flags, and its fields and bitmap.
+    pub(super) fn open(bytes: &[u8], version: u32) -> Result<(u32, &[u8], &[u8]), String> {
+        let header_bytes = if version == 1 { HEADER_BYTES_V1 } else { HEADER_BYTES_V2 };
+        if bytes.len() < header_bytes {
+            return Err(format!("{} bytes, shorter than the {header_bytes}-byte header", bytes.len()));
+        }
+        let stored = Reader::new(&bytes[CRC_AT..]).u32().map_err(|e| e.to_string())?;
+        let computed = crc32c::crc32c_append(crc32c::crc32c(&bytes[..CRC_AT]), &[0; 4]);
+        let computed = crc32c::crc32c_append(computed, &bytes[FIELDS_AT..]);
+        if stored != computed {
+            return Err(format!("checksum {stored:#010x}, computed {computed:#010x}"));
+        }
+        Ok((version, &bytes[KIND_AT..CRC_AT], &bytes[FIELDS_AT..]))
     }
 }
 
@@ -299,11 +309,7 @@ pub type Loaded = (LogHeader, BitVec<u64, Lsb0>);
 /// belongs to another mirror, secondary or geometry.
 pub fn load(dir: &Path, name: &str, identity: &LogIdentity) -> Result<Option<Loaded>, LogError> {
     let path = dir.join(name);
-    let bytes = match std::fs::read(&path) {
-        Ok(bytes) => bytes,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(source) => return Err(LogError::Io { path, source }),
-    };
+    let Some(bytes) = envelope::read_file(dir, name)? else { return Ok(None) };
     let (header, bits) = decode(&bytes).map_err(|reason| LogError::Damaged { path: path.clone(), reason })?;
     let checks = [
         ("log kind", header.kind as u64, identity.kind as u64),
@@ -408,33 +414,39 @@ mod tests {
         }
     }
 
-    /// A version 1 file (no resync rate in its 96-byte header) is read, with a rate of 0.
+    /// A file as the builds before the envelope wrote it: version 1 (no resync rate) or 2.
+    fn legacy_file(header: &LogHeader, bits: &BitSlice<u64, Lsb0>, version: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&LOG_KIND.magic);
+        out.extend_from_slice(&version.to_le_bytes());
+        out.extend_from_slice(&(header.kind as u32).to_le_bytes());
+        out.extend_from_slice(&header.flags.to_le_bytes());
+        out.extend_from_slice(&[0; 4]);
+        let fields = header.u64_fields();
+        for field in &fields[..if version == 1 { LOG_U64_FIELDS - 1 } else { LOG_U64_FIELDS }] {
+            out.extend_from_slice(&field.to_le_bytes());
+        }
+        for chunk in bits.chunks(64) {
+            out.extend_from_slice(&chunk.load_le::<u64>().to_le_bytes());
+        }
+        let crc = crc32c::crc32c(&out);
+        out[20..24].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Files of versions 1 (no resync rate, read as 0) and 2 are read; a flipped bit in one is
+    /// caught by its own checksum.
     #[test]
-    fn version_1_files_are_read() {
+    fn version_1_and_2_files_are_read() {
         let mut bits = bitvec![u64, Lsb0; 0; 100];
         bits.set(3, true);
         let header = header(100, FLAG_FRACTURED);
-        let v2 = encode(&header, &bits);
-        let mut v1 = Vec::new();
-        v1.extend_from_slice(&v2[..96]);
-        v1.extend_from_slice(&v2[LOG_HEADER_BYTES..]);
-        v1[8..12].copy_from_slice(&1u32.to_le_bytes());
-        v1[20..24].fill(0);
-        let crc = crc32c::crc32c(&v1);
-        v1[20..24].copy_from_slice(&crc.to_le_bytes());
-        let (read, read_bits) = decode(&v1).expect("a version 1 file");
-        assert_eq!(read, LogHeader { resync_rate_bytes_per_s: 0, ..header });
-        assert_eq!(read_bits, bits);
-    }
-
-    #[test]
-    fn a_state_dir_and_its_missing_parents_are_created() {
-        let root = std::env::temp_dir().join(format!("replicator-statedir-{}", std::process::id()));
-        let dir = root.join("a/b/state");
-        create_state_dir(&dir).expect("created");
-        assert!(dir.is_dir());
-        create_state_dir(&dir).expect("an existing directory is fine");
-        std::fs::remove_dir_all(&root).expect("cleanup");
+        let v1 = legacy_file(&header, &bits, 1);
+        assert_eq!(decode(&v1), Ok((LogHeader { resync_rate_bytes_per_s: 0, ..header }, bits.clone())));
+        let mut v2 = legacy_file(&header, &bits, 2);
+        assert_eq!(decode(&v2), Ok((header, bits)));
+        v2[30] ^= 4;
+        assert!(decode(&v2).unwrap_err().contains("checksum"));
     }
 
     proptest! {
@@ -469,17 +481,20 @@ mod tests {
             let _ = decode(&bytes);
         }
 
+        /// Bodies of any bytes, sealed in a sound envelope, reach the field decoder: a reason
+        /// or a log, never a panic; the same for files of the legacy versions with a right
+        /// checksum.
         #[test]
-        fn arbitrary_headers_with_a_valid_checksum_never_panic(
-            mut bytes in proptest::collection::vec(any::<u8>(), LOG_HEADER_BYTES_V1..LOG_HEADER_BYTES + 64),
-            version in 1u32..=LOG_VERSION,
-        ) {
-            bytes[..8].copy_from_slice(&LOG_MAGIC);
-            bytes[8..12].copy_from_slice(&version.to_le_bytes());
-            bytes[20..24].fill(0);
-            let crc = crc32c::crc32c(&bytes);
-            bytes[20..24].copy_from_slice(&crc.to_le_bytes());
-            let _ = decode(&bytes);
+        fn sealed_garbage_never_panics(body in proptest::collection::vec(any::<u8>(), 0..200), version in 1u32..=2) {
+            let _ = decode(&envelope::seal(&LOG_KIND, &body));
+            let mut legacy = body;
+            legacy.resize(legacy.len().max(24), 0);
+            legacy[..8].copy_from_slice(&LOG_KIND.magic);
+            legacy[8..12].copy_from_slice(&version.to_le_bytes());
+            legacy[20..24].fill(0);
+            let crc = crc32c::crc32c(&legacy);
+            legacy[20..24].copy_from_slice(&crc.to_le_bytes());
+            let _ = decode(&legacy);
         }
     }
 
@@ -497,7 +512,7 @@ mod tests {
             image_bytes: header.image_bytes,
         };
         assert!(load(&dir, "f.log", &identity).unwrap().is_none());
-        replace_file(&dir, "f.log", &encode(&header, &bits)).unwrap();
+        envelope::replace_file(&dir, "f.log", &encode(&header, &bits)).unwrap();
         assert_eq!(load(&dir, "f.log", &identity).unwrap().unwrap().1, bits);
         let other = LogIdentity { secondary_id: secondary_id("c"), ..identity };
         assert!(matches!(load(&dir, "f.log", &other), Err(LogError::Mismatch { .. })));

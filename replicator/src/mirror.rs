@@ -2,24 +2,18 @@
 //! which images it has, kept in `STATE_DIR/mirror.db` on every member; and the mirror's state
 //! (ACTIVE, INACTIVE, ATTENTION) with the rules that move it.
 //!
-//! The file is a checksummed envelope around a JSON body, so an operator can read it with
-//! `replicator status --json` and a damaged file is refused, never half-read:
-//!
-//! ```text
-//! 0   magic      8 bytes "RPLMDB\0\0"
-//! 8   version    u32     DB_VERSION
-//! 12  crc32c     u32     over the header (this field zero) and the body
-//! 16  body_bytes u32     <= DB_BODY_BYTES_MAX
-//! 20  reserved   u32     zero
-//! 24  body       JSON
-//! ```
+//! The file is a JSON body in the common envelope (`envelope`, magic "RPLMDB", version 1), so
+//! an operator can read it with `replicator status --json` and a damaged file is refused, never
+//! half-read. The same envelope travels in `MirrorDb` frames.
 //!
 //! Owns the format and the state rules. Invariant: the file is replaced atomically
-//! (`logs::replace_file`), and every change made at the primary carries a higher `revision`; a
+//! (`envelope::replace_file`), and every change made at the primary carries a higher `revision`; a
 //! secondary never replaces its copy with a lower revision or another mirror's.
 
 use std::net::SocketAddr;
 use std::path::Path;
+
+use crate::envelope;
 
 use crate::model::{
     ActivationPolicy, ExtentBytes, IMAGES_MAX, ImageState, MirrorState, NameOf, RecoveryPolicy, WritePolicy,
@@ -27,16 +21,19 @@ use crate::model::{
 };
 
 pub const DB_FILE: &str = "mirror.db";
-pub const DB_MAGIC: [u8; 8] = *b"RPLMDB\0\0";
-pub const DB_VERSION: u32 = 1;
-pub const DB_HEADER_BYTES: usize = 24;
 /// Largest body accepted (from disk or from the wire): 8 images take well under this.
 pub const DB_BODY_BYTES_MAX: usize = 64 * 1024;
+pub const DB_KIND: envelope::Kind = envelope::Kind {
+    magic: *b"RPLMDB\0\0",
+    version: 1,
+    oldest_version: 1,
+    body_bytes_max: DB_BODY_BYTES_MAX,
+};
 /// What `create` accepts and the decoder checks: minimum images (the primary alone, up to
 /// every image) and sync priority. (The extent size is an `ExtentBytes`, checked as it is read.)
 pub const MINIMUM_IMAGES: std::ops::RangeInclusive<u32> = 1..=crate::model::IMAGES_MAX as u32;
 pub const SYNC_PRIORITY: std::ops::RangeInclusive<u8> = 1..=10;
-const _: () = assert!(DB_HEADER_BYTES + DB_BODY_BYTES_MAX == crate::wire::MIRROR_DB_BYTES_MAX);
+const _: () = assert!(envelope::HEADER_BYTES + DB_BODY_BYTES_MAX == crate::wire::MIRROR_DB_BYTES_MAX);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -100,7 +97,7 @@ pub enum DbError {
     #[error("{path}: {reason}")]
     Damaged { path: String, reason: String },
     #[error(transparent)]
-    Log(#[from] crate::logs::LogError),
+    File(#[from] envelope::FileError),
 }
 
 impl MirrorDb {
@@ -170,41 +167,13 @@ impl MirrorDb {
     /// Encodes the database in its envelope.
     pub fn encode(&self) -> Vec<u8> {
         let body = serde_json::to_vec(self).expect("the database serializes");
-        assert!(body.len() <= DB_BODY_BYTES_MAX, "database of {} bytes", body.len());
-        let mut out = Vec::with_capacity(DB_HEADER_BYTES + body.len());
-        out.extend_from_slice(&DB_MAGIC);
-        out.extend_from_slice(&DB_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&body);
-        let crc = crc32c::crc32c(&out);
-        out[12..16].copy_from_slice(&crc.to_le_bytes());
-        out
+        envelope::seal(&DB_KIND, &body)
     }
 
     /// Decodes an envelope: any malformed input is a reason, never a panic.
     pub fn decode(bytes: &[u8]) -> Result<Self, String> {
-        if bytes.len() < DB_HEADER_BYTES {
-            return Err(format!("{} bytes, shorter than the header", bytes.len()));
-        }
-        if bytes[..8] != DB_MAGIC {
-            return Err("bad magic".into());
-        }
-        let u32_at = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"));
-        if u32_at(8) != DB_VERSION {
-            return Err(format!("version {}, this build reads {DB_VERSION}", u32_at(8)));
-        }
-        let body_bytes = u32_at(16) as usize;
-        if body_bytes > DB_BODY_BYTES_MAX || bytes.len() != DB_HEADER_BYTES + body_bytes || u32_at(20) != 0 {
-            return Err(format!("body of {body_bytes} bytes in a file of {}", bytes.len()));
-        }
-        let computed =
-            crc32c::crc32c_append(crc32c::crc32c_append(crc32c::crc32c(&bytes[..12]), &[0; 4]), &bytes[16..]);
-        if computed != u32_at(12) {
-            return Err(format!("checksum {:#010x}, computed {computed:#010x}", u32_at(12)));
-        }
-        let db: Self = serde_json::from_slice(&bytes[DB_HEADER_BYTES..]).map_err(|e| format!("body: {e}"))?;
+        let (_, body) = envelope::open(&DB_KIND, bytes).map_err(|e| e.to_string())?;
+        let db: Self = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
         db.check()?;
         Ok(db)
     }
@@ -241,18 +210,14 @@ impl MirrorDb {
     }
 
     pub fn load(state_dir: &Path) -> Result<Option<Self>, DbError> {
-        let path = state_dir.join(DB_FILE);
-        match std::fs::read(&path) {
-            Ok(bytes) => Self::decode(&bytes)
-                .map(Some)
-                .map_err(|reason| DbError::Damaged { path: path.display().to_string(), reason }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(DbError::Damaged { path: path.display().to_string(), reason: e.to_string() }),
-        }
+        let Some(bytes) = envelope::read_file(state_dir, DB_FILE)? else { return Ok(None) };
+        let damaged =
+            |reason| DbError::Damaged { path: state_dir.join(DB_FILE).display().to_string(), reason };
+        Self::decode(&bytes).map(Some).map_err(damaged)
     }
 
     pub fn store(&self, state_dir: &Path) -> Result<(), DbError> {
-        Ok(crate::logs::replace_file(state_dir, DB_FILE, &self.encode())?)
+        Ok(crate::envelope::replace_file(state_dir, DB_FILE, &self.encode())?)
     }
 }
 
@@ -329,16 +294,7 @@ mod tests {
 
     /// An envelope around `body`, with the checksum right.
     fn seal(body: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&DB_MAGIC);
-        out.extend_from_slice(&DB_VERSION.to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(&(body.len() as u32).to_le_bytes());
-        out.extend_from_slice(&0u32.to_le_bytes());
-        out.extend_from_slice(body);
-        let crc = crc32c::crc32c(&out);
-        out[12..16].copy_from_slice(&crc.to_le_bytes());
-        out
+        envelope::seal(&DB_KIND, body)
     }
 
     fn arbitrary_image() -> impl Strategy<Value = ImageRecord> {
@@ -514,9 +470,9 @@ mod tests {
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200), fix in any::<bool>()) {
             let mut bytes = bytes;
-            if fix && bytes.len() >= DB_HEADER_BYTES {
-                bytes[..8].copy_from_slice(&DB_MAGIC);
-                bytes[8..12].copy_from_slice(&DB_VERSION.to_le_bytes());
+            if fix && bytes.len() >= envelope::HEADER_BYTES {
+                bytes[..8].copy_from_slice(&DB_KIND.magic);
+                bytes[8..12].copy_from_slice(&DB_KIND.version.to_le_bytes());
             }
             let _ = MirrorDb::decode(&bytes);
         }

@@ -33,7 +33,7 @@ use crate::metrics::SecondaryMetrics;
 use crate::mirror::MirrorDb;
 use crate::pool::BufferPool;
 use crate::read_ahead::ReadAhead;
-use crate::wire::{self, Limits, Message};
+use crate::wire::{self, ErrorCode, Limits, Message};
 
 /// Settings of a secondary, fixed at start-up.
 #[derive(Clone, Debug)]
@@ -95,10 +95,27 @@ enum SessionEnd {
     Write { device: String, offset: u64, len: usize, error: std::io::Error },
     #[error("read of {len} bytes at offset {offset} on {device} for a verify failed: {error}")]
     Read { device: String, offset: u64, len: usize, error: std::io::Error },
-    #[error("{0}")]
-    Refused(String),
+    #[error(transparent)]
+    Refused(#[from] failback::Refusal),
+    #[error("storing this member's state: {0}")]
+    State(String),
     #[error("stopping")]
     Stop,
+}
+
+impl SessionEnd {
+    /// The code the primary is told in an `Error` frame, for the ends it must hear about (a
+    /// closed link or a stop it finds out by itself).
+    fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Write { .. } => Some(ErrorCode::WriteFailed),
+            Self::Read { .. } => Some(ErrorCode::ReadFailed),
+            Self::Refused(refusal) => Some(refusal.code()),
+            Self::State(_) => Some(ErrorCode::StateFailed),
+            Self::Wire(_) | Self::Unexpected(_) => Some(ErrorCode::Protocol),
+            Self::Closed | Self::Timeout(_) | Self::Io(_) | Self::PrimaryError(_) | Self::Stop => None,
+        }
+    }
 }
 
 /// How often the listener is polled for a connection (and the stop flag checked).
@@ -127,7 +144,7 @@ pub fn serve(
     stats: &SecondaryMetrics,
 ) -> Result<(), SecondaryError> {
     let device = BlockDevice::resolve(&config.device)?;
-    crate::logs::create_state_dir(&config.state_dir).map_err(|source| SecondaryError::Io {
+    crate::envelope::create_state_dir(&config.state_dir).map_err(|source| SecondaryError::Io {
         what: format!("creating {}", config.state_dir.display()),
         source,
     })?;
@@ -296,22 +313,15 @@ fn handle_connection(
     if matches!(end, Err(SessionEnd::Write { .. })) {
         stats.write_errors.inc();
     }
-    match end {
-        Err(SessionEnd::Write { .. })
-        | Err(SessionEnd::Read { .. })
-        | Err(SessionEnd::Refused(_))
-        | Err(SessionEnd::Wire(_))
-        | Err(SessionEnd::Unexpected(_)) => {
-            let error = end.err().map(|e| e.to_string()).unwrap_or_default();
-            tracing::error!(%peer, %error, "session ended");
-            let _ = wire::write_frame(
-                &mut stream,
-                &Message::Error { code: auth::ERROR_PROTOCOL, message: &error },
-                2,
-            );
+    if let Err(error) = &end {
+        match error.code() {
+            Some(code) => {
+                tracing::error!(%peer, %error, "session ended");
+                let message = error.to_string();
+                let _ = wire::write_frame(&mut stream, &Message::Error { code, message: &message }, 2);
+            }
+            None => tracing::info!(%peer, reason = %error, "session ended"),
         }
-        Err(e) => tracing::info!(%peer, reason = %e, "session ended"),
-        Ok(()) => {}
     }
     session.finish(&stream, stop);
 }
@@ -723,7 +733,7 @@ impl<'a> Session<'a> {
                     }
                     Message::MirrorDbCommit { revision } => {
                         let prepared = self.prepared.take().filter(|p| p.db.revision == revision).ok_or_else(|| {
-                            SessionEnd::Refused(format!(
+                            failback::Refusal::Refused(format!(
                                 "commit of mirror database revision {revision}, which was not prepared here"
                             ))
                         })?;
@@ -922,8 +932,8 @@ impl<'a> Session<'a> {
             image_bytes: self.limits.image_bytes,
             recorded_unix_ms: crate::logs::unix_ms_now(),
         };
-        crate::logs::replace_file(self.state_dir, consistency::POINT_FILE, &record.encode())
-            .map_err(|e| SessionEnd::Io(std::io::Error::other(e.to_string())))?;
+        crate::envelope::replace_file(self.state_dir, consistency::POINT_FILE, &record.encode())
+            .map_err(|e| SessionEnd::State(e.to_string()))?;
         tracing::info!(device = self.device, generation, point_unix_ms, "image CONSISTENT as of this point");
         let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
         self.flush_acks(stream)?;
@@ -940,8 +950,7 @@ impl<'a> Session<'a> {
         stream: &mut TcpStream,
     ) -> Result<failback::Reconciled, SessionEnd> {
         let local = stream.local_addr().ok();
-        let reconciled = failback::reconcile(self.state_dir, self.device_path, envelope, local)
-            .map_err(SessionEnd::Refused)?;
+        let reconciled = failback::reconcile(self.state_dir, self.device_path, envelope, local)?;
         self.flush_acks(stream)?;
         self.next_ack_sequence = send_divergent(stream, &reconciled.divergent, self.next_ack_sequence)?;
         Ok(reconciled)
@@ -1092,14 +1101,14 @@ fn zero_range(device: &File, offset_bytes: u64, len_bytes: u64, unmap: bool) -> 
 /// Stores the mirror database the primary sent (reconciled with this member's), durably.
 fn store_mirror_db(state_dir: &std::path::Path, reconciled: &failback::Reconciled) -> Result<(), SessionEnd> {
     let db = &reconciled.db;
-    let io = |e: String| SessionEnd::Io(std::io::Error::other(e));
+    let io = SessionEnd::State;
     db.store(state_dir).map_err(|e| io(e.to_string()))?;
     if let Some(name) = &reconciled.image_name {
-        crate::logs::replace_file(state_dir, failback::IMAGE_NAME_FILE, name.as_bytes())
-            .map_err(|e| io(e.to_string()))?;
+        failback::store_name(state_dir, failback::IMAGE_NAME_FILE, &failback::IMAGE_NAME_KIND, name)
+            .map_err(io)?;
     }
     // A resolve is honoured once: this member follows the kept primary from here on.
-    crate::logs::remove_file(state_dir, failback::RESOLVED_FILE).map_err(|e| io(e.to_string()))?;
+    crate::envelope::remove_file(state_dir, failback::RESOLVED_FILE).map_err(|e| io(e.to_string()))?;
     if reconciled.synchronized_here && state_dir.join(crate::logs::INTENT_LOG_FILE).exists() {
         tracing::info!(
             "SYNCHRONIZED with the new primary: forgetting this member's logs from when it was primary"

@@ -21,12 +21,16 @@
 //! extent-aligned and inside the image. Every other input is an error (the connection is then
 //! closed); no decoder panics (property-tested below on arbitrary bytes).
 
+use crate::envelope::Reader;
+
 pub const MAGIC: u32 = u32::from_le_bytes(*b"RPLW");
 /// The alignment of `BlockData` and `Zeroes`: the smallest logical block a Linux device has.
 pub const SECTOR_BYTES: u64 = 512;
 /// 2: the mirror database changes in two steps (`MirrorDbPrepare`, `MirrorDbCommit`).
 /// 3: the header's flags byte (`FLAG_CLIENT_WAITS`).
-pub const VERSION: u16 = 3;
+/// 4: an `Error` frame's code is an `ErrorCode` (split brain, refusal, write and read failures
+///    have codes of their own; an unknown code is malformed).
+pub const VERSION: u16 = 4;
 /// On a `BlockData` frame: a client's synchronous write through the export waits for this
 /// frame's ack. A secondary busy-polls while such frames flow (`--poll-us`, by default).
 pub const FLAG_CLIENT_WAITS: u8 = 1;
@@ -50,6 +54,62 @@ pub const VERIFY_FIXED_BYTES: usize = 16;
 /// The largest `VerifyHashes` payload.
 pub const VERIFY_HASHES_BYTES_MAX: usize =
     VERIFY_FIXED_BYTES + VERIFY_EXTENTS_MAX as usize * VERIFY_HASH_BYTES;
+
+/// Why a peer ends a session or refuses a handshake, in its `Error` frame. Decisions are made
+/// on the code; the message is for people.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u32)]
+pub enum ErrorCode {
+    /// The `Hello`'s parameters differ from the secondary's (image size, mirror, extent size).
+    Parameters = 1,
+    /// A proof of the shared key is wrong.
+    Authentication = 2,
+    /// A malformed frame, or one the receiver does not accept.
+    Protocol = 3,
+    /// Both sides wrote as primary while apart: nothing is overwritten until `resolve`.
+    SplitBrain = 4,
+    /// The secondary refuses the primary's mirror database: another mirror, a stale primary,
+    /// two primaries at one generation, or a commit it never prepared.
+    Refused = 5,
+    /// A write to the secondary's image failed: nothing of the frame is acknowledged.
+    WriteFailed = 6,
+    /// A read of the secondary's image (for a verify) failed.
+    ReadFailed = 7,
+    /// The secondary could not store its state (a mirror database, a consistency point).
+    StateFailed = 8,
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            Self::Parameters => "parameters",
+            Self::Authentication => "authentication",
+            Self::Protocol => "protocol",
+            Self::SplitBrain => "split brain",
+            Self::Refused => "refused",
+            Self::WriteFailed => "write failed",
+            Self::ReadFailed => "read failed",
+            Self::StateFailed => "state not stored",
+        };
+        write!(f, "{name} ({})", *self as u32)
+    }
+}
+
+impl ErrorCode {
+    fn from_u32(value: u32) -> Option<Self> {
+        Some(match value {
+            1 => Self::Parameters,
+            2 => Self::Authentication,
+            3 => Self::Protocol,
+            4 => Self::SplitBrain,
+            5 => Self::Refused,
+            6 => Self::WriteFailed,
+            7 => Self::ReadFailed,
+            8 => Self::StateFailed,
+            _ => return None,
+        })
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u16)]
@@ -135,6 +195,8 @@ pub enum WireError {
     AckRange { first: u64, last: u64 },
     #[error("error message is not UTF-8")]
     ErrorText,
+    #[error("unknown error code {found}")]
+    ErrorCode { found: u32 },
     #[error(
         "verify of {count} extents from extent {first_extent}: empty, over {VERIFY_EXTENTS_MAX}, or past the image"
     )]
@@ -196,7 +258,7 @@ pub enum Message<'a> {
     },
     Keepalive,
     Error {
-        code: u32,
+        code: ErrorCode,
         message: &'a str,
     },
     /// Primary to secondary: hash extents `first_extent..first_extent + count` once every
@@ -262,46 +324,33 @@ impl Message<'_> {
     }
 }
 
-fn u16_at(bytes: &[u8], at: usize) -> u16 {
-    u16::from_le_bytes([bytes[at], bytes[at + 1]])
-}
-
-fn u32_at(bytes: &[u8], at: usize) -> u32 {
-    u32::from_le_bytes(bytes[at..at + 4].try_into().expect("4 bytes"))
-}
-
-fn u64_at(bytes: &[u8], at: usize) -> u64 {
-    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"))
-}
-
-fn array_at<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
-    bytes[at..at + N].try_into().expect("N bytes")
-}
-
 /// Checks the fixed part of a header. The checksum is checked by [`decode_payload`].
 pub fn decode_header(bytes: &[u8; HEADER_BYTES], limits: &Limits) -> Result<Header, WireError> {
-    let magic = u32_at(bytes, 0);
+    let mut fields = Reader::new(bytes);
+    let mut next = || fields.u64().expect("a header holds four u64");
+    let (word0, word1, sequence, word3) = (next(), next(), next(), next());
+    let magic = word0 as u32;
     if magic != MAGIC {
         return Err(WireError::BadMagic { found: magic });
     }
-    let version = u16_at(bytes, 4);
+    let version = (word0 >> 32) as u16;
     if version != VERSION {
         return Err(WireError::Version { found: version });
     }
-    let kind = u16_at(bytes, 6);
+    let kind = (word0 >> 48) as u16;
     let kind = MessageKind::from_u16(kind).ok_or(WireError::UnknownKind { found: kind })?;
-    let payload_bytes = u32_at(bytes, 8);
+    let payload_bytes = word1 as u32;
     if payload_bytes > limits.payload_bytes_max {
         return Err(WireError::TooLong { found: payload_bytes, limit: limits.payload_bytes_max });
     }
-    let flags = bytes[24];
+    let flags = word3 as u8;
     if flags != 0 && (kind != MessageKind::BlockData || flags & !FLAG_CLIENT_WAITS != 0) {
         return Err(WireError::Flags { kind, found: flags });
     }
-    if bytes[25..].iter().any(|&b| b != 0) {
+    if word3 >> 8 != 0 {
         return Err(WireError::Reserved);
     }
-    Ok(Header { kind, payload_bytes, crc32c: u32_at(bytes, 12), sequence: u64_at(bytes, 16), flags })
+    Ok(Header { kind, payload_bytes, crc32c: (word1 >> 32) as u32, sequence, flags })
 }
 
 /// The frame checksum: crc32c over the header with its checksum field zero, then the payload.
@@ -369,44 +418,94 @@ pub fn decode_payload<'a>(
     if computed != header.crc32c {
         return Err(WireError::Checksum { expected: header.crc32c, computed });
     }
-    let size = |expected_bytes: usize, expected: &'static str| {
-        if payload.len() == expected_bytes {
-            Ok(())
-        } else {
-            Err(WireError::PayloadSize { kind: header.kind, found: payload.len(), expected })
-        }
-    };
-    Ok(match header.kind {
+    let kind = header.kind;
+    match kind {
+        MessageKind::Hello | MessageKind::Welcome | MessageKind::Proof => decode_handshake(kind, payload),
+        MessageKind::ExtentData => decode_extent_data(payload, limits),
+        MessageKind::BlockData => match decode_extent_data(payload, &limits.by_sector())? {
+            Message::ExtentData { offset_bytes, data } => Ok(Message::BlockData { offset_bytes, data }),
+            _ => unreachable!("decode_extent_data decodes ExtentData"),
+        },
+        MessageKind::Error => decode_error(payload),
+        MessageKind::DivergentRuns => decode_divergent_runs(payload),
+        MessageKind::MirrorDb | MessageKind::MirrorDbPrepare => decode_mirror_db(kind, payload),
+        MessageKind::VerifyHashes => decode_verify_hashes(payload),
+        _ => decode_fixed(kind, payload, limits),
+    }
+}
+
+/// A payload read field by field, which must be used up exactly.
+struct Fields<'a> {
+    kind: MessageKind,
+    reader: Reader<'a>,
+    expected: &'static str,
+}
+
+impl<'a> Fields<'a> {
+    /// `payload` of a `kind` frame whose layout is `expected` bytes long.
+    fn new(kind: MessageKind, payload: &'a [u8], expected: &'static str) -> Self {
+        Self { kind, reader: Reader::new(payload), expected }
+    }
+
+    fn wrong_size(&self) -> WireError {
+        WireError::PayloadSize { kind: self.kind, found: self.reader.input_len(), expected: self.expected }
+    }
+
+    fn u64(&mut self) -> Result<u64, WireError> {
+        self.reader.u64().map_err(|_| self.wrong_size())
+    }
+
+    fn u32(&mut self) -> Result<u32, WireError> {
+        self.reader.u32().map_err(|_| self.wrong_size())
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], WireError> {
+        self.reader.array().map_err(|_| self.wrong_size())
+    }
+
+    /// Everything was read: a longer payload is the wrong size too.
+    fn end(&self) -> Result<(), WireError> {
+        if self.reader.remaining() == 0 { Ok(()) } else { Err(self.wrong_size()) }
+    }
+}
+
+fn decode_handshake(kind: MessageKind, payload: &[u8]) -> Result<Message<'_>, WireError> {
+    let message = match kind {
         MessageKind::Hello => {
-            size(24 + NONCE_BYTES, "56")?;
-            Message::Hello {
-                mirror_id: u64_at(payload, 0),
-                image_bytes: u64_at(payload, 8),
-                extent_bytes: u64_at(payload, 16),
-                nonce: array_at(payload, 24),
-            }
+            let mut f = Fields::new(kind, payload, "56");
+            let (mirror_id, image_bytes, extent_bytes) = (f.u64()?, f.u64()?, f.u64()?);
+            let message = Message::Hello { mirror_id, image_bytes, extent_bytes, nonce: f.array()? };
+            f.end()?;
+            message
         }
         MessageKind::Welcome => {
-            size(NONCE_BYTES + PROOF_BYTES, "64")?;
-            Message::Welcome { nonce: array_at(payload, 0), proof: array_at(payload, NONCE_BYTES) }
+            let mut f = Fields::new(kind, payload, "64");
+            let message = Message::Welcome { nonce: f.array()?, proof: f.array()? };
+            f.end()?;
+            message
         }
-        MessageKind::Proof => {
-            size(PROOF_BYTES, "32")?;
-            Message::Proof { proof: array_at(payload, 0) }
+        _ => {
+            let mut f = Fields::new(kind, payload, "32");
+            let message = Message::Proof { proof: f.array()? };
+            f.end()?;
+            message
         }
-        MessageKind::ExtentData => decode_extent_data(payload, limits)?,
-        MessageKind::BlockData => {
-            let Message::ExtentData { offset_bytes, data } =
-                decode_extent_data(payload, &limits.by_sector())?
-            else {
-                unreachable!("decode_extent_data decodes ExtentData")
-            };
-            Message::BlockData { offset_bytes, data }
-        }
+    };
+    Ok(message)
+}
+
+/// The payloads of a fixed layout that need no more than their fields and the limits.
+fn decode_fixed<'a>(kind: MessageKind, payload: &'a [u8], limits: &Limits) -> Result<Message<'a>, WireError> {
+    let expected = match kind {
+        MessageKind::Zeroes => "24",
+        MessageKind::Ack | MessageKind::VerifyRequest | MessageKind::ConsistencyPoint => "16",
+        MessageKind::MirrorDbCommit => "8",
+        _ => "0",
+    };
+    let mut f = Fields::new(kind, payload, expected);
+    let message = match kind {
         MessageKind::Zeroes => {
-            size(24, "24")?;
-            let (offset_bytes, len_bytes, flags) =
-                (u64_at(payload, 0), u64_at(payload, 8), u64_at(payload, 16));
+            let (offset_bytes, len_bytes, flags) = (f.u64()?, f.u64()?, f.u64()?);
             if flags > 1 {
                 return Err(WireError::Reserved);
             }
@@ -414,97 +513,89 @@ pub fn decode_payload<'a>(
             Message::Zeroes { offset_bytes, len_bytes, unmap: flags == 1 }
         }
         MessageKind::Ack => {
-            size(16, "16")?;
-            let (first, last) = (u64_at(payload, 0), u64_at(payload, 8));
+            let (first, last) = (f.u64()?, f.u64()?);
             if first > last {
                 return Err(WireError::AckRange { first, last });
             }
             Message::Ack { first_sequence: first, last_sequence: last }
         }
-        MessageKind::Keepalive => {
-            size(0, "0")?;
-            Message::Keepalive
-        }
-        MessageKind::Error => {
-            if payload.len() < 4 || payload.len() > 4 + ERROR_MESSAGE_BYTES_MAX {
-                return Err(WireError::PayloadSize {
-                    kind: header.kind,
-                    found: payload.len(),
-                    expected: "4..=1028",
-                });
-            }
-            let message = std::str::from_utf8(&payload[4..]).map_err(|_| WireError::ErrorText)?;
-            Message::Error { code: u32_at(payload, 0), message }
-        }
         MessageKind::VerifyRequest => {
-            size(VERIFY_FIXED_BYTES, "16")?;
-            let (first_extent, count) = (u64_at(payload, 0), u32_at(payload, 8));
+            let (first_extent, count, reserved) = (f.u64()?, f.u32()?, f.u32()?);
             check_verify_range(first_extent, count, limits)?;
-            if u32_at(payload, 12) != 0 {
+            if reserved != 0 {
                 return Err(WireError::Reserved);
             }
             Message::VerifyRequest { first_extent, count }
         }
-        MessageKind::DivergentRuns => {
-            let runs = payload.len() / 16;
-            if payload.is_empty() || !payload.len().is_multiple_of(16) || runs > DIVERGENT_RUNS_MAX {
-                return Err(WireError::PayloadSize {
-                    kind: header.kind,
-                    found: payload.len(),
-                    expected: "16..=4096, whole runs",
-                });
-            }
-            if payload.chunks_exact(16).any(|r| u64_at(r, 0) >= u64_at(r, 8)) {
-                return Err(WireError::PayloadSize {
-                    kind: header.kind,
-                    found: payload.len(),
-                    expected: "runs with first < end",
-                });
-            }
-            Message::DivergentRuns { runs: payload }
-        }
-        MessageKind::MirrorDb | MessageKind::MirrorDbPrepare => {
-            if payload.is_empty() || payload.len() > MIRROR_DB_BYTES_MAX {
-                return Err(WireError::PayloadSize {
-                    kind: header.kind,
-                    found: payload.len(),
-                    expected: "1..=65560",
-                });
-            }
-            if header.kind == MessageKind::MirrorDb {
-                Message::MirrorDb { envelope: payload }
-            } else {
-                Message::MirrorDbPrepare { envelope: payload }
-            }
-        }
-        MessageKind::MirrorDbCommit => {
-            size(8, "8")?;
-            Message::MirrorDbCommit { revision: u64_at(payload, 0) }
-        }
         MessageKind::ConsistencyPoint => {
-            size(16, "16")?;
-            Message::ConsistencyPoint { generation: u64_at(payload, 0), point_unix_ms: u64_at(payload, 8) }
+            Message::ConsistencyPoint { generation: f.u64()?, point_unix_ms: f.u64()? }
         }
-        MessageKind::VerifyHashes => {
-            if payload.len() < VERIFY_FIXED_BYTES {
-                return Err(WireError::PayloadSize {
-                    kind: header.kind,
-                    found: payload.len(),
-                    expected: ">= 16",
-                });
-            }
-            let (first_extent, count) = (u64_at(payload, 0), u32_at(payload, 8));
-            if u32_at(payload, 12) != 0 {
-                return Err(WireError::Reserved);
-            }
-            let hashes = &payload[VERIFY_FIXED_BYTES..];
-            if count > VERIFY_EXTENTS_MAX || hashes.len() != count as usize * VERIFY_HASH_BYTES || count == 0
-            {
-                return Err(WireError::VerifyRange { first_extent, count });
-            }
-            Message::VerifyHashes { first_extent, hashes }
+        MessageKind::MirrorDbCommit => Message::MirrorDbCommit { revision: f.u64()? },
+        MessageKind::Keepalive => Message::Keepalive,
+        other => unreachable!("{other:?} has a decoder of its own"),
+    };
+    f.end()?;
+    Ok(message)
+}
+
+fn decode_error(payload: &[u8]) -> Result<Message<'_>, WireError> {
+    let mut f = Fields::new(MessageKind::Error, payload, "4..=1028");
+    let code = f.u32()?;
+    let text = f.reader.rest();
+    if text.len() > ERROR_MESSAGE_BYTES_MAX {
+        return Err(WireError::PayloadSize {
+            kind: MessageKind::Error,
+            found: payload.len(),
+            expected: f.expected,
+        });
+    }
+    let code = ErrorCode::from_u32(code).ok_or(WireError::ErrorCode { found: code })?;
+    let message = std::str::from_utf8(text).map_err(|_| WireError::ErrorText)?;
+    Ok(Message::Error { code, message })
+}
+
+fn decode_divergent_runs(payload: &[u8]) -> Result<Message<'_>, WireError> {
+    let wrong = |expected| WireError::PayloadSize {
+        kind: MessageKind::DivergentRuns,
+        found: payload.len(),
+        expected,
+    };
+    let runs = payload.len() / 16;
+    if payload.is_empty() || !payload.len().is_multiple_of(16) || runs > DIVERGENT_RUNS_MAX {
+        return Err(wrong("16..=4096, whole runs"));
+    }
+    let mut reader = Reader::new(payload);
+    for _ in 0..runs {
+        let (first, end) = (reader.u64().expect("whole runs"), reader.u64().expect("whole runs"));
+        if first >= end {
+            return Err(wrong("runs with first < end"));
         }
+    }
+    Ok(Message::DivergentRuns { runs: payload })
+}
+
+fn decode_mirror_db(kind: MessageKind, payload: &[u8]) -> Result<Message<'_>, WireError> {
+    if payload.is_empty() || payload.len() > MIRROR_DB_BYTES_MAX {
+        return Err(WireError::PayloadSize { kind, found: payload.len(), expected: "1..=65560" });
+    }
+    Ok(if kind == MessageKind::MirrorDb {
+        Message::MirrorDb { envelope: payload }
+    } else {
+        Message::MirrorDbPrepare { envelope: payload }
     })
+}
+
+fn decode_verify_hashes(payload: &[u8]) -> Result<Message<'_>, WireError> {
+    let mut f = Fields::new(MessageKind::VerifyHashes, payload, ">= 16");
+    let (first_extent, count, reserved) = (f.u64()?, f.u32()?, f.u32()?);
+    if reserved != 0 {
+        return Err(WireError::Reserved);
+    }
+    let hashes = f.reader.rest();
+    if count == 0 || count > VERIFY_EXTENTS_MAX || hashes.len() != count as usize * VERIFY_HASH_BYTES {
+        return Err(WireError::VerifyRange { first_extent, count });
+    }
+    Ok(Message::VerifyHashes { first_extent, hashes })
 }
 
 /// A verify range is 1..=VERIFY_EXTENTS_MAX extents inside the image.
@@ -545,8 +636,9 @@ fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<
             expected: "> 8",
         });
     }
-    let offset_bytes = u64_at(payload, 0);
-    let data = &payload[8..];
+    let mut reader = Reader::new(payload);
+    let offset_bytes = reader.u64().expect("more than 8 bytes");
+    let data = reader.rest();
     let len_bytes = data.len() as u64;
     let end = offset_bytes.checked_add(len_bytes);
     if end.is_none_or(|end| end > limits.image_bytes) {
@@ -628,7 +720,7 @@ pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
         Message::Keepalive => [&[], &[]],
         Message::Error { code, message } => {
             let message = truncate_utf8(message, ERROR_MESSAGE_BYTES_MAX);
-            fixed[..4].copy_from_slice(&code.to_le_bytes());
+            fixed[..4].copy_from_slice(&(*code as u32).to_le_bytes());
             [&fixed[..4], message.as_bytes()]
         }
         Message::VerifyRequest { first_extent, count } => {
@@ -732,7 +824,10 @@ mod tests {
             },
             13 => Message::MirrorDbPrepare { envelope: &data[..(n % 1000 + 1) as usize] },
             14 => Message::MirrorDbCommit { revision: n },
-            _ => Message::Error { code: n as u32, message: text },
+            _ => Message::Error {
+                code: ErrorCode::from_u32((n % 8 + 1) as u32).expect("1..=8"),
+                message: text,
+            },
         }
     }
 
@@ -758,6 +853,20 @@ mod tests {
             prop_assert!(decode(&frame).is_err());
         }
 
+        /// Any kind with any payload, behind a sound header with the right checksum, reaches
+        /// its payload decoder: an error or a message, never a panic.
+        #[test]
+        fn sealed_garbage_reaches_every_decoder_and_never_panics(
+            kind in 1u16..=16,
+            payload in proptest::collection::vec(any::<u8>(), 0..300),
+            sequence in any::<u64>(),
+        ) {
+            let kind = MessageKind::from_u16(kind).expect("every kind from 1 to 16");
+            let mut frame = encode_header(kind, sequence, &[&payload]).to_vec();
+            frame.extend_from_slice(&payload);
+            let _ = decode(&frame);
+        }
+
         /// Arbitrary bytes: an error or a message, never a panic.
         #[test]
         fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), HEADER_BYTES..200), fix_magic in any::<bool>()) {
@@ -768,6 +877,18 @@ mod tests {
             }
             let _ = decode(&bytes);
         }
+    }
+
+    /// An `Error` frame carries one of the known codes; any other is malformed.
+    #[test]
+    fn error_codes_are_known_or_refused() {
+        let mut frame = Vec::new();
+        encode(&Message::Error { code: ErrorCode::SplitBrain, message: "apart" }, 3, &mut frame);
+        assert_eq!(decode(&frame), Ok((3, Message::Error { code: ErrorCode::SplitBrain, message: "apart" })));
+        let payload = [9u8, 0, 0, 0];
+        let mut unknown = encode_header(MessageKind::Error, 3, &[&payload]).to_vec();
+        unknown.extend_from_slice(&payload);
+        assert_eq!(decode(&unknown), Err(WireError::ErrorCode { found: 9 }));
     }
 
     #[test]

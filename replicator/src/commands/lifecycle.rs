@@ -109,11 +109,11 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
             recovery_policy: RecoveryPolicy::Automatic,
         }],
     };
-    crate::logs::create_state_dir(&args.state_dir)
+    crate::envelope::create_state_dir(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     db.store(&args.state_dir)?;
     // A name this directory kept from a mirror it followed before is not this image's.
-    crate::logs::remove_file(&args.state_dir, crate::failback::IMAGE_NAME_FILE)?;
+    crate::envelope::remove_file(&args.state_dir, crate::failback::IMAGE_NAME_FILE)?;
     println!(
         "created mirror {} (id {:#018x}) with primary image {} on {} ({} bytes); start it with\n  \
          replicator primary --state-dir {} --key-file KEY\nthen add secondaries with `replicator add-secondary`",
@@ -155,8 +155,8 @@ pub fn destroy(state_dir: &std::path::Path) -> anyhow::Result<()> {
             crate::tracker::unpin(&std::path::Path::new(crate::tracker::BPFFS_ROOT).join(name))?;
         }
     }
-    crate::logs::remove_file(state_dir, crate::mirror::DB_FILE)?;
-    crate::logs::remove_file(state_dir, crate::failback::IMAGE_NAME_FILE)?;
+    crate::envelope::remove_file(state_dir, crate::mirror::DB_FILE)?;
+    crate::envelope::remove_file(state_dir, crate::failback::IMAGE_NAME_FILE)?;
     println!("destroyed mirror {} (id {:#018x})", db.name, db.id);
     Ok(())
 }
@@ -279,16 +279,18 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
             &header(LogKind::Fracture, flags, crate::logs::secondary_id(&image.name)),
             &empty,
         );
-        crate::logs::replace_file(state_dir, &crate::logs::fracture_log_file(&image.name), &bytes)?;
+        crate::envelope::replace_file(state_dir, &crate::logs::fracture_log_file(&image.name), &bytes)?;
     }
     let bytes = crate::logs::encode(&header(LogKind::Intent, 0, 0), &empty);
-    crate::logs::replace_file(state_dir, crate::logs::INTENT_LOG_FILE, &bytes)?;
+    crate::envelope::replace_file(state_dir, crate::logs::INTENT_LOG_FILE, &bytes)?;
     // Track from this moment: the tracker stays pinned until the primary takes it over.
     let options =
         crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes.get(), ..Default::default() };
     drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
     new.store(state_dir)?;
-    crate::logs::replace_file(state_dir, crate::failback::IMAGE_NAME_FILE, name.as_bytes())?;
+    let kind = &crate::failback::IMAGE_NAME_KIND;
+    crate::failback::store_name(state_dir, crate::failback::IMAGE_NAME_FILE, kind, &name)
+        .map_err(anyhow::Error::msg)?;
     println!(
         "{name} is now the primary of mirror {} at generation {} (was {old_primary}); writes to {} are tracked \
          from now on.\nStart it:  replicator primary --state-dir {} --key-file KEY\nBring {old_primary} back as a \
@@ -318,7 +320,9 @@ pub fn resolve(state_dir: &std::path::Path, keep: &str) -> anyhow::Result<()> {
         db.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
     );
     ensure_primary_stopped(state_dir, &db.name)?;
-    crate::logs::replace_file(state_dir, crate::failback::RESOLVED_FILE, keep.as_bytes())?;
+    let kind = &crate::failback::RESOLVED_KIND;
+    crate::failback::store_name(state_dir, crate::failback::RESOLVED_FILE, kind, keep)
+        .map_err(anyhow::Error::msg)?;
     println!(
         "resolved in favour of {keep}: start this member as a secondary (and {keep} as the primary); the extents \
          written on either side since the split are copied over from {keep} (nothing else)"

@@ -255,9 +255,13 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
             db.primary().ok_or_else(|| anyhow::anyhow!("mirror {:?} has no primary image", db.name))?;
         // A secondary's state directory holds the mirror database too (with the primary's
         // device path): `primary` there would full-sync this image over every secondary.
-        let here = std::fs::read_to_string(state_dir.join(crate::failback::IMAGE_NAME_FILE)).ok();
-        let secondary_here =
-            here.as_deref().map(str::trim).filter(|here| db.secondaries().any(|i| i.name == *here));
+        let here = crate::failback::load_name(
+            &state_dir,
+            crate::failback::IMAGE_NAME_FILE,
+            &crate::failback::IMAGE_NAME_KIND,
+        )
+        .map_err(anyhow::Error::msg)?;
+        let secondary_here = here.as_deref().filter(|here| db.secondaries().any(|i| i.name == *here));
         if let Some(here) = secondary_here {
             anyhow::bail!(
                 "{}: this is secondary {here} of mirror {:?}, whose primary is {}; run `replicator secondary` \

@@ -513,7 +513,7 @@ impl Engine {
         peer.log.flags = 0;
         peer.log.verify = None;
         peer.metrics.connected.set(0);
-        if let Err(error) = logs::remove_file(&self.config.state_dir, &peer.log.file_name) {
+        if let Err(error) = crate::envelope::remove_file(&self.config.state_dir, &peer.log.file_name) {
             tracing::warn!(secondary = %peer.name, %error, "removing its fracture log failed");
         }
         tracing::info!(secondary = %peer.name, "secondary removed");

@@ -319,7 +319,7 @@ impl Engine {
         metrics: Arc<PrimaryMetrics>,
     ) -> Result<Self, ShipperError> {
         validate(&config)?;
-        logs::create_state_dir(&config.state_dir)
+        crate::envelope::create_state_dir(&config.state_dir)
             .map_err(io_error(format!("creating {}", config.state_dir.display())))?;
         // First, so that a second primary on the same state directory stops here.
         let (control_server, control) = control::serve(&config.state_dir)?;
@@ -1719,7 +1719,7 @@ impl Engine {
                 ..LogHeader::new(&identity, generation)
             };
             let bytes = logs::encode(&header, &dirty);
-            match logs::replace_file(&self.config.state_dir, &peer.log.file_name, &bytes) {
+            match crate::envelope::replace_file(&self.config.state_dir, &peer.log.file_name, &bytes) {
                 Ok(()) => peer.log.persisted = Some((peer.log.flags, verify_next_extent, dirty.clone())),
                 Err(error) => {
                     tracing::error!(secondary = %peer.name, %error, "persisting the fracture log failed; its extents stay in the intent log");
@@ -1772,7 +1772,7 @@ impl Engine {
                 ..LogHeader::new(&identity, self.generation())
             };
             let bytes = logs::encode(&header, &intent);
-            match logs::replace_file(&self.config.state_dir, logs::INTENT_LOG_FILE, &bytes) {
+            match crate::envelope::replace_file(&self.config.state_dir, logs::INTENT_LOG_FILE, &bytes) {
                 Ok(()) => self.persisted_intent = Some(intent.clone()),
                 Err(error) => {
                     tracing::error!(%error, "persisting the write-intent log failed");
