@@ -68,18 +68,19 @@ fn status_table(lab: &Lab) -> String {
 }
 
 /// Every field of `status --json` (the top level, the mirror, its images, the secondaries) is
-/// named in the README's schema paragraph: the schema is stable, so it is written down.
+/// named in the schema paragraph of the operator's guide: the schema is stable, so it is
+/// written down.
 fn every_status_field_is_documented(lab: &Lab) {
-    let readme =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md")).expect("README.md");
-    let start = readme.find("**`status --json`**").expect("the schema paragraph");
-    let schema = &readme[start..start + readme[start..].find("\n\n").expect("its end")];
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operating.md"))
+        .expect("docs/operating.md");
+    let start = guide.find("**`status --json`**").expect("the schema paragraph");
+    let schema = &guide[start..start + guide[start..].find("\n\n").expect("its end")];
     let status: serde_json::Value = serde_json::from_str(&ok(lab, &["status"])).expect("JSON");
     let objects = [&status, &status["mirror"], &status["mirror"]["images"][0], &status["secondaries"][0]];
     for object in objects {
         for key in object.as_object().expect("an object").keys() {
             let named = schema.contains(&format!("`{key}`")) || schema.contains(&format!("`{key}[]`"));
-            assert!(named, "status --json field {key:?} is not in the README's schema");
+            assert!(named, "status --json field {key:?} is not in docs/operating.md's schema");
         }
     }
 }
