@@ -155,6 +155,73 @@ pub fn remove_file(dir: &Path, name: &str) -> Result<(), FileError> {
     }
 }
 
+/// Where a member's state files live: the state directory, or memory in tests. The narrow
+/// interface through which the logs are written lets the checkpoint rules run without a disk,
+/// and lets tests fail a write on purpose.
+pub trait StateFiles {
+    /// How `name` is named in messages.
+    fn path(&self, name: &str) -> PathBuf;
+    /// Replaces `name` with `bytes` atomically and durably.
+    fn replace(&mut self, name: &str, bytes: &[u8]) -> Result<(), FileError>;
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, FileError>;
+    fn remove(&mut self, name: &str) -> Result<(), FileError>;
+}
+
+/// The state directory on disk.
+#[derive(Clone, Debug)]
+pub struct StateDir(pub PathBuf);
+
+impl StateFiles for StateDir {
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+
+    fn replace(&mut self, name: &str, bytes: &[u8]) -> Result<(), FileError> {
+        replace_file(&self.0, name, bytes)
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, FileError> {
+        read_file(&self.0, name)
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), FileError> {
+        remove_file(&self.0, name)
+    }
+}
+
+/// State files in memory, for tests: `failing` makes every write fail, as a full disk would.
+#[cfg(test)]
+#[derive(Clone, Debug, Default)]
+pub struct MemoryFiles {
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
+    pub failing: bool,
+}
+
+#[cfg(test)]
+impl StateFiles for MemoryFiles {
+    fn path(&self, name: &str) -> PathBuf {
+        PathBuf::from(name)
+    }
+
+    fn replace(&mut self, name: &str, bytes: &[u8]) -> Result<(), FileError> {
+        if self.failing {
+            let source = std::io::Error::from_raw_os_error(libc::ENOSPC);
+            return Err(FileError::Io { path: PathBuf::from(name), source });
+        }
+        self.files.insert(name.to_owned(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn read(&self, name: &str) -> Result<Option<Vec<u8>>, FileError> {
+        Ok(self.files.get(name).cloned())
+    }
+
+    fn remove(&mut self, name: &str) -> Result<(), FileError> {
+        self.files.remove(name);
+        Ok(())
+    }
+}
+
 /// Creates the state directory (and its parents) durably: each directory made is fsynced
 /// into its parent, so a power loss right after the first run cannot take away the directory
 /// and the files written in it.

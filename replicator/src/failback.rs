@@ -26,22 +26,40 @@ pub const RESOLVED_FILE: &str = "resolved-keep";
 pub const IMAGE_NAME_FILE: &str = "image-name";
 
 /// The two name files: a name (`model::check_name`) in the common envelope.
-pub const IMAGE_NAME_KIND: envelope::Kind = name_kind(*b"RPLNAME\0");
-pub const RESOLVED_KIND: envelope::Kind = name_kind(*b"RPLKEEP\0");
+const IMAGE_NAME_KIND: envelope::Kind = name_kind(*b"RPLNAME\0");
+const RESOLVED_KIND: envelope::Kind = name_kind(*b"RPLKEEP\0");
+
+/// This member's image name, as the primary's database knows it, if it has heard it.
+pub fn image_name(state_dir: &Path) -> Result<Option<String>, String> {
+    load_name(state_dir, IMAGE_NAME_FILE, &IMAGE_NAME_KIND)
+}
+
+pub fn store_image_name(state_dir: &Path, name: &str) -> Result<(), String> {
+    store_name(state_dir, IMAGE_NAME_FILE, &IMAGE_NAME_KIND, name)
+}
+
+/// The image `resolve --keep` named here, if any.
+pub fn resolved_keep(state_dir: &Path) -> Result<Option<String>, String> {
+    load_name(state_dir, RESOLVED_FILE, &RESOLVED_KIND)
+}
+
+pub fn store_resolved_keep(state_dir: &Path, name: &str) -> Result<(), String> {
+    store_name(state_dir, RESOLVED_FILE, &RESOLVED_KIND, name)
+}
 
 const fn name_kind(magic: [u8; 8]) -> envelope::Kind {
     envelope::Kind { magic, version: 1, oldest_version: 1, body_bytes_max: crate::model::NAME_BYTES_MAX }
 }
 
 /// Stores `name` in `file` (`IMAGE_NAME_FILE` or `RESOLVED_FILE`, with its kind) durably.
-pub fn store_name(state_dir: &Path, file: &str, kind: &envelope::Kind, name: &str) -> Result<(), String> {
+fn store_name(state_dir: &Path, file: &str, kind: &envelope::Kind, name: &str) -> Result<(), String> {
     crate::model::check_name(crate::model::NameOf::Image, name).map_err(|e| e.to_string())?;
     envelope::replace_file(state_dir, file, &envelope::seal(kind, name.as_bytes())).map_err(|e| e.to_string())
 }
 
 /// The name in `file`, if there is one. A file without the envelope (written before it) is
 /// read as the plain name it held.
-pub fn load_name(state_dir: &Path, file: &str, kind: &envelope::Kind) -> Result<Option<String>, String> {
+fn load_name(state_dir: &Path, file: &str, kind: &envelope::Kind) -> Result<Option<String>, String> {
     let Some(bytes) = envelope::read_file(state_dir, file).map_err(|e| e.to_string())? else {
         return Ok(None);
     };
@@ -130,7 +148,7 @@ fn divergent_from(
     }
     let incoming_primary = db.primary().map_or("?", |p| p.name.as_str());
     let own_primary = own.primary().map_or("?", |p| p.name.as_str());
-    let resolved = load_name(state_dir, RESOLVED_FILE, &RESOLVED_KIND).map_err(Refusal::State)?;
+    let resolved = resolved_keep(state_dir).map_err(Refusal::State)?;
     // `resolve --keep` named the incoming primary here: its database wins even when older
     // (the old primary kept against the promoted side).
     let kept = resolved.as_deref() == Some(incoming_primary);
@@ -145,7 +163,7 @@ fn divergent_from(
     // mirror) and has not followed anyone since. A former primary that follows a new one
     // keeps its logs until it is SYNCHRONIZED, but a third primary at the new primary's
     // generation is refused like on any secondary.
-    let own_name = load_name(state_dir, IMAGE_NAME_FILE, &IMAGE_NAME_KIND).map_err(Refusal::State)?;
+    let own_name = image_name(state_dir).map_err(Refusal::State)?;
     let primary_in_own_db = was_primary_here && own_name.as_deref().is_none_or(|name| name == own_primary);
     if db.generation == own.generation && own_primary != incoming_primary && !primary_in_own_db {
         return Err(Refusal::Refused(format!(

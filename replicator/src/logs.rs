@@ -308,8 +308,17 @@ pub type Loaded = (LogHeader, BitVec<u64, Lsb0>);
 /// Loads `dir/name`: `Ok(None)` when there is no such file, an error when it is damaged or
 /// belongs to another mirror, secondary or geometry.
 pub fn load(dir: &Path, name: &str, identity: &LogIdentity) -> Result<Option<Loaded>, LogError> {
-    let path = dir.join(name);
-    let Some(bytes) = envelope::read_file(dir, name)? else { return Ok(None) };
+    load_from(&envelope::StateDir(dir.to_path_buf()), name, identity)
+}
+
+/// As [`load`], from any state files.
+pub fn load_from(
+    files: &impl envelope::StateFiles,
+    name: &str,
+    identity: &LogIdentity,
+) -> Result<Option<Loaded>, LogError> {
+    let path = files.path(name);
+    let Some(bytes) = files.read(name)? else { return Ok(None) };
     let (header, bits) = decode(&bytes).map_err(|reason| LogError::Damaged { path: path.clone(), reason })?;
     let checks = [
         ("log kind", header.kind as u64, identity.kind as u64),
@@ -387,10 +396,6 @@ impl IntentQuiet {
         self.recent[self.head].fill(false);
     }
 }
-
-#[cfg(test)]
-#[path = "logs_model.rs"]
-mod model;
 
 #[cfg(test)]
 mod tests {

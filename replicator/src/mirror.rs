@@ -55,7 +55,8 @@ pub struct ImageRecord {
     pub state: ImageState,
     /// False while the primary cannot reach it: it gets the current database when it returns.
     pub reachable: bool,
-    /// The seed's "cookie": the mirror generation this image last took part in.
+    /// The mirror generation this image last took part in (a secondary whose generation is
+    /// behind the mirror's missed a promote, and may hold writes nobody else has).
     pub generation: u64,
     pub sync_rate_bytes_per_s: u64,
     pub resync_bytes_done: u64,

@@ -167,10 +167,10 @@ pub enum NameOf {
 impl std::fmt::Display for NameOf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            Self::Mirror => "a mirror's name",
-            Self::Image => "an image's name",
-            Self::Secondary => "a secondary's name",
-            Self::Tracker => "a tracker's name",
+            Self::Mirror => "a mirror name",
+            Self::Image => "an image name",
+            Self::Secondary => "a secondary name",
+            Self::Tracker => "a tracker name",
         })
     }
 }
@@ -216,7 +216,7 @@ mod tests {
         assert!(check_name(NameOf::Secondary, &"a".repeat(NAME_BYTES_MAX)).is_ok());
         for bad in ["", "../etc", "a.b", "a b", "é", &"a".repeat(NAME_BYTES_MAX + 1)] {
             let error = check_name(NameOf::Mirror, bad).expect_err(bad);
-            assert!(error.to_string().contains("a mirror's name"), "{error}");
+            assert!(error.to_string().contains("a mirror name"), "{error}");
         }
     }
 

@@ -1,6 +1,7 @@
 //! `replicator create` and `replicator destroy`: a mirror's database comes into being on its
-//! primary's host before anything runs, and goes when nothing of it is left (seed 0108: only
-//! without secondaries).
+//! primary's host before anything runs, and goes when nothing of it is left (a mirror is
+//! destroyed only once it has no secondaries: removing them first is what keeps each one's
+//! image and state accounted for).
 
 use std::path::PathBuf;
 
@@ -13,7 +14,7 @@ use crate::model::{
     ActivationPolicy, ExtentBytes, ImageState, MirrorState, NameOf, RecoveryPolicy, SECONDARIES_MAX,
     WritePolicy, check_name,
 };
-use crate::shipper::ShipperConfig;
+use crate::primary::PrimaryConfig;
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
@@ -54,6 +55,15 @@ pub struct CreateArgs {
     pub sync_priority: u8,
 }
 
+/// This host's short name, if it is a valid image name; else "primary".
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .and_then(|h| h.trim().split('.').next().map(str::to_owned))
+        .filter(|h| check_name(NameOf::Image, h).is_ok())
+        .unwrap_or_else(|| "primary".into())
+}
+
 pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     check_name(NameOf::Mirror, &args.name)?;
     if let Some(db) = MirrorDb::load(&args.state_dir)? {
@@ -71,14 +81,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
     );
     let device = BlockDevice::resolve(&args.device)?;
     let image_bytes = device.size_bytes();
-    let image_name = match &args.image_name {
-        Some(name) => name.clone(),
-        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .ok()
-            .and_then(|h| h.trim().split('.').next().map(str::to_owned))
-            .filter(|h| check_name(NameOf::Image, h).is_ok())
-            .unwrap_or_else(|| "primary".into()),
-    };
+    let image_name = args.image_name.clone().unwrap_or_else(host_name);
     check_name(NameOf::Image, &image_name)?;
     let db = MirrorDb {
         name: args.name.clone(),
@@ -104,7 +107,7 @@ pub fn create(args: &CreateArgs) -> anyhow::Result<()> {
             state: ImageState::Synchronized,
             reachable: true,
             generation: 1,
-            sync_rate_bytes_per_s: ShipperConfig::SYNC_RATE_BYTES_PER_S_DEFAULT,
+            sync_rate_bytes_per_s: PrimaryConfig::SYNC_RATE_BYTES_PER_S_DEFAULT,
             resync_bytes_done: 0,
             recovery_policy: RecoveryPolicy::Automatic,
         }],
@@ -200,16 +203,43 @@ pub struct PromoteArgs {
 /// `promote`, on a secondary whose primary is gone: it becomes the primary with a new
 /// generation, and its tracker starts marking at once.
 pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt as _;
     let state_dir = &args.state_dir;
     let db = MirrorDb::load(state_dir)?.ok_or_else(|| {
         anyhow::anyhow!("{}: no mirror database: this member never heard from a primary", state_dir.display())
     })?;
+    let name = promotable(args, &db)?;
+    let old_primary = db.primary().map(|p| p.name.clone()).unwrap_or_default();
+    let new = promoted(&db, &name, args);
+    write_primary_logs(state_dir, &new)?;
+    // Track from this moment: the tracker stays pinned until the primary takes it over.
+    let options =
+        crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes.get(), ..Default::default() };
+    drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
+    new.store(state_dir)?;
+    crate::failback::store_image_name(state_dir, &name).map_err(anyhow::Error::msg)?;
+    println!(
+        "{name} is now the primary of mirror {} at generation {} (was {old_primary}); writes to {} are tracked \
+         from now on.\nStart it:  replicator primary --state-dir {} --key-file KEY\nBring {old_primary} back as a \
+         secondary listening on {}; it gets only what differs.",
+        new.name,
+        new.generation,
+        args.device.display(),
+        state_dir.display(),
+        args.old_primary_address
+    );
+    Ok(())
+}
+
+/// This member's image name, once it is known that it may be promoted: a secondary of the
+/// mirror whose image is a copy of the primary at some point in time, on a device of the
+/// mirror's size that nothing holds open.
+fn promotable(args: &PromoteArgs, db: &MirrorDb) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt as _;
     let name = match &args.image {
         Some(name) => name.clone(),
-        None => std::fs::read_to_string(state_dir.join(crate::failback::IMAGE_NAME_FILE))
-            .map(|n| n.trim().to_owned())
-            .map_err(|_| anyhow::anyhow!("which image is this? give --image NAME"))?,
+        None => crate::failback::image_name(&args.state_dir)
+            .map_err(anyhow::Error::msg)?
+            .ok_or_else(|| anyhow::anyhow!("which image is this? give --image NAME"))?,
     };
     let record = db
         .secondaries()
@@ -232,6 +262,12 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
         device.size_bytes(),
         db.image_bytes
     );
+    Ok(name)
+}
+
+/// The database with image `name` the primary at the next generation, the old primary a
+/// secondary at `old_primary_address`, every secondary UNSYNCHRONIZED until it returns.
+fn promoted(db: &MirrorDb, name: &str, args: &PromoteArgs) -> MirrorDb {
     let old_primary = db.primary().map(|p| p.name.clone()).unwrap_or_default();
     let mut new = db.clone();
     new.generation += 1;
@@ -255,52 +291,36 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
             image.state = ImageState::Unsynchronized;
         }
     }
-    // Logs of a primary: the old primary lacks what is written from now on (tracked from
-    // here), and may hold writes of its own that nothing here knows of (those after its last
-    // intent-log checkpoint, if its host went down: no pinned tracker survives a reboot), so
-    // it is verified too when it returns, besides the extents it hands back; the other
-    // secondaries followed the old primary, so they are verified.
-    let extents = db.extent_bytes.extents_of(db.image_bytes) as usize;
+    new
+}
+
+/// Logs of a primary: the old primary lacks what is written from now on (tracked from here),
+/// and may hold writes of its own that nothing here knows of (those after its last intent-log
+/// checkpoint, if its host went down: no pinned tracker survives a reboot), so it is verified
+/// too when it returns, besides the extents it hands back; the other secondaries followed the
+/// old primary, so they are verified.
+fn write_primary_logs(state_dir: &std::path::Path, new: &MirrorDb) -> anyhow::Result<()> {
+    use crate::logs::{FLAG_FRACTURED, FLAG_VERIFY, LogHeader, LogIdentity, LogKind};
+    let extents = new.extent_bytes.extents_of(new.image_bytes) as usize;
     let empty = bitvec::bitvec![u64, bitvec::order::Lsb0; 0; extents];
     let header = |kind, flags, secondary_id| {
-        let identity = crate::logs::LogIdentity {
+        let identity = LogIdentity {
             kind,
-            mirror_id: db.id,
+            mirror_id: new.id,
             secondary_id,
-            extent_bytes: db.extent_bytes,
-            image_bytes: db.image_bytes,
+            extent_bytes: new.extent_bytes,
+            image_bytes: new.image_bytes,
         };
-        crate::logs::LogHeader { flags, ..crate::logs::LogHeader::new(&identity, new.generation) }
+        LogHeader { flags, ..LogHeader::new(&identity, new.generation) }
     };
-    use crate::logs::{FLAG_FRACTURED, FLAG_VERIFY, LogKind};
     for image in new.secondaries() {
-        let flags = FLAG_FRACTURED | FLAG_VERIFY;
-        let bytes = crate::logs::encode(
-            &header(LogKind::Fracture, flags, crate::logs::secondary_id(&image.name)),
-            &empty,
-        );
-        crate::envelope::replace_file(state_dir, &crate::logs::fracture_log_file(&image.name), &bytes)?;
+        let header =
+            header(LogKind::Fracture, FLAG_FRACTURED | FLAG_VERIFY, crate::logs::secondary_id(&image.name));
+        let file = crate::logs::fracture_log_file(&image.name);
+        crate::envelope::replace_file(state_dir, &file, &crate::logs::encode(&header, &empty))?;
     }
     let bytes = crate::logs::encode(&header(LogKind::Intent, 0, 0), &empty);
     crate::envelope::replace_file(state_dir, crate::logs::INTENT_LOG_FILE, &bytes)?;
-    // Track from this moment: the tracker stays pinned until the primary takes it over.
-    let options =
-        crate::tracker::TrackerOptions { extent_bytes: db.extent_bytes.get(), ..Default::default() };
-    drop(crate::tracker::Tracker::attach_with(&args.device, &options)?);
-    new.store(state_dir)?;
-    let kind = &crate::failback::IMAGE_NAME_KIND;
-    crate::failback::store_name(state_dir, crate::failback::IMAGE_NAME_FILE, kind, &name)
-        .map_err(anyhow::Error::msg)?;
-    println!(
-        "{name} is now the primary of mirror {} at generation {} (was {old_primary}); writes to {} are tracked \
-         from now on.\nStart it:  replicator primary --state-dir {} --key-file KEY\nBring {old_primary} back as a \
-         secondary listening on {}; it gets only what differs.",
-        new.name,
-        new.generation,
-        args.device.display(),
-        state_dir.display(),
-        args.old_primary_address
-    );
     Ok(())
 }
 
@@ -320,9 +340,7 @@ pub fn resolve(state_dir: &std::path::Path, keep: &str) -> anyhow::Result<()> {
         db.images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>().join(", ")
     );
     ensure_primary_stopped(state_dir, &db.name)?;
-    let kind = &crate::failback::RESOLVED_KIND;
-    crate::failback::store_name(state_dir, crate::failback::RESOLVED_FILE, kind, keep)
-        .map_err(anyhow::Error::msg)?;
+    crate::failback::store_resolved_keep(state_dir, keep).map_err(anyhow::Error::msg)?;
     println!(
         "resolved in favour of {keep}: start this member as a secondary (and {keep} as the primary); the extents \
          written on either side since the split are copied over from {keep} (nothing else)"

@@ -18,8 +18,8 @@ use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::mirror::MirrorDb;
 use crate::model::{ExtentBytes, NameOf, RecoveryPolicy, WritePolicy, check_name};
 use crate::pool::PollSetting;
+use crate::primary::{Engine, PrimaryConfig};
 use crate::secondary::{self, SecondaryConfig};
-use crate::shipper::{Engine, ShipperConfig};
 
 /// A size from the config file: a number of bytes or a string such as "64KiB".
 fn size<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<u64>, D::Error> {
@@ -209,21 +209,131 @@ pub struct SecondaryArgs {
     pub tcp_congestion: Option<String>,
 }
 
+impl PrimaryArgs {
+    /// These settings, with `file`'s where none was given.
+    fn over(self, file: Self) -> Self {
+        Self {
+            config: self.config,
+            device: self.device.or(file.device),
+            secondaries: if self.secondaries.is_empty() { file.secondaries } else { self.secondaries },
+            key_file: self.key_file.or(file.key_file),
+            state_dir: self.state_dir.or(file.state_dir),
+            extent_size: self.extent_size.or(file.extent_size),
+            mirror_id: self.mirror_id.or(file.mirror_id),
+            backlog: self.backlog.or(file.backlog),
+            timeout_ms: self.timeout_ms.or(file.timeout_ms),
+            skip_initial_sync: self.skip_initial_sync || file.skip_initial_sync,
+            no_zero_copy: self.no_zero_copy || file.no_zero_copy,
+            sync_rate: self.sync_rate.or(file.sync_rate),
+            recovery_policy: self.recovery_policy.or(file.recovery_policy),
+            checkpoint_ms: self.checkpoint_ms.or(file.checkpoint_ms),
+            retry_max_ms: self.retry_max_ms.or(file.retry_max_ms),
+            metrics: self.metrics.or(file.metrics),
+            export: self.export.or(file.export),
+            write_policy: self.write_policy.or(file.write_policy),
+            minimum_images: self.minimum_images.or(file.minimum_images),
+            poll_us: self.poll_us.or(file.poll_us),
+            tcp_congestion: self.tcp_congestion.or(file.tcp_congestion),
+        }
+    }
+}
+
+/// What the mirror is: from its database, or from the command line.
+struct Mirror {
+    device: Option<PathBuf>,
+    secondaries: Vec<(String, SocketAddr)>,
+    mirror_id: Option<u64>,
+    extent_size: Option<ExtentBytes>,
+    backlog: Option<u64>,
+}
+
 /// Runs `replicator primary` with command-line `cli` merged over its config file.
 pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
     let file: PrimaryArgs = read_config(cli.config.as_deref())?;
-    let state_dir = required(cli.state_dir.or(file.state_dir), "state-dir")?;
-    let mirror = MirrorDb::load(&state_dir)?;
-    let secondaries = if cli.secondaries.is_empty() { file.secondaries } else { cli.secondaries };
-    let mut device = cli.device.or(file.device);
-    let mut mirror_id = cli.mirror_id.or(file.mirror_id);
-    let mut extent_size = cli.extent_size.or(file.extent_size);
-    let mut backlog = cli.backlog.or(file.backlog);
-    let write_policy = cli.write_policy.or(file.write_policy);
-    let minimum_images = cli.minimum_images.or(file.minimum_images);
-    let export = cli
+    let args = cli.over(file);
+    let state_dir = required(args.state_dir.clone(), "state-dir")?;
+    let db = MirrorDb::load(&state_dir)?;
+    let mirror = match &db {
+        Some(db) => from_database(db, &state_dir, &args)?,
+        None => from_arguments(&args)?,
+    };
+    let key_file = required(args.key_file.clone(), "key-file")?;
+    let metrics = args.metrics;
+    let config = primary_config(args, state_dir, db, mirror)?;
+    primary(config, &key_file, metrics, stop)
+}
+
+/// A mirror given on the command line: at least one secondary.
+fn from_arguments(args: &PrimaryArgs) -> anyhow::Result<Mirror> {
+    let secondaries = args
+        .secondaries
+        .iter()
+        .map(|s| parse_secondary(s).map_err(|e| anyhow::anyhow!("--secondary {e}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    anyhow::ensure!(
+        !secondaries.is_empty(),
+        "--secondary NAME=ADDR:PORT is required, at least once (or make a mirror with `replicator create`)"
+    );
+    Ok(Mirror {
+        device: args.device.clone(),
+        secondaries,
+        mirror_id: args.mirror_id,
+        extent_size: args.extent_size,
+        backlog: args.backlog,
+    })
+}
+
+/// A mirror made with `create`: its database says what it is, and the options that would
+/// contradict it are refused, as is a secondary's state directory.
+fn from_database(db: &MirrorDb, state_dir: &Path, args: &PrimaryArgs) -> anyhow::Result<Mirror> {
+    anyhow::ensure!(
+        args.device.is_none()
+            && args.secondaries.is_empty()
+            && args.mirror_id.is_none()
+            && args.extent_size.is_none(),
+        "{}: mirror {:?} is defined by its database there (device, secondaries, mirror id, extent size); \
+         drop those options, and change the mirror with `replicator add-secondary`, `remove-secondary` or `set`",
+        state_dir.display(),
+        db.name
+    );
+    anyhow::ensure!(
+        args.write_policy.is_none() && args.minimum_images.is_none(),
+        "{}: mirror {:?} keeps its write policy and minimum images in its database; \
+         change them with `replicator set write-policy=...` or `set minimum-images=...`",
+        state_dir.display(),
+        db.name
+    );
+    let primary = db.primary().ok_or_else(|| anyhow::anyhow!("mirror {:?} has no primary image", db.name))?;
+    // A secondary's state directory holds the mirror database too (with the primary's
+    // device path): `primary` there would full-sync this image over every secondary.
+    let here = crate::failback::image_name(state_dir).map_err(anyhow::Error::msg)?;
+    if let Some(here) = here.as_deref().filter(|here| db.secondaries().any(|i| i.name == *here)) {
+        anyhow::bail!(
+            "{}: this is secondary {here} of mirror {:?}, whose primary is {}; run `replicator secondary` \
+             here, or `replicator promote` to make this image the primary",
+            state_dir.display(),
+            db.name,
+            primary.name
+        );
+    }
+    Ok(Mirror {
+        device: primary.device.as_ref().map(PathBuf::from),
+        secondaries: db.secondaries().filter_map(|i| i.address.map(|addr| (i.name.clone(), addr))).collect(),
+        mirror_id: Some(db.id),
+        extent_size: Some(db.extent_bytes),
+        backlog: args.backlog.or(Some(db.write_backlog_bytes)),
+    })
+}
+
+/// The engine's configuration: the mirror, the settings given, and the defaults.
+fn primary_config(
+    args: PrimaryArgs,
+    state_dir: PathBuf,
+    db: Option<MirrorDb>,
+    mirror: Mirror,
+) -> anyhow::Result<PrimaryConfig> {
+    let export = args
         .export
-        .or(file.export)
         .map(|target| -> anyhow::Result<_> {
             Ok(crate::export::ExportConfig {
                 target: target.parse()?,
@@ -232,95 +342,32 @@ pub fn run_primary(cli: PrimaryArgs, stop: &AtomicBool) -> anyhow::Result<()> {
             })
         })
         .transpose()?;
-    let mut secondaries = secondaries
-        .iter()
-        .map(|s| parse_secondary(s).map_err(|e| anyhow::anyhow!("--secondary {e}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    if let Some(db) = &mirror {
-        anyhow::ensure!(
-            device.is_none() && secondaries.is_empty() && mirror_id.is_none() && extent_size.is_none(),
-            "{}: mirror {:?} is defined by its database there (device, secondaries, mirror id, extent size); \
-             drop those options, and change the mirror with `replicator add-secondary`, `remove-secondary` or `set`",
-            state_dir.display(),
-            db.name
-        );
-        anyhow::ensure!(
-            write_policy.is_none() && minimum_images.is_none(),
-            "{}: mirror {:?} keeps its write policy and minimum images in its database; \
-             change them with `replicator set write-policy=...` or `set minimum-images=...`",
-            state_dir.display(),
-            db.name
-        );
-        let primary =
-            db.primary().ok_or_else(|| anyhow::anyhow!("mirror {:?} has no primary image", db.name))?;
-        // A secondary's state directory holds the mirror database too (with the primary's
-        // device path): `primary` there would full-sync this image over every secondary.
-        let here = crate::failback::load_name(
-            &state_dir,
-            crate::failback::IMAGE_NAME_FILE,
-            &crate::failback::IMAGE_NAME_KIND,
-        )
-        .map_err(anyhow::Error::msg)?;
-        let secondary_here = here.as_deref().filter(|here| db.secondaries().any(|i| i.name == *here));
-        if let Some(here) = secondary_here {
-            anyhow::bail!(
-                "{}: this is secondary {here} of mirror {:?}, whose primary is {}; run `replicator secondary` \
-                 here, or `replicator promote` to make this image the primary",
-                state_dir.display(),
-                db.name,
-                primary.name
-            );
-        }
-        device = primary.device.as_ref().map(PathBuf::from);
-        mirror_id = Some(db.id);
-        extent_size = Some(db.extent_bytes);
-        backlog = backlog.or(Some(db.write_backlog_bytes));
-        secondaries = db.secondaries().filter_map(|i| i.address.map(|addr| (i.name.clone(), addr))).collect();
-    } else {
-        anyhow::ensure!(
-            !secondaries.is_empty(),
-            "--secondary NAME=ADDR:PORT is required, at least once (or make a mirror with `replicator create`)"
-        );
-    }
-    let timeout_ms = cli.timeout_ms.or(file.timeout_ms).unwrap_or(ShipperConfig::TIMEOUT_MS_DEFAULT);
-    let config = ShipperConfig {
-        device: required(device, "device")?,
-        secondaries,
+    let timeout_ms = args.timeout_ms.unwrap_or(PrimaryConfig::TIMEOUT_MS_DEFAULT);
+    Ok(PrimaryConfig {
+        device: required(mirror.device, "device")?,
+        secondaries: mirror.secondaries,
         state_dir,
         tracker_name: None,
-        mirror_id: mirror_id.unwrap_or(1),
-        extent_bytes: extent_size.unwrap_or(ExtentBytes::DEFAULT),
-        run_bytes_max: ShipperConfig::RUN_BYTES_MAX_DEFAULT,
-        buffers: ShipperConfig::BUFFERS_DEFAULT,
-        backlog_bytes_max: backlog.unwrap_or(ShipperConfig::BACKLOG_BYTES_MAX_DEFAULT),
+        mirror_id: mirror.mirror_id.unwrap_or(1),
+        extent_bytes: mirror.extent_size.unwrap_or(ExtentBytes::DEFAULT),
+        run_bytes_max: PrimaryConfig::RUN_BYTES_MAX_DEFAULT,
+        buffers: PrimaryConfig::BUFFERS_DEFAULT,
+        backlog_bytes_max: mirror.backlog.unwrap_or(PrimaryConfig::BACKLOG_BYTES_MAX_DEFAULT),
         timeout_ms,
         keepalive_ms: (timeout_ms / 5).max(100),
-        retry_max_ms: cli
-            .retry_max_ms
-            .or(file.retry_max_ms)
-            .unwrap_or(ShipperConfig::RETRY_MAX_MS_DEFAULT)
-            .clamp(100, 3_600_000),
-        initial_sync: !(cli.skip_initial_sync || file.skip_initial_sync),
-        zero_copy: !(cli.no_zero_copy || file.no_zero_copy),
-        checkpoint_ms: cli
-            .checkpoint_ms
-            .or(file.checkpoint_ms)
-            .unwrap_or(ShipperConfig::CHECKPOINT_MS_DEFAULT)
-            .max(10),
-        sync_rate_bytes_per_s: cli
-            .sync_rate
-            .or(file.sync_rate)
-            .unwrap_or(ShipperConfig::SYNC_RATE_BYTES_PER_S_DEFAULT),
-        recovery_policy: cli.recovery_policy.or(file.recovery_policy).unwrap_or(RecoveryPolicy::Automatic),
-        mirror,
+        retry_max_ms: args.retry_max_ms.unwrap_or(PrimaryConfig::RETRY_MAX_MS_DEFAULT).clamp(100, 3_600_000),
+        initial_sync: !args.skip_initial_sync,
+        zero_copy: !args.no_zero_copy,
+        checkpoint_ms: args.checkpoint_ms.unwrap_or(PrimaryConfig::CHECKPOINT_MS_DEFAULT).max(10),
+        sync_rate_bytes_per_s: args.sync_rate.unwrap_or(PrimaryConfig::SYNC_RATE_BYTES_PER_S_DEFAULT),
+        recovery_policy: args.recovery_policy.unwrap_or(RecoveryPolicy::Automatic),
+        mirror: db,
         export,
-        write_policy: write_policy.unwrap_or(WritePolicy::Async),
-        minimum_images: minimum_images.unwrap_or(1),
-        poll: poll_setting(cli.poll_us.or(file.poll_us))?,
-        tcp_congestion: Congestion::resolve(cli.tcp_congestion.or(file.tcp_congestion).as_deref())?,
-    };
-    let key_file = required(cli.key_file.or(file.key_file), "key-file")?;
-    primary(config, &key_file, cli.metrics.or(file.metrics), stop)
+        write_policy: args.write_policy.unwrap_or(WritePolicy::Async),
+        minimum_images: args.minimum_images.unwrap_or(1),
+        poll: poll_setting(args.poll_us)?,
+        tcp_congestion: Congestion::resolve(args.tcp_congestion.as_deref())?,
+    })
 }
 
 /// Runs `replicator secondary` with command-line `cli` merged over its config file.
@@ -361,7 +408,7 @@ pub fn parse_secondary(text: &str) -> Result<(String, SocketAddr), String> {
 }
 
 pub fn primary(
-    config: ShipperConfig,
+    config: PrimaryConfig,
     key_file: &Path,
     metrics_addr: Option<SocketAddr>,
     stop: &AtomicBool,

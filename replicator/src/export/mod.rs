@@ -5,7 +5,7 @@
 //!
 //! Threads: an acceptor; per connection one thread, which runs the handshake, hands the
 //! connection to the engine and then becomes its replier. The engine receives and decodes the
-//! requests in its own ring (`shipper::export_conns`), so a write reaches the ring without a
+//! requests in its own ring (`primary::export::clients`), so a write reaches the ring without a
 //! thread hop. Replies go out each whole: the engine gathers the replies without data that one
 //! turn completes (`reply_batched`, in slot order) and writes them to the socket in one send
 //! itself when nothing is queued before them (a part the socket does not take goes to the

@@ -87,16 +87,15 @@ impl Verify {
         }
     }
 
-    /// Stores a secondary's reply; an unexpected one is a protocol error.
-    pub fn take_reply(&mut self, first_extent: u64, hashes: &[u8]) -> Result<(), String> {
+    /// Stores a secondary's reply; an unexpected one (no batch asked from `first_extent`, or
+    /// not of its length) is a protocol error, returned as the reply's extent count.
+    pub fn take_reply(&mut self, first_extent: u64, hashes: &[u8]) -> Result<(), usize> {
         let count = hashes.len() / VERIFY_HASH_BYTES;
         let batch = self
             .batch
             .as_mut()
             .filter(|b| b.first_extent == first_extent && b.count as usize == count && !b.remote_ready)
-            .ok_or_else(|| {
-                format!("unexpected verify reply for {count} extents from extent {first_extent}")
-            })?;
+            .ok_or(count)?;
         for (slot, hash) in self.remote.iter_mut().zip(hashes.chunks_exact(VERIFY_HASH_BYTES)) {
             *slot = u128::from_le_bytes(hash.try_into().expect("16 bytes"));
         }
@@ -183,6 +182,12 @@ impl PeerLog {
 
     pub fn fractured(&self) -> bool {
         self.flags != 0
+    }
+
+    /// Fractured by a failure, by its backlog or by the administrator since it was last
+    /// SYNCHRONIZED (a full sync or a verify alone set other flags).
+    pub fn fractured_by_failure(&self) -> bool {
+        self.flags & FLAG_FRACTURED != 0
     }
 
     pub fn admin_fractured(&self) -> bool {
@@ -276,6 +281,13 @@ impl PeerLog {
         self.throttled = true;
         self.persist_now = true;
         self.verify = Some(Verify::new(from_extent));
+    }
+
+    /// The verify pass reached the image's end: what it found differing is pending.
+    pub fn finish_verify(&mut self) {
+        self.verify = None;
+        self.flags &= !FLAG_VERIFY;
+        self.persist_now = true;
     }
 
     pub fn full_sync(&self) -> bool {

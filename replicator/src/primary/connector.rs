@@ -29,8 +29,20 @@ pub enum Event {
     Failed {
         peer: usize,
         connector: u32,
-        error: String,
+        error: ConnectFailure,
     },
+}
+
+/// Why a connection to a secondary could not be made. Decisions are made on the variant (a
+/// secondary being added that refuses the handshake ends the add); the text is the log's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConnectFailure {
+    /// No TCP connection (refused, unreachable, timed out), or its socket could not be set up.
+    #[error("{0}")]
+    Connect(String),
+    /// Connected, but the handshake failed: the secondary refused us, or we refused it.
+    #[error("handshake: {0}")]
+    Handshake(String),
 }
 
 pub struct ConnectorConfig {
@@ -57,7 +69,7 @@ pub enum Want {
 
 /// Runs until `stop`. `wanted` receives a message each time the engine needs a connection.
 pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Event>, stop: Arc<AtomicBool>) {
-    let mut last_error = String::new();
+    let mut last_error: Option<ConnectFailure> = None;
     let mut delay_ms = RETRY_FIRST_MS;
     let mut last_connected: Option<Instant> = None;
     'wait: while !stop.load(Ordering::Relaxed) {
@@ -92,7 +104,7 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
                     let tcp_congestion =
                         crate::link::connection_congestion(&stream, &config.congestion, &config.name);
                     tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion, "connected and authenticated");
-                    last_error.clear();
+                    last_error = None;
                     last_connected = Some(Instant::now());
                     let event =
                         Connected { peer: config.peer, connector: config.connector, stream, next_sequence };
@@ -102,11 +114,11 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
                     continue 'wait;
                 }
                 Err(error) => {
-                    if error.starts_with("handshake") {
+                    if matches!(error, ConnectFailure::Handshake(_)) {
                         config.metrics.auth_failures.inc();
                     }
                     // Say it once per distinct failure, not once per retry.
-                    if error != last_error {
+                    if last_error.as_ref() != Some(&error) {
                         tracing::warn!(secondary = %config.name, addr = %config.addr, %error, "cannot reach secondary; retrying");
                         let event = Event::Failed {
                             peer: config.peer,
@@ -116,7 +128,7 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
                         if connected.send(event).is_err() {
                             return;
                         }
-                        last_error = error;
+                        last_error = Some(error);
                     }
                     std::thread::sleep(Duration::from_millis(delay_ms));
                     delay_ms = (delay_ms * 2).min(config.retry_max_ms);
@@ -128,25 +140,31 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
 
 /// A TCP connection to the secondary whose congestion control is set before the SYN, so the
 /// handshake already runs under it (an ECN-based control negotiates there).
-fn connect_with_congestion(config: &ConnectorConfig, timeout: Duration) -> Result<TcpStream, String> {
+fn connect_with_congestion(config: &ConnectorConfig, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(config.addr), Type::STREAM, Some(Protocol::TCP))
-        .map_err(|e| format!("socket: {e}"))?;
-    config.congestion.apply(&socket, "the connection's socket").map_err(|e| e.to_string())?;
-    socket.connect_timeout(&config.addr.into(), timeout).map_err(|e| format!("connect: {e}"))?;
+        .map_err(|e| ConnectFailure::Connect(format!("socket: {e}")))?;
+    config
+        .congestion
+        .apply(&socket, "the connection's socket")
+        .map_err(|e| ConnectFailure::Connect(e.to_string()))?;
+    socket
+        .connect_timeout(&config.addr.into(), timeout)
+        .map_err(|e| ConnectFailure::Connect(format!("connect: {e}")))?;
     Ok(socket.into())
 }
 
-fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), String> {
+fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), ConnectFailure> {
     let timeout = Duration::from_millis(config.timeout_ms);
     let stream = connect_with_congestion(config, timeout)?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    let setup = |e: std::io::Error| ConnectFailure::Connect(e.to_string());
+    stream.set_nodelay(true).map_err(setup)?;
     // The whole handshake within the timeout, however the secondary's bytes trickle in.
     let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
     let next_sequence = auth::primary_handshake(&mut deadline, &config.key, &config.params)
-        .map_err(|e| format!("handshake: {e}"))?;
+        .map_err(|e| ConnectFailure::Handshake(e.to_string()))?;
     // The engine drives the socket with io_uring from here on; blocking timeouts do not apply.
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    stream.set_write_timeout(None).map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(setup)?;
+    stream.set_write_timeout(None).map_err(setup)?;
     Ok((stream, next_sequence))
 }

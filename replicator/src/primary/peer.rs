@@ -13,7 +13,7 @@ use std::sync::mpsc::Sender;
 use std::time::Instant;
 
 use crate::extent_set::ExtentSet;
-use crate::wire::{self, Limits, Message};
+use crate::wire;
 
 /// Most export frames one sendmsg carries.
 pub const EXPORT_IOVECS_MAX: usize = 16;
@@ -173,81 +173,6 @@ impl Conn {
         let oldest = self.inflight.values().find(|frame| !frame.run.is_empty())?;
         oldest.sent_at.map(|sent_at| sent_at.elapsed())
     }
-
-    /// Applies the frames received so far (acks release backlog), or says why the connection
-    /// must close.
-    pub fn parse_received(
-        &mut self,
-        limits: &Limits,
-        stats: &mut PeerStats,
-        mut verify: Option<&mut super::resync::Verify>,
-        pending: &mut ExtentSet,
-        latency: &mut Latency,
-    ) -> Result<Received, String> {
-        let mut received = Received::default();
-        loop {
-            let bytes = &self.recv[self.recv_start..self.recv_len];
-            let parsed = wire::parse_frame(bytes, limits)
-                .map_err(|e| format!("malformed frame from secondary: {e}"))?;
-            let Some((used, _, message)) = parsed else {
-                return Ok(received);
-            };
-            match message {
-                Message::Ack { first_sequence, last_sequence } => {
-                    while let Some(entry) = self.inflight.range(first_sequence..=last_sequence).next() {
-                        let sequence = *entry.0;
-                        let done = self.inflight.remove(&sequence).expect("key just found");
-                        self.backlog_bytes -= done.bytes;
-                        stats.acked_frames += 1;
-                        if done.bytes > 0 {
-                            let micros =
-                                |since: Instant| since.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
-                            let _ = latency.lag_us.record(micros(done.written_at));
-                            if let Some(sent_at) = done.sent_at {
-                                let _ = latency.rtt_us.record(micros(sent_at));
-                            }
-                        }
-                    }
-                }
-                Message::Keepalive => {}
-                Message::DivergentRuns { runs } => {
-                    for run in runs.chunks_exact(16) {
-                        let first = u64::from_le_bytes(run[..8].try_into().expect("8 bytes"));
-                        let end = u64::from_le_bytes(run[8..].try_into().expect("8 bytes"));
-                        if end > pending.len() as u64 {
-                            return Err(format!(
-                                "divergent extents {first}..{end} past the image's last extent"
-                            ));
-                        }
-                        pending.insert_range(first as usize..end as usize);
-                        received.divergent_extents += end - first;
-                    }
-                }
-                Message::VerifyHashes { first_extent, hashes } => match verify.as_deref_mut() {
-                    Some(verify) => verify.take_reply(first_extent, hashes)?,
-                    // A batch of a verify cancelled since (`sync` during a verify): dropped.
-                    None => tracing::debug!(first_extent, "verify hashes of a cancelled verify: dropped"),
-                },
-                Message::Error { code, message } => {
-                    return Err(format!("secondary reported error {code}: {message}"));
-                }
-                other => {
-                    return Err(format!(
-                        "secondary sent {:?}, which a primary does not accept",
-                        other.kind()
-                    ));
-                }
-            }
-            self.recv_start += used;
-        }
-    }
-}
-
-/// What a batch of received frames told the engine beyond acks.
-#[derive(Debug, Default)]
-pub struct Received {
-    /// Extents a failing-back secondary (a former primary) wrote that this primary may lack.
-    pub divergent_extents: u64,
 }
 
 pub struct Peer {
@@ -270,7 +195,7 @@ pub struct Peer {
     /// in ms since the engine started (0: none). Replication lag is measured from here.
     pub written_at_ms: Vec<u32>,
     /// The image state last logged and exported.
-    pub reported_state: Option<super::ImageState>,
+    pub reported_state: Option<crate::model::ImageState>,
     /// Why it last disconnected or failed to connect.
     pub last_error: String,
     /// Zero-copy sends are tried (`--zero-copy`, the default) and the kernel has not been
@@ -317,6 +242,61 @@ impl ZeroCopyProbe {
 }
 
 impl Peer {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: &str,
+        addr: SocketAddr,
+        pending: ExtentSet,
+        log: super::resync::PeerLog,
+        generation: u32,
+        connector: u32,
+        want_connection: Sender<super::connector::Want>,
+        zero_copy: bool,
+        metrics: crate::metrics::PeerMetrics,
+        extents: usize,
+    ) -> Self {
+        metrics.sync_rate_limit_bytes.set(log.throttle.rate_bytes_per_s.min(i64::MAX as u64) as i64);
+        Self {
+            name: name.to_owned(),
+            addr,
+            pending,
+            conn: None,
+            generation,
+            connector,
+            want_connection: Some(want_connection),
+            zero_copy,
+            zero_copy_probe: ZeroCopyProbe::default(),
+            stats: PeerStats::default(),
+            metrics,
+            in_sync: false,
+            log,
+            consistency_point_unix_ms: 0,
+            written_since_point: false,
+            written_since_point_frame: false,
+            removed: false,
+            reported_state: None,
+            written_at_ms: vec![0; extents.div_ceil(64)],
+            latency: Latency::default(),
+            draining: false,
+            last_error: String::new(),
+        }
+    }
+
+    /// An extent frame of `bytes` of data was sent in full: counted as shipped, and as resync
+    /// while it is fractured (resync, full sync, verify repairs).
+    pub fn counts_shipped(&mut self, bytes: u64, extent_bytes: u64) {
+        let extents = bytes.div_ceil(extent_bytes);
+        self.stats.shipped_bytes += bytes;
+        self.stats.shipped_extents += extents;
+        self.metrics.shipped_bytes.inc_by(bytes);
+        self.metrics.shipped_extents.inc_by(extents);
+        if self.log.fractured() {
+            self.stats.resync_bytes += bytes;
+            self.log.resync_bytes_done += bytes;
+            self.metrics.resync_bytes.inc_by(bytes);
+        }
+    }
+
     /// Extents `run` were written (drained or exported at `now_ms`, the lag's start stamp of
     /// their words unless an older write stamped them) and must be shipped to it. One that is
     /// not connected now (unreachable since start-up, or since it was added) is behind from

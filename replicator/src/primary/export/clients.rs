@@ -17,21 +17,23 @@ use std::sync::Arc;
 
 use io_uring::{opcode, types};
 
-use super::{Engine, Op, ShipperError};
+use super::ExportState;
 use crate::export::nbd::{self, Command};
 use crate::export::{Connection, ExportBuffer, ExportInfo, ExportRequest, Replier, Stream};
+use crate::primary::Op;
 use crate::read_ahead::ReadAhead;
+use crate::uring::Ring;
 
 /// Decoded requests a connection may have waiting for an engine slot.
 const READY_MAX: usize = 64;
 
 /// A client connection as the engine holds it.
-pub(super) struct NbdConn {
+pub struct NbdConn {
     stream: Stream,
     reply: Arc<Replier>,
     client: String,
     /// Bumped on every new connection in this place, so a stale completion is recognised.
-    pub(super) generation: u32,
+    pub generation: u32,
     /// The bytes received and not decoded yet.
     ahead: ReadAhead,
     /// A write's header decoded, waiting for a buffer.
@@ -39,7 +41,7 @@ pub(super) struct NbdConn {
     /// A write whose data is arriving.
     partial: Option<Partial>,
     /// Decoded requests waiting for an engine slot, in the client's order.
-    pub(super) ready: VecDeque<ExportRequest>,
+    pub ready: VecDeque<ExportRequest>,
     recv_in_flight: bool,
     /// The client closed its end (or its socket failed): no more recv ops; what is read ahead
     /// is still decoded.
@@ -56,7 +58,7 @@ struct Partial {
 }
 
 impl NbdConn {
-    pub(super) fn new(connection: Connection, generation: u32) -> Self {
+    pub fn new(connection: Connection, generation: u32) -> Self {
         Self {
             stream: connection.stream,
             reply: connection.reply,
@@ -73,13 +75,13 @@ impl NbdConn {
     }
 
     /// Whether the engine may drop the connection: closing, no recv in flight, nothing waiting.
-    pub(super) fn finished(&self) -> bool {
+    pub fn finished(&self) -> bool {
         self.closing && !self.recv_in_flight && self.ready.is_empty()
     }
 
     /// Stops reading at once (a protocol error, or the engine stopping): the client sees the
     /// socket close, and the recv in flight completes.
-    pub(super) fn abort(&mut self) {
+    pub fn abort(&mut self) {
         self.closing = true;
         self.stream.shutdown();
         for request in self.ready.drain(..) {
@@ -244,57 +246,52 @@ impl NbdConn {
     }
 }
 
-impl Engine {
+impl ExportState {
     /// Takes new connections, decodes what each has received, and keeps a recv op in flight
     /// on every connection that wants bytes; drops the finished ones.
-    pub(super) fn pump_export_connections(&mut self, stopping: bool) -> Result<(), ShipperError> {
-        let Some(export) = self.export.as_mut() else { return Ok(()) };
-        while let Ok(connection) = export.side.connections.try_recv() {
+    pub fn pump_connections(&mut self, ring: &mut Ring<Op>, stopping: bool) {
+        while let Ok(connection) = self.side.connections.try_recv() {
             if stopping {
                 connection.stream.shutdown();
                 continue;
             }
-            match export.conns.iter().position(Option::is_none) {
+            match self.conns.iter().position(Option::is_none) {
                 Some(at) => {
-                    export.conn_generation += 1;
-                    export.conns[at] = Some(NbdConn::new(connection, export.conn_generation));
+                    self.conn_generation += 1;
+                    self.conns[at] = Some(NbdConn::new(connection, self.conn_generation));
                 }
                 None => connection.stream.shutdown(), // the acceptor bounds them; not reached
             }
         }
         let mut wants_buffer = false;
-        for index in 0..export.conns.len() {
-            let export = self.export.as_mut().expect("checked above");
-            let Some(conn) = export.conns[index].as_mut() else { continue };
+        for index in 0..self.conns.len() {
+            let Some(conn) = self.conns[index].as_mut() else { continue };
             if stopping && !conn.closing {
                 conn.abort();
             }
-            conn.pump(&export.side.info);
+            conn.pump(&self.side.info);
             wants_buffer |= conn.waiting.is_some();
             if conn.finished() {
-                export.conns[index] = None;
+                self.conns[index] = None;
                 continue;
             }
             let Some((at, len, direct)) = conn.next_recv() else { continue };
-            if self.free_ops.is_empty() {
-                break;
-            }
             conn.recv_in_flight = true;
             let (fd, generation) = (conn.stream.fd(), conn.generation);
             let entry = opcode::Recv::new(types::Fd(fd), at, len).build();
-            self.push_op(Op::ExportRecv { conn: index as u16, generation, direct }, entry)?;
+            // SAFETY: the target is the connection's read-ahead buffer or its arriving write's
+            // buffer, neither moved nor released while the recv is in flight (a connection is
+            // dropped only once no recv of it is).
+            unsafe { ring.push(Op::ExportRecv { conn: index as u16, generation, direct }, entry) };
         }
-        if wants_buffer && let Some(export) = self.export.as_ref() {
-            export.side.free.want();
+        if wants_buffer {
+            self.side.free.want();
         }
-        Ok(())
     }
 
     /// A connection's recv op completed: `result` bytes arrived (0: the client closed).
-    pub(super) fn complete_export_recv(&mut self, conn: u16, generation: u32, direct: bool, result: i32) {
-        let export = self.export.as_mut().expect("export recv ops come from an export");
-        let Some(connection) =
-            export.conns[usize::from(conn)].as_mut().filter(|c| c.generation == generation)
+    pub fn complete_recv(&mut self, conn: u16, generation: u32, direct: bool, result: i32) {
+        let Some(connection) = self.conns[usize::from(conn)].as_mut().filter(|c| c.generation == generation)
         else {
             unreachable!("a connection is dropped only when no recv op is in flight");
         };

@@ -1,0 +1,169 @@
+//! The ack stage: one receive in flight per connection, and what the secondary's frames say:
+//! acks (frames durable: they leave `inflight` and the backlog, and the lag is recorded),
+//! keepalives, verify hashes, a failing-back former primary's divergent extents, and errors.
+//!
+//! Owns nothing of its own: it fills each connection's receive buffer (`peer::Conn::recv`,
+//! fixed while a receive is in flight) and parses it. Invariant: a frame from a secondary acts
+//! only once it decoded cleanly (`wire::parse_frame`); anything else ends the connection with
+//! the reason (`Disconnect`), and its unacknowledged frames go back to pending.
+
+use std::os::fd::AsRawFd as _;
+use std::time::Instant;
+
+use io_uring::{opcode, types};
+
+use super::Op;
+use super::buffers::Buffers;
+use super::export::ExportState;
+use super::peer::{Conn, Latency, PeerStats};
+use super::peers::{Disconnect, Peers};
+use super::resync::Verify;
+use crate::extent_set::ExtentSet;
+use crate::uring::Ring;
+use crate::wire::{self, Limits, Message};
+
+/// What a secondary may send: acks, keepalives, verify hashes, errors with their message.
+pub const FROM_SECONDARY: Limits = Limits {
+    image_bytes: 0,
+    extent_bytes: 1,
+    payload_bytes_max: if 4 + wire::ERROR_MESSAGE_BYTES_MAX > wire::VERIFY_HASHES_BYTES_MAX {
+        (4 + wire::ERROR_MESSAGE_BYTES_MAX) as u32
+    } else {
+        wire::VERIFY_HASHES_BYTES_MAX as u32
+    },
+};
+
+/// Keeps a receive in flight on every connection.
+pub fn post(ring: &mut Ring<Op>, peers: &mut Peers) {
+    for (index, peer) in peers.iter_mut().enumerate() {
+        let generation = peer.generation;
+        let Some(conn) = peer.conn.as_mut().filter(|c| !c.recv_in_flight) else { continue };
+        conn.compact_recv();
+        let free = &mut conn.recv[conn.recv_len..];
+        let entry =
+            opcode::Recv::new(types::Fd(conn.stream.as_raw_fd()), free.as_mut_ptr(), free.len() as u32)
+                .build();
+        conn.recv_in_flight = true;
+        // SAFETY: the receive buffer is boxed in the connection, which is retired (kept) until
+        // this op completes if it is dropped meanwhile.
+        unsafe { ring.push(Op::Recv { peer: index, generation }, entry) };
+    }
+}
+
+/// What a batch of received frames told the engine beyond acks.
+#[derive(Debug, Default)]
+pub struct Received {
+    /// Extents a failing-back secondary (a former primary) wrote that this primary may lack.
+    pub divergent_extents: u64,
+}
+
+/// A receive of connection `generation` of slot `index` completed with `result` bytes: the
+/// whole frames received are applied. Returns what they told beyond acks, or none if the
+/// connection is gone.
+pub fn complete(
+    index: usize,
+    generation: u32,
+    result: i32,
+    peers: &mut Peers,
+    buffers: &mut Buffers,
+    export: Option<&mut ExportState>,
+) -> Option<Received> {
+    if peers.get(index).generation != generation {
+        peers.retired_op_done(index, generation, true, export);
+        return None;
+    }
+    let peer = peers.get_mut(index);
+    let conn = peer.conn.as_mut().expect("same generation is connected");
+    conn.recv_in_flight = false;
+    let reason = match result {
+        0 => Disconnect::Closed,
+        r if r < 0 => Disconnect::RecvFailed(std::io::Error::from_raw_os_error(-r)),
+        r => {
+            conn.recv_len += r as usize;
+            conn.last_heard = Instant::now();
+            match parse(conn, &mut peer.stats, peer.log.verify.as_mut(), &mut peer.pending, &mut peer.latency)
+            {
+                Ok(received) => return Some(received),
+                Err(reason) => reason,
+            }
+        }
+    };
+    peers.disconnect(index, reason, buffers, export);
+    None
+}
+
+/// Applies the whole frames received so far (acks release backlog), or says why the
+/// connection must close.
+pub fn parse(
+    conn: &mut Conn,
+    stats: &mut PeerStats,
+    mut verify: Option<&mut Verify>,
+    pending: &mut ExtentSet,
+    latency: &mut Latency,
+) -> Result<Received, Disconnect> {
+    let mut received = Received::default();
+    loop {
+        let bytes = &conn.recv[conn.recv_start..conn.recv_len];
+        let Some((used, _, message)) = wire::parse_frame(bytes, &FROM_SECONDARY)? else {
+            return Ok(received);
+        };
+        match message {
+            Message::Ack { first_sequence, last_sequence } => {
+                acked(conn, stats, latency, first_sequence..=last_sequence)
+            }
+            Message::Keepalive => {}
+            Message::DivergentRuns { runs } => received.divergent_extents += divergent(pending, runs)?,
+            Message::VerifyHashes { first_extent, hashes } => match verify.as_deref_mut() {
+                Some(verify) => verify
+                    .take_reply(first_extent, hashes)
+                    .map_err(|count| Disconnect::VerifyReply { first_extent, count })?,
+                // A batch of a verify cancelled since (`sync` during a verify): dropped.
+                None => tracing::debug!(first_extent, "verify hashes of a cancelled verify: dropped"),
+            },
+            Message::Error { code, message } => {
+                return Err(Disconnect::Reported { code, message: message.to_owned() });
+            }
+            other => return Err(Disconnect::Unexpected(other.kind())),
+        }
+        conn.recv_start += used;
+    }
+}
+
+/// The frames `sequences` are durable on the secondary: they leave `inflight` and the backlog,
+/// and the data frames' lag (from the write's drain) and round trip (from the frame's send) are
+/// recorded.
+fn acked(
+    conn: &mut Conn,
+    stats: &mut PeerStats,
+    latency: &mut Latency,
+    sequences: std::ops::RangeInclusive<u64>,
+) {
+    let micros = |since: Instant| since.elapsed().as_micros().clamp(1, 3_600_000_000) as u64;
+    while let Some((&sequence, _)) = conn.inflight.range(sequences.clone()).next() {
+        let done = conn.inflight.remove(&sequence).expect("key just found");
+        conn.backlog_bytes -= done.bytes;
+        stats.acked_frames += 1;
+        if done.bytes > 0 {
+            let _ = latency.lag_us.record(micros(done.written_at));
+            if let Some(sent_at) = done.sent_at {
+                let _ = latency.rtt_us.record(micros(sent_at));
+            }
+        }
+    }
+}
+
+/// A failing-back secondary's runs (decoded: whole, first < end) become pending; returns how
+/// many extents they cover.
+fn divergent(pending: &mut ExtentSet, runs: &[u8]) -> Result<u64, Disconnect> {
+    let mut reader = crate::envelope::Reader::new(runs);
+    let mut extents = 0;
+    while reader.remaining() > 0 {
+        let (first, end) = (reader.u64().expect("whole runs"), reader.u64().expect("whole runs"));
+        if end > pending.len() as u64 {
+            return Err(Disconnect::DivergentPastImage { first, end });
+        }
+        pending.insert_range(first as usize..end as usize);
+        extents += end - first;
+    }
+    Ok(extents)
+}

@@ -1,0 +1,655 @@
+//! A session: the one connection that writes the image, from an authenticated primary. Its
+//! path, in order: receive (into a read-ahead buffer, or straight into a pool buffer for an
+//! extent's data) -> decode (every byte checked before anything is written) -> durable write
+//! (io_uring, `RWF_DSYNC`) -> ack (buffered, one send per reap). The other frames (keepalives,
+//! verify requests, consistency points, zeroes, the mirror database) are in `frames.rs`.
+//!
+//! Owns the session's ring and buffer pool (sized at start-up: `queue_depth` writes and one
+//! receive) and the frame being received. Invariants:
+//! - a frame is acknowledged only after its write returned the full length with `RWF_DSYNC`; a
+//!   failed write ends the session with an `Error` frame, never an ack;
+//! - two writes to overlapping ranges are never in flight together, so a newer copy of an
+//!   extent can never be overtaken by an older one;
+//! - a buffer is owned by the frame being received into it, then by its write (`writes`), and
+//!   goes back to the pool at the write's completion.
+
+use std::fs::File;
+use std::io::Write as _;
+use std::net::TcpStream;
+use std::os::fd::AsRawFd as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use io_uring::{opcode, types};
+
+use super::SecondaryConfig;
+use crate::failback;
+use crate::metrics::SecondaryMetrics;
+use crate::pool::BufferPool;
+use crate::read_ahead::ReadAhead;
+use crate::uring::{Completion, Ring};
+use crate::wire::{self, ErrorCode, Limits, Message};
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SessionEnd {
+    #[error("primary closed the connection")]
+    Closed,
+    #[error("no frame from the primary for {0} ms")]
+    Timeout(u64),
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("malformed frame: {0}")]
+    Wire(#[from] wire::WireError),
+    #[error("primary sent {0:?}, which a secondary does not accept")]
+    Unexpected(wire::MessageKind),
+    #[error("primary reported: {0}")]
+    PrimaryError(String),
+    #[error("write of {len} bytes at offset {offset} on {device} failed: {error}")]
+    Write { device: String, offset: u64, len: usize, error: std::io::Error },
+    #[error("read of {len} bytes at offset {offset} on {device} for a verify failed: {error}")]
+    Read { device: String, offset: u64, len: usize, error: std::io::Error },
+    #[error(transparent)]
+    Refused(#[from] failback::Refusal),
+    #[error("storing this member's state: {0}")]
+    State(String),
+    #[error("stopping")]
+    Stop,
+}
+
+impl SessionEnd {
+    /// The code the primary is told in an `Error` frame, for the ends it must hear about (a
+    /// closed link or a stop it finds out by itself).
+    pub(super) fn code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Write { .. } => Some(ErrorCode::WriteFailed),
+            Self::Read { .. } => Some(ErrorCode::ReadFailed),
+            Self::Refused(refusal) => Some(refusal.code()),
+            Self::State(_) => Some(ErrorCode::StateFailed),
+            Self::Wire(_) | Self::Unexpected(_) => Some(ErrorCode::Protocol),
+            Self::Closed | Self::Timeout(_) | Self::Io(_) | Self::PrimaryError(_) | Self::Stop => None,
+        }
+    }
+}
+
+/// An operation in the session's ring.
+#[derive(Clone, Copy, Debug)]
+enum Op {
+    /// The receive in flight (`Session::recv_in_flight` says into what).
+    Recv,
+    /// The write of the frame received into `buffer` (`Session::writes`).
+    Write { buffer: u16 },
+}
+
+/// How long a wait for a completion lasts before the session checks its timeout and stops.
+const WAIT_NS: u32 = 100_000_000;
+
+/// The longest non-extent payload a primary sends: a mirror database.
+const SMALL_PAYLOAD_BYTES_MAX: usize = wire::MIRROR_DB_BYTES_MAX;
+const _: () = assert!(SMALL_PAYLOAD_BYTES_MAX >= 4 + wire::ERROR_MESSAGE_BYTES_MAX);
+
+/// One write in flight: which buffer, where, and which frame to acknowledge.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Write {
+    buffer: u16,
+    offset_bytes: u64,
+    len_bytes: usize,
+    sequence: u64,
+}
+
+/// The frame part being filled (from the read-ahead buffer, or by a direct recv): a header, then
+/// its payload, an extent's into a registered pool buffer, which is what is written.
+#[derive(Clone, Copy, Debug)]
+enum Receiving {
+    Header,
+    /// An extent frame's offset and data, into `buffer` just before and at its data area.
+    Extent {
+        header: wire::Header,
+        buffer: u16,
+    },
+    /// Any other frame's payload, into `small`.
+    Small {
+        header: wire::Header,
+    },
+}
+
+pub(super) struct Session<'a> {
+    ring: Ring<Op>,
+    pub(super) pool: BufferPool,
+    pub(super) poll: crate::pool::PollWindow,
+    pub(super) limits: Limits,
+    pub(super) image: &'a File,
+    pub(super) device: &'a str,
+    pub(super) state_dir: &'a std::path::Path,
+    pub(super) device_path: &'a std::path::Path,
+    pub(super) timeout_ms: u64,
+    pub(super) header_bytes: [u8; wire::HEADER_BYTES],
+    pub(super) small: Box<[u8; SMALL_PAYLOAD_BYTES_MAX]>,
+    receiving: Receiving,
+    /// Bytes of the part `receiving` names that are filled already.
+    pub(super) filled: usize,
+    /// What the socket gave and no part has taken yet: the small frames of synchronous writes
+    /// (a header and 4 KiB, say), which arrive a few dozen at a time at queue depth 32, cost one
+    /// recv together rather than two each.
+    pub(super) ahead: ReadAhead,
+    /// The recv in flight, if any: into the read-ahead buffer, or straight into the part.
+    recv_in_flight: Option<RecvKind>,
+    /// A received extent that waits for an overlapping write to finish (or a header that waits
+    /// for a free buffer): nothing more is received meanwhile.
+    pub(super) waiting: Option<Waiting>,
+    /// Indexed by buffer: the write that owns it.
+    writes: Vec<Option<Write>>,
+    pub(super) next_ack_sequence: u64,
+    /// Acks of completed writes not sent yet, and the scratch frame they are encoded in.
+    pub(super) acks: Vec<u8>,
+    pub(super) ack_frame: Vec<u8>,
+    /// The database of a change in progress: checked and held since its prepare frame, stored
+    /// when its commit frame comes, dropped if another database arrives first.
+    pub(super) prepared: Option<failback::Reconciled>,
+    /// When the last frame a client waits on came (`FLAG_CLIENT_WAITS`): the session
+    /// busy-polls while they flow (`PollSetting::Auto`).
+    pub(super) client_waits_at: Option<Instant>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum RecvKind {
+    Ahead,
+    /// MSG_WAITALL for the rest of the part.
+    Direct {
+        len: usize,
+    },
+}
+
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Waiting {
+    Buffer(wire::Header),
+    Overlap(Write),
+    /// A verify request: answered once every write before it has completed.
+    Verify {
+        first_extent: u64,
+        count: u32,
+    },
+    /// A client's TRIM or WRITE_ZEROES through the primary's export: applied and acknowledged
+    /// once every write before it has completed.
+    Zeroes {
+        offset_bytes: u64,
+        len_bytes: u64,
+        unmap: bool,
+        sequence: u64,
+    },
+    /// A consistency point: recorded and acknowledged once every write before it completed.
+    Point {
+        generation: u64,
+        point_unix_ms: u64,
+        sequence: u64,
+    },
+}
+
+impl<'a> Session<'a> {
+    pub(super) fn new(
+        config: &'a SecondaryConfig,
+        limits: Limits,
+        image: &'a File,
+        device: &'a str,
+    ) -> std::io::Result<Self> {
+        let depth = config.queue_depth;
+        // A write per pool buffer, and the receive.
+        let ring = Ring::new(usize::from(depth) + 1)?;
+        let pool =
+            BufferPool::new(usize::from(depth), config.frame_data_bytes_max).map_err(std::io::Error::from)?;
+        // SAFETY: the pool outlives the ring: `ring` is declared before `pool` in Session and so
+        // is dropped first.
+        unsafe { ring.register_buffers(&pool)? };
+        Ok(Self {
+            ring,
+            pool,
+            poll: crate::pool::PollWindow::new(config.poll),
+            limits,
+            image,
+            device,
+            state_dir: &config.state_dir,
+            device_path: &config.device,
+            timeout_ms: config.timeout_ms,
+            header_bytes: [0; wire::HEADER_BYTES],
+            small: Box::new([0; SMALL_PAYLOAD_BYTES_MAX]),
+            receiving: Receiving::Header,
+            filled: 0,
+            ahead: ReadAhead::default(),
+            recv_in_flight: None,
+            waiting: None,
+            writes: vec![None; usize::from(depth)],
+            next_ack_sequence: 0,
+            acks: Vec::with_capacity(usize::from(depth) * (wire::HEADER_BYTES + 16)),
+            ack_frame: Vec::with_capacity(wire::HEADER_BYTES + 16),
+            prepared: None,
+            client_waits_at: None,
+        })
+    }
+
+    pub(super) fn run(
+        &mut self,
+        stream: &mut TcpStream,
+        stops: [&AtomicBool; 2],
+        stats: &SecondaryMetrics,
+    ) -> Result<(), SessionEnd> {
+        let mut last_frame = Instant::now();
+        loop {
+            if stops.iter().any(|s| s.load(Ordering::Relaxed)) {
+                self.wait_for_writes(stream, stats)?;
+                return Err(SessionEnd::Stop);
+            }
+            self.retry_waiting(stream)?;
+            if self.recv_in_flight.is_none() && self.waiting.is_none() && self.use_ahead(stream)? {
+                // Frames read ahead earlier, held back by a write, count as heard now.
+                last_frame = Instant::now();
+            }
+            if self.recv_in_flight.is_none() && self.waiting.is_none() {
+                self.submit_recv(stream)?;
+            }
+            self.flush_acks(stream)?;
+            let client_waits = crate::pool::within_poll_window(self.client_waits_at);
+            let spun_s = self.ring.wait(&mut self.poll, client_waits, WAIT_NS)?;
+            if spun_s > 0.0 {
+                stats.busy_poll_seconds.inc_by(spun_s);
+            }
+            if self.reap(stream, stats)? {
+                last_frame = Instant::now();
+            }
+            if last_frame.elapsed() > Duration::from_millis(self.timeout_ms) {
+                return Err(SessionEnd::Timeout(self.timeout_ms));
+            }
+        }
+    }
+
+    /// Where the current receive goes and how many bytes it waits for (MSG_WAITALL).
+    fn recv_target(&mut self) -> (*mut u8, usize) {
+        match self.receiving {
+            Receiving::Header => (self.header_bytes.as_mut_ptr(), wire::HEADER_BYTES),
+            Receiving::Extent { header, buffer } => {
+                let len = header.payload_bytes as usize;
+                (self.pool.prefix_tail_mut(buffer, 8).as_mut_ptr(), len)
+            }
+            Receiving::Small { header } => (self.small.as_mut_ptr(), header.payload_bytes as usize),
+        }
+    }
+
+    /// Fills the current part from the read-ahead buffer, and handles each part completed,
+    /// until the buffer is used up or a frame waits (for a buffer, a write, ...). Returns
+    /// whether a part was completed.
+    fn use_ahead(&mut self, stream: &mut TcpStream) -> Result<bool, SessionEnd> {
+        let mut completed = false;
+        while self.waiting.is_none() && !self.ahead.is_empty() {
+            let (target, len) = self.recv_target();
+            // SAFETY: `target..target + len` is the current part (see `recv_target`), owned by
+            // the session, with no recv in flight into it; `filled <= len`.
+            let rest = unsafe { std::slice::from_raw_parts_mut(target.add(self.filled), len - self.filled) };
+            self.filled += self.ahead.copy_into(rest);
+            if self.filled == len {
+                self.filled = 0;
+                completed = true;
+                self.received(stream)?;
+            }
+        }
+        Ok(completed)
+    }
+
+    /// Receives the rest of the current part straight into it when it is a long payload and
+    /// nothing is read ahead, else whatever the socket has into the read-ahead buffer.
+    fn submit_recv(&mut self, stream: &TcpStream) -> Result<(), SessionEnd> {
+        assert!(self.ahead.is_empty(), "the read-ahead is used up before a recv");
+        let (target, len) = self.recv_target();
+        let rest = len - self.filled;
+        let (kind, recv) = if self.ahead.direct(rest) {
+            // SAFETY: as in `use_ahead`.
+            let at = unsafe { target.add(self.filled) };
+            let recv =
+                opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, rest as u32).flags(libc::MSG_WAITALL);
+            (RecvKind::Direct { len: rest }, recv)
+        } else {
+            let room = match self.receiving {
+                Receiving::Header => self.ahead.header_room(rest),
+                Receiving::Extent { .. } | Receiving::Small { .. } => self.ahead.recv_room(),
+            };
+            let (at, room) = room.expect("an empty read-ahead buffer has room");
+            (RecvKind::Ahead, opcode::Recv::new(types::Fd(stream.as_raw_fd()), at, room))
+        };
+        // SAFETY: the target (the read-ahead buffer, or the part: header array, small buffer,
+        // or a pool buffer taken for this frame) is owned by the session and not touched until
+        // this recv completes.
+        unsafe { self.ring.push(Op::Recv, recv.build()) };
+        self.recv_in_flight = Some(kind);
+        Ok(())
+    }
+
+    /// Handles completions; returns whether bytes arrived.
+    fn reap(&mut self, stream: &mut TcpStream, stats: &SecondaryMetrics) -> Result<bool, SessionEnd> {
+        let completions = self.ring.reap();
+        let outcome = self.handle_completions(&completions, stream, stats);
+        self.ring.give_back(completions);
+        outcome
+    }
+
+    fn handle_completions(
+        &mut self,
+        completions: &[Completion],
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<bool, SessionEnd> {
+        let mut received = false;
+        for (at, completion) in completions.iter().enumerate() {
+            let op = self.ring.take(completion.slot);
+            match self.handle_completion(op, completion.result, stream, stats) {
+                Ok(true) => received = true,
+                Ok(false) => {}
+                Err(end) => {
+                    // The rest of the batch is off the ring already: its ops are done, so their
+                    // buffers go back (`finish` waits only for ops still in the kernel).
+                    for rest in &completions[at + 1..] {
+                        let op = self.ring.take(rest.slot);
+                        self.forget(op);
+                    }
+                    return Err(end);
+                }
+            }
+        }
+        Ok(received)
+    }
+
+    /// An op of an ending session has completed: its buffer goes back, nothing is acknowledged.
+    fn forget(&mut self, op: Op) {
+        match op {
+            Op::Recv => self.recv_in_flight = None,
+            Op::Write { buffer } => {
+                if let Some(write) = self.writes[usize::from(buffer)].take() {
+                    self.pool.give_back(write.buffer);
+                }
+            }
+        }
+    }
+
+    /// One completion; returns whether bytes arrived.
+    fn handle_completion(
+        &mut self,
+        op: Op,
+        result: i32,
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<bool, SessionEnd> {
+        if let Op::Write { buffer } = op {
+            self.complete_write(buffer, result, stats)?;
+            return Ok(false);
+        }
+        let kind = self.recv_in_flight.take().expect("a recv completion for the recv in flight");
+        match (result, kind) {
+            (0, _) => Err(SessionEnd::Closed),
+            (r, _) if r < 0 => Err(SessionEnd::Io(std::io::Error::from_raw_os_error(-r))),
+            (r, RecvKind::Direct { len }) if r as usize != len => Err(SessionEnd::Closed),
+            (_, RecvKind::Direct { .. }) => {
+                self.filled = 0;
+                self.received(stream)?;
+                Ok(true)
+            }
+            (r, RecvKind::Ahead) => {
+                self.ahead.received(r as usize);
+                self.use_ahead(stream)?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// A whole header or payload has arrived: decide what comes next.
+    fn received(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match self.receiving {
+            Receiving::Header => {
+                let header = wire::decode_header(&self.header_bytes, &self.limits)?;
+                if header.flags & wire::FLAG_CLIENT_WAITS != 0 {
+                    self.client_waits_at = Some(Instant::now());
+                }
+                self.start_payload(header, stream)
+            }
+            Receiving::Extent { header, buffer } => {
+                let len = header.payload_bytes as usize;
+                // SAFETY: the 8 offset bytes before the data area and the data are one region
+                // of this buffer, just filled by the recv.
+                let payload = unsafe { std::slice::from_raw_parts(self.pool.data_ptr(buffer).sub(8), len) };
+                let decoded = wire::decode_payload(&self.header_bytes, &header, payload, &self.limits);
+                let (offset_bytes, len_bytes) = match decoded {
+                    Ok(
+                        Message::ExtentData { offset_bytes, data }
+                        | Message::BlockData { offset_bytes, data },
+                    ) => (offset_bytes, data.len()),
+                    Ok(other) => {
+                        unreachable!("a data header decodes to data, not {:?}", other.kind())
+                    }
+                    Err(e) => {
+                        self.pool.give_back(buffer);
+                        return Err(e.into());
+                    }
+                };
+                self.receiving = Receiving::Header;
+                self.ahead.payload_taken(len);
+                let write = Write { buffer, offset_bytes, len_bytes, sequence: header.sequence };
+                if self.overlaps(&write) {
+                    self.waiting = Some(Waiting::Overlap(write));
+                    Ok(())
+                } else {
+                    self.submit_write(write)
+                }
+            }
+            Receiving::Small { header } => {
+                self.receiving = Receiving::Header;
+                self.ahead.payload_taken(header.payload_bytes as usize);
+                self.small_frame(header, stream)
+            }
+        }
+    }
+
+    fn start_payload(&mut self, header: wire::Header, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match header.kind {
+            wire::MessageKind::ExtentData | wire::MessageKind::BlockData => {
+                if (header.payload_bytes as usize) <= 8 {
+                    return Err(wire::WireError::PayloadSize {
+                        kind: header.kind,
+                        found: header.payload_bytes as usize,
+                        expected: "> 8",
+                    }
+                    .into());
+                }
+                match self.pool.take() {
+                    Some(buffer) => self.receiving = Receiving::Extent { header, buffer },
+                    None => self.waiting = Some(Waiting::Buffer(header)),
+                }
+                Ok(())
+            }
+            wire::MessageKind::Keepalive
+            | wire::MessageKind::Error
+            | wire::MessageKind::VerifyRequest
+            | wire::MessageKind::ConsistencyPoint
+            | wire::MessageKind::Zeroes
+            | wire::MessageKind::MirrorDb
+            | wire::MessageKind::MirrorDbPrepare
+            | wire::MessageKind::MirrorDbCommit => {
+                if header.payload_bytes as usize > SMALL_PAYLOAD_BYTES_MAX {
+                    return Err(wire::WireError::TooLong {
+                        found: header.payload_bytes,
+                        limit: SMALL_PAYLOAD_BYTES_MAX as u32,
+                    }
+                    .into());
+                }
+                self.receiving = Receiving::Small { header };
+                if header.payload_bytes == 0 {
+                    // Nothing to receive: handle it now.
+                    return self.received(stream);
+                }
+                Ok(())
+            }
+            other => Err(SessionEnd::Unexpected(other)),
+        }
+    }
+
+    /// Resumes a frame that waited for a buffer or for an overlapping write.
+    pub(super) fn retry_waiting(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        match self.waiting {
+            Some(Waiting::Buffer(header)) if self.pool.free_count() > 0 => {
+                self.waiting = None;
+                self.start_payload(header, stream)
+            }
+            Some(Waiting::Overlap(write)) if !self.overlaps(&write) => {
+                self.waiting = None;
+                self.submit_write(write)
+            }
+            Some(Waiting::Verify { first_extent, count }) if self.writes.iter().all(Option::is_none) => {
+                self.waiting = None;
+                self.answer_verify(first_extent, count, stream)
+            }
+            Some(Waiting::Point { generation, point_unix_ms, sequence })
+                if self.writes.iter().all(Option::is_none) =>
+            {
+                self.waiting = None;
+                self.record_point(generation, point_unix_ms, sequence, stream)
+            }
+            Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence })
+                if self.writes.iter().all(Option::is_none) =>
+            {
+                self.waiting = None;
+                self.apply_zeroes(offset_bytes..offset_bytes + len_bytes, unmap, sequence, stream)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The session ends: writing `len` bytes at `offset` of the image failed.
+    pub(super) fn write_failed(&self, offset: u64, len: usize, error: std::io::Error) -> SessionEnd {
+        SessionEnd::Write { device: self.device.into(), offset, len, error }
+    }
+
+    /// Sends the buffered acks; before the session waits, and before any other frame.
+    pub(super) fn flush_acks(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        if !self.acks.is_empty() {
+            stream.write_all(&self.acks)?;
+            self.acks.clear();
+        }
+        Ok(())
+    }
+
+    /// Tells the primary why the session ends (best effort: the link may be what failed).
+    pub(super) fn report(&mut self, stream: &mut TcpStream, code: ErrorCode, message: &str) {
+        let _ = wire::write_frame(stream, &Message::Error { code, message }, self.next_ack_sequence);
+    }
+
+    /// Sends `message` now, after the buffered acks (frames to the primary keep the order of
+    /// what they report), numbered in this direction's sequence.
+    pub(super) fn send_frame(&mut self, stream: &mut TcpStream, message: &Message) -> Result<(), SessionEnd> {
+        self.flush_acks(stream)?;
+        wire::write_frame(stream, message, self.next_ack_sequence)?;
+        self.next_ack_sequence += 1;
+        Ok(())
+    }
+
+    fn complete_write(
+        &mut self,
+        buffer: u16,
+        result: i32,
+        stats: &SecondaryMetrics,
+    ) -> Result<(), SessionEnd> {
+        let write = self.writes[usize::from(buffer)].take().expect("a completion for a write in flight");
+        self.pool.give_back(buffer);
+        if result < 0 || result as usize != write.len_bytes {
+            let error = if result < 0 {
+                std::io::Error::from_raw_os_error(-result)
+            } else {
+                std::io::Error::other(format!("short write of {result} bytes"))
+            };
+            return Err(self.write_failed(write.offset_bytes, write.len_bytes, error));
+        }
+        stats.written_bytes.inc_by(write.len_bytes as u64);
+        stats.acked_frames.inc();
+        // Buffered: the acks of the writes one reap completes go out in one send.
+        let ack = Message::Ack { first_sequence: write.sequence, last_sequence: write.sequence };
+        wire::encode(&ack, self.next_ack_sequence, &mut self.ack_frame);
+        self.acks.extend_from_slice(&self.ack_frame);
+        self.next_ack_sequence += 1;
+        Ok(())
+    }
+
+    /// Whether `write` overlaps a write in flight (a newer copy must not be overtaken).
+    fn overlaps(&self, write: &Write) -> bool {
+        let (start, end) = (write.offset_bytes, write.offset_bytes + write.len_bytes as u64);
+        self.writes
+            .iter()
+            .flatten()
+            .any(|w| start < w.offset_bytes + w.len_bytes as u64 && w.offset_bytes < end)
+    }
+
+    fn submit_write(&mut self, write: Write) -> Result<(), SessionEnd> {
+        assert!(self.writes[usize::from(write.buffer)].is_none());
+        assert!(!self.overlaps(&write), "overlapping writes are never in flight together");
+        let entry = opcode::WriteFixed::new(
+            types::Fd(self.image.as_raw_fd()),
+            self.pool.data_ptr(write.buffer),
+            write.len_bytes as u32,
+            write.buffer,
+        )
+        .offset(write.offset_bytes)
+        .rw_flags(libc::RWF_DSYNC)
+        .build();
+        // SAFETY: the buffer is owned by this write (recorded in `writes`) until its completion.
+        unsafe { self.ring.push(Op::Write { buffer: write.buffer }, entry) };
+        self.writes[usize::from(write.buffer)] = Some(write);
+        Ok(())
+    }
+
+    /// Ends the session's use of its buffers: shuts the socket so a receive in flight
+    /// completes, and reaps until no operation holds a buffer, before the ring and the pool are
+    /// dropped. Writes that still complete are not acknowledged. There is no deadline for the
+    /// writes: the next session may write the same extents only once these are done (two writes
+    /// of one extent in flight together may land in either order, and the older data could
+    /// land last); a device that never completes them keeps the image locked, and says so.
+    pub(super) fn finish(&mut self, stream: &TcpStream, stop: &AtomicBool) {
+        let _ = stream.shutdown(std::net::Shutdown::Both);
+        let started = Instant::now();
+        let mut warned_at = started;
+        while self.recv_in_flight.is_some() || self.writes.iter().any(Option::is_some) {
+            if stop.load(Ordering::Relaxed) && started.elapsed() > Duration::from_millis(self.timeout_ms) {
+                // Stopping, and the device still holds writes: the process exits (the kernel
+                // finishes or fails them); no new session starts here.
+                tracing::error!(device = self.device, "stopping with writes still in the device");
+                return;
+            }
+            let _ = self.ring.wait(
+                &mut crate::pool::PollWindow::new(crate::pool::PollSetting::Fixed(0)),
+                false,
+                WAIT_NS,
+            );
+            let completions = self.ring.reap();
+            for completion in &completions {
+                let op = self.ring.take(completion.slot);
+                self.forget(op);
+            }
+            self.ring.give_back(completions);
+            if warned_at.elapsed() > Duration::from_millis(self.timeout_ms) {
+                warned_at = Instant::now();
+                let writes = self.writes.iter().flatten().count();
+                tracing::warn!(
+                    device = self.device,
+                    writes,
+                    "writes of an ended session still in flight: no new session writes the image until they complete"
+                );
+            }
+        }
+    }
+
+    fn wait_for_writes(
+        &mut self,
+        stream: &mut TcpStream,
+        stats: &SecondaryMetrics,
+    ) -> Result<(), SessionEnd> {
+        while self.writes.iter().any(Option::is_some) {
+            self.ring.submit_and_wait()?;
+            self.reap(stream, stats)?;
+        }
+        self.flush_acks(stream)?;
+        let _ = stream.flush();
+        Ok(())
+    }
+}
