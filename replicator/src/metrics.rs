@@ -175,7 +175,14 @@ pub struct PeerMetrics {
 
 impl PrimaryMetrics {
     pub fn register(&self, registry: &mut Registry) {
-        let r = registry;
+        self.register_secondaries(registry);
+        self.register_connections(registry);
+        self.register_states(registry);
+        self.register_engine(registry);
+    }
+
+    /// Per secondary: what was shipped, its resync, its lag.
+    fn register_secondaries(&self, r: &mut Registry) {
         r.register(
             "replicator_shipped_bytes",
             "Bytes of extent data shipped to a secondary",
@@ -192,11 +199,6 @@ impl PrimaryMetrics {
             self.resync_bytes.clone(),
         );
         r.register(
-            "replicator_secondary_connected",
-            "1 when the secondary is connected and authenticated",
-            self.connected.clone(),
-        );
-        r.register(
             "replicator_out_of_sync_bytes",
             "Bytes of the extents a secondary has not acknowledged; 0 exactly when it is in sync",
             self.out_of_sync_bytes.clone(),
@@ -206,6 +208,36 @@ impl PrimaryMetrics {
             "replicator_zero_copy_copied_sends",
             "Zero-copy sends the kernel reported it copied anyway",
             self.copied_sends.clone(),
+        );
+        r.register(
+            "replicator_verify_differing_extents",
+            "Extents a verify found different on a secondary (shipped again)",
+            self.verify_differing_extents.clone(),
+        );
+        r.register(
+            "replicator_sync_rate_limit_bytes_per_second",
+            "Resync rate limit per secondary, in bytes per second (0: unlimited)",
+            self.sync_rate_limit_bytes.clone(),
+        );
+        r.register(
+            "replicator_replication_lag_seconds",
+            "From a write's completion on the primary (its drain from the tracker) to the secondary's \
+             acknowledgement that it is durable",
+            self.lag.clone(),
+        );
+        r.register(
+            "replicator_ack_round_trip_seconds",
+            "From a frame fully sent to its acknowledgement",
+            self.ack_rtt.clone(),
+        );
+    }
+
+    /// Per secondary: its connection, attempts, refusals and errors.
+    fn register_connections(&self, r: &mut Registry) {
+        r.register(
+            "replicator_secondary_connected",
+            "1 when the secondary is connected and authenticated",
+            self.connected.clone(),
         );
         r.register(
             "replicator_secondary_connects",
@@ -218,21 +250,30 @@ impl PrimaryMetrics {
             self.disconnects.clone(),
         );
         r.register(
+            "replicator_connection_attempts",
+            "Connection attempts to a secondary",
+            self.connection_attempts.clone(),
+        );
+        r.register(
+            "replicator_authentication_failures",
+            "Handshakes with a secondary that failed (key, mirror, image size)",
+            self.auth_failures.clone(),
+        );
+        r.register(
+            "replicator_secondary_write_errors",
+            "Write errors a secondary reported",
+            self.write_errors.clone(),
+        );
+    }
+
+    /// The mirror's and images' states, and the logs that keep them.
+    fn register_states(&self, r: &mut Registry) {
+        r.register(
             "replicator_fracture_log_extents",
             "Extents in a fractured secondary's fracture log (what its resync will copy)",
             self.fracture_log_extents.clone(),
         );
         r.register("replicator_fractures", "Times a secondary was fractured", self.fractures.clone());
-        r.register(
-            "replicator_verify_differing_extents",
-            "Extents a verify found different on a secondary (shipped again)",
-            self.verify_differing_extents.clone(),
-        );
-        r.register(
-            "replicator_sync_rate_limit_bytes_per_second",
-            "Resync rate limit per secondary, in bytes per second (0: unlimited)",
-            self.sync_rate_limit_bytes.clone(),
-        );
         r.register(
             "replicator_intent_log_extents",
             "Extents in the write-intent log",
@@ -255,36 +296,24 @@ impl PrimaryMetrics {
             self.image_state.clone(),
         );
         r.register(
-            "replicator_replication_lag_seconds",
-            "From a write's completion on the primary (its drain from the tracker) to the secondary's \
-             acknowledgement that it is durable",
-            self.lag.clone(),
-        );
-        r.register(
-            "replicator_ack_round_trip_seconds",
-            "From a frame fully sent to its acknowledgement",
-            self.ack_rtt.clone(),
-        );
-        r.register(
             "replicator_checkpoint_duration_seconds",
             "Time to checkpoint the intent and fracture logs",
             self.checkpoint_duration.clone(),
         );
         r.register(
-            "replicator_connection_attempts",
-            "Connection attempts to a secondary",
-            self.connection_attempts.clone(),
+            "replicator_image_state_transitions",
+            "Transitions of each secondary image into each state",
+            self.image_transitions.clone(),
         );
         r.register(
-            "replicator_authentication_failures",
-            "Handshakes with a secondary that failed (key, mirror, image size)",
-            self.auth_failures.clone(),
+            "replicator_log_write_errors",
+            "Intent or fracture log writes that failed",
+            self.log_write_errors.clone(),
         );
-        r.register(
-            "replicator_secondary_write_errors",
-            "Write errors a secondary reported",
-            self.write_errors.clone(),
-        );
+    }
+
+    /// The tracker, the export and the engine's loop.
+    fn register_engine(&self, r: &mut Registry) {
         r.register(
             "replicator_tracker_events",
             "Block-layer events the tracker saw",
@@ -310,16 +339,6 @@ impl PrimaryMetrics {
             "replicator_tracker_write_events",
             "Writes (and discards) the tracker marked",
             self.tracker_write_events.clone(),
-        );
-        r.register(
-            "replicator_image_state_transitions",
-            "Transitions of each secondary image into each state",
-            self.image_transitions.clone(),
-        );
-        r.register(
-            "replicator_log_write_errors",
-            "Intent or fracture log writes that failed",
-            self.log_write_errors.clone(),
         );
     }
 

@@ -1,4 +1,4 @@
-//! The NBD export ships its own writes, so the tracker must not hand them to the shipper a
+//! The NBD export ships its own writes, so the tracker must not hand them to the engine a
 //! second time: the writes of the exempt process are marked in the intent log (crash safety)
 //! and their completions are filtered out, while another process's write to the same extent is
 //! still reported.

@@ -225,6 +225,19 @@ fn option_reply(stream: &mut impl Write, option: u32, kind: u32, data: &[u8]) ->
 /// The server's half of the handshake. Returns once the client has chosen the export and
 /// transmission begins.
 pub fn handshake(stream: &mut (impl Read + Write), info: &ExportInfo) -> Result<(), NbdError> {
+    let no_zeroes = greet(stream)?;
+    for _ in 0..OPTIONS_MAX {
+        let (option, data) = read_option(stream)?;
+        if answer_option(stream, info, option, &data, no_zeroes)? {
+            return Ok(());
+        }
+    }
+    Err(NbdError::TooManyOptions)
+}
+
+/// The fixed-newstyle greeting, and the client's flags: whether it skips the zeroes after an
+/// `NBD_OPT_EXPORT_NAME` reply.
+fn greet(stream: &mut (impl Read + Write)) -> Result<bool, NbdError> {
     let mut greeting = [0u8; 18];
     greeting[..8].copy_from_slice(&NBDMAGIC.to_be_bytes());
     greeting[8..16].copy_from_slice(&IHAVEOPT.to_be_bytes());
@@ -234,72 +247,85 @@ pub fn handshake(stream: &mut (impl Read + Write), info: &ExportInfo) -> Result<
     if client_flags & !CLIENT_FLAGS_KNOWN != 0 {
         return Err(NbdError::ClientFlags(client_flags));
     }
-    let no_zeroes = client_flags & u32::from(FLAG_NO_ZEROES) != 0;
-    for _ in 0..OPTIONS_MAX {
-        let magic = read_u64(stream)?;
-        if magic != IHAVEOPT {
-            return Err(NbdError::Magic { what: "option", found: magic });
-        }
-        let option = read_u32(stream)?;
-        let bytes = read_u32(stream)?;
-        if bytes > OPTION_BYTES_MAX {
-            return Err(NbdError::OptionTooLong { option, bytes });
-        }
-        let mut data = vec![0u8; bytes as usize];
-        stream.read_exact(&mut data)?;
-        match option {
-            OPT_EXPORT_NAME => {
-                // No reply framing and no way to refuse: size, flags, padding, transmission.
-                let mut reply = Vec::with_capacity(134);
-                reply.extend_from_slice(&info.image_bytes.to_be_bytes());
-                reply.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-                if !no_zeroes {
-                    reply.extend_from_slice(&[0u8; 124]);
-                }
-                stream.write_all(&reply)?;
-                return Ok(());
-            }
-            OPT_ABORT => {
-                let _ = option_reply(stream, option, REP_ACK, &[]);
-                return Err(NbdError::Aborted);
-            }
-            OPT_LIST => {
-                if data.is_empty() {
-                    let mut server = (info.name.len() as u32).to_be_bytes().to_vec();
-                    server.extend_from_slice(info.name.as_bytes());
-                    option_reply(stream, option, REP_SERVER, &server)?;
-                    option_reply(stream, option, REP_ACK, &[])?;
-                } else {
-                    option_reply(stream, option, REP_ERR_INVALID, &[])?;
-                }
-            }
-            OPT_INFO | OPT_GO => match parse_info_request(&data) {
-                None => option_reply(stream, option, REP_ERR_INVALID, &[])?,
-                Some(name) if !name.is_empty() && name != info.name.as_bytes() => {
-                    option_reply(stream, option, REP_ERR_UNKNOWN, &[])?
-                }
-                Some(_) => {
-                    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
-                    export.extend_from_slice(&info.image_bytes.to_be_bytes());
-                    export.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
-                    option_reply(stream, option, REP_INFO, &export)?;
-                    // Sent whether asked or not (the protocol allows it): requests must be
-                    // aligned to the device's logical block and at most the maximum long.
-                    let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
-                    sizes.extend_from_slice(&info.block_bytes_min.to_be_bytes());
-                    sizes.extend_from_slice(&info.block_bytes_min.max(4096).to_be_bytes());
-                    sizes.extend_from_slice(&info.block_bytes_max.to_be_bytes());
-                    option_reply(stream, option, REP_INFO, &sizes)?;
-                    option_reply(stream, option, REP_ACK, &[])?;
-                    if option == OPT_GO {
-                        return Ok(());
-                    }
-                }
-            },
-            _ => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
-        }
+    Ok(client_flags & u32::from(FLAG_NO_ZEROES) != 0)
+}
+
+/// One option the client sends: its code and data (at most `OPTION_BYTES_MAX`).
+fn read_option(stream: &mut impl Read) -> Result<(u32, Vec<u8>), NbdError> {
+    let magic = read_u64(stream)?;
+    if magic != IHAVEOPT {
+        return Err(NbdError::Magic { what: "option", found: magic });
     }
-    Err(NbdError::TooManyOptions)
+    let option = read_u32(stream)?;
+    let bytes = read_u32(stream)?;
+    if bytes > OPTION_BYTES_MAX {
+        return Err(NbdError::OptionTooLong { option, bytes });
+    }
+    let mut data = vec![0u8; bytes as usize];
+    stream.read_exact(&mut data)?;
+    Ok((option, data))
+}
+
+/// Answers one option; returns whether transmission begins.
+fn answer_option(
+    stream: &mut impl Write,
+    info: &ExportInfo,
+    option: u32,
+    data: &[u8],
+    no_zeroes: bool,
+) -> Result<bool, NbdError> {
+    match option {
+        OPT_EXPORT_NAME => {
+            // No reply framing and no way to refuse: size, flags, padding, transmission.
+            let mut reply = Vec::with_capacity(134);
+            reply.extend_from_slice(&info.image_bytes.to_be_bytes());
+            reply.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+            if !no_zeroes {
+                reply.extend_from_slice(&[0u8; 124]);
+            }
+            stream.write_all(&reply)?;
+            return Ok(true);
+        }
+        OPT_ABORT => {
+            let _ = option_reply(stream, option, REP_ACK, &[]);
+            return Err(NbdError::Aborted);
+        }
+        OPT_LIST if data.is_empty() => {
+            let mut server = (info.name.len() as u32).to_be_bytes().to_vec();
+            server.extend_from_slice(info.name.as_bytes());
+            option_reply(stream, option, REP_SERVER, &server)?;
+            option_reply(stream, option, REP_ACK, &[])?;
+        }
+        OPT_LIST => option_reply(stream, option, REP_ERR_INVALID, &[])?,
+        OPT_INFO | OPT_GO => match parse_info_request(data) {
+            None => option_reply(stream, option, REP_ERR_INVALID, &[])?,
+            Some(name) if !name.is_empty() && name != info.name.as_bytes() => {
+                option_reply(stream, option, REP_ERR_UNKNOWN, &[])?
+            }
+            Some(_) => {
+                export_info(stream, info, option)?;
+                return Ok(option == OPT_GO);
+            }
+        },
+        _ => option_reply(stream, option, REP_ERR_UNSUP, &[])?,
+    }
+    Ok(false)
+}
+
+/// The export's size and flags, and its block sizes (sent whether asked or not, as the
+/// protocol allows: requests must be aligned to the device's logical block and at most the
+/// maximum long), then the ack.
+fn export_info(stream: &mut impl Write, info: &ExportInfo, option: u32) -> std::io::Result<()> {
+    let mut export = INFO_EXPORT.to_be_bytes().to_vec();
+    export.extend_from_slice(&info.image_bytes.to_be_bytes());
+    export.extend_from_slice(&TRANSMISSION_FLAGS.to_be_bytes());
+    option_reply(stream, option, REP_INFO, &export)?;
+    let mut sizes = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+    sizes.extend_from_slice(&info.block_bytes_min.to_be_bytes());
+    sizes.extend_from_slice(&info.block_bytes_min.max(4096).to_be_bytes());
+    sizes.extend_from_slice(&info.block_bytes_max.to_be_bytes());
+    option_reply(stream, option, REP_INFO, &sizes)?;
+    option_reply(stream, option, REP_ACK, &[])
 }
 
 /// The export name of an `NBD_OPT_INFO` / `NBD_OPT_GO` payload, if it is well formed: a name

@@ -2,13 +2,21 @@
 //! one device, and hands userspace the extents that writes touched.
 //!
 //! Owns the program's links and maps, pinned in bpffs under `<bpffs_root>/<name>/`, and the
-//! `mmap`ed bitmaps. Two bitmaps, one bit per extent:
-//! - intent: set when a write is queued (before it can reach the device), and again when its
-//!   completion is drained. This is the pinned write-intent log; the shipper clears an extent
-//!   from it only when the extent is clean everywhere and quiet (`logs`).
-//! - completed: set when a write has completed. `drain_completed` takes bits atomically (one swap
-//!   per word), so an extent read after the drain holds data at least as new as every write
-//!   whose completion set the bit; a write completing later sets the bit again.
+//! `mmap`ed ones. The maps (names in `replicator_common::layout`):
+//! - INTENT, one bit per extent: set when a write is queued (before it can reach the device),
+//!   and again when its completion is drained. This is the pinned write-intent log; the engine
+//!   clears an extent from it only when the extent is clean everywhere and quiet (`logs`).
+//! - COMPLETED, one bit per extent: set when a write has completed. `drain_completed` takes bits
+//!   atomically (one swap per word), so an extent read after the drain holds data at least as
+//!   new as every write whose completion set the bit; a write completing later sets it again.
+//! - QUEUED, one bit per extent: set with INTENT when a write is queued and taken at every
+//!   drain, so a write whose completion the kernel never traces is still reported (after
+//!   `UNMATCHED_AFTER`: the safety net in `match_completions`).
+//! - QUEUED_SUM and COMPLETED_SUM: two-level summaries of those two, so a drain costs what
+//!   changed rather than the size of the device (`shared::Summarized`).
+//! - WIDE, a ring buffer of ranges too wide to mark inline; FLAGS (lost ranges, the exempt
+//!   writer); COUNTERS (per CPU); META (the configuration the maps were made for, checked when
+//!   a pinned tracker is resumed).
 //!
 //! Invariant: every mark the kernel program sets is either still in the pinned map or has been
 //! returned by `drain_completed`. The links and maps are pinned, so the program keeps marking
@@ -207,125 +215,86 @@ impl Tracker {
     }
 
     pub fn attach_with(path: &Path, options: &TrackerOptions) -> Result<Self, TrackerError> {
-        let device = BlockDevice::resolve(path)?;
-        if device.zoned != "none" {
-            return Err(TrackerError::Zoned { device: path.into(), model: device.zoned.clone() });
-        }
-        let geometry = ExtentGeometry::new(device.start_sector, device.nr_sectors, options.extent_bytes)
-            .ok_or(TrackerError::ExtentSize { device: path.into(), extent_bytes: options.extent_bytes })?;
-        let bitmap_words =
-            u32::try_from(geometry.bitmap_words()).map_err(|_| TrackerError::TooManyExtents {
-                device: path.into(),
-                extents: geometry.extent_count(),
-                extent_bytes: options.extent_bytes,
-            })?;
+        let (device, config) = tracker_config(path, options)?;
+        let geometry = config.geometry;
         sysfs::ensure_bpffs()?;
-        let config = TrackerConfig {
-            disk_major: device.disk_major,
-            disk_minor: device.disk_minor,
-            geometry,
-            bitmap_words,
-            layout: kernel_layout()?,
-            ..TrackerConfig::EMPTY
-        };
         let name = options.name.clone().unwrap_or_else(|| default_name(path));
         let pin_dir = pin_dir_of(&options.bpffs_root, &name)?;
         let resumed = check_pinned_meta(&pin_dir, &name, &config)?;
         fs::create_dir_all(&pin_dir).map_err(|source| TrackerError::Io { path: pin_dir.clone(), source })?;
         let lock = if options.exclusive { Some(lock_pin_dir(&pin_dir, &name)?) } else { None };
-
-        let ebpf_err = |what: &str| {
-            let device = path.to_path_buf();
-            let what = what.to_owned();
-            move |source: Box<dyn std::error::Error + Send + Sync>| TrackerError::Ebpf {
-                device,
-                what,
-                source,
-            }
-        };
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(&pin_dir)
-            .override_global(GLOBAL_CONFIG, &config, true)
-            .map_max_entries(MAP_INTENT, bitmap_words)
-            .map_max_entries(MAP_COMPLETED, bitmap_words)
-            .map_max_entries(MAP_QUEUED, bitmap_words)
-            .map_max_entries(MAP_QUEUED_SUMMARY, summary_map_words(bitmap_words))
-            .map_max_entries(MAP_COMPLETED_SUMMARY, summary_map_words(bitmap_words))
-            .load(EBPF_OBJECT)
-            .map_err(|e| ebpf_err("loading the kernel program")(e.into()))?;
-        write_meta(&mut ebpf, &config).map_err(ebpf_err("writing META"))?;
-        let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_err("reading kernel BTF")(e.into()))?;
+        let mut ebpf = load(&pin_dir, &config).map_err(ebpf_error(path, "loading the kernel program"))?;
+        write_meta(&mut ebpf, &config).map_err(ebpf_error(path, "writing META"))?;
+        let btf = aya::Btf::from_sys_fs().map_err(|e| ebpf_error(path, "reading kernel BTF")(e.into()))?;
         // Marks the previous run's programs may have skipped, read before they are replaced.
         let missed_before = if resumed { pinned_recursion_misses(&pin_dir) } else { 0 };
         let mut programs = Vec::new();
         for (program, tracepoint) in PROGRAMS {
-            let fd = attach_pinned(&mut ebpf, &btf, program, tracepoint, &pin_dir)
-                .map_err(ebpf_err(tracepoint))?;
-            programs.push(fd);
+            programs.push(
+                attach_pinned(&mut ebpf, &btf, program, tracepoint, &pin_dir)
+                    .map_err(ebpf_error(path, tracepoint))?,
+            );
         }
-        let intent = map_bitmap(&mut ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_err(MAP_INTENT))?;
-        let summarized =
-            |ebpf: &mut Ebpf, name: &str, summary_name: &str| -> Result<Summarized, TrackerError> {
-                let bits = map_bitmap(ebpf, name, bitmap_words).map_err(ebpf_err(name))?;
-                let summary = map_bitmap(ebpf, summary_name, summary_map_words(bitmap_words))
-                    .map_err(ebpf_err(summary_name))?;
-                Ok(Summarized::new(bits, summary))
-            };
-        let completed = summarized(&mut ebpf, MAP_COMPLETED, MAP_COMPLETED_SUMMARY)?;
-        let queued = summarized(&mut ebpf, MAP_QUEUED, MAP_QUEUED_SUMMARY)?;
-        let flags = map_bitmap(&mut ebpf, MAP_FLAGS, FLAGS_WORDS).map_err(ebpf_err(MAP_FLAGS))?;
-        let wide = take_map(&mut ebpf, MAP_WIDE)
-            .and_then(|m| Ok(RingBuf::try_from(m)?))
-            .map_err(ebpf_err(MAP_WIDE))?;
-        let counters = take_map(&mut ebpf, MAP_COUNTERS)
-            .and_then(|m| Ok(PerCpuArray::try_from(m)?))
-            .map_err(ebpf_err(MAP_COUNTERS))?;
+        let maps = Maps::take(&mut ebpf, config.bitmap_words, path)?;
         tracing::info!(
             device = %path.display(), pin_dir = %pin_dir.display(), resumed,
             extent_bytes = geometry.extent_bytes(), extents = geometry.extent_count(),
             start_sector = device.start_sector, "tracker attached"
         );
         // `ebpf` drops here: the links and maps live on through their pins and our fds.
-        let extents = geometry.extent_count() as usize;
         if missed_before > 0 {
             tracing::warn!(
                 missed_before,
                 "the previous tracker's programs skipped runs: marking every extent"
             );
-            intent.set_all(geometry.extent_count());
-            completed.set_all(geometry.extent_count());
+            maps.intent.set_all(geometry.extent_count());
+            maps.completed.set_all(geometry.extent_count());
         }
-        let tracker = Self {
-            device,
-            geometry,
-            name,
-            pin_dir,
-            resumed,
-            intent,
-            completed,
-            queued,
-            awaiting: ExtentSet::new(extents),
-            awaiting_before: ExtentSet::new(extents),
-            awaiting_since: std::time::Instant::now(),
-            unmatched_writes: 0,
-            swept: None,
-            sweep_interval: options.sweep_interval,
-            flags,
-            wide,
-            counters,
-            drained: ExtentSet::new(extents),
-            programs,
-            recursion_misses: 0,
-            misses_unreadable: false,
-            misses_checked: std::time::Instant::now(),
-            lock,
-        };
+        let tracker =
+            Self::from_parts(device, geometry, (name, pin_dir, resumed), maps, programs, options, lock);
         if tracker.lock.is_some() {
             // An exempt process of a run that crashed stays in the pinned flags: its pid may be
             // another process's now. The process that exports sets its own again.
             tracker.exempt_writes_of(0);
         }
         Ok(tracker)
+    }
+
+    fn from_parts(
+        device: BlockDevice,
+        geometry: ExtentGeometry,
+        (name, pin_dir, resumed): (String, PathBuf, bool),
+        maps: Maps,
+        programs: Vec<ProgramFd>,
+        options: &TrackerOptions,
+        lock: Option<nix::fcntl::Flock<fs::File>>,
+    ) -> Self {
+        let extents = geometry.extent_count() as usize;
+        Self {
+            device,
+            geometry,
+            name,
+            pin_dir,
+            resumed,
+            intent: maps.intent,
+            completed: maps.completed,
+            queued: maps.queued,
+            awaiting: ExtentSet::new(extents),
+            awaiting_before: ExtentSet::new(extents),
+            awaiting_since: std::time::Instant::now(),
+            unmatched_writes: 0,
+            swept: None,
+            sweep_interval: options.sweep_interval,
+            flags: maps.flags,
+            wide: maps.wide,
+            counters: maps.counters,
+            drained: ExtentSet::new(extents),
+            programs,
+            recursion_misses: 0,
+            misses_unreadable: false,
+            misses_checked: std::time::Instant::now(),
+            lock,
+        }
     }
 
     pub fn device(&self) -> &BlockDevice {
@@ -737,6 +706,87 @@ fn check_pinned_meta(pin_dir: &Path, name: &str, wanted: &TrackerConfig) -> Resu
         });
     }
     Ok(true)
+}
+
+/// The device `path` resolves to and the configuration its program is loaded with: a zoned
+/// disk is refused, and the extent size and the bitmap's size are checked.
+fn tracker_config(
+    path: &Path,
+    options: &TrackerOptions,
+) -> Result<(BlockDevice, TrackerConfig), TrackerError> {
+    let device = BlockDevice::resolve(path)?;
+    if device.zoned != "none" {
+        return Err(TrackerError::Zoned { device: path.into(), model: device.zoned.clone() });
+    }
+    let geometry = ExtentGeometry::new(device.start_sector, device.nr_sectors, options.extent_bytes)
+        .ok_or(TrackerError::ExtentSize { device: path.into(), extent_bytes: options.extent_bytes })?;
+    let bitmap_words = u32::try_from(geometry.bitmap_words()).map_err(|_| TrackerError::TooManyExtents {
+        device: path.into(),
+        extents: geometry.extent_count(),
+        extent_bytes: options.extent_bytes,
+    })?;
+    let config = TrackerConfig {
+        disk_major: device.disk_major,
+        disk_minor: device.disk_minor,
+        geometry,
+        bitmap_words,
+        layout: kernel_layout()?,
+        ..TrackerConfig::EMPTY
+    };
+    Ok((device, config))
+}
+
+/// An error of the eBPF side for `device`, while doing `what`.
+fn ebpf_error(device: &Path, what: &str) -> impl FnOnce(BoxError) -> TrackerError + use<> {
+    let (device, what) = (device.to_path_buf(), what.to_owned());
+    move |source: BoxError| TrackerError::Ebpf { device, what, source }
+}
+
+/// Loads the kernel program with its maps sized for `config` and pinned in `pin_dir` (an
+/// earlier run's pinned maps are reused).
+fn load(pin_dir: &Path, config: &TrackerConfig) -> Result<Ebpf, BoxError> {
+    let words = config.bitmap_words;
+    Ok(EbpfLoader::new()
+        .default_map_pin_directory(pin_dir)
+        .override_global(GLOBAL_CONFIG, config, true)
+        .map_max_entries(MAP_INTENT, words)
+        .map_max_entries(MAP_COMPLETED, words)
+        .map_max_entries(MAP_QUEUED, words)
+        .map_max_entries(MAP_QUEUED_SUMMARY, summary_map_words(words))
+        .map_max_entries(MAP_COMPLETED_SUMMARY, summary_map_words(words))
+        .load(EBPF_OBJECT)?)
+}
+
+/// The maps userspace keeps, taken from the loaded object.
+struct Maps {
+    intent: SharedBitmap,
+    completed: Summarized,
+    queued: Summarized,
+    flags: SharedBitmap,
+    wide: RingBuf<MapData>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+impl Maps {
+    fn take(ebpf: &mut Ebpf, bitmap_words: u32, path: &Path) -> Result<Self, TrackerError> {
+        let intent = map_bitmap(ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_error(path, MAP_INTENT))?;
+        let mut summarized = |name: &str, summary_name: &str| -> Result<Summarized, TrackerError> {
+            let bits = map_bitmap(ebpf, name, bitmap_words).map_err(ebpf_error(path, name))?;
+            let summary = map_bitmap(ebpf, summary_name, summary_map_words(bitmap_words))
+                .map_err(ebpf_error(path, summary_name))?;
+            Ok(Summarized::new(bits, summary))
+        };
+        let completed = summarized(MAP_COMPLETED, MAP_COMPLETED_SUMMARY)?;
+        let queued = summarized(MAP_QUEUED, MAP_QUEUED_SUMMARY)?;
+        let flags = map_bitmap(ebpf, MAP_FLAGS, FLAGS_WORDS).map_err(ebpf_error(path, MAP_FLAGS))?;
+        let wide = take_map(ebpf, MAP_WIDE)
+            .and_then(|m| Ok(RingBuf::try_from(m)?))
+            .map_err(ebpf_error(path, MAP_WIDE))?;
+        let counters = take_map(ebpf, MAP_COUNTERS)
+            .and_then(|m| Ok(PerCpuArray::try_from(m)?))
+            .map_err(ebpf_error(path, MAP_COUNTERS))?;
+        Ok(Self { intent, completed, queued, flags, wide, counters })
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
