@@ -189,12 +189,13 @@ impl StateFiles for StateDir {
     }
 }
 
-/// State files in memory, for tests: `failing` makes every write fail, as a full disk would.
+/// State files in memory, for tests: writes of the files whose names start with `failing`
+/// fail, as on a full disk (`Some("")`: every write).
 #[cfg(test)]
 #[derive(Clone, Debug, Default)]
 pub struct MemoryFiles {
     pub files: std::collections::BTreeMap<String, Vec<u8>>,
-    pub failing: bool,
+    pub failing: Option<&'static str>,
 }
 
 #[cfg(test)]
@@ -204,7 +205,7 @@ impl StateFiles for MemoryFiles {
     }
 
     fn replace(&mut self, name: &str, bytes: &[u8]) -> Result<(), FileError> {
-        if self.failing {
+        if self.failing.is_some_and(|prefix| name.starts_with(prefix)) {
             let source = std::io::Error::from_raw_os_error(libc::ENOSPC);
             return Err(FileError::Io { path: PathBuf::from(name), source });
         }

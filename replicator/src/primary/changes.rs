@@ -569,3 +569,75 @@ impl Setting {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::recover::PeerDefaults;
+    use crate::primary::testing;
+
+    fn membership(db: Option<MirrorDb>) -> Membership {
+        let defaults = PeerDefaults {
+            sync_rate_bytes_per_s: 0,
+            recovery_policy: RecoveryPolicy::Automatic,
+            initial_sync: true,
+        };
+        Membership::new(db, "/nonexistent".into(), WritePolicy::Async, 1, defaults, testing::metrics())
+    }
+
+    fn refusal(answer: Option<Answer>) -> String {
+        answer.expect("answered at once").outcome.expect_err("refused")
+    }
+
+    #[test]
+    fn settings_parse_or_say_what_they_take() {
+        assert!(matches!(Setting::parse("sync-rate", "200MiB"), Ok(Setting::SyncRate(209_715_200))));
+        assert!(matches!(
+            Setting::parse("write-policy", "sync"),
+            Ok(Setting::WritePolicy(WritePolicy::Sync))
+        ));
+        assert!(Setting::parse("write-policy", "maybe").unwrap_err().contains("sync or async"));
+        assert!(Setting::parse("recovery-policy", "later").unwrap_err().contains("automatic or manual"));
+        assert!(Setting::parse("colour", "blue").unwrap_err().contains("settable:"));
+    }
+
+    /// Refusals come at once and change nothing: no database, a bad or taken name, too many
+    /// images for minimum-images.
+    #[test]
+    fn changes_that_break_a_rule_are_refused_at_once() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let mut buffers = testing::buffers();
+        let state_dir = std::path::Path::new("/nonexistent");
+        let mut teardown = Teardown { buffers: &mut buffers, export: None, state_dir };
+        let addr = "127.0.0.1:1".parse().expect("an address");
+        let (reply, _) = std::sync::mpsc::channel();
+        let without = refusal(membership(None).add_secondary(
+            &mut peers,
+            testing::EXTENTS,
+            ("c", addr, false),
+            reply,
+            &mut teardown,
+        ));
+        assert!(without.contains("not from a mirror database"), "{without}");
+        let mut with_db = membership(Some(crate::mirror::sample_db()));
+        for (name, why) in [
+            ("c/d", "a secondary name"),
+            ("b", "already has an image named b"),
+            (&*"x".repeat(65), "1 to 64"),
+        ] {
+            let (reply, _) = std::sync::mpsc::channel();
+            let refused = refusal(with_db.add_secondary(
+                &mut peers,
+                testing::EXTENTS,
+                (name, addr, false),
+                reply,
+                &mut teardown,
+            ));
+            assert!(refused.contains(why), "{name}: {refused}");
+        }
+        let (reply, _) = std::sync::mpsc::channel();
+        let refused = refusal(with_db.set(&mut peers, None, ("minimum-images", "3"), reply, &mut teardown));
+        assert!(refused.contains("1 to 2"), "{refused}");
+        assert!(with_db.change.is_none() && peers.len() == 1, "nothing started");
+    }
+}

@@ -255,3 +255,84 @@ impl<F: StateFiles> Checkpointer<F> {
 #[cfg(test)]
 #[path = "checkpoint_model.rs"]
 mod model;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::MemoryFiles;
+    use crate::model::RecoveryPolicy;
+
+    const EXTENTS: usize = 16;
+
+    struct Intent(BitVec<u64, Lsb0>);
+
+    impl IntentMap for Intent {
+        fn intent_into(&mut self, out: &mut BitVec<u64, Lsb0>) {
+            out.clear();
+            out.extend_from_bitslice(&self.0);
+        }
+
+        fn clear_intent(&mut self, extents: &BitSlice<u64, Lsb0>) {
+            for e in extents.iter_ones() {
+                self.0.set(e, false);
+            }
+        }
+
+        fn note_awaiting(&self, _quiet: &mut IntentQuiet) {}
+    }
+
+    /// One secondary, fractured, lacking extent 5.
+    struct One(PeerLog);
+
+    impl Secondaries for One {
+        fn slots(&self) -> usize {
+            1
+        }
+
+        fn member(&self, _index: usize) -> bool {
+            true
+        }
+
+        fn dirty_into(&self, _index: usize, out: &mut BitVec<u64, Lsb0>) {
+            *out = bitvec![u64, Lsb0; 0; EXTENTS];
+            out.set(5, true);
+        }
+
+        fn log(&mut self, _index: usize) -> &mut PeerLog {
+            &mut self.0
+        }
+    }
+
+    /// A fractured secondary whose fracture log cannot be written (a full disk) keeps its
+    /// extents in the intent log, checkpoint after checkpoint; once the log is written they
+    /// may leave it.
+    #[test]
+    fn extents_of_a_fracture_log_not_on_disk_stay_in_the_intent_log() {
+        let files = MemoryFiles { failing: Some("fracture-"), ..MemoryFiles::default() };
+        let extent_bytes = ExtentBytes::new(4096).expect("4 KiB");
+        let metrics = Arc::new(crate::metrics::PrimaryMetrics::default());
+        let mut logs = Checkpointer::new(
+            files,
+            1,
+            extent_bytes,
+            EXTENTS as u64 * 4096,
+            Duration::ZERO,
+            Arc::clone(&metrics),
+        );
+        let mut intent = Intent(bitvec![u64, Lsb0; 1; EXTENTS]);
+        let mut secondary = One(PeerLog::new("b", 0, RecoveryPolicy::Automatic));
+        secondary.0.fracture();
+        for _ in 0..=logs::INTENT_QUIET_CHECKPOINTS + 1 {
+            logs.checkpoint(&mut intent, &mut secondary, 1);
+        }
+        assert!(intent.0[5], "its extent stays");
+        assert!(!intent.0[4], "a quiet extent nobody lacks leaves");
+        assert!(metrics.log_write_errors.get() > 0);
+        logs.files.failing = None;
+        for _ in 0..=logs::INTENT_QUIET_CHECKPOINTS + 1 {
+            logs.checkpoint(&mut intent, &mut secondary, 1);
+        }
+        assert!(!intent.0[5], "in the fracture log on disk now");
+        assert!(logs.files.files.contains_key("fracture-b.log"));
+    }
+}

@@ -147,3 +147,62 @@ impl RingBudget {
         self.reads + self.per_secondary * self.secondaries + self.export
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> PrimaryConfig {
+        PrimaryConfig {
+            device: "/dev/null".into(),
+            secondaries: vec![("b".into(), "127.0.0.1:7788".parse().expect("an address"))],
+            state_dir: "/nonexistent".into(),
+            tracker_name: None,
+            mirror_id: 1,
+            extent_bytes: ExtentBytes::DEFAULT,
+            run_bytes_max: PrimaryConfig::RUN_BYTES_MAX_DEFAULT,
+            buffers: PrimaryConfig::BUFFERS_DEFAULT,
+            backlog_bytes_max: PrimaryConfig::BACKLOG_BYTES_MAX_DEFAULT,
+            timeout_ms: 5000,
+            keepalive_ms: 1000,
+            retry_max_ms: 1000,
+            initial_sync: true,
+            zero_copy: true,
+            checkpoint_ms: 1000,
+            sync_rate_bytes_per_s: 0,
+            recovery_policy: RecoveryPolicy::Automatic,
+            mirror: None,
+            export: None,
+            write_policy: WritePolicy::Async,
+            minimum_images: 1,
+            poll: crate::pool::PollSetting::Auto,
+            tcp_congestion: crate::link::Congestion::resolve(Some("system")).expect("the host's"),
+        }
+    }
+
+    #[test]
+    fn the_ring_budget_is_the_sum_of_its_reserves() {
+        let budget = RingBudget::of(&config());
+        assert_eq!(budget.reads, 32);
+        assert_eq!(budget.per_secondary, 4 + NOTIFICATIONS_PER_SECONDARY_MAX);
+        assert_eq!(budget.secondaries, 1, "a mirror from the command line has its secondaries only");
+        assert_eq!(budget.slots(), 32 + 36);
+        let with_db = PrimaryConfig { mirror: Some(crate::mirror::sample_db()), ..config() };
+        assert_eq!(RingBudget::of(&with_db).secondaries, SECONDARIES_MAX, "a database's mirror may grow");
+    }
+
+    #[test]
+    fn a_configuration_that_breaks_a_rule_is_refused_saying_which() {
+        assert_eq!(config().validate(1 << 30), Ok(()));
+        let twice = PrimaryConfig { secondaries: vec![config().secondaries[0].clone(); 2], ..config() };
+        assert!(twice.validate(1 << 30).unwrap_err().contains("two secondaries named"));
+        let ragged = PrimaryConfig { run_bytes_max: 65536 + 4096, ..config() };
+        assert!(ragged.validate(1 << 30).unwrap_err().contains("not a multiple of the extent size"));
+        let small = PrimaryConfig { backlog_bytes_max: 4096, ..config() };
+        assert!(small.validate(1 << 30).unwrap_err().contains("smaller than one run"));
+        let none = PrimaryConfig { secondaries: Vec::new(), ..config() };
+        assert!(none.validate(1 << 30).unwrap_err().contains("between 1 and"));
+        let tiny_extents = PrimaryConfig { extent_bytes: ExtentBytes::new(4096).expect("4 KiB"), ..config() };
+        assert!(tiny_extents.validate(1 << 50).unwrap_err().contains("use larger extents"), "a 1 PiB image");
+    }
+}

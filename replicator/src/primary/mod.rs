@@ -38,6 +38,8 @@ mod recv;
 mod resync;
 mod send;
 pub mod status;
+#[cfg(test)]
+mod testing;
 mod verify;
 
 use std::fs::OpenOptions;

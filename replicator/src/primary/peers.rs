@@ -144,6 +144,14 @@ impl Peers {
         }
     }
 
+    /// Peers over `slots` made by hand, with no connector threads (for tests).
+    #[cfg(test)]
+    pub fn with_slots(reach: Reach, metrics: Arc<crate::metrics::PrimaryMetrics>, slots: Vec<Peer>) -> Self {
+        let mut peers = Self::new(reach, metrics);
+        peers.slots = slots;
+        peers
+    }
+
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -511,4 +519,62 @@ fn drop_queue(
         }
     }
     sending_slots
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::peer::InFlight;
+    use crate::primary::testing;
+
+    /// A disconnect puts every extent sent and not acknowledged, or queued, back in pending,
+    /// gives back the buffers of the queued frames, fractures the secondary and records why.
+    #[test]
+    fn a_disconnect_loses_nothing_and_fractures() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let mut buffers = testing::buffers();
+        let buffer = buffers.take().expect("a buffer");
+        buffers.share(buffer, 1);
+        let conn = peers.get_mut(0).conn.as_mut().expect("connected");
+        let now = std::time::Instant::now();
+        conn.inflight
+            .insert(7, InFlight { run: 2..4, bytes: 8192, queued_at: now, written_at: now, sent_at: None });
+        conn.queue.push_back(SendJob::Extent { buffer, frame_bytes: 8192 + 40, sent: 0, sequence: 7 });
+        let reason = Disconnect::Reported { code: ErrorCode::WriteFailed, message: "EIO".into() };
+        peers.disconnect(0, reason, &mut buffers, None);
+        let peer = peers.get(0);
+        assert!(peer.conn.is_none() && peer.generation == 1);
+        assert_eq!(peer.pending.bits().iter_ones().collect::<Vec<_>>(), [2, 3]);
+        assert_eq!(buffers.free_count(), usize::from(testing::BUFFERS), "the queued frame's buffer is back");
+        assert!(peer.log.fractured_by_failure() && peer.log.persist_now);
+        assert!(peer.last_error.contains("EIO"), "{}", peer.last_error);
+        assert!(peers.split_brain().is_none());
+    }
+
+    /// Split brain is decided on the secondary's code.
+    #[test]
+    fn a_split_brain_is_recorded_once_from_its_code() {
+        let (mut peers, _far) = testing::peers(2, &[0, 1]);
+        let mut buffers = testing::buffers();
+        let reason = |code| Disconnect::Reported { code, message: "split brain: apart".into() };
+        peers.disconnect(0, reason(ErrorCode::Refused), &mut buffers, None);
+        assert!(peers.split_brain().is_none(), "a refusal is no split brain, whatever it says");
+        peers.disconnect(1, reason(ErrorCode::SplitBrain), &mut buffers, None);
+        assert_eq!(peers.split_brain().map(|(index, _)| *index), Some(1));
+    }
+
+    /// A silent connection is dropped at the timeout; an idle one gets a keepalive.
+    #[test]
+    fn silence_ends_a_connection_and_idleness_sends_a_keepalive() {
+        let (mut peers, _far) = testing::peers(2, &[0, 1]);
+        let mut buffers = testing::buffers();
+        let long_ago = std::time::Instant::now() - Duration::from_secs(10);
+        peers.get_mut(0).conn.as_mut().expect("connected").last_heard = long_ago;
+        peers.get_mut(1).conn.as_mut().expect("connected").last_sent = long_ago;
+        peers.tick(5000, 1000, &mut buffers, None);
+        assert!(peers.get(0).conn.is_none(), "silent for twice the timeout");
+        assert!(peers.get(0).last_error.contains("no ack or keepalive"), "{}", peers.get(0).last_error);
+        let queue = &peers.get(1).conn.as_ref().expect("still connected").queue;
+        assert!(matches!(queue.front(), Some(SendJob::Keepalive { sent: 0 })));
+    }
 }

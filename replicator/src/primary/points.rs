@@ -162,3 +162,56 @@ fn queue_point(peers: &mut Peers, index: usize, generation: u64, point_unix_ms: 
     peer.written_since_point_frame = false;
     sequence
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::testing;
+
+    /// A point waits until its target is in sync, then queues its frame, then waits for that
+    /// frame's ack: only then is the operator answered, and the secondary CONSISTENT as of it.
+    #[test]
+    fn a_point_waits_for_sync_then_for_its_ack() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let mut points = Points::default();
+        let (reply, answer) = std::sync::mpsc::channel();
+        points.start(&peers, 10_000, reply);
+        points.advance(&mut peers, 3);
+        assert!(peers.get(0).conn.as_ref().expect("connected").queue.is_empty(), "not in sync yet: no frame");
+        peers.get_mut(0).in_sync = true;
+        points.advance(&mut peers, 3);
+        let conn = peers.get_mut(0).conn.as_mut().expect("connected");
+        assert!(matches!(conn.queue.front(), Some(SendJob::Point { .. })));
+        let mut frame = Vec::new();
+        let (&sequence, _) = conn.inflight.iter().next().expect("the point frame waits for its ack");
+        wire::encode(
+            &wire::Message::ConsistencyPoint { generation: 3, point_unix_ms: 0 },
+            sequence,
+            &mut frame,
+        );
+        assert_eq!(conn.point_frame[..12], frame[..12], "a consistency point frame, by wire::encode");
+        assert!(answer.try_recv().is_err());
+        conn.inflight.remove(&sequence);
+        points.advance(&mut peers, 3);
+        let answered = answer.try_recv().expect("answered").expect("recorded");
+        assert_eq!(answered["generation"], 3);
+        assert!(peers.get(0).consistency_point_unix_ms > 0);
+    }
+
+    #[test]
+    fn a_point_fails_when_its_target_disconnects_and_is_refused_without_one() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let mut points = Points::default();
+        let (reply, answer) = std::sync::mpsc::channel();
+        points.start(&peers, 10_000, reply);
+        peers.get_mut(0).conn = None;
+        peers.get_mut(0).generation += 1;
+        points.advance(&mut peers, 1);
+        assert!(answer.try_recv().expect("answered").expect_err("failed").contains("disconnected"));
+        let (reply, answer) = std::sync::mpsc::channel();
+        points.start(&peers, 10_000, reply);
+        assert!(
+            answer.try_recv().expect("answered").expect_err("refused").contains("no SYNCHRONIZED secondary")
+        );
+    }
+}

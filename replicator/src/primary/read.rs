@@ -382,3 +382,119 @@ impl QueuedFrame<'_> {
         peer.frame_queued();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::testing::{self, EXTENTS};
+
+    fn feed() -> Feed {
+        Feed { backlog_bytes_max: 64 * 4096, queue_max: 8 }
+    }
+
+    /// Runs start at the cursor, wrap, are at most `run_bytes_max` long, and leave out extents
+    /// with a read in flight or an export write in flight.
+    #[test]
+    fn the_next_run_starts_at_the_cursor_and_skips_busy_extents() {
+        let (mut peers, _far) = testing::peers(2, &[0, 1]);
+        let mut source = testing::source();
+        peers.get_mut(0).pending.insert_range(10..20);
+        peers.get_mut(1).pending.insert_range(3..5);
+        source.cursor = 8;
+        assert_eq!(
+            next_run(&mut source, &peers, &[0, 1], None),
+            Some(10..14),
+            "from the cursor, 4 extents at most"
+        );
+        assert_eq!(source.cursor, 14);
+        source.reading[14..16].fill(true);
+        assert_eq!(next_run(&mut source, &peers, &[0, 1], None), Some(16..20), "being read: skipped");
+        source.cursor = 30;
+        assert_eq!(next_run(&mut source, &peers, &[0, 1], None), Some(3..5), "wraps to the start");
+        assert_eq!(next_run(&mut source, &peers, &[0], None), Some(10..14), "only what the eligible need");
+        assert_eq!(next_run(&mut source, &peers, &[], None), None);
+    }
+
+    /// A read's bytes count in its targets' backlog from its scheduling; a secondary with no
+    /// room for another run and extents pending falls behind (fractured, its extents go to its
+    /// fracture log) instead of being fed.
+    #[test]
+    fn reads_reserve_backlog_and_a_full_backlog_falls_behind() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let (mut buffers, mut source) = (testing::buffers(), testing::source());
+        let mut ring = testing::ring(&buffers);
+        peers.get_mut(0).pending.insert_range(0..EXTENTS);
+        let feed = Feed { backlog_bytes_max: 8 * 4096, queue_max: 8 };
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed);
+        assert_eq!(source.reads_in_flight(), 2, "two runs of 4 extents fill an 8-extent backlog");
+        assert_eq!(peers.get(0).conn.as_ref().expect("connected").backlog_bytes, 8 * 4096);
+        assert!(peers.get(0).log.fractured(), "behind its backlog with extents pending");
+        assert!(!peers.get(0).pending.any_in(0..8) && peers.get(0).pending.any_in(8..EXTENTS));
+        drain_ring(&mut ring, &mut buffers, &mut source, &mut peers);
+    }
+
+    /// A read that completes queues its frame to every target still on the connection it was
+    /// read for, and gives the run back to the one that disconnected meanwhile.
+    #[test]
+    fn a_read_queues_its_frame_to_live_targets_and_returns_its_run_to_the_others() {
+        let (mut peers, _far) = testing::peers(2, &[0, 1]);
+        let (mut buffers, mut source) = (testing::buffers(), testing::source());
+        let mut ring = testing::ring(&buffers);
+        peers.get_mut(0).pending.insert_range(4..8);
+        peers.get_mut(1).pending.insert_range(4..8);
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed());
+        assert_eq!(source.reads_in_flight(), 1);
+        peers.get_mut(1).generation += 1; // s1's connection dropped while the read was in flight
+        peers.get_mut(1).conn = None;
+        drain_ring(&mut ring, &mut buffers, &mut source, &mut peers);
+        let s0 = peers.get(0).conn.as_ref().expect("connected");
+        assert_eq!(s0.queue.len(), 1, "s0 gets the frame");
+        let runs: Vec<_> = s0.inflight.values().map(|f| (f.run.start, f.run.end)).collect();
+        assert_eq!(runs, [(4, 8)]);
+        assert!(peers.get(1).pending.any_in(4..8), "s1 gets the run back");
+        assert_eq!(
+            buffers.free_count(),
+            usize::from(testing::BUFFERS) - 1,
+            "s0's queued frame holds the buffer"
+        );
+    }
+
+    /// A failed read (here: past the file's end) returns the run to every target, and its
+    /// reserved backlog.
+    #[test]
+    fn a_failed_read_returns_its_run_and_its_backlog() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let mut buffers = testing::buffers();
+        let mut ring = testing::ring(&buffers);
+        let file = std::fs::File::open("/dev/null").expect("/dev/null");
+        let mut source = Source::new(
+            file,
+            "/dev/null".into(),
+            EXTENTS as u64 * 4096,
+            4096,
+            testing::RUN_BYTES_MAX,
+            testing::BUFFERS,
+        );
+        peers.get_mut(0).pending.insert_range(0..4);
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed());
+        drain_ring(&mut ring, &mut buffers, &mut source, &mut peers);
+        assert!(peers.get(0).pending.any_in(0..4), "read again later");
+        assert_eq!(peers.get(0).conn.as_ref().expect("connected").backlog_bytes, 0);
+        assert_eq!(buffers.free_count(), usize::from(testing::BUFFERS));
+        assert!(!source.reading(0), "nothing in flight");
+    }
+
+    /// Waits for and completes every read in the ring.
+    fn drain_ring(ring: &mut Ring<Op>, buffers: &mut Buffers, source: &mut Source, peers: &mut Peers) {
+        let clock = crate::primary::Clock { started: Instant::now() };
+        while !ring.idle() {
+            ring.submit_and_wait().expect("waiting");
+            let completions = ring.reap();
+            for completion in &completions {
+                let Op::Read { buffer } = ring.take(completion.slot) else { unreachable!("only reads") };
+                complete(buffer, completion.result, buffers, source, peers, None, &clock);
+            }
+            ring.give_back(completions);
+        }
+    }
+}

@@ -167,3 +167,84 @@ fn divergent(pending: &mut ExtentSet, runs: &[u8]) -> Result<u64, Disconnect> {
     }
     Ok(extents)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::peer::InFlight;
+    use crate::primary::testing;
+    use crate::wire::{ErrorCode, MessageKind};
+
+    /// `frames` (encoded one after the other) arrive on slot 0's connection, with two data
+    /// frames in flight (sequences 10 and 11, 4 KiB each) and one control frame (12).
+    fn parse_after(frames: &[Message]) -> (Result<Received, Disconnect>, Peers) {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let peer = peers.get_mut(0);
+        let conn = peer.conn.as_mut().expect("connected");
+        for (sequence, run) in [(10, 0..1), (11, 1..2)] {
+            let now = Instant::now();
+            conn.inflight.insert(
+                sequence,
+                InFlight { run, bytes: 4096, queued_at: now, written_at: now, sent_at: Some(now) },
+            );
+            conn.backlog_bytes += 4096;
+        }
+        conn.inflight.insert(12, InFlight::control());
+        let mut frame = Vec::new();
+        for (sequence, message) in frames.iter().enumerate() {
+            wire::encode(message, sequence as u64, &mut frame);
+            conn.recv[conn.recv_len..conn.recv_len + frame.len()].copy_from_slice(&frame);
+            conn.recv_len += frame.len();
+        }
+        let peer = peers.get_mut(0);
+        let conn = peer.conn.as_mut().expect("connected");
+        let parsed =
+            parse(conn, &mut peer.stats, peer.log.verify.as_mut(), &mut peer.pending, &mut peer.latency);
+        (parsed, peers)
+    }
+
+    #[test]
+    fn acks_release_their_frames_and_backlog() {
+        let (parsed, peers) =
+            parse_after(&[Message::Ack { first_sequence: 10, last_sequence: 10 }, Message::Keepalive]);
+        assert!(parsed.is_ok());
+        let conn = peers.get(0).conn.as_ref().expect("connected");
+        assert_eq!(conn.inflight.keys().copied().collect::<Vec<_>>(), [11, 12]);
+        assert_eq!(conn.backlog_bytes, 4096);
+        assert_eq!(peers.get(0).stats.acked_frames, 1);
+        let (parsed, peers) = parse_after(&[Message::Ack { first_sequence: 5, last_sequence: 12 }]);
+        assert!(parsed.is_ok());
+        let conn = peers.get(0).conn.as_ref().expect("connected");
+        assert!(conn.inflight.is_empty() && conn.backlog_bytes == 0, "a range acks every frame in it");
+    }
+
+    /// Decisions follow the code: a secondary's `Error` frame is reported with its code, and
+    /// what a secondary never sends ends the connection.
+    #[test]
+    fn errors_and_frames_a_primary_never_takes_end_the_connection() {
+        let error = Message::Error { code: ErrorCode::SplitBrain, message: "apart" };
+        let (parsed, _) = parse_after(&[error]);
+        let reason = parsed.expect_err("an error frame ends the session");
+        assert!(reason.split_brain() && !reason.write_failed(), "{reason}");
+        let (parsed, _) =
+            parse_after(&[Message::Error { code: ErrorCode::Protocol, message: "split brain" }]);
+        assert!(!parsed.expect_err("ends it").split_brain(), "the text decides nothing");
+        let (parsed, _) = parse_after(&[Message::MirrorDbCommit { revision: 1 }]);
+        assert!(matches!(parsed, Err(Disconnect::Unexpected(MessageKind::MirrorDbCommit))));
+        let (parsed, _) = parse_after(&[Message::VerifyHashes { first_extent: 0, hashes: &[0; 16] }]);
+        assert!(parsed.is_ok(), "hashes of a cancelled verify are dropped");
+    }
+
+    /// A failing-back former primary's runs become pending; one past the image is refused.
+    #[test]
+    fn divergent_runs_become_pending_inside_the_image_only() {
+        let runs: Vec<u8> = [2u64, 5].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (parsed, peers) = parse_after(&[Message::DivergentRuns { runs: &runs }]);
+        assert_eq!(parsed.expect("inside the image").divergent_extents, 3);
+        assert_eq!(peers.get(0).pending.bits().iter_ones().collect::<Vec<_>>(), [2, 3, 4]);
+        let past = testing::EXTENTS as u64 + 1;
+        let runs: Vec<u8> = [2u64, past].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let (parsed, _) = parse_after(&[Message::DivergentRuns { runs: &runs }]);
+        assert!(matches!(parsed, Err(Disconnect::DivergentPastImage { end, .. }) if end == past));
+    }
+}

@@ -306,3 +306,72 @@ fn export_frames_sent(peers: &mut Peers, index: usize, mut sent_bytes: usize, ex
         export.send_done(slot);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::primary::peer::InFlight;
+    use crate::primary::testing;
+
+    /// Partial sends leave the frame at the front; the one that finishes it pops it, stamps
+    /// its send time (the ack's round trip is timed from there) and returns its buffer.
+    #[test]
+    fn a_frame_leaves_the_queue_once_its_last_byte_is_sent() {
+        let (mut peers, _far) = testing::peers(1, &[0]);
+        let conn = peers.get_mut(0).conn.as_mut().expect("connected");
+        let now = Instant::now();
+        conn.inflight
+            .insert(9, InFlight { run: 0..1, bytes: 4096, queued_at: now, written_at: now, sent_at: None });
+        let frame_bytes = wire::EXTENT_PREFIX_BYTES + 4096;
+        conn.queue.push_back(SendJob::Extent { buffer: 3, frame_bytes, sent: 0, sequence: 9 });
+        conn.queue.push_back(SendJob::Keepalive { sent: 0 });
+        assert_eq!(front_sent(conn, 1000), None);
+        assert_eq!(front_sent(conn, frame_bytes - 1001), None);
+        assert_eq!(front_sent(conn, 1), Some((3, 4096)));
+        assert!(conn.inflight[&9].sent_at.is_some());
+        assert!(matches!(conn.queue.front(), Some(SendJob::Keepalive { .. })));
+        assert_eq!(front_sent(conn, wire::HEADER_BYTES), None, "a control frame returns no buffer");
+        assert!(conn.queue.is_empty());
+    }
+
+    /// Sends go out in queue order over a real socket: the secondary's end reads the frames
+    /// whole and in sequence, and a finished frame's buffer goes back.
+    #[test]
+    fn queued_frames_reach_the_socket_in_order() {
+        let (mut peers, mut far) = testing::peers(1, &[0]);
+        let mut buffers = testing::buffers();
+        let mut ring = testing::ring(&buffers);
+        let buffer = buffers.take().expect("a buffer");
+        buffers.pool_mut().data_mut(buffer, 4096).fill(0xab);
+        let prefix = wire::encode_extent_prefix(5, 8192, buffers.pool().data(buffer, 4096));
+        buffers.pool_mut().prefix_tail_mut(buffer, wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
+        buffers.share(buffer, 1);
+        let conn = peers.get_mut(0).conn.as_mut().expect("connected");
+        conn.queue.push_back(SendJob::Extent {
+            buffer,
+            frame_bytes: wire::EXTENT_PREFIX_BYTES + 4096,
+            sent: 0,
+            sequence: 5,
+        });
+        conn.queue.push_back(SendJob::Keepalive { sent: 0 });
+        while peers.get(0).conn.as_ref().is_some_and(|c| !c.queue.is_empty()) {
+            start(&mut ring, &mut buffers, &mut peers, None);
+            ring.submit_and_wait().expect("waiting");
+            for completion in ring.reap() {
+                complete(&mut ring, completion, &mut buffers, &mut peers, None, 4096);
+            }
+        }
+        assert_eq!(buffers.free_count(), usize::from(testing::BUFFERS), "the extent frame's buffer is back");
+        let limits = wire::Limits { image_bytes: 1 << 20, extent_bytes: 4096, payload_bytes_max: 8 + 4096 };
+        let mut scratch = Vec::new();
+        let (sequence, message) =
+            wire::read_frame(&mut far[0], &limits, &mut scratch).expect("the extent frame");
+        assert_eq!(sequence, 5);
+        assert!(
+            matches!(message, wire::Message::ExtentData { offset_bytes: 8192, data } if data == [0xab; 4096])
+        );
+        let (_, message) = wire::read_frame(&mut far[0], &limits, &mut scratch).expect("then the keepalive");
+        assert_eq!(message, wire::Message::Keepalive);
+        assert_eq!(peers.get(0).stats.shipped_bytes, 4096);
+    }
+}

@@ -277,4 +277,43 @@ mod tests {
         assert_eq!(lacking_bytes(&pending, Some(0), extent_bytes, device_bytes), device_bytes);
         assert_eq!(lacking_bytes(&pending, Some(100), extent_bytes, device_bytes), 5 * extent_bytes);
     }
+
+    fn connected(state: &str) -> crate::primary::peers::Peers {
+        let (mut peers, far) = crate::primary::testing::peers(1, &[0]);
+        std::mem::forget(far); // the connection stays up for the test's length
+        match state {
+            "fractured" => peers.get_mut(0).log.fracture(),
+            "disconnected" => peers.get_mut(0).conn = None,
+            _ => {}
+        }
+        peers
+    }
+
+    #[test]
+    fn image_states_follow_connection_fracture_and_points() {
+        assert_eq!(image_state(connected("").get(0)), ImageState::Synchronized);
+        assert_eq!(image_state(connected("fractured").get(0)), ImageState::Synchronizing);
+        let mut peers = connected("disconnected");
+        assert_eq!(image_state(peers.get(0)), ImageState::Unsynchronized);
+        peers.get_mut(0).consistency_point_unix_ms = 1;
+        assert_eq!(image_state(peers.get(0)), ImageState::Consistent, "nothing written since its point");
+        peers.get_mut(0).written_since_point = true;
+        assert_eq!(image_state(peers.get(0)), ImageState::Unsynchronized);
+    }
+
+    /// A fractured secondary becomes SYNCHRONIZED (its fracture log emptied) only once nothing
+    /// is pending, queued, in flight, being read for it, or written and not yet drained.
+    #[test]
+    fn a_fractured_secondary_is_synchronized_only_when_nothing_is_left() {
+        let mut peers = connected("fractured");
+        let source = crate::primary::testing::source();
+        peers.get_mut(0).pending.insert_range(3..4);
+        update_in_sync(&mut peers, &source, false);
+        assert!(!peers.get(0).in_sync && peers.get(0).log.fractured());
+        peers.get_mut(0).pending.clear();
+        update_in_sync(&mut peers, &source, true);
+        assert!(!peers.get(0).in_sync, "a write queued and not drained may be for it");
+        update_in_sync(&mut peers, &source, false);
+        assert!(peers.get(0).in_sync && !peers.get(0).log.fractured(), "SYNCHRONIZED");
+    }
 }
