@@ -5,9 +5,9 @@
 //! Why not the system's default: hosts often run BBR, which paces every send with a timer and,
 //! every ten seconds, shrinks the window to four packets for 200 ms to measure the path's
 //! round trip. That suits a bulk transfer over a WAN; on the low-latency link a mirror runs on,
-//! it stalls the synchronous writes that wait on it (see the README's export section for the
-//! measurements). So the link uses CUBIC, the kernel's own default, unless the operator names
-//! another (`--tcp-congestion`), or `system` to leave the host's choice alone.
+//! it stalls the synchronous writes that wait on it (docs/operating.md, "TCP congestion
+//! control", has the measurements). So the link uses CUBIC, the kernel's own default, unless
+//! the operator names another (`--tcp-congestion`), or `system` to leave the host's choice.
 //!
 //! Invariant: a `Congestion` holds a name that is well formed and that the kernel accepted on a
 //! scratch socket at start-up (`resolve` is the only way to make one), so a name the kernel
