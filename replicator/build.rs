@@ -1,5 +1,5 @@
 //! Builds the kernel program (`replicator-ebpf`) for `bpfel-unknown-none` with the nightly
-//! toolchain and bpf-linker, so that `src/tracker.rs` can embed the object with
+//! toolchain and bpf-linker, so that `src/tracker/mod.rs` can embed the object with
 //! `include_bytes_aligned!`: one `cargo build` builds both halves.
 use anyhow::{Context as _, anyhow};
 

@@ -23,6 +23,7 @@ pub mod metrics;
 
 pub mod envelope;
 pub mod uring;
+pub mod poll;
 pub mod pool;
 pub mod read_ahead;
 pub mod extent_set;

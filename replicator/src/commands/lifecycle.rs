@@ -1,7 +1,8 @@
-//! `replicator create` and `replicator destroy`: a mirror's database comes into being on its
-//! primary's host before anything runs, and goes when nothing of it is left (a mirror is
-//! destroyed only once it has no secondaries: removing them first is what keeps each one's
-//! image and state accounted for).
+//! A mirror's life on a member's host, outside a running primary: `create` (its database comes
+//! into being on the primary's host before anything runs), `destroy` (it goes when nothing of
+//! it is left: a mirror is destroyed only once it has no secondaries, so each one's image and
+//! state stay accounted for), `promote` (a secondary becomes the primary at a new generation)
+//! and `resolve` (after a split brain, the member whose writes are discarded says so).
 
 use std::path::PathBuf;
 

@@ -1,6 +1,6 @@
 //! The operator's commands on a running primary: `status`, `fracture`, `restore`, `verify`,
-//! `sync`, `set`. Each sends one request over the control socket in the state directory and
-//! prints what the primary answers.
+//! `sync`, `set`, `checkpoint`. Each sends one request over the control socket in the state
+//! directory and prints what the primary answers.
 
 use std::path::PathBuf;
 

@@ -17,7 +17,7 @@ use crate::link::Congestion;
 use crate::metrics::{self, PrimaryMetrics, SecondaryMetrics};
 use crate::mirror::MirrorDb;
 use crate::model::{ExtentBytes, NameOf, RecoveryPolicy, WritePolicy, check_name};
-use crate::pool::PollSetting;
+use crate::poll::PollSetting;
 use crate::primary::{Engine, PrimaryConfig};
 use crate::secondary::{self, SecondaryConfig};
 
@@ -392,9 +392,9 @@ pub fn run_secondary(cli: SecondaryArgs, stop: &AtomicBool) -> anyhow::Result<()
 fn poll_setting(value: Option<u64>) -> anyhow::Result<PollSetting> {
     let Some(poll_us) = value else { return Ok(PollSetting::Auto) };
     anyhow::ensure!(
-        poll_us <= crate::pool::POLL_US_MAX,
+        poll_us <= crate::poll::POLL_US_MAX,
         "--poll-us {poll_us}: at most {} (a longer spin only burns CPU)",
-        crate::pool::POLL_US_MAX
+        crate::poll::POLL_US_MAX
     );
     Ok(PollSetting::Fixed(poll_us))
 }

@@ -44,7 +44,7 @@ pub struct PrimaryConfig {
     /// reach before it succeeds.
     pub minimum_images: u32,
     /// How long the engine spins for its next completion before it sleeps.
-    pub poll: crate::pool::PollSetting,
+    pub poll: crate::poll::PollSetting,
     /// The congestion control of the connections to the secondaries.
     pub tcp_congestion: crate::link::Congestion,
 }
@@ -175,7 +175,7 @@ mod tests {
             export: None,
             write_policy: WritePolicy::Async,
             minimum_images: 1,
-            poll: crate::pool::PollSetting::Auto,
+            poll: crate::poll::PollSetting::Auto,
             tcp_congestion: crate::link::Congestion::resolve(Some("system")).expect("the host's"),
         }
     }

@@ -15,8 +15,10 @@
 //! `membership` and `changes` (the mirror database), `operate` (operator requests), `status`.
 //!
 //! Each part owns its state (the ring and its ops, the buffers, the read side, the secondaries,
-//! the logs, ...) and each stage is a function over the parts it needs; `run` calls them in the
-//! order above. Limits, all set at start-up: `buffers` (reads and unsent frames),
+//! the logs, ...) and each stage is a function over the parts it needs; `turn` calls them in
+//! the order above, except that the stages that wait on the kernel (a read's, a send's, a
+//! receive's completion) are started in order and finished together, when `wait_and_reap`
+//! hands each completion to the stage whose op it is. Limits, all set at start-up: `buffers` (reads and unsent frames),
 //! `run_bytes_max` (largest read and frame), `backlog_bytes_max` (unacknowledged bytes per
 //! secondary), `SECONDARIES_MAX`, and the ring's slots (`config::RingBudget`).
 
@@ -143,7 +145,7 @@ pub struct Engine {
     ring: Ring<Op>,
     buffers: Buffers,
     export: Option<ExportState>,
-    poll: crate::pool::PollWindow,
+    poll: crate::poll::PollWindow,
     source: Source,
     tracker: Tracker,
     peers: Peers,
@@ -206,7 +208,7 @@ impl Engine {
             ring,
             buffers,
             export,
-            poll: crate::pool::PollWindow::new(config.poll),
+            poll: crate::poll::PollWindow::new(config.poll),
             source,
             tracker,
             peers,

@@ -50,7 +50,7 @@ pub struct SecondaryConfig {
     /// A session with no frame from the primary for this long is over.
     pub timeout_ms: u64,
     /// How long a session spins for its next completion before it sleeps.
-    pub poll: crate::pool::PollSetting,
+    pub poll: crate::poll::PollSetting,
     /// The congestion control of each primary's connection (the acks flow on it).
     pub tcp_congestion: crate::link::Congestion,
 }

@@ -116,7 +116,7 @@ enum Receiving {
 pub(super) struct Session<'a> {
     ring: Ring<Op>,
     pub(super) pool: BufferPool,
-    pub(super) poll: crate::pool::PollWindow,
+    pub(super) poll: crate::poll::PollWindow,
     pub(super) limits: Limits,
     pub(super) image: &'a File,
     pub(super) device: &'a str,
@@ -203,7 +203,7 @@ impl<'a> Session<'a> {
         Ok(Self {
             ring,
             pool,
-            poll: crate::pool::PollWindow::new(config.poll),
+            poll: crate::poll::PollWindow::new(config.poll),
             limits,
             image,
             device,
@@ -247,7 +247,7 @@ impl<'a> Session<'a> {
                 self.submit_recv(stream)?;
             }
             self.flush_acks(stream)?;
-            let client_waits = crate::pool::within_poll_window(self.client_waits_at);
+            let client_waits = crate::poll::within_poll_window(self.client_waits_at);
             let spun_s = self.ring.wait(&mut self.poll, client_waits, WAIT_NS)?;
             if spun_s > 0.0 {
                 stats.busy_poll_seconds.inc_by(spun_s);
@@ -617,7 +617,7 @@ impl<'a> Session<'a> {
                 return;
             }
             let _ = self.ring.wait(
-                &mut crate::pool::PollWindow::new(crate::pool::PollSetting::Fixed(0)),
+                &mut crate::poll::PollWindow::new(crate::poll::PollSetting::Fixed(0)),
                 false,
                 WAIT_NS,
             );

@@ -259,7 +259,7 @@ impl ExportState {
     /// Whether a client's request was taken less than `POLL_ACTIVE_WITHIN_US` ago (the engine
     /// busy-polls while they flow, under the sync policy).
     pub fn requests_flowing(&self) -> bool {
-        crate::pool::within_poll_window(self.last_request_at)
+        crate::poll::within_poll_window(self.last_request_at)
     }
 
     /// A send job of slot `slot` is done (sent, or dropped with its connection).
