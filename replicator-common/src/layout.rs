@@ -42,6 +42,17 @@ pub const MAP_QUEUED: &str = "QUEUED";
 pub const MAP_QUEUED_SUMMARY: &str = "QUEUED_SUM";
 pub const MAP_COMPLETED_SUMMARY: &str = "COMPLETED_SUM";
 pub const MAP_WIDE: &str = "WIDE";
+/// The epoch bitmaps of consistent cuts: one bit per extent, set when a write (not the exempt
+/// writer's) is queued during an epoch of that parity (`EPOCH`'s low bit). Userspace takes the
+/// closed epoch's bitmap when it starts the next one: what was written before the cut; and
+/// tests the open epoch's: what was written since.
+pub const MAP_WRITTEN: [&str; 2] = ["WRITTEN0", "WRITTEN1"];
+/// One word: the current epoch, written by userspace only (see `MAP_WRITTEN`).
+pub const MAP_EPOCH: &str = "EPOCH";
+/// Per CPU, one counter: programs between reading `EPOCH` and their last epoch mark. Userspace,
+/// having started a new epoch, waits until every CPU's is 0: from then on no mark of the old
+/// epoch is still to come, and its bitmap is complete.
+pub const MAP_ACTIVE: &str = "ACTIVE";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_FLAGS: &str = "FLAGS";
 pub const MAP_META: &str = "META";
@@ -92,7 +103,8 @@ pub enum MarkKind {
 pub struct WideRange {
     /// [`MarkKind`] as u32.
     pub kind: u32,
-    pub _pad: u32,
+    /// For an intent range: the low 32 bits of the epoch it was queued in (`MAP_EPOCH`).
+    pub epoch: u32,
     pub first_extent: u64,
     pub last_extent: u64,
 }

@@ -26,6 +26,11 @@
 //! too: a failed write may still have changed some of its sectors. Passthrough commands (SG_IO,
 //! NVMe passthrough) carry no block-layer sector and are not tracked.
 //!
+//! Intent marks of writers other than the exempt one also go to the open epoch's bitmap
+//! (`WRITTEN[EPOCH & 1]`), between an increment and a decrement of this CPU's `ACTIVE` counter,
+//! so that userspace, having started a new epoch, can wait until no mark of the old one is
+//! still to come (see `replicator_common::layout::MAP_WRITTEN`).
+//!
 //! Invariant: for every write-like range on the tracked device, each extent it touches has its
 //! bit set in the bitmap, or the range has gone to the `WIDE` ring buffer, or a `FLAGS` bit tells
 //! userspace to treat everything as dirty. Nothing is ever dropped silently.
@@ -34,7 +39,7 @@
 #![feature(core_intrinsics)]
 #![allow(internal_features)]
 
-use core::intrinsics::{AtomicOrdering, atomic_or};
+use core::intrinsics::{AtomicOrdering, atomic_or, atomic_xadd};
 
 use aya_ebpf::{
     Global,
@@ -88,6 +93,20 @@ static META: Array<TrackerConfig> = Array::pinned(1, 0);
 
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(COUNTERS_LEN, 0);
+
+/// The epoch bitmaps, by the epoch's parity; sized by userspace at load time.
+#[map]
+static WRITTEN0: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+#[map]
+static WRITTEN1: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+
+/// The current epoch, written by userspace.
+#[map]
+static EPOCH: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+
+/// Programs between their read of `EPOCH` and their last epoch mark, on this CPU.
+#[map]
+static ACTIVE: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
 
 #[btf_tracepoint(function = "block_bio_queue")]
 pub fn replicator_bio_queue(ctx: BtfTracePointContext) -> i32 {
@@ -209,10 +228,19 @@ fn mark_sectors(config: &TrackerConfig, kind: MarkKind, sector: u64, size_bytes:
 #[inline(always)]
 fn mark(config: &TrackerConfig, kind: MarkKind, span: ExtentSpan) {
     let words = span.last_word() - span.first_word() + 1;
+    let epoch = if kind == MarkKind::Intent { Some(enter_epoch()) } else { None };
     if words > u64::from(EVENT_WORDS_MAX) {
-        mark_wide(kind, span);
+        mark_wide(kind, span, epoch.unwrap_or(0));
+        if epoch.is_some() {
+            leave_epoch();
+        }
         return;
     }
+    let written = match epoch {
+        Some(epoch) if epoch & 1 == 1 => Some(&WRITTEN1),
+        Some(_) => Some(&WRITTEN0),
+        None => None,
+    };
     let bitmap = match kind {
         MarkKind::Intent | MarkKind::IntentOnly => &INTENT,
         MarkKind::Completed => &COMPLETED,
@@ -230,16 +258,47 @@ fn mark(config: &TrackerConfig, kind: MarkKind, span: ExtentSpan) {
             set_bits(&QUEUED, word, mask);
             mark_summary(&QUEUED_SUM, config.bitmap_words, word);
         }
+        if let Some(written) = written {
+            set_bits(written, word, mask);
+        }
         set_bits(bitmap, word, mask);
         if kind == MarkKind::Completed {
             mark_summary(&COMPLETED_SUM, config.bitmap_words, word);
         }
+    }
+    if epoch.is_some() {
+        leave_epoch();
     }
     let counter = match kind {
         MarkKind::Intent | MarkKind::IntentOnly => Counter::IntentExtentsMarked,
         MarkKind::Completed => Counter::CompletedExtentsMarked,
     };
     count(counter, span.count());
+}
+
+/// Counts this program in `ACTIVE`, then reads the epoch its marks go to. In that order: a
+/// userspace that starts a new epoch and then sees every `ACTIVE` at 0 knows every program that
+/// read the old epoch is done (the locked add orders the load after it).
+#[inline(always)]
+fn enter_epoch() -> u64 {
+    if let Some(ptr) = ACTIVE.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot of a per-CPU array, valid for the program's run; atomic, as a
+        // nested program on this CPU may count itself meanwhile.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 1) };
+    }
+    match EPOCH.get_ptr(0) {
+        // SAFETY: the array's value, valid for the program's run; userspace stores it whole.
+        Some(ptr) => unsafe { core::ptr::read_volatile(ptr) },
+        None => 0,
+    }
+}
+
+#[inline(always)]
+fn leave_epoch() {
+    if let Some(ptr) = ACTIVE.get_ptr_mut(0) {
+        // SAFETY: as in `enter_epoch`; adding all ones subtracts one.
+        unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, u64::MAX) };
+    }
 }
 
 /// After bits in word `word` of a bitmap of `bitmap_words` words: sets its bit in the first
@@ -277,12 +336,12 @@ fn set_bits(bitmap: &Array<u64>, word: u64, mask: u64) {
 }
 
 #[inline(always)]
-fn mark_wide(kind: MarkKind, span: ExtentSpan) {
+fn mark_wide(kind: MarkKind, span: ExtentSpan, epoch: u64) {
     match WIDE.reserve::<WideRange>(0) {
         Some(mut entry) => {
             entry.write(WideRange {
                 kind: kind as u32,
-                _pad: 0,
+                epoch: epoch as u32,
                 first_extent: span.first,
                 last_extent: span.last,
             });

@@ -14,6 +14,7 @@
 //!   `UNMATCHED_AFTER`: the safety net in `match_completions`).
 //! - QUEUED_SUM and COMPLETED_SUM: two-level summaries of those two, so a drain costs what
 //!   changed rather than the size of the device (`shared::Summarized`).
+//! - WRITTEN0 and WRITTEN1, EPOCH, ACTIVE: the epochs of consistent cuts (`epochs.rs`).
 //! - WIDE, a ring buffer of ranges too wide to mark inline; FLAGS (lost ranges, the exempt
 //!   writer); COUNTERS (per CPU); META (the configuration the maps were made for, checked when
 //!   a pinned tracker is resumed).
@@ -24,6 +25,7 @@
 //! bit. Only `stop` (a clean stop) unpins, which detaches the program and frees the maps.
 
 mod btf;
+mod epochs;
 mod layout;
 mod misses;
 mod shared;
@@ -40,12 +42,13 @@ use aya::{Ebpf, EbpfLoader};
 use bitvec::prelude::*;
 use replicator_common::{
     COUNTERS_LEN, Counter, ExtentGeometry, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST,
-    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, GLOBAL_CONFIG, MAP_COMPLETED,
-    MAP_COMPLETED_SUMMARY, MAP_COUNTERS, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED, MAP_QUEUED_SUMMARY,
-    MAP_WIDE, MarkKind, TrackerConfig, WideRange, summary_map_words,
+    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, GLOBAL_CONFIG, MAP_ACTIVE, MAP_COMPLETED,
+    MAP_COMPLETED_SUMMARY, MAP_COUNTERS, MAP_EPOCH, MAP_FLAGS, MAP_INTENT, MAP_META, MAP_QUEUED,
+    MAP_QUEUED_SUMMARY, MAP_WIDE, MAP_WRITTEN, MarkKind, TrackerConfig, WideRange, summary_map_words,
 };
 
 pub use btf::{Btf, BtfError};
+pub use epochs::{ACTIVE_WAIT_MAX, Epochs};
 pub use layout::{LayoutError, kernel_layout};
 pub use shared::{SharedBitmap, Summarized, Sweep};
 
@@ -193,6 +196,7 @@ pub struct Tracker {
     flags: SharedBitmap,
     wide: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    epochs: Epochs,
     /// What `drain_completed` hands out; allocated once, one bit per extent.
     drained: ExtentSet,
     /// Our programs, to read their recursion misses.
@@ -235,7 +239,7 @@ impl Tracker {
                     .map_err(ebpf_error(path, tracepoint))?,
             );
         }
-        let maps = Maps::take(&mut ebpf, config.bitmap_words, path)?;
+        let maps = Maps::take(&mut ebpf, config.bitmap_words, geometry.extent_count(), path)?;
         tracing::info!(
             device = %path.display(), pin_dir = %pin_dir.display(), resumed,
             extent_bytes = geometry.extent_bytes(), extents = geometry.extent_count(),
@@ -288,6 +292,7 @@ impl Tracker {
             flags: maps.flags,
             wide: maps.wide,
             counters: maps.counters,
+            epochs: maps.epochs,
             drained: ExtentSet::new(extents),
             programs,
             recursion_misses: 0,
@@ -494,6 +499,37 @@ impl Tracker {
         snapshot
     }
 
+    /// The open epoch of consistent cuts (see `epochs.rs`).
+    pub fn epoch(&self) -> u64 {
+        self.epochs.current()
+    }
+
+    /// Starts the next epoch; returns it. Wide ranges of the closing epoch are taken first, so
+    /// none is left to be taken for the new one.
+    pub fn flip_epoch(&mut self) -> u64 {
+        self.pump_wide_ranges();
+        self.epochs.flip()
+    }
+
+    /// Starts an epoch past `floor` unless the open one is past it already.
+    pub fn raise_epoch(&mut self, floor: u64) {
+        self.pump_wide_ranges();
+        self.epochs.raise_to(floor);
+    }
+
+    /// Whether a write (not the exempt writer's) to an extent of `run` (non-empty) was queued
+    /// in the open epoch, as far as the marks say now.
+    pub fn written_in_epoch(&mut self, run: std::ops::Range<u64>) -> bool {
+        assert!(!run.is_empty() && run.end <= self.geometry.extent_count(), "run {run:?}");
+        self.pump_wide_ranges();
+        self.epochs.written(ExtentSpan { first: run.start, last: run.end - 1 })
+    }
+
+    /// Flips whose wait for the previous epoch's programs gave up (`ACTIVE_WAIT_MAX`).
+    pub fn epoch_wait_timeouts(&self) -> u64 {
+        self.epochs.wait_timeouts
+    }
+
     pub fn counters(&self) -> TrackerCounters {
         let sum = |c: Counter| self.counters.get(&(c as u32), 0).map(|v| v.iter().sum()).unwrap_or(0);
         debug_assert_eq!(COUNTERS_LEN, 6);
@@ -525,6 +561,7 @@ impl Tracker {
                 tracing::error!(len = item.len(), "malformed WIDE record: marking the whole device");
                 self.intent.set_all(self.geometry.extent_count());
                 self.completed.set_all(self.geometry.extent_count());
+                self.epochs.mark_all();
                 continue;
             };
             let span = ExtentSpan { first: range.first_extent, last: range.last_extent };
@@ -537,6 +574,7 @@ impl Tracker {
                 k if k == MarkKind::Intent as u32 => {
                     self.intent.set_span(span);
                     self.queued.set_span(span);
+                    self.epochs.mark_wide(range.epoch, span);
                 }
                 k if k == MarkKind::IntentOnly as u32 => self.intent.set_span(span),
                 _ => self.completed.set_span(span),
@@ -552,6 +590,7 @@ impl Tracker {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent in the intent log");
             self.intent.set_all(self.geometry.extent_count());
             self.queued.set_all(self.geometry.extent_count());
+            self.epochs.mark_all();
         }
         if lost & FLAG_COMPLETED_LOST != 0 {
             tracing::warn!("WIDE ring buffer overflowed: marking every extent as written");
@@ -585,6 +624,7 @@ impl Tracker {
             );
             self.intent.set_all(self.geometry.extent_count());
             self.completed.set_all(self.geometry.extent_count());
+            self.epochs.mark_all();
             self.recursion_misses = total;
         }
     }
@@ -662,7 +702,7 @@ fn parse_wide_range(bytes: &[u8]) -> Option<WideRange> {
     let word = |i: usize| u64::from_ne_bytes(bytes[i..i + 8].try_into().expect("8 bytes"));
     Some(WideRange {
         kind: u32::from_ne_bytes(bytes[0..4].try_into().expect("4 bytes")),
-        _pad: 0,
+        epoch: u32::from_ne_bytes(bytes[4..8].try_into().expect("4 bytes")),
         first_extent: word(8),
         last_extent: word(16),
     })
@@ -754,6 +794,8 @@ fn load(pin_dir: &Path, config: &TrackerConfig) -> Result<Ebpf, BoxError> {
         .map_max_entries(MAP_QUEUED, words)
         .map_max_entries(MAP_QUEUED_SUMMARY, summary_map_words(words))
         .map_max_entries(MAP_COMPLETED_SUMMARY, summary_map_words(words))
+        .map_max_entries(MAP_WRITTEN[0], words)
+        .map_max_entries(MAP_WRITTEN[1], words)
         .load(EBPF_OBJECT)?)
 }
 
@@ -765,10 +807,16 @@ struct Maps {
     flags: SharedBitmap,
     wide: RingBuf<MapData>,
     counters: PerCpuArray<MapData, u64>,
+    epochs: Epochs,
 }
 
 impl Maps {
-    fn take(ebpf: &mut Ebpf, bitmap_words: u32, path: &Path) -> Result<Self, TrackerError> {
+    fn take(
+        ebpf: &mut Ebpf,
+        bitmap_words: u32,
+        extent_count: u64,
+        path: &Path,
+    ) -> Result<Self, TrackerError> {
         let intent = map_bitmap(ebpf, MAP_INTENT, bitmap_words).map_err(ebpf_error(path, MAP_INTENT))?;
         let mut summarized = |name: &str, summary_name: &str| -> Result<Summarized, TrackerError> {
             let bits = map_bitmap(ebpf, name, bitmap_words).map_err(ebpf_error(path, name))?;
@@ -785,8 +833,26 @@ impl Maps {
         let counters = take_map(ebpf, MAP_COUNTERS)
             .and_then(|m| Ok(PerCpuArray::try_from(m)?))
             .map_err(ebpf_error(path, MAP_COUNTERS))?;
-        Ok(Self { intent, completed, queued, flags, wide, counters })
+        let epochs = take_epochs(ebpf, bitmap_words, extent_count, path)?;
+        Ok(Self { intent, completed, queued, flags, wide, counters, epochs })
     }
+}
+
+fn take_epochs(
+    ebpf: &mut Ebpf,
+    bitmap_words: u32,
+    extent_count: u64,
+    path: &Path,
+) -> Result<Epochs, TrackerError> {
+    let bitmap = |ebpf: &mut Ebpf, name: &str, words: u32| {
+        map_bitmap(ebpf, name, words).map_err(ebpf_error(path, name))
+    };
+    let written = [bitmap(ebpf, MAP_WRITTEN[0], bitmap_words)?, bitmap(ebpf, MAP_WRITTEN[1], bitmap_words)?];
+    let epoch_word = bitmap(ebpf, MAP_EPOCH, 1)?;
+    let active = take_map(ebpf, MAP_ACTIVE)
+        .and_then(|m| Ok(PerCpuArray::try_from(m)?))
+        .map_err(ebpf_error(path, MAP_ACTIVE))?;
+    Ok(Epochs::new(written, epoch_word, active, extent_count))
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
