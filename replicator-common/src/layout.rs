@@ -47,8 +47,13 @@ pub const MAP_WIDE: &str = "WIDE";
 /// closed epoch's bitmap when it starts the next one: what was written before the cut; and
 /// tests the open epoch's: what was written since.
 pub const MAP_WRITTEN: [&str; 2] = ["WRITTEN0", "WRITTEN1"];
-/// One word: the current epoch, written by userspace only (see `MAP_WRITTEN`).
+/// Two words: the current epoch, written by userspace only (see `MAP_WRITTEN`); and bit
+/// `epoch & 1` set with any mark in that epoch's bitmap, so "anything written this epoch?" is
+/// one load.
 pub const MAP_EPOCH: &str = "EPOCH";
+pub const EPOCH_WORDS: u32 = 2;
+pub const EPOCH_WORD_EPOCH: u32 = 0;
+pub const EPOCH_WORD_ANY: u32 = 1;
 /// Per CPU, one counter: programs between reading `EPOCH` and their last epoch mark. Userspace,
 /// having started a new epoch, waits until every CPU's is 0: from then on no mark of the old
 /// epoch is still to come, and its bitmap is complete.

@@ -49,10 +49,10 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use replicator_common::{
-    BIO_COMPLETE_ARG_BIO, BIO_QUEUE_ARG_BIO, BPF_F_MMAPABLE, COUNTERS_LEN, Counter, EVENT_WORDS_MAX,
-    ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST, FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS,
-    MarkKind, RQ_COMPLETE_ARG_NR_BYTES, RQ_COMPLETE_ARG_RQ, SECTOR_BYTES, TrackerConfig, WIDE_RING_BYTES,
-    WORD_BITS, WideRange, summary_words,
+    BIO_COMPLETE_ARG_BIO, BIO_QUEUE_ARG_BIO, BPF_F_MMAPABLE, COUNTERS_LEN, Counter, EPOCH_WORD_ANY,
+    EPOCH_WORD_EPOCH, EPOCH_WORDS, EVENT_WORDS_MAX, ExtentSpan, FLAG_COMPLETED_LOST, FLAG_INTENT_LOST,
+    FLAGS_WORD_EXEMPT_TGID, FLAGS_WORD_LOST, FLAGS_WORDS, MarkKind, RQ_COMPLETE_ARG_NR_BYTES,
+    RQ_COMPLETE_ARG_RQ, SECTOR_BYTES, TrackerConfig, WIDE_RING_BYTES, WORD_BITS, WideRange, summary_words,
 };
 
 /// Set by userspace before load (`EbpfLoader::override_global`); read-only to the verifier.
@@ -100,9 +100,9 @@ static WRITTEN0: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 #[map]
 static WRITTEN1: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
 
-/// The current epoch, written by userspace.
+/// The current epoch, written by userspace; and which epoch bitmaps have a mark.
 #[map]
-static EPOCH: Array<u64> = Array::pinned(1, BPF_F_MMAPABLE);
+static EPOCH: Array<u64> = Array::pinned(EPOCH_WORDS, BPF_F_MMAPABLE);
 
 /// Programs between their read of `EPOCH` and their last epoch mark, on this CPU.
 #[map]
@@ -241,6 +241,9 @@ fn mark(config: &TrackerConfig, kind: MarkKind, span: ExtentSpan) {
         Some(_) => Some(&WRITTEN0),
         None => None,
     };
+    if let Some(epoch) = epoch {
+        set_bits(&EPOCH, u64::from(EPOCH_WORD_ANY), 1 << (epoch & 1));
+    }
     let bitmap = match kind {
         MarkKind::Intent | MarkKind::IntentOnly => &INTENT,
         MarkKind::Completed => &COMPLETED,
@@ -286,7 +289,7 @@ fn enter_epoch() -> u64 {
         // nested program on this CPU may count itself meanwhile.
         unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::SeqCst }>(ptr, 1) };
     }
-    match EPOCH.get_ptr(0) {
+    match EPOCH.get_ptr(EPOCH_WORD_EPOCH) {
         // SAFETY: the array's value, valid for the program's run; userspace stores it whole.
         Some(ptr) => unsafe { core::ptr::read_volatile(ptr) },
         None => 0,

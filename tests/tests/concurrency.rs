@@ -36,8 +36,8 @@ fn concurrent_writers_lose_no_marks() {
     for writer in writers {
         writer.join().expect("writer thread");
     }
-    recorder.drain();
-    eprintln!("{drains} drains raced the writers");
+    let untraced = recorder.drain_last();
+    eprintln!("{drains} drains raced the writers; {untraced} completions untraced (the safety net's)");
     let written = written.lock().expect("written lock");
     assert_exact("two concurrent writers", &written.extents, &recorder.marked, 1.0);
 }

@@ -4,9 +4,10 @@
 //! every write into "queued before" and "queued after": the start of an epoch. Userspace owns
 //! the epoch number (`EPOCH`, one word); the kernel program, for every write other than the
 //! exempt writer's, counts itself in this CPU's `ACTIVE`, reads `EPOCH`, sets the extents' bits
-//! in `WRITTEN[epoch & 1]`, and uncounts itself. Starting epoch `e + 1` ([`Epochs::flip`]):
-//! 1. clear `WRITTEN[(e + 1) & 1]` (epoch `e - 1`'s marks: every program that read `e - 1`
-//!    finished before epoch `e` began, so none still writes there);
+//! in `WRITTEN[epoch & 1]` (and bit `epoch & 1` of `EPOCH`'s second word: "anything at all"),
+//! and uncounts itself. Starting epoch `e + 1` ([`Epochs::flip`]):
+//! 1. clear `WRITTEN[(e + 1) & 1]` and its "anything" bit (epoch `e - 1`'s marks: every
+//!    program that read `e - 1` finished before epoch `e` began, so none still writes there);
 //! 2. store `e + 1` in `EPOCH` (a locked exchange: a full barrier);
 //! 3. wait until every CPU's `ACTIVE` is 0.
 //!
@@ -28,7 +29,7 @@
 //! ([`Epochs::raise_to`]).
 
 use aya::maps::{MapData, PerCpuArray};
-use replicator_common::ExtentSpan;
+use replicator_common::{EPOCH_WORD_ANY, EPOCH_WORD_EPOCH, ExtentSpan};
 
 use super::shared::SharedBitmap;
 
@@ -55,7 +56,7 @@ impl Epochs {
         active: PerCpuArray<MapData, u64>,
         extent_count: u64,
     ) -> Self {
-        let epoch = epoch_word.words()[0].load(std::sync::atomic::Ordering::Acquire);
+        let epoch = epoch_word.words()[EPOCH_WORD_EPOCH as usize].load(std::sync::atomic::Ordering::Acquire);
         let epochs = Self { written, epoch_word, active, epoch, extent_count, wait_timeouts: 0 };
         // The next epoch's bitmap may hold a previous run's marks (it crashed between steps 1
         // and 2): clear it, as a flip would.
@@ -90,7 +91,7 @@ impl Epochs {
     fn start(&mut self, next: u64) {
         assert!(next > self.epoch && next & 1 != self.epoch & 1, "epoch {next} after {}", self.epoch);
         self.clear(next);
-        self.epoch_word.words()[0].swap(next, std::sync::atomic::Ordering::SeqCst);
+        self.epoch_word.words()[EPOCH_WORD_EPOCH as usize].swap(next, std::sync::atomic::Ordering::SeqCst);
         self.epoch = next;
         if !self.wait_for_programs() {
             self.wait_timeouts += 1;
@@ -131,18 +132,46 @@ impl Epochs {
         })
     }
 
+    /// The open epoch's marks in word `word` of its bitmap (extents `64 * word..`).
+    pub fn written_word(&self, word: usize) -> u64 {
+        self.written[(self.epoch & 1) as usize].words()[word].load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Epoch `epoch`'s marks in word `word`, for the open epoch or the one before it (whose
+    /// bitmap is emptied only when the next epoch starts); 0 for any other.
+    pub fn written_word_of(&self, epoch: u64, word: usize) -> u64 {
+        if epoch != self.epoch && epoch + 1 != self.epoch {
+            return 0;
+        }
+        self.written[(epoch & 1) as usize].words()[word].load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether any extent was marked written in the open epoch: one load.
+    pub fn any_written(&self) -> bool {
+        let bits =
+            self.epoch_word.words()[EPOCH_WORD_ANY as usize].load(std::sync::atomic::Ordering::Acquire);
+        bits & 1 << (self.epoch & 1) != 0
+    }
+
     /// A wide range the program queued in epoch `epoch_low` (the low 32 bits of its epoch):
     /// marked as it would have marked it inline. One of an epoch already closed is not needed
     /// any more (nothing asks about a closed epoch).
     pub fn mark_wide(&self, epoch_low: u32, span: ExtentSpan) {
         if epoch_low == self.epoch as u32 {
             self.written[(self.epoch & 1) as usize].set_span(span);
+            self.note_any();
         }
     }
 
     /// Every extent counts as written in the open epoch: marks may have been lost.
     pub fn mark_all(&self) {
         self.written[(self.epoch & 1) as usize].set_all(self.extent_count);
+        self.note_any();
+    }
+
+    fn note_any(&self) {
+        let bit = 1 << (self.epoch & 1);
+        self.epoch_word.words()[EPOCH_WORD_ANY as usize].fetch_or(bit, std::sync::atomic::Ordering::AcqRel);
     }
 
     /// Empties the bitmap epoch `epoch` will use.
@@ -150,5 +179,7 @@ impl Epochs {
         for word in self.written[(epoch & 1) as usize].words() {
             word.store(0, std::sync::atomic::Ordering::Release);
         }
+        let bit = 1 << (epoch & 1);
+        self.epoch_word.words()[EPOCH_WORD_ANY as usize].fetch_and(!bit, std::sync::atomic::Ordering::AcqRel);
     }
 }

@@ -525,6 +525,28 @@ impl Tracker {
         self.epochs.written(ExtentSpan { first: run.start, last: run.end - 1 })
     }
 
+    /// The open epoch's marks of extents `64 * word..64 * word + 64`, as a word (wide ranges
+    /// are in it once a drain or a `written_in_epoch*` took them).
+    pub fn written_in_epoch_word(&self, word: usize) -> u64 {
+        self.epochs.written_word(word)
+    }
+
+    /// As `written_in_epoch_word`, for epoch `epoch`: the open one or the one before it.
+    pub fn written_word_of(&self, epoch: u64, word: usize) -> u64 {
+        self.epochs.written_word_of(epoch, word)
+    }
+
+    /// The extents of queued writes whose completion has not been drained yet.
+    pub fn awaiting(&self) -> &ExtentSet {
+        &self.awaiting
+    }
+
+    /// Whether any write (not the exempt writer's) was queued in the open epoch: one load.
+    pub fn written_in_epoch_any(&mut self) -> bool {
+        self.pump_wide_ranges();
+        self.epochs.any_written()
+    }
+
     /// Flips whose wait for the previous epoch's programs gave up (`ACTIVE_WAIT_MAX`).
     pub fn epoch_wait_timeouts(&self) -> u64 {
         self.epochs.wait_timeouts
@@ -848,7 +870,7 @@ fn take_epochs(
         map_bitmap(ebpf, name, words).map_err(ebpf_error(path, name))
     };
     let written = [bitmap(ebpf, MAP_WRITTEN[0], bitmap_words)?, bitmap(ebpf, MAP_WRITTEN[1], bitmap_words)?];
-    let epoch_word = bitmap(ebpf, MAP_EPOCH, 1)?;
+    let epoch_word = bitmap(ebpf, MAP_EPOCH, replicator_common::EPOCH_WORDS)?;
     let active = take_map(ebpf, MAP_ACTIVE)
         .and_then(|m| Ok(PerCpuArray::try_from(m)?))
         .map_err(ebpf_error(path, MAP_ACTIVE))?;
