@@ -16,6 +16,7 @@
 //! - at most `CONNECTIONS_MAX` connections are served at once, each on a thread of its own.
 
 mod frames;
+pub mod journal;
 mod session;
 
 use std::fs::{File, OpenOptions};
