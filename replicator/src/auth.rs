@@ -262,6 +262,32 @@ pub fn primary_handshake(
     Ok(2)
 }
 
+/// What a secondary says of its image right after the handshake (its `CutState` frame).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SecondaryCut {
+    pub committed_cut: u64,
+    pub committed_unix_ms: u64,
+    pub staged_cut_max: u64,
+    pub consistent: bool,
+}
+
+/// The primary's last step of a connection: the secondary's `CutState` (sent once it holds its
+/// image, so it may come after a previous session's writes have finished there).
+pub fn primary_read_cut_state(stream: &mut impl Read) -> Result<SecondaryCut, AuthError> {
+    let mut buffer = Vec::new();
+    let (_, reply) = wire::read_frame(stream, &HANDSHAKE_LIMITS, &mut buffer)?;
+    match reply {
+        Message::CutState { committed_cut, committed_unix_ms, staged_cut_max, flags } => Ok(SecondaryCut {
+            committed_cut,
+            committed_unix_ms,
+            staged_cut_max,
+            consistent: flags & wire::CUT_STATE_CONSISTENT != 0,
+        }),
+        Message::Error { code, message } => Err(AuthError::Refused { code, message: message.to_owned() }),
+        other => Err(AuthError::Unexpected { got: other.kind(), expected: "CutState" }),
+    }
+}
+
 /// The secondary's side: checks the primary's parameters against `expected`, proves the key,
 /// and returns them only once the primary has proved it too.
 pub fn secondary_handshake(

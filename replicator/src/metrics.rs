@@ -16,6 +16,7 @@ use prometheus_client::registry::Registry;
 
 /// Seconds as a counter (`f64` in an atomic `u64`).
 pub type SecondsCounter = Counter<f64, std::sync::atomic::AtomicU64>;
+pub type SecondsGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
 /// The help text of `replicator_busy_poll_seconds`, on the primary and the secondary.
 const BUSY_POLL_HELP: &str = "Wall-clock seconds spent in busy-poll windows waiting for completions (--poll-us); the CPU is yielded to other threads meanwhile";
@@ -392,6 +393,12 @@ pub struct SecondaryMetrics {
     pub write_errors: Counter,
     pub primary_connected: Gauge,
     pub busy_poll_seconds: SecondsCounter,
+    pub staged_bytes: Counter,
+    pub applied_bytes: Counter,
+    pub journal_overflows: Counter,
+    pub committed_cut: Gauge,
+    pub committed_cut_timestamp: SecondsGauge,
+    pub image_consistent: Gauge,
 }
 
 impl SecondaryMetrics {
@@ -423,6 +430,40 @@ impl SecondaryMetrics {
             self.primary_connected.clone(),
         );
         registry.register("replicator_busy_poll_seconds", BUSY_POLL_HELP, self.busy_poll_seconds.clone());
+        self.register_cuts(registry);
+    }
+
+    fn register_cuts(&self, registry: &mut Registry) {
+        registry.register(
+            "replicator_staged_bytes",
+            "Bytes of frames staged in the journal until their cut is committed",
+            self.staged_bytes.clone(),
+        );
+        registry.register(
+            "replicator_applied_bytes",
+            "Bytes applied from the journal to the image when their cut was committed",
+            self.applied_bytes.clone(),
+        );
+        registry.register(
+            "replicator_journal_overflows",
+            "Times the journal filled with no cut to commit and was applied in place (the image not consistent until a later cut)",
+            self.journal_overflows.clone(),
+        );
+        registry.register(
+            "replicator_committed_cut",
+            "The last cut applied to the image",
+            self.committed_cut.clone(),
+        );
+        registry.register(
+            "replicator_committed_cut_timestamp_seconds",
+            "When the primary took the last cut applied to the image (Unix time)",
+            self.committed_cut_timestamp.clone(),
+        );
+        registry.register(
+            "replicator_image_consistent",
+            "1 while the image is a consistent cut of the primary",
+            self.image_consistent.clone(),
+        );
     }
 }
 

@@ -11,8 +11,9 @@
 //! 12  crc32c         u32  over the header (this field zero) and the payload
 //! 16  sequence       u64  per connection and direction, increasing (gaps allowed: the
 //!                         primary numbers extent frames once for all its secondaries)
-//! 24  flags          u8   FLAG_CLIENT_WAITS on a BlockData frame, else zero
-//! 25  reserved       7 bytes, zero
+//! 24  flags          u8   FLAG_CLIENT_WAITS, FLAG_IN_ORDER (see each), else zero
+//! 25  cut            7 bytes (u56): on ExtentData, BlockData and Zeroes, the consistent cut
+//!                         the frame belongs to (`secondary::journal`); zero on the others
 //! ```
 //!
 //! All integers are little-endian. Invariant: nothing from the network reaches the image
@@ -30,10 +31,18 @@ pub const SECTOR_BYTES: u64 = 512;
 /// 3: the header's flags byte (`FLAG_CLIENT_WAITS`).
 /// 4: an `Error` frame's code is an `ErrorCode` (split brain, refusal, write and read failures
 ///    have codes of their own; an unknown code is malformed).
-pub const VERSION: u16 = 4;
+/// 5: consistent cuts: data frames carry their cut in the header (and `FLAG_IN_ORDER`); the
+///    primary sends `Commit`, the secondary answers the handshake with `CutState`.
+pub const VERSION: u16 = 5;
 /// On a `BlockData` frame: a client's synchronous write through the export waits for this
 /// frame's ack. A secondary busy-polls while such frames flow (`--poll-us`, by default).
 pub const FLAG_CLIENT_WAITS: u8 = 1;
+/// On a `BlockData` or `Zeroes` frame: a client's write through the export that the secondary
+/// may apply right after the cut it last applied, in the order sent (nothing it depends on is
+/// missing there; see `primary::cuts`).
+pub const FLAG_IN_ORDER: u8 = 2;
+/// The largest cut a header carries (56 bits).
+pub const CUT_MAX: u64 = (1 << 56) - 1;
 pub const HEADER_BYTES: usize = 32;
 /// Bytes of a handshake nonce and of an HMAC-SHA256 proof.
 pub const NONCE_BYTES: usize = 32;
@@ -49,6 +58,11 @@ pub const MIRROR_DB_BYTES_MAX: usize = 24 + 64 * 1024;
 pub const DIVERGENT_RUNS_MAX: usize = 256;
 /// Bytes of a `ConsistencyPoint` payload.
 pub const POINT_PAYLOAD_BYTES: usize = 16;
+/// Bytes of a `Commit` and of a `CutState` payload.
+pub const COMMIT_PAYLOAD_BYTES: usize = 16;
+pub const CUT_STATE_PAYLOAD_BYTES: usize = 32;
+/// `CutState` flags: the image is a consistent cut now.
+pub const CUT_STATE_CONSISTENT: u64 = 1;
 /// Bytes of a `VerifyHashes` payload before its hashes.
 pub const VERIFY_FIXED_BYTES: usize = 16;
 /// The largest `VerifyHashes` payload.
@@ -130,6 +144,8 @@ pub enum MessageKind {
     Zeroes = 14,
     MirrorDbPrepare = 15,
     MirrorDbCommit = 16,
+    Commit = 17,
+    CutState = 18,
 }
 
 impl MessageKind {
@@ -151,6 +167,8 @@ impl MessageKind {
             14 => Self::Zeroes,
             15 => Self::MirrorDbPrepare,
             16 => Self::MirrorDbCommit,
+            17 => Self::Commit,
+            18 => Self::CutState,
             _ => return None,
         })
     }
@@ -179,6 +197,8 @@ pub enum WireError {
     Reserved,
     #[error("header flags {found:#04x} on a {kind:?} frame")]
     Flags { kind: MessageKind, found: u8 },
+    #[error("a cut ({found}) on a {kind:?} frame")]
+    Cut { kind: MessageKind, found: u64 },
     #[error("checksum mismatch: frame says {expected:#010x}, computed {computed:#010x}")]
     Checksum { expected: u32, computed: u32 },
     #[error("{kind:?} payload of {found} bytes, expected {expected}")]
@@ -210,8 +230,34 @@ pub struct Header {
     pub payload_bytes: u32,
     pub crc32c: u32,
     pub sequence: u64,
-    /// `FLAG_*` bits; only `FLAG_CLIENT_WAITS`, only on `BlockData`.
+    /// `FLAG_*` bits: `FLAG_CLIENT_WAITS` on `BlockData`, `FLAG_IN_ORDER` on `BlockData` and
+    /// `Zeroes`.
     pub flags: u8,
+    /// The cut a data frame belongs to (`ExtentData`, `BlockData`, `Zeroes`), else 0.
+    pub cut: u64,
+}
+
+/// The header fields of a data frame beyond its kind and sequence.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tag {
+    pub flags: u8,
+    pub cut: u64,
+}
+
+impl MessageKind {
+    /// The `FLAG_*` bits a frame of this kind may carry.
+    fn flags_allowed(self) -> u8 {
+        match self {
+            Self::BlockData => FLAG_CLIENT_WAITS | FLAG_IN_ORDER,
+            Self::Zeroes => FLAG_IN_ORDER,
+            _ => 0,
+        }
+    }
+
+    /// Whether a frame of this kind carries a cut.
+    fn has_cut(self) -> bool {
+        matches!(self, Self::ExtentData | Self::BlockData | Self::Zeroes)
+    }
 }
 
 /// A decoded message, borrowing its payload.
@@ -294,6 +340,21 @@ pub enum Message<'a> {
     MirrorDbCommit {
         revision: u64,
     },
+    /// Primary to secondary: every frame of cut `cut` (taken at `cut_unix_ms` on the primary's
+    /// clock) has been sent before this one; apply them atomically, durably, then ack this frame.
+    Commit {
+        cut: u64,
+        cut_unix_ms: u64,
+    },
+    /// Secondary to primary, right after the handshake: the cut its image holds, and the
+    /// highest cut of a frame it keeps staged (the primary's cuts continue past both).
+    CutState {
+        committed_cut: u64,
+        committed_unix_ms: u64,
+        staged_cut_max: u64,
+        /// `CUT_STATE_*` bits.
+        flags: u64,
+    },
     /// Secondary (a former primary, failing back) to primary: runs of extents it wrote that
     /// the new primary may not have; each run is two u64, first and end (exclusive) extent.
     DivergentRuns {
@@ -318,6 +379,8 @@ impl Message<'_> {
             Self::MirrorDbPrepare { .. } => MessageKind::MirrorDbPrepare,
             Self::MirrorDbCommit { .. } => MessageKind::MirrorDbCommit,
             Self::DivergentRuns { .. } => MessageKind::DivergentRuns,
+            Self::Commit { .. } => MessageKind::Commit,
+            Self::CutState { .. } => MessageKind::CutState,
             Self::BlockData { .. } => MessageKind::BlockData,
             Self::Zeroes { .. } => MessageKind::Zeroes,
         }
@@ -344,13 +407,14 @@ pub fn decode_header(bytes: &[u8; HEADER_BYTES], limits: &Limits) -> Result<Head
         return Err(WireError::TooLong { found: payload_bytes, limit: limits.payload_bytes_max });
     }
     let flags = word3 as u8;
-    if flags != 0 && (kind != MessageKind::BlockData || flags & !FLAG_CLIENT_WAITS != 0) {
+    if flags & !kind.flags_allowed() != 0 {
         return Err(WireError::Flags { kind, found: flags });
     }
-    if word3 >> 8 != 0 {
-        return Err(WireError::Reserved);
+    let cut = word3 >> 8;
+    if cut != 0 && !kind.has_cut() {
+        return Err(WireError::Cut { kind, found: cut });
     }
-    Ok(Header { kind, payload_bytes, crc32c: (word1 >> 32) as u32, sequence, flags })
+    Ok(Header { kind, payload_bytes, crc32c: (word1 >> 32) as u32, sequence, flags, cut })
 }
 
 /// The frame checksum: crc32c over the header with its checksum field zero, then the payload.
@@ -365,8 +429,13 @@ pub const EXTENT_PREFIX_BYTES: usize = HEADER_BYTES + 8;
 
 /// The header and offset of an extent-data frame, to send right before `data` (the primary
 /// writes them just before the data in the same buffer, so the frame goes out in one send).
-pub fn encode_extent_prefix(sequence: u64, offset_bytes: u64, data: &[u8]) -> [u8; EXTENT_PREFIX_BYTES] {
-    encode_data_prefix(MessageKind::ExtentData, sequence, offset_bytes, data, 0)
+pub fn encode_extent_prefix(
+    sequence: u64,
+    offset_bytes: u64,
+    data: &[u8],
+    cut: u64,
+) -> [u8; EXTENT_PREFIX_BYTES] {
+    encode_data_prefix(MessageKind::ExtentData, sequence, offset_bytes, data, Tag { flags: 0, cut })
 }
 
 /// As [`encode_extent_prefix`], for `ExtentData` or `BlockData` (which may carry `flags`).
@@ -375,12 +444,11 @@ pub fn encode_data_prefix(
     sequence: u64,
     offset_bytes: u64,
     data: &[u8],
-    flags: u8,
+    tag: Tag,
 ) -> [u8; EXTENT_PREFIX_BYTES] {
     assert!(matches!(kind, MessageKind::ExtentData | MessageKind::BlockData));
-    assert!(flags == 0 || (kind == MessageKind::BlockData && flags == FLAG_CLIENT_WAITS));
     let offset = offset_bytes.to_le_bytes();
-    let header = encode_flagged_header(kind, sequence, flags, &[&offset, data]);
+    let header = encode_tagged_header(kind, sequence, tag, &[&offset, data]);
     let mut prefix = [0u8; EXTENT_PREFIX_BYTES];
     prefix[..HEADER_BYTES].copy_from_slice(&header);
     prefix[HEADER_BYTES..].copy_from_slice(&offset);
@@ -498,7 +566,11 @@ fn decode_handshake(kind: MessageKind, payload: &[u8]) -> Result<Message<'_>, Wi
 fn decode_fixed<'a>(kind: MessageKind, payload: &'a [u8], limits: &Limits) -> Result<Message<'a>, WireError> {
     let expected = match kind {
         MessageKind::Zeroes => "24",
-        MessageKind::Ack | MessageKind::VerifyRequest | MessageKind::ConsistencyPoint => "16",
+        MessageKind::CutState => "32",
+        MessageKind::Ack
+        | MessageKind::VerifyRequest
+        | MessageKind::ConsistencyPoint
+        | MessageKind::Commit => "16",
         MessageKind::MirrorDbCommit => "8",
         _ => "0",
     };
@@ -531,6 +603,24 @@ fn decode_fixed<'a>(kind: MessageKind, payload: &'a [u8], limits: &Limits) -> Re
             Message::ConsistencyPoint { generation: f.u64()?, point_unix_ms: f.u64()? }
         }
         MessageKind::MirrorDbCommit => Message::MirrorDbCommit { revision: f.u64()? },
+        MessageKind::Commit => {
+            let (cut, cut_unix_ms) = (f.u64()?, f.u64()?);
+            if cut == 0 || cut > CUT_MAX {
+                return Err(WireError::Cut { kind, found: cut });
+            }
+            Message::Commit { cut, cut_unix_ms }
+        }
+        MessageKind::CutState => {
+            let (committed_cut, committed_unix_ms, staged_cut_max, flags) =
+                (f.u64()?, f.u64()?, f.u64()?, f.u64()?);
+            if committed_cut > CUT_MAX || staged_cut_max > CUT_MAX {
+                return Err(WireError::Cut { kind, found: committed_cut.max(staged_cut_max) });
+            }
+            if flags & !CUT_STATE_CONSISTENT != 0 {
+                return Err(WireError::Reserved);
+            }
+            Message::CutState { committed_cut, committed_unix_ms, staged_cut_max, flags }
+        }
         MessageKind::Keepalive => Message::Keepalive,
         other => unreachable!("{other:?} has a decoder of its own"),
     };
@@ -657,16 +747,13 @@ fn decode_extent_data<'a>(payload: &'a [u8], limits: &Limits) -> Result<Message<
 /// Writes a frame header for `kind` and `payload` (the payload may be sent from elsewhere, as
 /// zero-copy sends do; only its bytes enter the checksum).
 pub fn encode_header(kind: MessageKind, sequence: u64, payload: &[&[u8]]) -> [u8; HEADER_BYTES] {
-    encode_flagged_header(kind, sequence, 0, payload)
+    encode_tagged_header(kind, sequence, Tag::default(), payload)
 }
 
-/// As [`encode_header`], with the header's flags byte.
-fn encode_flagged_header(
-    kind: MessageKind,
-    sequence: u64,
-    flags: u8,
-    payload: &[&[u8]],
-) -> [u8; HEADER_BYTES] {
+/// As [`encode_header`], with the header's flags and cut.
+fn encode_tagged_header(kind: MessageKind, sequence: u64, tag: Tag, payload: &[&[u8]]) -> [u8; HEADER_BYTES] {
+    assert!(tag.flags & !kind.flags_allowed() == 0, "flags {:#04x} on {kind:?}", tag.flags);
+    assert!(tag.cut <= CUT_MAX && (tag.cut == 0 || kind.has_cut()), "cut {} on {kind:?}", tag.cut);
     let payload_bytes: usize = payload.iter().map(|p| p.len()).sum();
     let mut header = [0u8; HEADER_BYTES];
     header[0..4].copy_from_slice(&MAGIC.to_le_bytes());
@@ -674,7 +761,7 @@ fn encode_flagged_header(
     header[6..8].copy_from_slice(&(kind as u16).to_le_bytes());
     header[8..12].copy_from_slice(&u32::try_from(payload_bytes).expect("payload under 4 GiB").to_le_bytes());
     header[16..24].copy_from_slice(&sequence.to_le_bytes());
-    header[24] = flags;
+    header[24..32].copy_from_slice(&(u64::from(tag.flags) | tag.cut << 8).to_le_bytes());
     let crc = payload.iter().fold(crc32c::crc32c(&header), |crc, part| crc32c::crc32c_append(crc, part));
     header[12..16].copy_from_slice(&crc.to_le_bytes());
     header
@@ -684,72 +771,84 @@ fn encode_flagged_header(
 /// offset followed by the data; a sender that wants zero copy encodes the header with
 /// [`encode_header`] over `[offset, data]` instead.
 pub fn encode(message: &Message<'_>, sequence: u64, out: &mut Vec<u8>) {
+    encode_tagged(message, sequence, Tag::default(), out);
+}
+
+/// As [`encode`], with a data frame's flags and cut in its header.
+pub fn encode_tagged(message: &Message<'_>, sequence: u64, tag: Tag, out: &mut Vec<u8>) {
     let mut fixed = [0u8; 24 + NONCE_BYTES + PROOF_BYTES];
-    let parts: [&[u8]; 2] = match message {
+    let parts = payload_parts(message, &mut fixed);
+    out.clear();
+    out.extend_from_slice(&encode_tagged_header(message.kind(), sequence, tag, &parts));
+    out.extend_from_slice(parts[0]);
+    out.extend_from_slice(parts[1]);
+}
+
+/// A message's payload as its fixed fields (written into `fixed`) and its variable part.
+fn payload_parts<'a>(
+    message: &'a Message<'_>,
+    fixed: &'a mut [u8; 24 + NONCE_BYTES + PROOF_BYTES],
+) -> [&'a [u8]; 2] {
+    let words = put_words;
+    let used = match message {
         Message::Hello { mirror_id, image_bytes, extent_bytes, nonce } => {
-            fixed[0..8].copy_from_slice(&mirror_id.to_le_bytes());
-            fixed[8..16].copy_from_slice(&image_bytes.to_le_bytes());
-            fixed[16..24].copy_from_slice(&extent_bytes.to_le_bytes());
+            words(fixed, &[*mirror_id, *image_bytes, *extent_bytes]);
             fixed[24..24 + NONCE_BYTES].copy_from_slice(nonce);
-            [&fixed[..24 + NONCE_BYTES], &[]]
+            24 + NONCE_BYTES
         }
         Message::Welcome { nonce, proof } => {
             fixed[..NONCE_BYTES].copy_from_slice(nonce);
             fixed[NONCE_BYTES..NONCE_BYTES + PROOF_BYTES].copy_from_slice(proof);
-            [&fixed[..NONCE_BYTES + PROOF_BYTES], &[]]
+            NONCE_BYTES + PROOF_BYTES
         }
         Message::Proof { proof } => {
             fixed[..PROOF_BYTES].copy_from_slice(proof);
-            [&fixed[..PROOF_BYTES], &[]]
-        }
-        Message::ExtentData { offset_bytes, data } | Message::BlockData { offset_bytes, data } => {
-            fixed[..8].copy_from_slice(&offset_bytes.to_le_bytes());
-            [&fixed[..8], data]
+            PROOF_BYTES
         }
         Message::Zeroes { offset_bytes, len_bytes, unmap } => {
-            fixed[..8].copy_from_slice(&offset_bytes.to_le_bytes());
-            fixed[8..16].copy_from_slice(&len_bytes.to_le_bytes());
-            fixed[16..24].copy_from_slice(&u64::from(*unmap).to_le_bytes());
-            [&fixed[..24], &[]]
+            words(fixed, &[*offset_bytes, *len_bytes, u64::from(*unmap)])
         }
-        Message::Ack { first_sequence, last_sequence } => {
-            fixed[..8].copy_from_slice(&first_sequence.to_le_bytes());
-            fixed[8..16].copy_from_slice(&last_sequence.to_le_bytes());
-            [&fixed[..16], &[]]
+        Message::Ack { first_sequence: a, last_sequence: b }
+        | Message::ConsistencyPoint { generation: a, point_unix_ms: b }
+        | Message::Commit { cut: a, cut_unix_ms: b } => words(fixed, &[*a, *b]),
+        Message::MirrorDbCommit { revision } => words(fixed, &[*revision]),
+        Message::CutState { committed_cut, committed_unix_ms, staged_cut_max, flags } => {
+            words(fixed, &[*committed_cut, *committed_unix_ms, *staged_cut_max, *flags])
         }
-        Message::Keepalive => [&[], &[]],
-        Message::Error { code, message } => {
-            let message = truncate_utf8(message, ERROR_MESSAGE_BYTES_MAX);
-            fixed[..4].copy_from_slice(&(*code as u32).to_le_bytes());
-            [&fixed[..4], message.as_bytes()]
-        }
-        Message::VerifyRequest { first_extent, count } => {
-            fixed[..8].copy_from_slice(&first_extent.to_le_bytes());
-            fixed[8..12].copy_from_slice(&count.to_le_bytes());
-            [&fixed[..VERIFY_FIXED_BYTES], &[]]
-        }
-        Message::MirrorDb { envelope } | Message::MirrorDbPrepare { envelope } => [&[], envelope],
-        Message::MirrorDbCommit { revision } => {
-            fixed[..8].copy_from_slice(&revision.to_le_bytes());
-            [&fixed[..8], &[]]
-        }
-        Message::DivergentRuns { runs } => [&[], runs],
-        Message::ConsistencyPoint { generation, point_unix_ms } => {
-            fixed[..8].copy_from_slice(&generation.to_le_bytes());
-            fixed[8..16].copy_from_slice(&point_unix_ms.to_le_bytes());
-            [&fixed[..16], &[]]
-        }
+        // The count is a u32 followed by a reserved u32, zero: one little-endian u64.
+        Message::VerifyRequest { first_extent, count } => words(fixed, &[*first_extent, u64::from(*count)]),
         Message::VerifyHashes { first_extent, hashes } => {
-            let count = u32::try_from(hashes.len() / VERIFY_HASH_BYTES).expect("at most VERIFY_EXTENTS_MAX");
-            fixed[..8].copy_from_slice(&first_extent.to_le_bytes());
-            fixed[8..12].copy_from_slice(&count.to_le_bytes());
-            [&fixed[..VERIFY_FIXED_BYTES], hashes]
+            words(fixed, &[*first_extent, (hashes.len() / VERIFY_HASH_BYTES) as u64])
         }
+        Message::Error { code, .. } => {
+            fixed[..4].copy_from_slice(&(*code as u32).to_le_bytes());
+            4
+        }
+        Message::ExtentData { offset_bytes, .. } | Message::BlockData { offset_bytes, .. } => {
+            words(fixed, &[*offset_bytes])
+        }
+        Message::Keepalive
+        | Message::MirrorDb { .. }
+        | Message::MirrorDbPrepare { .. }
+        | Message::DivergentRuns { .. } => 0,
     };
-    out.clear();
-    out.extend_from_slice(&encode_header(message.kind(), sequence, &parts));
-    out.extend_from_slice(parts[0]);
-    out.extend_from_slice(parts[1]);
+    let variable: &[u8] = match message {
+        Message::ExtentData { data, .. } | Message::BlockData { data, .. } => data,
+        Message::Error { message, .. } => truncate_utf8(message, ERROR_MESSAGE_BYTES_MAX).as_bytes(),
+        Message::MirrorDb { envelope } | Message::MirrorDbPrepare { envelope } => envelope,
+        Message::DivergentRuns { runs } => runs,
+        Message::VerifyHashes { hashes, .. } => hashes,
+        _ => &[],
+    };
+    [&fixed[..used], variable]
+}
+
+/// Writes `values` as little-endian u64 from the start of `fixed`; returns the bytes written.
+fn put_words(fixed: &mut [u8], values: &[u64]) -> usize {
+    for (i, value) in values.iter().enumerate() {
+        fixed[i * 8..i * 8 + 8].copy_from_slice(&value.to_le_bytes());
+    }
+    values.len() * 8
 }
 
 fn truncate_utf8(text: &str, bytes_max: usize) -> &str {
@@ -785,7 +884,7 @@ mod tests {
         (
             any::<u64>(),
             proptest::collection::vec(any::<u8>(), 1..4),
-            0u8..16,
+            0u8..18,
             any::<[u8; 32]>(),
             any::<[u8; 32]>(),
             ".{0,40}",
@@ -824,6 +923,13 @@ mod tests {
             },
             13 => Message::MirrorDbPrepare { envelope: &data[..(n % 1000 + 1) as usize] },
             14 => Message::MirrorDbCommit { revision: n },
+            15 => Message::Commit { cut: n % CUT_MAX + 1, cut_unix_ms: n / 3 },
+            16 => Message::CutState {
+                committed_cut: n % CUT_MAX,
+                committed_unix_ms: n / 5,
+                staged_cut_max: n % 77,
+                flags: n % 2,
+            },
             _ => Message::Error {
                 code: ErrorCode::from_u32((n % 8 + 1) as u32).expect("1..=8"),
                 message: text,
@@ -857,11 +963,11 @@ mod tests {
         /// its payload decoder: an error or a message, never a panic.
         #[test]
         fn sealed_garbage_reaches_every_decoder_and_never_panics(
-            kind in 1u16..=16,
+            kind in 1u16..=18,
             payload in proptest::collection::vec(any::<u8>(), 0..300),
             sequence in any::<u64>(),
         ) {
-            let kind = MessageKind::from_u16(kind).expect("every kind from 1 to 16");
+            let kind = MessageKind::from_u16(kind).expect("every kind from 1 to 18");
             let mut frame = encode_header(kind, sequence, &[&payload]).to_vec();
             frame.extend_from_slice(&payload);
             let _ = decode(&frame);
@@ -894,7 +1000,7 @@ mod tests {
     #[test]
     fn extent_prefix_and_stream_parsing() {
         let data = vec![9u8; 65536];
-        let mut stream = encode_extent_prefix(42, 131072, &data).to_vec();
+        let mut stream = encode_extent_prefix(42, 131072, &data, 0).to_vec();
         stream.extend_from_slice(&data);
         let mut keepalive = Vec::new();
         encode(&Message::Keepalive, 43, &mut keepalive);
@@ -911,8 +1017,8 @@ mod tests {
     #[test]
     fn the_client_waits_flag_rides_only_on_block_data() {
         let data = vec![3u8; 4096];
-        let mut frame =
-            encode_data_prefix(MessageKind::BlockData, 7, 8192, &data, FLAG_CLIENT_WAITS).to_vec();
+        let tag = Tag { flags: FLAG_CLIENT_WAITS, cut: 0 };
+        let mut frame = encode_data_prefix(MessageKind::BlockData, 7, 8192, &data, tag).to_vec();
         frame.extend_from_slice(&data);
         let header = decode_header(frame.first_chunk().expect("a header"), &LIMITS).expect("valid");
         assert_eq!(header.flags, FLAG_CLIENT_WAITS);
@@ -922,18 +1028,52 @@ mod tests {
             "checksum covers it"
         );
         let mut unknown = frame.clone();
-        unknown[24] = 2;
-        assert_eq!(decode(&unknown), Err(WireError::Flags { kind: MessageKind::BlockData, found: 2 }));
-        let mut extent = encode_extent_prefix(7, 0, &vec![0u8; 65536]).to_vec();
+        unknown[24] = 4;
+        assert_eq!(decode(&unknown), Err(WireError::Flags { kind: MessageKind::BlockData, found: 4 }));
+        let mut extent = encode_extent_prefix(7, 0, &vec![0u8; 65536], 0).to_vec();
         extent[24] = FLAG_CLIENT_WAITS;
         let header = extent.first_chunk().expect("a header");
         assert_eq!(
             decode_header(header, &LIMITS),
             Err(WireError::Flags { kind: MessageKind::ExtentData, found: FLAG_CLIENT_WAITS })
         );
-        let mut reserved = frame;
-        reserved[31] = 1;
-        assert_eq!(decode(&reserved), Err(WireError::Reserved));
+        let mut keepalive = Vec::new();
+        encode(&Message::Keepalive, 1, &mut keepalive);
+        keepalive[31] = 1;
+        assert_eq!(
+            decode(&keepalive),
+            Err(WireError::Cut { kind: MessageKind::Keepalive, found: 1 << 48 }),
+            "a cut only on data frames"
+        );
+    }
+
+    #[test]
+    fn data_frames_carry_their_cut_under_the_checksum() {
+        let data = vec![5u8; 65536];
+        let mut frame = encode_extent_prefix(9, 65536, &data, CUT_MAX).to_vec();
+        frame.extend_from_slice(&data);
+        let header = decode_header(frame.first_chunk().expect("a header"), &LIMITS).expect("valid");
+        assert_eq!((header.cut, header.flags), (CUT_MAX, 0));
+        assert!(decode(&frame).is_ok());
+        frame[26] ^= 1;
+        assert!(matches!(decode(&frame), Err(WireError::Checksum { .. })), "the cut is checksummed");
+        let mut zeroes = Vec::new();
+        let tag = Tag { flags: FLAG_IN_ORDER, cut: 12 };
+        encode_tagged(
+            &Message::Zeroes { offset_bytes: 0, len_bytes: 512, unmap: false },
+            3,
+            tag,
+            &mut zeroes,
+        );
+        let header = decode_header(zeroes.first_chunk().expect("a header"), &LIMITS).expect("valid");
+        assert_eq!((header.cut, header.flags), (12, FLAG_IN_ORDER));
+        let mut commit = Vec::new();
+        encode(&Message::Commit { cut: 0, cut_unix_ms: 1 }, 3, &mut commit);
+        assert_eq!(
+            decode(&commit),
+            Err(WireError::Cut { kind: MessageKind::Commit, found: 0 }),
+            "cuts start at 1"
+        );
     }
 
     #[test]

@@ -301,13 +301,8 @@ fn split_brain_resolved_for_the_old_primary() {
     assert_eq!(status["mirror"]["generation"], 1, "{status}");
 }
 
-/// Promote is refused for a secondary that is SYNCHRONIZING: its image is no copy of any point.
-#[test]
-fn promote_is_refused_while_synchronizing() {
-    let mut lab = lab("nopromote");
-    let (_, s0) = mirror(&mut lab);
-    lab.operate(&["set", "sync-rate=1MiB", "--secondary", "s0"]).expect("set");
-    lab.operate(&["sync", "s0"]).expect("sync");
+/// Waits until s0's own database says it is SYNCHRONIZING (a resync is under way there).
+fn s0_synchronizing(lab: &Lab) {
     let deadline = Instant::now() + Duration::from_secs(20);
     let s0_knows = || {
         MirrorDb::load(&lab.state_dir("s0")).ok().flatten().is_some_and(|db| {
@@ -320,10 +315,106 @@ fn promote_is_refused_while_synchronizing() {
         assert!(Instant::now() < deadline, "s0 never learned it is SYNCHRONIZING\n{}", lab.logs());
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// The primary lost in the middle of a resync (here a whole `sync`, throttled): the secondary
+/// is at its last cut, which its journal kept while the copy came in, and promote gives that.
+#[test]
+fn promote_during_a_resync_gives_the_last_cut() {
+    let mut lab = lab("midsync");
+    let (_, s0) = mirror(&mut lab);
+    write_extents(&lab.primary_device.path, 10, 20, 0x3c);
+    lab.wait_synchronized(Duration::from_secs(30)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, &lab.state_dir("p"), "s0 holding a cut with those writes", |s| {
+        s["secondaries"][0]["cut_consistent"] == true && s["secondaries"][0]["in_sync"] == true
+    });
+    std::thread::sleep(Duration::from_millis(500)); // a cut after the writes
+    lab.operate(&["set", "sync-rate=4MiB", "--secondary", "s0"]).expect("set");
+    lab.operate(&["sync", "s0"]).expect("sync");
+    s0_synchronizing(&lab);
+    std::thread::sleep(Duration::from_millis(1500)); // some of the copy staged in s0's journal
+    assert!(lab.processes[s0].stop());
+    let said = run(&lab, &promote_args(&lab).iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(said.contains("of later cuts had arrived and are discarded"), "{said}");
+    let (primary, promoted) = (
+        hash_device(&lab.primary_device.path).unwrap(),
+        hash_device(&lab.secondary_devices[0].path).unwrap(),
+    );
+    assert_eq!(primary, promoted, "the promoted image is the last cut (nothing was written since)\n{said}");
+}
+
+/// A catch-up larger than the journal is applied in place (replication does not stall): the
+/// image is no cut until it completes, and promote refuses meanwhile, saying why.
+#[test]
+fn promote_is_refused_while_a_catch_up_larger_than_the_journal_runs() {
+    let mut lab = lab("nopromote");
+    let s0 = lab.start_secondary(0, &["--journal-bytes", "16MiB"]).expect("s0");
+    let (device, state) =
+        (lab.primary_device.path.display().to_string(), lab.state_dir("p").display().to_string());
+    run(&lab, &["create", "vol1", "--device", &device, "--state-dir", &state, "--image-name", "p"]);
+    lab.start_primary_from_db(FAST).expect("primary");
+    until(&lab, &lab.state_dir("p"), "the primary", |s| s["mirror"]["state"] == "ACTIVE");
+    lab.operate(&["add-secondary", &format!("s0={}", lab.secondary_addrs[0])]).expect("add-secondary");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, &lab.state_dir("p"), "s0 consistent", |s| s["secondaries"][0]["cut_consistent"] == true);
+    lab.operate(&["set", "sync-rate=16MiB", "--secondary", "s0"]).expect("set");
+    lab.operate(&["sync", "s0"]).expect("sync");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !lab.logs().contains("journal full with no cut to commit") {
+        assert!(Instant::now() < deadline, "s0's journal never overflowed\n{}", lab.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
     assert!(lab.processes[s0].stop());
     let args = promote_args(&lab);
     let refused =
         run_command(lab.binary.to_str().unwrap(), &args.iter().map(String::as_str).collect::<Vec<_>>());
-    let error = refused.expect_err("promote of a SYNCHRONIZING secondary is refused").to_string();
-    assert!(error.contains("Synchronizing") && error.contains("cannot be promoted"), "{error}");
+    let error = refused.expect_err("promote of an image that is no cut is refused").to_string();
+    assert!(error.contains("not a consistent cut") && error.contains("--force"), "{error}");
+}
+
+/// The stale secondary: s0 is killed, the primary goes on writing (the sync policy with
+/// minimum images 1 acknowledges them to clients), then the primary is lost. s0 cannot know
+/// what it missed: promote refuses, naming the writes it may lack; `--force` promotes.
+#[test]
+fn promote_of_a_stale_secondary_is_refused_under_the_sync_policy() {
+    let mut lab = lab("stale");
+    let s0 = lab.start_secondary(0, &[]).expect("s0");
+    let (device, state) =
+        (lab.primary_device.path.display().to_string(), lab.state_dir("p").display().to_string());
+    run(
+        &lab,
+        &[
+            "create",
+            "vol1",
+            "--device",
+            &device,
+            "--state-dir",
+            &state,
+            "--image-name",
+            "p",
+            "--write-policy",
+            "sync",
+        ],
+    );
+    let primary = lab.start_primary_from_db(FAST).expect("primary");
+    until(&lab, &lab.state_dir("p"), "the primary", |s| s["mirror"]["state"] == "ACTIVE");
+    lab.operate(&["add-secondary", &format!("s0={}", lab.secondary_addrs[0])]).expect("add-secondary");
+    lab.wait_synchronized(Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}\n{}", lab.logs()));
+    until(&lab, &lab.state_dir("p"), "s0 consistent", |s| s["secondaries"][0]["cut_consistent"] == true);
+    lab.processes[s0].kill();
+    write_extents(&lab.primary_device.path, 0, 128, 0x77); // 8 MiB s0 never sees
+    until(&lab, &lab.state_dir("p"), "s0 outdated", |s| s["secondaries"][0]["outdated"] == true);
+    lab.processes[primary].kill();
+    let args = promote_args(&lab);
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let error =
+        run_command(lab.binary.to_str().unwrap(), &argv).expect_err("a stale promote is refused").to_string();
+    assert!(
+        error.contains("may have acknowledged writes this image lacks") && error.contains("--force"),
+        "{error}"
+    );
+    let mut forced = argv.clone();
+    forced.push("--force");
+    let said = run(&lab, &forced);
+    assert!(said.contains("promoting anyway (--force)") && said.contains("is now the primary"), "{said}");
 }

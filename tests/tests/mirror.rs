@@ -127,7 +127,7 @@ fn promote_of_an_unsynchronized_image_is_refused(lab: &Lab) {
         ],
     );
     let error = refused.expect_err("promote of an UNSYNCHRONIZED image is refused").to_string();
-    assert!(error.contains("Unsynchronized") && error.contains("cannot be promoted"), "{error}");
+    assert!(error.contains("Unsynchronized") && error.contains("no copy of the primary"), "{error}");
 }
 
 /// 1. The whole lifecycle from `create` to `destroy`, every refusal tried.

@@ -331,6 +331,9 @@ fn healthy_secondary_keeps_up_while_another_is_fractured() {
 
 /// 8. A secondary whose device returns write errors (a loop device over a file on a tmpfs that
 ///    fills up): the primary fractures it, keeps its log, and resyncs it when space is freed.
+///    The frames staged in its journal (on another disk) were acknowledged and stay there: the
+///    commit that failed to apply them applies them once space is freed, so the resync may ship
+///    nothing; it ships at most twice what was written.
 #[test]
 fn secondary_write_errors_fracture_until_space_is_freed() {
     const SMALL_BYTES: u64 = 64 * MIB;
@@ -376,7 +379,13 @@ fn secondary_write_errors_fracture_until_space_is_freed() {
     let after = resync_bytes(&synchronized(&lab), 0);
     assert_images_equal(&lab);
     eprintln!("{} KiB shipped in failed retries before space was freed", retried / KIB);
-    assert_resync_bounded(&lab, after - freed_at, &during);
+    let fault_bytes = during.len() as u64 * EXTENT_BYTES;
+    eprintln!(
+        "resync shipped {} KiB once space was freed, for {} KiB written",
+        (after - freed_at) / KIB,
+        fault_bytes / KIB
+    );
+    assert!(after - freed_at <= 2 * fault_bytes, "resync shipped {} bytes\n{}", after - freed_at, lab.logs());
 }
 
 /// A tmpfs of a given size, unmounted on drop.

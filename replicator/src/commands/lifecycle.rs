@@ -16,6 +16,7 @@ use crate::model::{
     WritePolicy, check_name,
 };
 use crate::primary::PrimaryConfig;
+use crate::secondary::journal::CutState;
 
 #[derive(clap::Args, Debug)]
 pub struct CreateArgs {
@@ -199,6 +200,11 @@ pub struct PromoteArgs {
     /// This image's name in the mirror [default: as the primary last named it].
     #[arg(long)]
     pub image: Option<String>,
+    /// Promote even where the image may lack writes clients were told are on every image
+    /// (the sync write policy), or is not a consistent cut at all: only when you know the old
+    /// primary stopped before this member's session with it ended, or accept the loss.
+    #[arg(long)]
+    pub force: bool,
 }
 
 /// `promote`, on a secondary whose primary is gone: it becomes the primary with a new
@@ -209,6 +215,11 @@ pub fn promote(args: &PromoteArgs) -> anyhow::Result<()> {
         anyhow::anyhow!("{}: no mirror database: this member never heard from a primary", state_dir.display())
     })?;
     let name = promotable(args, &db)?;
+    let cut = last_cut(args, &db)?;
+    judge_cut(args, &db, &name, cut.as_ref())?;
+    // What was staged after the cut is not this mirror's any more: the old primary comes back
+    // verified (`write_primary_logs`), which finds whatever those frames had changed there.
+    crate::envelope::remove_file(&args.state_dir, crate::secondary::journal::JOURNAL_FILE)?;
     let old_primary = db.primary().map(|p| p.name.clone()).unwrap_or_default();
     let new = promoted(&db, &name, args);
     write_primary_logs(state_dir, &new)?;
@@ -242,16 +253,9 @@ fn promotable(args: &PromoteArgs, db: &MirrorDb) -> anyhow::Result<String> {
             .map_err(anyhow::Error::msg)?
             .ok_or_else(|| anyhow::anyhow!("which image is this? give --image NAME"))?,
     };
-    let record = db
-        .secondaries()
+    db.secondaries()
         .find(|i| i.name == name)
         .ok_or_else(|| anyhow::anyhow!("mirror {:?} has no secondary named {name}", db.name))?;
-    anyhow::ensure!(
-        matches!(record.state, ImageState::Synchronized | ImageState::Consistent),
-        "{name} is {:?}: its image is not a copy of the primary at any point in time, so it cannot be \
-         promoted; bring the primary back and let it finish",
-        record.state
-    );
     std::fs::OpenOptions::new().read(true).custom_flags(libc::O_EXCL).open(&args.device).with_context(
         || format!("{} is in use: stop this member's secondary first", args.device.display()),
     )?;
@@ -264,6 +268,127 @@ fn promotable(args: &PromoteArgs, db: &MirrorDb) -> anyhow::Result<String> {
         db.image_bytes
     );
     Ok(name)
+}
+
+/// Brings the image to the last cut its journal committed (a crash may have left one half
+/// applied) and returns what the image holds; `None` for a member that kept no journal (it
+/// ran a version before consistent cuts).
+fn last_cut(args: &PromoteArgs, db: &MirrorDb) -> anyhow::Result<Option<CutState>> {
+    use crate::secondary::journal::{self, Geometry, Journal};
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let path = args.state_dir.join(journal::JOURNAL_FILE);
+    if !path.exists() {
+        return Ok(None);
+    }
+    let image = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_EXCL | libc::O_DIRECT)
+        .open(&args.device)
+        .with_context(|| format!("opening {}", args.device.display()))?;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+    let payload_bytes_max = crate::secondary::SecondaryConfig::FRAME_DATA_BYTES_MAX_DEFAULT;
+    let geometry = Geometry {
+        capacity: file.metadata()?.len().saturating_sub(journal::format::RING_START),
+        payload_bytes_max: payload_bytes_max as u32,
+        extent_bytes: journal::INDEX_GRAIN_BYTES,
+        image_bytes: db.image_bytes,
+    };
+    let mut scratch = crate::pool::BufferPool::new(1, payload_bytes_max)?;
+    let buffer = scratch.take().expect("one buffer");
+    let journal = Journal::open(file, geometry, &image, scratch.data_mut(buffer, payload_bytes_max))
+        .with_context(|| {
+            format!("bringing {} to its last cut from {}", args.device.display(), path.display())
+        })?;
+    Ok(Some(journal.cut_state()))
+}
+
+/// Says what the image holds and what it may lack, and refuses (unless `--force`) where the
+/// image is no consistent cut, or where clients may have been told of writes it lacks.
+fn judge_cut(args: &PromoteArgs, db: &MirrorDb, name: &str, cut: Option<&CutState>) -> anyhow::Result<()> {
+    let Some(cut) = cut else {
+        let record = db.secondaries().find(|i| i.name == name).expect("promotable checked it");
+        let state = record.state;
+        anyhow::ensure!(
+            args.force || matches!(state, ImageState::Synchronized | ImageState::Consistent),
+            "{name} is {state:?} and kept no journal: its image may be no copy of the primary at any point in \
+             time; bring the primary back and let it finish (or promote with --force)"
+        );
+        println!(
+            "{name} kept no journal (a version before consistent cuts): which moment its image holds is unknown"
+        );
+        return Ok(());
+    };
+    println!("{}", describe_cut(name, cut, crate::logs::unix_ms_now()));
+    let refusals = refusals(db, name, cut);
+    if refusals.is_empty() {
+        return Ok(());
+    }
+    if args.force {
+        for refusal in &refusals {
+            println!("promoting anyway (--force): {refusal}");
+        }
+        return Ok(());
+    }
+    anyhow::bail!(
+        "not promoting {name}:\n- {}\nPromote with --force if that is acceptable.",
+        refusals.join("\n- ")
+    )
+}
+
+fn describe_cut(name: &str, cut: &CutState, now_ms: u64) -> String {
+    let ago = |ms: u64| format!("{:.1} s ago", now_ms.saturating_sub(ms) as f64 / 1000.0);
+    let mut text = if cut.committed_cut == 0 {
+        format!("{name}'s image holds no cut of the primary yet")
+    } else {
+        format!(
+            "{name}'s image is cut {} of the primary, taken at {} ms after the epoch ({})",
+            cut.committed_cut,
+            cut.committed_unix_ms,
+            ago(cut.committed_unix_ms)
+        )
+    };
+    if cut.session_ended_unix_ms > 0 {
+        text += &format!("; its last session with the primary ended {}", ago(cut.session_ended_unix_ms));
+    }
+    text += ". Writes on the primary after that cut are not on it";
+    if cut.staged_frames > 0 {
+        text += &format!(
+            " ({} frames, {} bytes, of later cuts had arrived and are discarded)",
+            cut.staged_frames, cut.staged_bytes
+        );
+    }
+    text + "."
+}
+
+/// Why `name` must not be promoted without `--force`; empty when it may.
+fn refusals(db: &MirrorDb, name: &str, cut: &CutState) -> Vec<String> {
+    let mut refusals = Vec::new();
+    if !cut.consistent {
+        refusals.push(format!(
+            "{name}'s image is not a consistent cut of the primary: a first full sync, or a catch-up larger \
+             than its journal, was in progress; it holds a mix of moments a crash of the primary never \
+             could have left"
+        ));
+    }
+    if db.write_policy == WritePolicy::Sync {
+        if cut.staged_client_frames > 0 {
+            refusals.push(format!(
+                "{} writes through the export that clients were told are on every image (sync policy) arrived \
+                 after cut {} and belong to no cut this image can be brought to",
+                cut.staged_client_frames, cut.committed_cut
+            ));
+        }
+        let images = db.images.len();
+        if (db.minimum_images as usize) < images {
+            refusals.push(format!(
+                "the primary acknowledges sync writes once {} of the mirror's {images} images have them: after \
+                 {name}'s session ended it may have acknowledged writes this image lacks",
+                db.minimum_images
+            ));
+        }
+    }
+    refusals
 }
 
 /// The database with image `name` the primary at the next generation, the old primary a

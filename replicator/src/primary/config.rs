@@ -30,6 +30,8 @@ pub struct PrimaryConfig {
     pub zero_copy: bool,
     /// How often the intent and fracture logs are checkpointed.
     pub checkpoint_ms: u64,
+    /// The least time between two consistent cuts (`cuts.rs`).
+    pub cut_interval_ms: u64,
     /// Resync rate limit per secondary, bytes per second; 0 is unlimited.
     pub sync_rate_bytes_per_s: u64,
     pub recovery_policy: RecoveryPolicy,
@@ -169,6 +171,7 @@ mod tests {
             initial_sync: true,
             zero_copy: true,
             checkpoint_ms: 1000,
+            cut_interval_ms: 100,
             sync_rate_bytes_per_s: 0,
             recovery_policy: RecoveryPolicy::Automatic,
             mirror: None,

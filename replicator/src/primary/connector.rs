@@ -20,6 +20,8 @@ pub struct Connected {
     pub connector: u32,
     pub stream: TcpStream,
     pub next_sequence: u64,
+    /// The cut the secondary's image holds, and the highest of a frame staged there.
+    pub cut: auth::SecondaryCut,
 }
 
 /// What a connector tells the engine.
@@ -100,15 +102,10 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
             }
             config.metrics.connection_attempts.inc();
             match connect(&config) {
-                Ok((stream, next_sequence)) => {
-                    let tcp_congestion =
-                        crate::link::connection_congestion(&stream, &config.congestion, &config.name);
-                    tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion, "connected and authenticated");
+                Ok(made) => {
                     last_error = None;
                     last_connected = Some(Instant::now());
-                    let event =
-                        Connected { peer: config.peer, connector: config.connector, stream, next_sequence };
-                    if connected.send(Event::Connected(event)).is_err() {
+                    if connected.send(Event::Connected(connected_event(&config, made))).is_err() {
                         return;
                     }
                     continue 'wait;
@@ -138,6 +135,16 @@ pub fn run(config: ConnectorConfig, wanted: Receiver<Want>, connected: Sender<Ev
     }
 }
 
+/// The engine's event for a connection made and authenticated.
+fn connected_event(
+    config: &ConnectorConfig,
+    (stream, next_sequence, cut): (TcpStream, u64, auth::SecondaryCut),
+) -> Connected {
+    let tcp_congestion = crate::link::connection_congestion(&stream, &config.congestion, &config.name);
+    tracing::info!(secondary = %config.name, addr = %config.addr, tcp_congestion, "connected and authenticated");
+    Connected { peer: config.peer, connector: config.connector, stream, next_sequence, cut }
+}
+
 /// A TCP connection to the secondary whose congestion control is set before the SYN, so the
 /// handshake already runs under it (an ECN-based control negotiates there).
 fn connect_with_congestion(config: &ConnectorConfig, timeout: Duration) -> Result<TcpStream, ConnectFailure> {
@@ -154,7 +161,7 @@ fn connect_with_congestion(config: &ConnectorConfig, timeout: Duration) -> Resul
     Ok(socket.into())
 }
 
-fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), ConnectFailure> {
+fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64, auth::SecondaryCut), ConnectFailure> {
     let timeout = Duration::from_millis(config.timeout_ms);
     let stream = connect_with_congestion(config, timeout)?;
     let setup = |e: std::io::Error| ConnectFailure::Connect(e.to_string());
@@ -163,8 +170,10 @@ fn connect(config: &ConnectorConfig) -> Result<(TcpStream, u64), ConnectFailure>
     let mut deadline = auth::Deadline::new(&stream, config.timeout_ms);
     let next_sequence = auth::primary_handshake(&mut deadline, &config.key, &config.params)
         .map_err(|e| ConnectFailure::Handshake(e.to_string()))?;
+    let cut =
+        auth::primary_read_cut_state(&mut deadline).map_err(|e| ConnectFailure::Handshake(e.to_string()))?;
     // The engine drives the socket with io_uring from here on; blocking timeouts do not apply.
     stream.set_read_timeout(None).map_err(setup)?;
     stream.set_write_timeout(None).map_err(setup)?;
-    Ok((stream, next_sequence))
+    Ok((stream, next_sequence, cut))
 }

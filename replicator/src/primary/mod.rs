@@ -27,6 +27,7 @@ mod changes;
 mod checkpoint;
 pub mod config;
 mod connector;
+mod cuts;
 mod drain;
 mod export;
 mod membership;
@@ -54,11 +55,13 @@ use std::time::{Duration, Instant};
 use bitvec::prelude::*;
 
 pub use config::PrimaryConfig;
+pub use cuts::CUT_INTERVAL_MS_DEFAULT;
 pub use peer::PeerStats;
 pub use status::PeerStatus;
 
 use buffers::Buffers;
 use checkpoint::{Checkpointer, Secondaries};
+use cuts::Cuts;
 use export::ExportState;
 use membership::{Membership, Teardown};
 use peers::{Arrival, Peers};
@@ -152,6 +155,7 @@ pub struct Engine {
     logs: Checkpointer<StateDir>,
     membership: Membership,
     points: Points,
+    cuts: Cuts,
     control: Receiver<Call>,
     _control_server: control::ControlServer,
     status: status::Status,
@@ -204,6 +208,7 @@ impl Engine {
             Arc::clone(&metrics),
         );
         add_secondaries(&config, &mut tracker, &logs, &membership, &mut peers)?;
+        let source_extents = source.extents();
         Ok(Self {
             ring,
             buffers,
@@ -215,6 +220,7 @@ impl Engine {
             logs,
             membership,
             points: Points::default(),
+            cuts: Cuts::new(source_extents, config.cut_interval_ms),
             control,
             _control_server: control_server,
             status: status::Status::default(),
@@ -246,7 +252,11 @@ impl Engine {
 
     /// One turn of the data path, in order (see the module header).
     fn turn(&mut self, stopping: bool) -> Result<(), PrimaryError> {
+        if !stopping {
+            self.cuts.flip_if_due(&mut self.tracker, &self.peers, &self.source);
+        }
         self.drain();
+        self.cuts.after_drain(&self.tracker, &mut self.peers, &self.source);
         if let Some(export) = self.export.as_mut() {
             export.arm_wake(&mut self.ring, stopping);
             export.pump_connections(&mut self.ring, stopping);
@@ -258,7 +268,7 @@ impl Engine {
                 &mut self.buffers,
                 &mut self.source,
                 &mut self.peers,
-                self.export.as_ref(),
+                (self.export.as_ref(), self.tracker.epoch()),
                 self.settings.feed,
             );
             verify::schedule(
@@ -280,6 +290,7 @@ impl Engine {
         if let Some(export) = self.export.as_mut() {
             export.advance(&self.peers, self.membership.minimum_images(), &self.metrics);
         }
+        self.cuts.advance(self.tracker.epoch(), &mut self.peers);
         self.update_status();
         self.persist_fracture_logs();
         self.points.advance(&mut self.peers, self.membership.generation());
@@ -295,7 +306,11 @@ impl Engine {
     fn accept_connections(&mut self) {
         for arrival in self.peers.arrivals() {
             match arrival {
-                Arrival::Connected(index) => self.membership.send_db(&mut self.peers, [index]),
+                Arrival::Connected(index) => {
+                    let cut = self.peers.get(index).cut;
+                    self.cuts.connected(&mut self.tracker, cut.committed_cut, cut.staged_cut_max);
+                    self.membership.send_db(&mut self.peers, [index]);
+                }
                 Arrival::Failed(index, error) => {
                     let mut teardown = Teardown {
                         buffers: &mut self.buffers,
@@ -334,6 +349,8 @@ impl Engine {
             minimum_images: self.membership.minimum_images(),
             backlog_bytes_max: self.settings.feed.backlog_bytes_max,
             metrics: &self.metrics,
+            cuts: &mut self.cuts,
+            tracker: &mut self.tracker,
         };
         export.take_requests(&mut io);
     }
@@ -391,7 +408,10 @@ impl Engine {
                 &mut self.buffers,
                 &mut self.source,
                 &mut self.peers,
-                self.export.as_mut(),
+                (
+                    self.export.as_mut(),
+                    Some(read::Placing { cuts: &mut self.cuts, tracker: &mut self.tracker }),
+                ),
                 &self.clock,
             ),
             Op::Send { .. } => unreachable!("handled above"),
@@ -402,6 +422,9 @@ impl Engine {
                 else {
                     return;
                 };
+                if let Some(cut) = received.cut {
+                    self.peers.get_mut(peer).cut = cut;
+                }
                 if received.divergent_extents > 0 {
                     tracing::warn!(
                         secondary = %self.peers.get(peer).name,

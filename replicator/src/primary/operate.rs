@@ -40,7 +40,8 @@ impl Engine {
         match request {
             Request::Status => Some(Answer { reply, outcome: Ok(Report::Status) }),
             Request::ConsistencyPoint { timeout_ms } => {
-                self.points.start(peers, timeout_ms, reply);
+                let epoch = self.cuts.enabled().then(|| self.tracker.epoch());
+                self.points.start(peers, (timeout_ms, epoch), reply);
                 None
             }
             Request::AddSecondary { name, address, synchronized } => {

@@ -47,6 +47,8 @@ pub enum SendJob {
     VerifyRequest { first_extent: u64, count: u32, sent: usize },
     /// A consistency point, encoded into the connection's `point_frame` when queued.
     Point { sent: usize },
+    /// A commit of a cut, encoded into the connection's `commit_frame` when queued.
+    Commit { sent: usize },
     /// The mirror database, from the connection's `db_frame`.
     Db { sent: usize },
     /// A client's write (or TRIM / WRITE_ZEROES) through the NBD export, from its export slot.
@@ -114,6 +116,8 @@ pub struct Conn {
     pub db_stale: bool,
     /// The consistency-point frame queued (one point at a time per connection).
     pub point_frame: Box<[u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]>,
+    /// The commit frame queued (one unacknowledged commit at a time per connection).
+    pub commit_frame: Box<[u8; wire::HEADER_BYTES + wire::COMMIT_PAYLOAD_BYTES]>,
     pub last_heard: Instant,
     pub last_sent: Instant,
     /// The iovecs and header of the export frames' sendmsg in flight (fixed addresses), and how
@@ -138,6 +142,7 @@ impl Conn {
             keepalive: Box::new([0u8; wire::HEADER_BYTES]),
             verify_frame: Box::new([0u8; wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES]),
             point_frame: Box::new([0u8; wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES]),
+            commit_frame: Box::new([0u8; wire::HEADER_BYTES + wire::COMMIT_PAYLOAD_BYTES]),
             db_frame: Vec::new(),
             db_sequence: None,
             db_stale: false,
@@ -214,6 +219,9 @@ pub struct Peer {
     pub written_since_point_frame: bool,
     /// Its fracture-log state, throttle and verify pass.
     pub log: super::resync::PeerLog,
+    /// The cut its image held when it last connected (its `CutState`), then as its commits
+    /// are acknowledged.
+    pub cut: crate::auth::SecondaryCut,
 }
 
 /// Zero-copy sends that the kernel copies anyway (a veth or loopback path, a NIC without
@@ -270,6 +278,7 @@ impl Peer {
             metrics,
             in_sync: false,
             log,
+            cut: crate::auth::SecondaryCut::default(),
             consistency_point_unix_ms: 0,
             written_since_point: false,
             written_since_point_frame: false,

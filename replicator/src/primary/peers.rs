@@ -318,6 +318,7 @@ impl Peers {
             return false;
         }
         peer.conn = Some(Conn::new(connected.stream));
+        peer.cut = connected.cut;
         peer.stats.connects += 1;
         peer.metrics.connects.inc();
         peer.metrics.connected.set(1);

@@ -1,10 +1,12 @@
 //! Consistency points (`checkpoint`): a point frame goes to each target secondary once it has
-//! acknowledged every write drained before the point, and the operator is answered once every
-//! target recorded the point durably.
+//! acknowledged every write drained before the point and applied a cut taken after the point
+//! was asked for, and the operator is answered once every target recorded the point durably.
 //!
 //! Owns the points waiting (at most `POINTS_MAX`). Invariant: a target records the point only
-//! after every extent frame queued to it before the point frame is durable (the secondary
-//! applies frames in order, and the point frame is queued only once it is in sync).
+//! once its image holds every write before the point: every extent frame queued to it before
+//! the point frame is durable (the point frame is queued only once it is in sync), and applied
+//! (a cut after the point was asked for is committed there, so nothing before it waits in its
+//! journal).
 
 use std::sync::mpsc::Sender;
 use std::time::{Duration, Instant};
@@ -25,6 +27,9 @@ struct PendingPoint {
     deadline: Instant,
     /// When the first point frame was queued (the point's time), 0 before.
     point_unix_ms: u64,
+    /// The epoch open when the point was asked for: a target's image holds everything before
+    /// the point once it has applied a later cut. `None` with cuts off: once it has it all.
+    epoch: Option<u64>,
     targets: [Option<PointTarget>; SECONDARIES_MAX],
 }
 
@@ -47,7 +52,7 @@ impl Points {
     /// limit a moment ago: with the application quiesced they catch up, and the point is
     /// recorded once they have everything, as on a SYNCHRONIZED one). It is answered by
     /// `advance` once each target has recorded it, or fails (at the timeout).
-    pub fn start(&mut self, peers: &Peers, timeout_ms: u64, reply: Sender<Reply>) {
+    pub fn start(&mut self, peers: &Peers, (timeout_ms, epoch): (u64, Option<u64>), reply: Sender<Reply>) {
         let mut targets = [None; SECONDARIES_MAX];
         for state in [ImageState::Synchronized, ImageState::Synchronizing] {
             for (i, peer) in peers.members() {
@@ -77,6 +82,7 @@ impl Points {
             reply,
             deadline: Instant::now() + timeout,
             point_unix_ms: 0,
+            epoch,
             targets,
         });
     }
@@ -110,7 +116,7 @@ fn advance_one(point: &mut PendingPoint, peers: &mut Peers, mirror_generation: u
             return Some(Err(format!("secondary {} disconnected before recording the point", peer.name)));
         }
         match target.sequence {
-            None if peer.in_sync => {
+            None if peer.in_sync && point.epoch.is_none_or(|epoch| peer.cut.committed_cut > epoch) => {
                 if point.point_unix_ms == 0 {
                     point.point_unix_ms = crate::logs::unix_ms_now();
                 }
@@ -175,10 +181,16 @@ mod tests {
         let (mut peers, _far) = testing::peers(1, &[0]);
         let mut points = Points::default();
         let (reply, answer) = std::sync::mpsc::channel();
-        points.start(&peers, 10_000, reply);
+        points.start(&peers, (10_000, Some(7)), reply);
         points.advance(&mut peers, 3);
         assert!(peers.get(0).conn.as_ref().expect("connected").queue.is_empty(), "not in sync yet: no frame");
         peers.get_mut(0).in_sync = true;
+        points.advance(&mut peers, 3);
+        assert!(
+            peers.get(0).conn.as_ref().expect("connected").queue.is_empty(),
+            "no cut after the point applied yet: no frame"
+        );
+        peers.get_mut(0).cut.committed_cut = 8;
         points.advance(&mut peers, 3);
         let conn = peers.get_mut(0).conn.as_mut().expect("connected");
         assert!(matches!(conn.queue.front(), Some(SendJob::Point { .. })));
@@ -203,13 +215,13 @@ mod tests {
         let (mut peers, _far) = testing::peers(1, &[0]);
         let mut points = Points::default();
         let (reply, answer) = std::sync::mpsc::channel();
-        points.start(&peers, 10_000, reply);
+        points.start(&peers, (10_000, Some(0)), reply);
         peers.get_mut(0).conn = None;
         peers.get_mut(0).generation += 1;
         points.advance(&mut peers, 1);
         assert!(answer.try_recv().expect("answered").expect_err("failed").contains("disconnected"));
         let (reply, answer) = std::sync::mpsc::channel();
-        points.start(&peers, 10_000, reply);
+        points.start(&peers, (10_000, Some(0)), reply);
         assert!(
             answer.try_recv().expect("answered").expect_err("refused").contains("no SYNCHRONIZED secondary")
         );

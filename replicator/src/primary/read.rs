@@ -21,11 +21,13 @@ use bitvec::prelude::*;
 use io_uring::{opcode, types};
 
 use super::buffers::Buffers;
+use super::cuts::{Cuts, FrameCut};
 use super::export::ExportState;
 use super::peer::{InFlight, Peer, SendJob};
 use super::peers::Peers;
 use super::{Clock, Op};
 use crate::model::SECONDARIES_MAX;
+use crate::tracker::Tracker;
 use crate::uring::Ring;
 use crate::wire;
 
@@ -38,6 +40,8 @@ struct Read {
     /// Per target: when the oldest write the run carries for it was drained (ms on the
     /// engine's clock), 0 unknown.
     written_at_ms: [u32; SECONDARIES_MAX],
+    /// The tracker's epoch when the read was issued (`cuts::Cuts::classify`).
+    epoch: u64,
 }
 
 /// How much each secondary is fed.
@@ -126,6 +130,13 @@ impl Source {
         }
     }
 
+    /// As `dirty_into`, into an extent set.
+    pub fn reading_for_into(&self, index: usize, out: &mut crate::extent_set::ExtentSet) {
+        for read in self.reads.iter().flatten().filter(|read| read.targets[index].is_some()) {
+            out.insert_range(read.run.start as usize..read.run.end as usize);
+        }
+    }
+
     /// The byte offset and length of extents `run` (the image's last extent may be short).
     pub fn run_bytes(&self, run: &Range<u64>) -> (u64, usize) {
         let offset = run.start * self.extent_bytes;
@@ -154,7 +165,7 @@ pub fn schedule(
     buffers: &mut Buffers,
     source: &mut Source,
     peers: &mut Peers,
-    export: Option<&ExportState>,
+    (export, epoch): (Option<&ExportState>, u64),
     feed: Feed,
 ) {
     for peer in peers.iter_mut() {
@@ -179,7 +190,7 @@ pub fn schedule(
                 assert!(conn.backlog_bytes <= feed.backlog_bytes_max, "backlog limit");
             }
         }
-        submit(ring, buffers, source, peers, run, targets);
+        submit(ring, buffers, source, peers, (run, epoch), targets);
     }
 }
 
@@ -259,7 +270,7 @@ fn submit(
     buffers: &mut Buffers,
     source: &mut Source,
     peers: &mut Peers,
-    run: Range<u64>,
+    (run, epoch): (Range<u64>, u64),
     targets: [Option<u32>; SECONDARIES_MAX],
 ) {
     let reading = &mut source.reading[run.start as usize..run.end as usize];
@@ -270,7 +281,7 @@ fn submit(
     let written_at_ms = take_written_at(peers, &run, &targets);
     let slot = &mut source.reads[usize::from(buffer)];
     assert!(slot.is_none(), "buffer {buffer} read into twice");
-    *slot = Some(Read { run, targets, written_at_ms });
+    *slot = Some(Read { run, targets, written_at_ms, epoch });
     // SAFETY: the buffer is the read's (`reads`) until its completion.
     unsafe { ring.push(Op::Read { buffer }, entry) };
 }
@@ -295,15 +306,21 @@ fn take_written_at(
     oldest
 }
 
-/// A read completed with `result`: its frame is queued to every target still connected with
-/// the connection it was read for; everyone else gets the run back.
+/// What a read's completion places its frame with: the cuts, and the tracker they ask.
+pub struct Placing<'a> {
+    pub cuts: &'a mut Cuts,
+    pub tracker: &'a mut Tracker,
+}
+
+/// A read completed with `result`: its frame (tagged with its cut) is queued to every target
+/// still connected with the connection it was read for; everyone else gets the run back.
 pub fn complete(
     buffer: u16,
     result: i32,
     buffers: &mut Buffers,
     source: &mut Source,
     peers: &mut Peers,
-    export: Option<&mut ExportState>,
+    (export, placing): (Option<&mut ExportState>, Option<Placing<'_>>),
     clock: &Clock,
 ) {
     let read = source.reads[usize::from(buffer)].take().expect("a completion for a read in flight");
@@ -333,8 +350,14 @@ pub fn complete(
         buffers.give_back(buffer);
         return;
     }
+    let mut placing = placing;
+    // No tracker (unit tests of the read stage alone): untagged frames.
+    let cut = match placing.as_mut() {
+        Some(p) => Cuts::classify(p.tracker, read.epoch, read.run.clone()),
+        None => FrameCut { cut: 0, satisfies: false },
+    };
     let sequence = peers.next_sequence();
-    let prefix = wire::encode_extent_prefix(sequence, offset, buffers.pool().data(buffer, len));
+    let prefix = wire::encode_extent_prefix(sequence, offset, buffers.pool().data(buffer, len), cut.cut);
     buffers.pool_mut().prefix_tail_mut(buffer, wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
     buffers.share(buffer, live_count);
     let frame =
@@ -346,6 +369,9 @@ pub fn complete(
             ms => clock.at(ms),
         };
         frame.queue_to(peers.get_mut(i), now, written_at);
+        if let Some(p) = placing.as_mut() {
+            p.cuts.frame_queued(i, peers.get(i).generation, &read.run, cut);
+        }
     }
 }
 
@@ -425,7 +451,7 @@ mod tests {
         let mut ring = testing::ring(&buffers);
         peers.get_mut(0).pending.insert_range(0..EXTENTS);
         let feed = Feed { backlog_bytes_max: 8 * 4096, queue_max: 8 };
-        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed);
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, (None, 0), feed);
         assert_eq!(source.reads_in_flight(), 2, "two runs of 4 extents fill an 8-extent backlog");
         assert_eq!(peers.get(0).conn.as_ref().expect("connected").backlog_bytes, 8 * 4096);
         assert!(peers.get(0).log.fractured(), "behind its backlog with extents pending");
@@ -442,7 +468,7 @@ mod tests {
         let mut ring = testing::ring(&buffers);
         peers.get_mut(0).pending.insert_range(4..8);
         peers.get_mut(1).pending.insert_range(4..8);
-        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed());
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, (None, 0), feed());
         assert_eq!(source.reads_in_flight(), 1);
         peers.get_mut(1).generation += 1; // s1's connection dropped while the read was in flight
         peers.get_mut(1).conn = None;
@@ -476,7 +502,7 @@ mod tests {
             testing::BUFFERS,
         );
         peers.get_mut(0).pending.insert_range(0..4);
-        schedule(&mut ring, &mut buffers, &mut source, &mut peers, None, feed());
+        schedule(&mut ring, &mut buffers, &mut source, &mut peers, (None, 0), feed());
         drain_ring(&mut ring, &mut buffers, &mut source, &mut peers);
         assert!(peers.get(0).pending.any_in(0..4), "read again later");
         assert_eq!(peers.get(0).conn.as_ref().expect("connected").backlog_bytes, 0);
@@ -492,7 +518,7 @@ mod tests {
             let completions = ring.reap();
             for completion in &completions {
                 let Op::Read { buffer } = ring.take(completion.slot) else { unreachable!("only reads") };
-                complete(buffer, completion.result, buffers, source, peers, None, &clock);
+                complete(buffer, completion.result, buffers, source, peers, (None, None), &clock);
             }
             ring.give_back(completions);
         }

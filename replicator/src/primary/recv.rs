@@ -1,6 +1,7 @@
 //! The ack stage: one receive in flight per connection, and what the secondary's frames say:
 //! acks (frames durable: they leave `inflight` and the backlog, and the lag is recorded),
-//! keepalives, verify hashes, a failing-back former primary's divergent extents, and errors.
+//! keepalives, verify hashes, the cut its image holds after a commit, a failing-back former
+//! primary's divergent extents, and errors.
 //!
 //! Owns nothing of its own: it fills each connection's receive buffer (`peer::Conn::recv`,
 //! fixed while a receive is in flight) and parses it. Invariant: a frame from a secondary acts
@@ -55,6 +56,8 @@ pub fn post(ring: &mut Ring<Op>, peers: &mut Peers) {
 pub struct Received {
     /// Extents a failing-back secondary (a former primary) wrote that this primary may lack.
     pub divergent_extents: u64,
+    /// The secondary's image after a commit (its `CutState`).
+    pub cut: Option<crate::auth::SecondaryCut>,
 }
 
 /// A receive of connection `generation` of slot `index` completed with `result` bytes: the
@@ -112,6 +115,14 @@ pub fn parse(
                 acked(conn, stats, latency, first_sequence..=last_sequence)
             }
             Message::Keepalive => {}
+            Message::CutState { committed_cut, committed_unix_ms, staged_cut_max, flags } => {
+                received.cut = Some(crate::auth::SecondaryCut {
+                    committed_cut,
+                    committed_unix_ms,
+                    staged_cut_max,
+                    consistent: flags & wire::CUT_STATE_CONSISTENT != 0,
+                });
+            }
             Message::DivergentRuns { runs } => received.divergent_extents += divergent(pending, runs)?,
             Message::VerifyHashes { first_extent, hashes } => match verify.as_deref_mut() {
                 Some(verify) => verify

@@ -99,6 +99,7 @@ fn entry(
         SendJob::VerifyRequest { sent, .. } => (plain(&conn.verify_frame[*sent..]), None),
         SendJob::Db { sent } => (plain(&conn.db_frame[*sent..]), None),
         SendJob::Point { sent } => (plain(&conn.point_frame[*sent..]), None),
+        SendJob::Commit { sent } => (plain(&conn.commit_frame[*sent..]), None),
         SendJob::Keepalive { sent } => (plain(&conn.keepalive[*sent..]), None),
         SendJob::Export { .. } => (export_entry(conn, export.expect("an export frame's export")), None),
         &SendJob::Extent { buffer, frame_bytes, sent, .. } => {
@@ -262,6 +263,7 @@ fn front_sent(conn: &mut Conn, sent_now: usize) -> Option<(u16, u64)> {
         SendJob::VerifyRequest { sent, .. } => (sent, wire::HEADER_BYTES + wire::VERIFY_FIXED_BYTES),
         SendJob::Db { sent } => (sent, conn.db_frame.len()),
         SendJob::Point { sent } => (sent, wire::HEADER_BYTES + wire::POINT_PAYLOAD_BYTES),
+        SendJob::Commit { sent } => (sent, wire::HEADER_BYTES + wire::COMMIT_PAYLOAD_BYTES),
         SendJob::Extent { frame_bytes, sent, .. } => (sent, *frame_bytes),
         SendJob::Export { .. } => unreachable!("export sends complete in export_frames_sent"),
     };
@@ -343,7 +345,7 @@ mod tests {
         let mut ring = testing::ring(&buffers);
         let buffer = buffers.take().expect("a buffer");
         buffers.pool_mut().data_mut(buffer, 4096).fill(0xab);
-        let prefix = wire::encode_extent_prefix(5, 8192, buffers.pool().data(buffer, 4096));
+        let prefix = wire::encode_extent_prefix(5, 8192, buffers.pool().data(buffer, 4096), 0);
         buffers.pool_mut().prefix_tail_mut(buffer, wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
         buffers.share(buffer, 1);
         let conn = peers.get_mut(0).conn.as_mut().expect("connected");

@@ -44,6 +44,15 @@ pub struct PeerStatus {
     pub resync_eta_seconds: Option<f64>,
     /// The last consistency point this secondary recorded (Unix ms), 0 if none yet.
     pub consistency_point_unix_ms: u64,
+    /// The last consistent cut its image holds (0: none known), when the primary took it
+    /// (Unix ms), and how old that is now (ms); whether its image is known to be consistent.
+    pub cut: u64,
+    pub cut_unix_ms: u64,
+    pub cut_age_ms: u64,
+    pub cut_consistent: bool,
+    /// Its image may lack writes the primary acknowledged or completed since its last cut, and
+    /// nothing is shipping them: not connected, or fractured (behind, catching up).
+    pub outdated: bool,
     /// Why it last disconnected or failed to connect ("" when all is well).
     pub last_error: String,
     /// Replication lag: how long its oldest unacknowledged extent frame has waited, in ms.
@@ -136,6 +145,14 @@ fn peer_status(p: &Peer, extent_bytes: u64, device_bytes: u64) -> PeerStatus {
         out_of_sync_bytes,
         resync_eta_seconds: p.log.eta_seconds(out_of_sync_bytes),
         consistency_point_unix_ms: p.consistency_point_unix_ms,
+        cut: p.cut.committed_cut,
+        cut_unix_ms: p.cut.committed_unix_ms,
+        cut_age_ms: match p.cut.committed_unix_ms {
+            0 => 0,
+            at => crate::logs::unix_ms_now().saturating_sub(at),
+        },
+        cut_consistent: p.cut.consistent,
+        outdated: p.conn.is_none() || p.log.fractured(),
         synchronized_at_unix_ms: p.log.synchronized_at_unix_ms,
         fractured_at_unix_ms: p.log.fractured_at_unix_ms,
         last_error: p.last_error.clone(),

@@ -1,16 +1,18 @@
 //! The frames of a session besides extent data: keepalives, verify requests (hash what the
-//! image holds), consistency points (record that the image is consistent), TRIM and
-//! WRITE_ZEROES, and the mirror database in its two steps (hold, then store), with a former
+//! image will hold: the image with the staged frames laid over it), commits of cuts,
+//! consistency points (record that the image is consistent), TRIM and WRITE_ZEROES (routed
+//! like data), and the mirror database in its two steps (hold, then store), with a former
 //! primary's divergent extents handed back first.
 //!
-//! Invariants: a verify, a point or a zeroing waits until every write before it has completed
+//! Invariants: a verify, a commit, a point or a zeroing waits until every write before it has
+//! completed
 //! (`Waiting`), so it sees or follows exactly the frames before it; an answer (hashes, an ack)
 //! goes out after the acks of the writes before it (`Session::send_frame`).
 
-use std::fs::File;
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
+use super::journal::{self, FrameInfo, Route, format::RecordKind};
 use super::session::{Session, SessionEnd, Waiting};
 use crate::consistency::{self, ConsistencyRecord};
 use crate::failback;
@@ -65,8 +67,12 @@ impl Session<'_> {
                 self.retry_waiting(stream)
             }
             Message::Zeroes { offset_bytes, len_bytes, unmap } => {
-                let sequence = header.sequence;
-                self.waiting = Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence });
+                let (sequence, tag) = (header.sequence, wire::Tag { flags: header.flags, cut: header.cut });
+                self.waiting = Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence, tag });
+                self.retry_waiting(stream)
+            }
+            Message::Commit { cut, cut_unix_ms } => {
+                self.waiting = Some(Waiting::Commit { cut, cut_unix_ms, sequence: header.sequence });
                 self.retry_waiting(stream)
             }
             other => Err(SessionEnd::Unexpected(other.kind())),
@@ -78,17 +84,39 @@ impl Session<'_> {
         self.send_frame(stream, &Message::Ack { first_sequence: sequence, last_sequence: sequence })
     }
 
-    /// A TRIM (`unmap`) or WRITE_ZEROES of `range`, every write before it durable: its acks go
-    /// out before a long zeroing, then the range is zeroed durably and the frame acknowledged.
+    /// A TRIM (`unmap`) or WRITE_ZEROES of `range`, every write before it durable, routed like
+    /// data: staged as a journal record, or applied in place (its acks go out before a long
+    /// zeroing, then the range is zeroed durably); then the frame is acknowledged.
     pub(super) fn apply_zeroes(
         &mut self,
         range: std::ops::Range<u64>,
-        unmap: bool,
+        (unmap, tag): (bool, wire::Tag),
         sequence: u64,
         stream: &mut TcpStream,
     ) -> Result<(), SessionEnd> {
-        self.flush_acks(stream)?;
-        self.zero_range(range.start, range.end - range.start, unmap, stream)?;
+        let info = FrameInfo {
+            tag: tag.cut,
+            in_order: tag.flags & wire::FLAG_IN_ORDER != 0,
+            client: true,
+            image_offset: range.start,
+            image_len: range.end - range.start,
+        };
+        loop {
+            if self.journal.route(&info) == Route::InPlace {
+                self.flush_acks(stream)?;
+                self.zero_range(range.start, range.end - range.start, unmap, stream)?;
+                break;
+            }
+            let flags = info.record_flags() | if unmap { journal::format::FLAG_UNMAP } else { 0 };
+            match self.journal.stage(RecordKind::Zeroes, flags, &info, 0)? {
+                Some(placement) => {
+                    self.journal.write_zeroes_record(&placement, &info, unmap)?;
+                    break;
+                }
+                // No write is in flight (the zeroing waited for them): make room, route again.
+                None => self.overflow()?,
+            }
+        }
         self.ack(sequence, stream)
     }
 
@@ -111,7 +139,7 @@ impl Session<'_> {
         let mut at_bytes = offset_bytes;
         while at_bytes < end_bytes {
             let chunk_bytes = (end_bytes - at_bytes).min(ZEROES_CHUNK_BYTES);
-            zero_range(self.image, at_bytes, chunk_bytes, unmap)
+            journal::zero_range(self.image, at_bytes, chunk_bytes, unmap)
                 .map_err(|error| self.write_failed(at_bytes, chunk_bytes as usize, error))?;
             at_bytes += chunk_bytes;
             if at_bytes < end_bytes && last_keepalive.elapsed() > keepalive_after {
@@ -122,9 +150,10 @@ impl Session<'_> {
         self.image.sync_data().map_err(|error| self.write_failed(offset_bytes, len_bytes as usize, error))
     }
 
-    /// Hashes extents `first_extent..first_extent + count` as they are on the image (every
-    /// write before the request has completed) and replies with their XXH3-128 hashes. Reads
-    /// through a pool buffer with O_DIRECT, a buffer at a time; no write is in flight meanwhile.
+    /// Hashes extents `first_extent..first_extent + count` as they will be once the frames
+    /// received so far are applied (every write before the request has completed; the staged
+    /// frames laid over the image) and replies with their XXH3-128 hashes. Reads through a pool
+    /// buffer with O_DIRECT, a buffer at a time; no write is in flight meanwhile.
     pub(super) fn answer_verify(
         &mut self,
         first_extent: u64,
@@ -146,7 +175,13 @@ impl Session<'_> {
                 let len = (extent_end - offset).min(chunk_bytes_max) as usize;
                 let chunk = self.pool.data_mut(buffer, len);
                 match self.image.read_exact_at(chunk, offset) {
-                    Ok(()) => hasher.update(chunk),
+                    Ok(()) => {
+                        if let Err(error) = self.journal.overlay(offset, chunk) {
+                            outcome = Err(error.into());
+                            break 'extents;
+                        }
+                        hasher.update(chunk);
+                    }
                     Err(error) => {
                         outcome = Err(SessionEnd::Read { device: self.device.into(), offset, len, error });
                         break 'extents;
@@ -222,26 +257,6 @@ impl Session<'_> {
         }
         Ok(())
     }
-}
-
-/// Makes `len_bytes` at `offset_bytes` of a block device read as zeroes (durable only after a
-/// `sync_data`): a TRIM (`unmap`) punches a hole (the device may unmap it), falling back to
-/// writing zeroes where the device cannot; WRITE_ZEROES writes zeroes (the kernel falls back to
-/// zero pages itself). The primary does the same, so every image reads the same bytes afterwards.
-fn zero_range(device: &File, offset_bytes: u64, len_bytes: u64, unmap: bool) -> std::io::Result<()> {
-    use nix::fcntl::{FallocateFlags, fallocate};
-    let (offset, len) = (offset_bytes as libc::off_t, len_bytes as libc::off_t);
-    let zero = || fallocate(device, FallocateFlags::FALLOC_FL_ZERO_RANGE, offset, len);
-    let done = if unmap {
-        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        match fallocate(device, punch, offset, len) {
-            Err(nix::errno::Errno::EOPNOTSUPP) => zero(),
-            other => other,
-        }
-    } else {
-        zero()
-    };
-    done.map_err(std::io::Error::from)
 }
 
 /// Stores the mirror database the primary sent (reconciled with this member's), durably.

@@ -1,14 +1,17 @@
 //! The secondary: receives extents from an authenticated primary, writes them durably with
-//! io_uring, and acknowledges each frame once its write has completed with `RWF_DSYNC`.
+//! io_uring (to the image, or staged in the journal until their cut is committed), and
+//! acknowledges each frame once its write has completed with `RWF_DSYNC`.
 //!
 //! The files: this one accepts connections, authenticates them and lets one session at a time
 //! write the image (the newest authenticated primary supersedes the current session: a primary
 //! that reconnects after a link failure must not wait for our timeout); `session.rs` is a
-//! session's data path (receive -> decode -> durable write -> ack); `frames.rs` its other
-//! frames (keepalives, verify, consistency points, zeroes, the mirror database).
+//! session's data path (receive -> decode -> route -> durable write -> ack); `frames.rs` its
+//! other frames (keepalives, verify, commits, consistency points, zeroes, the mirror
+//! database); `journal/` the redo journal that moves the image from cut to cut atomically.
 //!
 //! Owns the secondary image (opened `O_EXCL | O_DIRECT`, so nothing mounts or writes it behind
-//! our back) and the listening socket. Invariants:
+//! our back), the journal (opened, and the image brought to its last committed cut, before
+//! anything listens) and the listening socket. Invariants:
 //! - nothing is written before the primary has proved the key and every byte of the frame has
 //!   passed the decoder (checksum, extent alignment, inside the image);
 //! - one session writes at a time, and the next starts only once the last one's writes have
@@ -54,6 +57,8 @@ pub struct SecondaryConfig {
     pub poll: crate::poll::PollSetting,
     /// The congestion control of each primary's connection (the acks flow on it).
     pub tcp_congestion: crate::link::Congestion,
+    /// Bytes of the journal's ring (`journal::JOURNAL_BYTES_DEFAULT`).
+    pub journal_bytes: u64,
 }
 
 impl SecondaryConfig {
@@ -74,6 +79,8 @@ pub enum SecondaryError {
     Io { what: String, source: std::io::Error },
     #[error(transparent)]
     Link(#[from] crate::link::LinkError),
+    #[error("opening the journal {path}: {source}")]
+    Journal { path: PathBuf, source: journal::JournalError },
 }
 
 /// How often the listener is polled for a connection (and the stop flag checked).
@@ -98,7 +105,6 @@ struct Shared<'a> {
     key: &'a Key,
     expected: Expected,
     config: &'a SecondaryConfig,
-    image: &'a File,
     sessions: &'a SessionSlot,
     stop: &'a AtomicBool,
     stats: &'a SecondaryMetrics,
@@ -113,9 +119,10 @@ pub fn serve(
     stats: &SecondaryMetrics,
 ) -> Result<(), SecondaryError> {
     let (image, expected) = open_image(config)?;
+    let journal = open_journal(config, &image, expected.image_bytes)?;
     let listener = listen(config)?;
-    let sessions = SessionSlot::default();
-    let shared = Shared { key: &key, expected, config, image: &image, sessions: &sessions, stop, stats };
+    let sessions = SessionSlot::new(ImageAndJournal { image, journal });
+    let shared = Shared { key: &key, expected, config, sessions: &sessions, stop, stats };
     let connections = AtomicUsize::new(0);
     let mut refused_logged: Option<Instant> = None;
     std::thread::scope(|scope| {
@@ -192,6 +199,45 @@ fn open_image(config: &SecondaryConfig) -> Result<(File, Expected), SecondaryErr
     Ok((image, expected))
 }
 
+/// Opens the journal in the state directory (preallocated to its size, so a full disk shows
+/// here and not in the middle of a cut), and brings the image to its last committed cut.
+fn open_journal(
+    config: &SecondaryConfig,
+    image: &File,
+    image_bytes: u64,
+) -> Result<journal::Journal<File>, SecondaryError> {
+    let path = config.state_dir.join(journal::JOURNAL_FILE);
+    let io =
+        |source: std::io::Error| SecondaryError::Io { what: format!("opening {}", path.display()), source };
+    let file =
+        OpenOptions::new().read(true).write(true).create(true).truncate(false).open(&path).map_err(io)?;
+    let bytes = journal::format::RING_START + config.journal_bytes;
+    nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, bytes as libc::off_t)
+        .map_err(|e| io(e.into()))?;
+    let geometry = journal::Geometry {
+        capacity: config.journal_bytes,
+        payload_bytes_max: config.frame_data_bytes_max as u32,
+        extent_bytes: journal::INDEX_GRAIN_BYTES,
+        image_bytes,
+    };
+    let mut scratch =
+        crate::pool::BufferPool::new(1, config.frame_data_bytes_max).map_err(|e| io(e.into()))?;
+    let buffer = scratch.take().expect("one buffer");
+    let journal =
+        journal::Journal::open(file, geometry, image, scratch.data_mut(buffer, config.frame_data_bytes_max))
+            .map_err(|source| SecondaryError::Journal { path: path.clone(), source })?;
+    let state = journal.cut_state();
+    tracing::info!(
+        committed_cut = state.committed_cut,
+        committed_unix_ms = state.committed_unix_ms,
+        consistent = state.consistent,
+        staged_frames = state.staged_frames,
+        journal_bytes = config.journal_bytes,
+        "journal open"
+    );
+    Ok(journal)
+}
+
 /// The listening socket, non-blocking, with the link's congestion control (inherited by every
 /// connection accepted from it, from the handshake on).
 fn listen(config: &SecondaryConfig) -> Result<TcpListener, SecondaryError> {
@@ -205,8 +251,13 @@ fn listen(config: &SecondaryConfig) -> Result<TcpListener, SecondaryError> {
 fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let Some(params) = authenticate(&stream, peer, shared) else { return };
     let superseded = Arc::new(AtomicBool::new(false));
-    let Some(_image) = shared.sessions.take(&superseded, shared.stop, peer) else { return };
+    let Some(mut held) = shared.sessions.take(&superseded, shared.stop, peer) else { return };
+    let ImageAndJournal { image, journal } = &mut *held;
     let stats = shared.stats;
+    if let Err(error) = send_cut_state(&mut stream, journal, stats) {
+        tracing::warn!(%peer, %error, "telling the primary this image's cut failed");
+        return;
+    }
     stats.sessions.inc();
     stats.primary_connected.set(1);
     let tcp_congestion =
@@ -218,7 +269,7 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         payload_bytes_max: (shared.config.frame_data_bytes_max + 8) as u32,
     };
     let device = shared.config.device.display().to_string();
-    let mut session = match Session::new(shared.config, limits, shared.image, &device) {
+    let mut session = match Session::new(shared.config, limits, (image, journal), &device, stats) {
         Ok(session) => session,
         Err(e) => {
             tracing::error!(%peer, error = %e, "cannot set up a session");
@@ -240,6 +291,41 @@ fn handle_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         }
     }
     session.finish(&stream, shared.stop);
+    drop(session);
+    if journal.poisoned() {
+        // What the journal holds and what it believes it holds may differ now: only a restart
+        // (which reads it back) can tell. Exit, so that a supervisor restarts us.
+        tracing::error!(state_dir = %shared.config.state_dir.display(), "a journal write failed: exiting");
+        std::process::exit(74);
+    }
+    if let Err(error) = journal.session_ended(crate::logs::unix_ms_now()) {
+        tracing::error!(%error, "recording the end of the session in the journal");
+    }
+}
+
+/// The second half of the handshake, once this session holds the image: the cut the image
+/// holds and the highest cut of a frame staged here, so the primary's cuts continue past both.
+fn send_cut_state(
+    stream: &mut TcpStream,
+    journal: &journal::Journal<File>,
+    stats: &SecondaryMetrics,
+) -> std::io::Result<()> {
+    let state = journal.cut_state();
+    note_cut(stats, &state);
+    let message = crate::wire::Message::CutState {
+        committed_cut: state.committed_cut,
+        committed_unix_ms: state.committed_unix_ms,
+        staged_cut_max: state.staged_tag_max,
+        flags: if state.consistent { crate::wire::CUT_STATE_CONSISTENT } else { 0 },
+    };
+    crate::wire::write_frame(stream, &message, 1)
+}
+
+/// The image's cut in the metrics.
+pub(crate) fn note_cut(stats: &SecondaryMetrics, state: &journal::CutState) {
+    stats.committed_cut.set(state.committed_cut as i64);
+    stats.committed_cut_timestamp.set(state.committed_unix_ms as f64 / 1000.0);
+    stats.image_consistent.set(i64::from(state.consistent));
 }
 
 /// The handshake, within one deadline however the peer's bytes trickle in; then each blocking
@@ -270,15 +356,24 @@ fn authenticate(stream: &TcpStream, peer: SocketAddr, shared: &Shared) -> Option
     }
 }
 
+/// What a session writes: the image, and the journal of the cuts it moves through.
+struct ImageAndJournal {
+    image: File,
+    journal: journal::Journal<File>,
+}
+
 /// The one session allowed to write the image: `image` is held while a session runs; `current`
 /// is the flag that asks the running session to end when a newer one authenticates.
-#[derive(Default)]
 struct SessionSlot {
-    image: Mutex<()>,
+    image: Mutex<ImageAndJournal>,
     current: Mutex<Option<Arc<AtomicBool>>>,
 }
 
 impl SessionSlot {
+    fn new(held: ImageAndJournal) -> Self {
+        Self { image: Mutex::new(held), current: Mutex::new(None) }
+    }
+
     /// Makes the session of `superseded` the current one (asking the previous to end), and
     /// waits for the image: the previous session ends once its writes are done
     /// (`Session::finish`); meanwhile a newer connection, or a stop, makes this one give up, so
@@ -288,7 +383,7 @@ impl SessionSlot {
         superseded: &Arc<AtomicBool>,
         stop: &AtomicBool,
         peer: SocketAddr,
-    ) -> Option<MutexGuard<'_, ()>> {
+    ) -> Option<MutexGuard<'_, ImageAndJournal>> {
         if let Some(previous) = self.current.lock().unwrap_or_else(poisoned).replace(Arc::clone(superseded)) {
             // The primary reconnected (its old link is dead but our side has not timed out
             // yet): the newest authenticated session wins, after the old one's writes are done.

@@ -1,15 +1,19 @@
 //! A session: the one connection that writes the image, from an authenticated primary. Its
 //! path, in order: receive (into a read-ahead buffer, or straight into a pool buffer for an
-//! extent's data) -> decode (every byte checked before anything is written) -> durable write
-//! (io_uring, `RWF_DSYNC`) -> ack (buffered, one send per reap). The other frames (keepalives,
-//! verify requests, consistency points, zeroes, the mirror database) are in `frames.rs`.
+//! extent's data) -> decode (every byte checked before anything is written) -> route (to the
+//! image, or staged in the journal until its cut is committed: `journal::Journal::route`) ->
+//! durable write (io_uring, `RWF_DSYNC`) -> ack (buffered, one send per reap). The other frames
+//! (keepalives, verify requests, commits, consistency points, zeroes, the mirror database) are
+//! in `frames.rs`.
 //!
 //! Owns the session's ring and buffer pool (sized at start-up: `queue_depth` writes and one
-//! receive) and the frame being received. Invariants:
+//! receive), the frame being received, and the journal while the session runs. Invariants:
 //! - a frame is acknowledged only after its write returned the full length with `RWF_DSYNC`; a
 //!   failed write ends the session with an `Error` frame, never an ack;
-//! - two writes to overlapping ranges are never in flight together, so a newer copy of an
-//!   extent can never be overtaken by an older one;
+//! - a staged frame is acknowledged only once every journal record before it is durable too
+//!   (`journal_acks`): reading the journal back stops at the first record that is not;
+//! - two writes to overlapping ranges of the image are never in flight together, so a newer
+//!   copy of an extent can never be overtaken by an older one;
 //! - a buffer is owned by the frame being received into it, then by its write (`writes`), and
 //!   goes back to the pool at the write's completion.
 
@@ -23,6 +27,7 @@ use std::time::{Duration, Instant};
 use io_uring::{opcode, types};
 
 use super::SecondaryConfig;
+use super::journal::{self, FrameInfo, Journal, Route, format::RecordKind};
 use crate::failback;
 use crate::metrics::SecondaryMetrics;
 use crate::pool::BufferPool;
@@ -51,6 +56,8 @@ pub(super) enum SessionEnd {
     Read { device: String, offset: u64, len: usize, error: std::io::Error },
     #[error(transparent)]
     Refused(#[from] failback::Refusal),
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     #[error("storing this member's state: {0}")]
     State(String),
     #[error("stopping")]
@@ -66,6 +73,8 @@ impl SessionEnd {
             Self::Read { .. } => Some(ErrorCode::ReadFailed),
             Self::Refused(refusal) => Some(refusal.code()),
             Self::State(_) => Some(ErrorCode::StateFailed),
+            Self::Journal(journal::JournalError::Image { .. }) => Some(ErrorCode::WriteFailed),
+            Self::Journal(journal::JournalError::Journal { .. }) => Some(ErrorCode::StateFailed),
             Self::Wire(_) | Self::Unexpected(_) => Some(ErrorCode::Protocol),
             Self::Closed | Self::Timeout(_) | Self::Io(_) | Self::PrimaryError(_) | Self::Stop => None,
         }
@@ -95,6 +104,8 @@ pub(super) struct Write {
     offset_bytes: u64,
     len_bytes: usize,
     sequence: u64,
+    /// A staged frame's journal record (its sequence in the journal), else a write to the image.
+    journal_seq: Option<u64>,
 }
 
 /// The frame part being filled (from the read-ahead buffer, or by a direct recv): a header, then
@@ -119,6 +130,13 @@ pub(super) struct Session<'a> {
     pub(super) poll: crate::poll::PollWindow,
     pub(super) limits: Limits,
     pub(super) image: &'a File,
+    pub(super) journal: &'a mut Journal<File>,
+    stats: &'a SecondaryMetrics,
+    /// Scratch for applying the journal to the image (commits, overflows, verify overlays).
+    pub(super) apply: BufferPool,
+    /// Staged frames being written to the journal, by journal sequence: the frame to
+    /// acknowledge and whether its record is durable. Acked in journal order (see the header).
+    journal_acks: std::collections::BTreeMap<u64, (u64, bool)>,
     pub(super) device: &'a str,
     pub(super) state_dir: &'a std::path::Path,
     pub(super) device_path: &'a std::path::Path,
@@ -164,6 +182,9 @@ enum RecvKind {
 pub(super) enum Waiting {
     Buffer(wire::Header),
     Overlap(Write),
+    /// A frame to stage with the journal full: once no write is in flight, the journal
+    /// overflows (`Journal::overflow`) and the frame is routed again.
+    Room(Write, FrameInfo),
     /// A verify request: answered once every write before it has completed.
     Verify {
         first_extent: u64,
@@ -175,6 +196,13 @@ pub(super) enum Waiting {
         offset_bytes: u64,
         len_bytes: u64,
         unmap: bool,
+        sequence: u64,
+        tag: wire::Tag,
+    },
+    /// A commit of a cut: applied and acknowledged once every write before it completed.
+    Commit {
+        cut: u64,
+        cut_unix_ms: u64,
         sequence: u64,
     },
     /// A consistency point: recorded and acknowledged once every write before it completed.
@@ -189,8 +217,9 @@ impl<'a> Session<'a> {
     pub(super) fn new(
         config: &'a SecondaryConfig,
         limits: Limits,
-        image: &'a File,
+        (image, journal): (&'a File, &'a mut Journal<File>),
         device: &'a str,
+        stats: &'a SecondaryMetrics,
     ) -> std::io::Result<Self> {
         let depth = config.queue_depth;
         // A write per pool buffer, and the receive.
@@ -200,12 +229,17 @@ impl<'a> Session<'a> {
         // SAFETY: the pool outlives the ring: `ring` is declared before `pool` in Session and so
         // is dropped first.
         unsafe { ring.register_buffers(&pool)? };
+        let apply = BufferPool::new(1, config.frame_data_bytes_max).map_err(std::io::Error::from)?;
         Ok(Self {
             ring,
             pool,
             poll: crate::poll::PollWindow::new(config.poll),
             limits,
             image,
+            journal,
+            stats,
+            apply,
+            journal_acks: std::collections::BTreeMap::new(),
             device,
             state_dir: &config.state_dir,
             device_path: &config.device,
@@ -218,7 +252,8 @@ impl<'a> Session<'a> {
             recv_in_flight: None,
             waiting: None,
             writes: vec![None; usize::from(depth)],
-            next_ack_sequence: 0,
+            // The secondary's Welcome (0) and CutState (1) came before.
+            next_ack_sequence: 2,
             acks: Vec::with_capacity(usize::from(depth) * (wire::HEADER_BYTES + 16)),
             ack_frame: Vec::with_capacity(wire::HEADER_BYTES + 16),
             prepared: None,
@@ -428,13 +463,16 @@ impl<'a> Session<'a> {
                 };
                 self.receiving = Receiving::Header;
                 self.ahead.payload_taken(len);
-                let write = Write { buffer, offset_bytes, len_bytes, sequence: header.sequence };
-                if self.overlaps(&write) {
-                    self.waiting = Some(Waiting::Overlap(write));
-                    Ok(())
-                } else {
-                    self.submit_write(write)
-                }
+                let write =
+                    Write { buffer, offset_bytes, len_bytes, sequence: header.sequence, journal_seq: None };
+                let info = FrameInfo {
+                    tag: header.cut,
+                    in_order: header.flags & wire::FLAG_IN_ORDER != 0,
+                    client: header.kind == wire::MessageKind::BlockData,
+                    image_offset: offset_bytes,
+                    image_len: len_bytes as u64,
+                };
+                self.place(write, info)
             }
             Receiving::Small { header } => {
                 self.receiving = Receiving::Header;
@@ -465,6 +503,7 @@ impl<'a> Session<'a> {
             | wire::MessageKind::Error
             | wire::MessageKind::VerifyRequest
             | wire::MessageKind::ConsistencyPoint
+            | wire::MessageKind::Commit
             | wire::MessageKind::Zeroes
             | wire::MessageKind::MirrorDb
             | wire::MessageKind::MirrorDbPrepare
@@ -498,6 +537,17 @@ impl<'a> Session<'a> {
                 self.waiting = None;
                 self.submit_write(write)
             }
+            Some(Waiting::Room(write, info)) if self.writes.iter().all(Option::is_none) => {
+                self.waiting = None;
+                self.overflow()?;
+                self.place(write, info)
+            }
+            Some(Waiting::Commit { cut, cut_unix_ms, sequence })
+                if self.writes.iter().all(Option::is_none) =>
+            {
+                self.waiting = None;
+                self.commit((cut, cut_unix_ms), sequence, stream)
+            }
             Some(Waiting::Verify { first_extent, count }) if self.writes.iter().all(Option::is_none) => {
                 self.waiting = None;
                 self.answer_verify(first_extent, count, stream)
@@ -508,11 +558,11 @@ impl<'a> Session<'a> {
                 self.waiting = None;
                 self.record_point(generation, point_unix_ms, sequence, stream)
             }
-            Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence })
+            Some(Waiting::Zeroes { offset_bytes, len_bytes, unmap, sequence, tag })
                 if self.writes.iter().all(Option::is_none) =>
             {
                 self.waiting = None;
-                self.apply_zeroes(offset_bytes..offset_bytes + len_bytes, unmap, sequence, stream)
+                self.apply_zeroes(offset_bytes..offset_bytes + len_bytes, (unmap, tag), sequence, stream)
             }
             _ => Ok(()),
         }
@@ -554,31 +604,144 @@ impl<'a> Session<'a> {
     ) -> Result<(), SessionEnd> {
         let write = self.writes[usize::from(buffer)].take().expect("a completion for a write in flight");
         self.pool.give_back(buffer);
-        if result < 0 || result as usize != write.len_bytes {
+        let expected = write.len_bytes
+            + if write.journal_seq.is_some() { journal::format::RECORD_HEADER_BYTES } else { 0 };
+        if result < 0 || result as usize != expected {
             let error = if result < 0 {
                 std::io::Error::from_raw_os_error(-result)
             } else {
                 std::io::Error::other(format!("short write of {result} bytes"))
             };
-            return Err(self.write_failed(write.offset_bytes, write.len_bytes, error));
+            if write.journal_seq.is_none() {
+                return Err(self.write_failed(write.offset_bytes, write.len_bytes, error));
+            }
+            self.journal.poison();
+            return Err(
+                journal::JournalError::Journal { what: "write of a staged frame", source: error }.into()
+            );
         }
         stats.written_bytes.inc_by(write.len_bytes as u64);
-        stats.acked_frames.inc();
-        // Buffered: the acks of the writes one reap completes go out in one send.
-        let ack = Message::Ack { first_sequence: write.sequence, last_sequence: write.sequence };
-        wire::encode(&ack, self.next_ack_sequence, &mut self.ack_frame);
-        self.acks.extend_from_slice(&self.ack_frame);
-        self.next_ack_sequence += 1;
+        let Some(journal_seq) = write.journal_seq else {
+            self.buffer_ack(write.sequence, stats);
+            return Ok(());
+        };
+        stats.staged_bytes.inc_by(write.len_bytes as u64);
+        self.journal_acks.get_mut(&journal_seq).expect("a staged write is awaited").1 = true;
+        while let Some(entry) = self.journal_acks.first_entry() {
+            if !entry.get().1 {
+                break;
+            }
+            let (frame_sequence, _) = entry.remove();
+            self.buffer_ack(frame_sequence, stats);
+        }
         Ok(())
     }
 
-    /// Whether `write` overlaps a write in flight (a newer copy must not be overtaken).
+    /// Buffers the ack of frame `sequence`: the acks of the writes one reap completes go out
+    /// in one send.
+    fn buffer_ack(&mut self, sequence: u64, stats: &SecondaryMetrics) {
+        stats.acked_frames.inc();
+        let ack = Message::Ack { first_sequence: sequence, last_sequence: sequence };
+        wire::encode(&ack, self.next_ack_sequence, &mut self.ack_frame);
+        self.acks.extend_from_slice(&self.ack_frame);
+        self.next_ack_sequence += 1;
+    }
+
+    /// Whether `write` (to the image) overlaps a write to the image in flight (a newer copy
+    /// must not be overtaken). Journal records go to places of their own.
     fn overlaps(&self, write: &Write) -> bool {
         let (start, end) = (write.offset_bytes, write.offset_bytes + write.len_bytes as u64);
         self.writes
             .iter()
             .flatten()
+            .filter(|w| w.journal_seq.is_none())
             .any(|w| start < w.offset_bytes + w.len_bytes as u64 && w.offset_bytes < end)
+    }
+
+    /// A decoded data frame: written to the image, or staged in the journal (see `route`).
+    fn place(&mut self, write: Write, info: FrameInfo) -> Result<(), SessionEnd> {
+        if self.journal.route(&info) == Route::InPlace {
+            if self.overlaps(&write) {
+                self.waiting = Some(Waiting::Overlap(write));
+                return Ok(());
+            }
+            return self.submit_write(write);
+        }
+        match self.journal.stage(RecordKind::Data, info.record_flags(), &info, write.len_bytes as u32)? {
+            Some(placement) => {
+                self.submit_journal_write(write, &placement, &info);
+                Ok(())
+            }
+            None => {
+                self.waiting = Some(Waiting::Room(write, info));
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes a staged frame's record: its header, in the buffer's prefix right before the
+    /// data, and the data, in one write at the record's place in the journal.
+    fn submit_journal_write(&mut self, write: Write, placement: &journal::Placement, info: &FrameInfo) {
+        let header =
+            self.journal.data_record_header(placement, info, self.pool.data(write.buffer, write.len_bytes));
+        self.pool.prefix_tail_mut(write.buffer, header.len()).copy_from_slice(&header);
+        let len = header.len() + write.len_bytes;
+        // SAFETY: the prefix's tail and the data are one region of the buffer (see `pool`).
+        let start = unsafe { self.pool.data_ptr(write.buffer).sub(header.len()) };
+        let entry = opcode::WriteFixed::new(
+            types::Fd(self.journal.file().as_raw_fd()),
+            start,
+            len as u32,
+            write.buffer,
+        )
+        .offset(placement.file_offset)
+        .rw_flags(libc::RWF_DSYNC)
+        .build();
+        assert!(self.writes[usize::from(write.buffer)].is_none());
+        // SAFETY: the buffer is owned by this write (recorded in `writes`) until its completion.
+        unsafe { self.ring.push(Op::Write { buffer: write.buffer }, entry) };
+        self.writes[usize::from(write.buffer)] = Some(Write { journal_seq: Some(placement.seq), ..write });
+        self.journal_acks.insert(placement.seq, (write.sequence, false));
+    }
+
+    /// The journal is full with no write in flight: it applies its frames in place.
+    pub(super) fn overflow(&mut self) -> Result<(), SessionEnd> {
+        let stats = self.stats;
+        let buffer = self.apply.take().expect("the apply buffer is free between uses");
+        let len = self.apply.data_bytes_max();
+        let outcome = self.journal.overflow(self.image, self.apply.data_mut(buffer, len));
+        self.apply.give_back(buffer);
+        stats.applied_bytes.inc_by(outcome?);
+        stats.journal_overflows.inc();
+        super::note_cut(stats, &self.journal.cut_state());
+        Ok(())
+    }
+
+    /// Every write before the Commit frame has completed: the cut is committed (durable) and
+    /// applied, then the frame acknowledged.
+    pub(super) fn commit(
+        &mut self,
+        (cut, cut_unix_ms): (u64, u64),
+        sequence: u64,
+        stream: &mut TcpStream,
+    ) -> Result<(), SessionEnd> {
+        assert!(self.journal_acks.is_empty(), "every staged frame before the commit is durable");
+        let buffer = self.apply.take().expect("the apply buffer is free between uses");
+        let len = self.apply.data_bytes_max();
+        let outcome = self.journal.commit(cut, cut_unix_ms, self.image, self.apply.data_mut(buffer, len));
+        self.apply.give_back(buffer);
+        self.stats.applied_bytes.inc_by(outcome?);
+        super::note_cut(self.stats, &self.journal.cut_state());
+        tracing::debug!(device = self.device, cut, "cut committed");
+        self.send_frame(stream, &Message::Ack { first_sequence: sequence, last_sequence: sequence })?;
+        let state = self.journal.cut_state();
+        let message = Message::CutState {
+            committed_cut: state.committed_cut,
+            committed_unix_ms: state.committed_unix_ms,
+            staged_cut_max: state.staged_tag_max,
+            flags: if state.consistent { wire::CUT_STATE_CONSISTENT } else { 0 },
+        };
+        self.send_frame(stream, &message)
     }
 
     fn submit_write(&mut self, write: Write) -> Result<(), SessionEnd> {

@@ -33,6 +33,8 @@ pub struct Io<'a> {
     pub minimum_images: u32,
     pub backlog_bytes_max: u64,
     pub metrics: &'a crate::metrics::PrimaryMetrics,
+    pub cuts: &'a mut crate::primary::cuts::Cuts,
+    pub tracker: &'a mut crate::tracker::Tracker,
 }
 
 impl ExportState {
@@ -84,7 +86,8 @@ impl ExportState {
         self.note_extents(io, &extents, &(request.offset_bytes..end_bytes), &targets);
         let entry = self.primary_entry(&request);
         let sequence = io.peers.next_sequence();
-        let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence, sync);
+        let tag = io.cuts.export_tag(&targets, io.tracker, io.peers, io.source);
+        let (frame_bytes, zeroes_frame) = encode_frame(&mut request, sequence, sync, tag);
         let slot = self.push(io.ring, request, extents.clone(), entry, zeroes_frame, sync);
         for i in (0..SECONDARIES_MAX).filter(|&i| targets[i]) {
             self.queue_frame(io.peers, i, slot, sequence, frame_bytes, &extents);
@@ -397,17 +400,18 @@ fn encode_frame(
     request: &mut ExportRequest,
     sequence: u64,
     sync: bool,
+    tag: wire::Tag,
 ) -> (usize, Option<[u8; ZEROES_FRAME_BYTES]>) {
     match request.buffer.as_mut() {
         Some(buffer) => {
             let len = request.len_bytes as usize;
-            let flags = if sync { wire::FLAG_CLIENT_WAITS } else { 0 };
+            let flags = if sync { wire::FLAG_CLIENT_WAITS } else { 0 } | tag.flags;
             let prefix = wire::encode_data_prefix(
                 wire::MessageKind::BlockData,
                 sequence,
                 request.offset_bytes,
                 buffer.data(len),
-                flags,
+                wire::Tag { flags, cut: tag.cut },
             );
             buffer.prefix_tail_mut(wire::EXTENT_PREFIX_BYTES).copy_from_slice(&prefix);
             (wire::EXTENT_PREFIX_BYTES + len, None)
@@ -419,7 +423,7 @@ fn encode_frame(
                 unmap: request.command == Command::Trim,
             };
             let mut frame = Vec::with_capacity(ZEROES_FRAME_BYTES);
-            wire::encode(&message, sequence, &mut frame);
+            wire::encode_tagged(&message, sequence, tag, &mut frame);
             let frame = frame.try_into().expect("a Zeroes frame is ZEROES_FRAME_BYTES long");
             (ZEROES_FRAME_BYTES, Some(frame))
         }
