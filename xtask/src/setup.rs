@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context as _, bail};
 
 /// Debian packages: the tools the kernel tests and benchmarks drive.
-const PACKAGES: [&str; 14] = [
+const PACKAGES: [&str; 17] = [
     "fio",
     "e2fsprogs",
     "fdisk",
@@ -33,6 +33,11 @@ const PACKAGES: [&str; 14] = [
     // qemu-io drives the NBD export in the tests; ping measures the round trip in its benchmark.
     "qemu-utils",
     "iputils-ping",
+    // The crash tests with real databases: PostgreSQL (pgbench, pg_amcheck, pg_checksums) and
+    // sqlite through python3's module; curl reads a secondary's metrics in a benchmark.
+    "postgresql",
+    "python3",
+    "curl",
 ];
 
 const NIGHTLY: &str = "nightly";
