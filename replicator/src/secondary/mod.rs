@@ -18,6 +18,7 @@
 //!   completed (two writes of one extent in flight together could land in either order);
 //! - at most `CONNECTIONS_MAX` connections are served at once, each on a thread of its own.
 
+mod applier;
 mod frames;
 pub mod journal;
 mod session;

@@ -132,6 +132,8 @@ pub(super) struct Session<'a> {
     pub(super) image: &'a File,
     pub(super) journal: &'a mut Journal<File>,
     stats: &'a SecondaryMetrics,
+    /// Applies committed cuts beside the session (`applier.rs`).
+    applier: super::applier::Applier,
     /// Scratch for applying the journal to the image (commits, overflows, verify overlays).
     pub(super) apply: BufferPool,
     /// Staged frames being written to the journal, by journal sequence: the frame to
@@ -230,6 +232,7 @@ impl<'a> Session<'a> {
         // is dropped first.
         unsafe { ring.register_buffers(&pool)? };
         let apply = BufferPool::new(1, config.frame_data_bytes_max).map_err(std::io::Error::from)?;
+        let applier = super::applier::Applier::start(journal.file(), image, config.frame_data_bytes_max)?;
         Ok(Self {
             ring,
             pool,
@@ -238,6 +241,7 @@ impl<'a> Session<'a> {
             image,
             journal,
             stats,
+            applier,
             apply,
             journal_acks: std::collections::BTreeMap::new(),
             device,
@@ -273,6 +277,7 @@ impl<'a> Session<'a> {
                 self.wait_for_writes(stream, stats)?;
                 return Err(SessionEnd::Stop);
             }
+            self.take_applied(stream)?;
             self.retry_waiting(stream)?;
             if self.recv_in_flight.is_none() && self.waiting.is_none() && self.use_ahead(stream)? {
                 // Frames read ahead earlier, held back by a write, count as heard now.
@@ -537,9 +542,12 @@ impl<'a> Session<'a> {
                 self.waiting = None;
                 self.submit_write(write)
             }
-            Some(Waiting::Room(write, info)) if self.writes.iter().all(Option::is_none) => {
+            Some(Waiting::Room(write, info)) if self.quiet() => {
+                // The cuts applied meanwhile may have made room; else the ring overflows.
                 self.waiting = None;
-                self.overflow()?;
+                if !self.journal.has_room(write.len_bytes as u32) {
+                    self.overflow()?;
+                }
                 self.place(write, info)
             }
             Some(Waiting::Commit { cut, cut_unix_ms, sequence })
@@ -552,9 +560,8 @@ impl<'a> Session<'a> {
                 self.waiting = None;
                 self.answer_verify(first_extent, count, stream)
             }
-            Some(Waiting::Point { generation, point_unix_ms, sequence })
-                if self.writes.iter().all(Option::is_none) =>
-            {
+            // A point is recorded once the image holds everything before it: applied too.
+            Some(Waiting::Point { generation, point_unix_ms, sequence }) if self.quiet() => {
                 self.waiting = None;
                 self.record_point(generation, point_unix_ms, sequence, stream)
             }
@@ -647,6 +654,11 @@ impl<'a> Session<'a> {
         self.next_ack_sequence += 1;
     }
 
+    /// No write in flight, and no cut being applied.
+    fn quiet(&self) -> bool {
+        self.writes.iter().all(Option::is_none) && self.applier.idle()
+    }
+
     /// Whether `write` (to the image) overlaps a write to the image in flight (a newer copy
     /// must not be overtaken). Journal records go to places of their own.
     fn overlaps(&self, write: &Write) -> bool {
@@ -726,15 +738,24 @@ impl<'a> Session<'a> {
         stream: &mut TcpStream,
     ) -> Result<(), SessionEnd> {
         assert!(self.journal_acks.is_empty(), "every staged frame before the commit is durable");
-        let buffer = self.apply.take().expect("the apply buffer is free between uses");
-        let len = self.apply.data_bytes_max();
-        let outcome = self.journal.commit(cut, cut_unix_ms, self.image, self.apply.data_mut(buffer, len));
-        self.apply.give_back(buffer);
-        self.stats.applied_bytes.inc_by(outcome?);
-        super::note_cut(self.stats, &self.journal.cut_state());
+        let job = self.journal.commit_record(cut, cut_unix_ms)?;
         tracing::debug!(device = self.device, cut, "cut committed");
         self.send_frame(stream, &Message::Ack { first_sequence: sequence, last_sequence: sequence })?;
+        match job {
+            // The Commit record is durable: acknowledged, and applied by the applier.
+            Some(job) => {
+                self.applier.hand(job);
+                Ok(())
+            }
+            // Nothing to apply: the image is this cut now.
+            None => self.tell_cut(stream),
+        }
+    }
+
+    /// Tells the primary the cut the image holds (`CutState`), and the metrics.
+    fn tell_cut(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
         let state = self.journal.cut_state();
+        super::note_cut(self.stats, &state);
         let message = Message::CutState {
             committed_cut: state.committed_cut,
             committed_unix_ms: state.committed_unix_ms,
@@ -742,6 +763,31 @@ impl<'a> Session<'a> {
             flags: if state.consistent { wire::CUT_STATE_CONSISTENT } else { 0 },
         };
         self.send_frame(stream, &message)
+    }
+
+    /// Takes what the applier reports: a cut applied moves the journal on and is told to the
+    /// primary (`CutState`); a failed one ends the session (its frames stay staged).
+    pub(super) fn take_applied(&mut self, stream: &mut TcpStream) -> Result<(), SessionEnd> {
+        while let Some((job, outcome)) = self.applier.take_done() {
+            self.applied(&job, outcome)?;
+            self.tell_cut(stream)?;
+        }
+        Ok(())
+    }
+
+    /// One job's outcome into the journal.
+    fn applied(
+        &mut self,
+        job: &journal::ApplyJob,
+        outcome: Result<(), journal::JournalError>,
+    ) -> Result<(), SessionEnd> {
+        if let Err(error) = outcome {
+            self.journal.apply_failed(job);
+            return Err(error.into());
+        }
+        self.journal.applied(job)?;
+        self.stats.applied_bytes.inc_by(job.bytes());
+        Ok(())
     }
 
     fn submit_write(&mut self, write: Write) -> Result<(), SessionEnd> {
@@ -798,6 +844,13 @@ impl<'a> Session<'a> {
                     writes,
                     "writes of an ended session still in flight: no new session writes the image until they complete"
                 );
+            }
+        }
+        // The cuts being applied finish too, and the journal hears how (a failed one's frames
+        // stay staged for the next session's commits).
+        for (job, outcome) in self.applier.stop() {
+            if let Err(error) = self.applied(&job, outcome) {
+                tracing::error!(device = self.device, %error, "applying a committed cut failed; it is applied again later");
             }
         }
     }

@@ -129,6 +129,23 @@ pub struct Staged {
     pub image_len: u64,
     /// Ring offset of the record.
     pub ring_at: u64,
+    /// Handed to an applier with its cut's `ApplyJob`, not applied yet.
+    pub applying: bool,
+}
+
+/// A committed cut's frames to write to the image, in ring order (`Journal::commit_record`).
+/// The frames stay staged (for routing and verify's overlay) until `Journal::applied`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyJob {
+    pub cut: u64,
+    pub unix_ms: u64,
+    pub frames: Vec<Staged>,
+}
+
+impl ApplyJob {
+    pub fn bytes(&self) -> u64 {
+        self.frames.iter().map(|s| s.image_len).sum()
+    }
 }
 
 impl FrameInfo {
@@ -271,7 +288,10 @@ impl<F: Storage> Journal<F> {
         }
         if let Some((cut, unix_ms)) = scanned.commit.filter(|&(cut, _)| cut > superblock.committed_cut) {
             tracing::info!(cut, "applying a cut committed before the last stop");
-            journal.apply_through(cut, unix_ms, image, buffer)?;
+            let frames = journal.staged.iter().filter(|s| s.tag <= cut).copied().collect();
+            let job = ApplyJob { cut, unix_ms, frames };
+            apply_job(&journal.file, &job, image, buffer)?;
+            journal.applied(&job)?;
         }
         if journal.superblock.capacity != geometry.capacity && journal.staged.is_empty() {
             journal.reset(geometry.capacity)?;
@@ -323,6 +343,7 @@ impl<F: Storage> Journal<F> {
             image_offset: frame.image_offset,
             image_len: frame.image_len,
             ring_at: placement.ring_at,
+            applying: false,
         });
         Ok(Some(placement))
     }
@@ -368,10 +389,8 @@ impl<F: Storage> Journal<F> {
         self.sync_file()
     }
 
-    /// Commits cut `cut` (taken at `unix_ms` on the primary): a durable Commit record, then
-    /// (J1 holds from here for the Commit frame's ack) every staged frame of a cut up to it
-    /// applied to `image` in ring order. Every staged record must be written already. Returns
-    /// the bytes applied.
+    /// Commits cut `cut` (taken at `unix_ms` on the primary) and applies it to `image` before
+    /// returning (`commit_record`, `apply_job`, `applied`). Returns the bytes applied.
     pub fn commit(
         &mut self,
         cut: u64,
@@ -379,13 +398,26 @@ impl<F: Storage> Journal<F> {
         image: &impl Storage,
         buffer: &mut [u8],
     ) -> Result<u64, JournalError> {
+        let Some(job) = self.commit_record(cut, unix_ms)? else { return Ok(0) };
+        apply_job(&self.file, &job, image, buffer)?;
+        self.applied(&job)?;
+        Ok(job.bytes())
+    }
+
+    /// Commits cut `cut` (taken at `unix_ms` on the primary): a durable Commit record (J1
+    /// holds from here for the Commit frame's ack), and the job that applies the staged frames
+    /// of cuts up to it that no earlier job holds, in ring order. `None`: nothing to apply
+    /// (then nothing is written but, now and then, the superblock). Every staged record must
+    /// be written already.
+    pub fn commit_record(&mut self, cut: u64, unix_ms: u64) -> Result<Option<ApplyJob>, JournalError> {
         if cut <= self.superblock.committed_cut {
-            return Ok(0); // a repeated or stale commit: that cut is applied already
+            return Ok(None); // a repeated or stale commit: that cut is applied already
         }
         if self.staged.iter().all(|s| s.tag > cut) {
             // Nothing to apply: the image is this cut already. Recorded lazily (a crash
             // before the next record reports an older cut of the same bytes).
-            return self.commit_nothing(cut, unix_ms).map(|()| 0);
+            self.commit_nothing(cut, unix_ms)?;
+            return Ok(None);
         }
         let placement = self.place(0, 0)?.expect("COMMIT_RESERVE_BYTES keeps room for a commit");
         let header = RecordHeader {
@@ -399,7 +431,45 @@ impl<F: Storage> Journal<F> {
         };
         self.write_file(&format::encode_header(&header, &[]), placement.file_offset)?;
         self.sync_file()?;
-        self.apply_through(cut, unix_ms, image, buffer)
+        let mut frames = Vec::new();
+        for staged in self.staged.iter_mut().filter(|s| s.tag <= cut && !s.applying) {
+            staged.applying = true;
+            frames.push(*staged);
+        }
+        Ok(Some(ApplyJob { cut, unix_ms, frames }))
+    }
+
+    /// `job`'s frames are on the image, synced: they leave the staged frames, the superblock's
+    /// head moves past them, and the image is cut `job.cut` (J2). Jobs are applied in order.
+    pub fn applied(&mut self, job: &ApplyJob) -> Result<(), JournalError> {
+        let done: std::collections::HashSet<u64> = job.frames.iter().map(|s| s.seq).collect();
+        let left: Vec<Staged> = self.staged.iter().filter(|s| !done.contains(&s.seq)).copied().collect();
+        self.clear_staged();
+        for staged in left {
+            self.push_staged(staged);
+        }
+        let sb = &mut self.superblock;
+        sb.committed_cut = sb.committed_cut.max(job.cut);
+        sb.committed_unix_ms = sb.committed_unix_ms.max(job.unix_ms);
+        sb.inconsistent_until = until_after(sb.inconsistent_until, job.cut);
+        let (head, head_seq) = self.staged.front().map_or((self.tail, self.next_seq), |s| (s.ring_at, s.seq));
+        sb.head = head;
+        sb.head_seq = head_seq;
+        self.write_superblock()
+    }
+
+    /// `job` could not be applied (an image write failed): its frames are handed to the next
+    /// commit's job again.
+    pub fn apply_failed(&mut self, job: &ApplyJob) {
+        let failed: std::collections::HashSet<u64> = job.frames.iter().map(|s| s.seq).collect();
+        for staged in self.staged.iter_mut().filter(|s| failed.contains(&s.seq)) {
+            staged.applying = false;
+        }
+    }
+
+    /// Whether a job handed out is not applied yet.
+    pub fn applying(&self) -> bool {
+        self.staged.iter().any(|s| s.applying)
     }
 
     /// Commits a cut that applies nothing; the superblock is written when what it says of the
@@ -409,11 +479,7 @@ impl<F: Storage> Journal<F> {
         let until = sb.inconsistent_until;
         sb.committed_cut = cut;
         sb.committed_unix_ms = unix_ms;
-        sb.inconsistent_until = match until {
-            u64::MAX => cut + 1,
-            until if cut >= until => 0,
-            until => until,
-        };
+        sb.inconsistent_until = until_after(until, cut);
         let due = self.superblock_written_at.is_none_or(|at| at.elapsed().as_millis() >= LAZY_SUPERBLOCK_MS);
         if self.superblock.inconsistent_until != until || due {
             self.write_superblock()?;
@@ -425,6 +491,7 @@ impl<F: Storage> Journal<F> {
     /// last staged frame's cut is applied, then applies every staged frame in place. Returns the
     /// bytes applied.
     pub fn overflow(&mut self, image: &impl Storage, buffer: &mut [u8]) -> Result<u64, JournalError> {
+        assert!(!self.applying(), "no job is out when the ring overflows");
         let sb = &mut self.superblock;
         let tag_max = self.staged.iter().map(|s| s.tag).max().unwrap_or(0);
         let until = tag_max.max(sb.committed_cut + 1);
@@ -436,11 +503,8 @@ impl<F: Storage> Journal<F> {
             "journal full with no cut to commit: applying its frames in place; the image is not consistent until that cut"
         );
         self.write_superblock()?; // before the first byte lands out of order
-        let staged: Vec<Staged> = self.staged.iter().copied().collect();
-        for staged in &staged {
-            self.apply(staged, image, buffer)?;
-        }
-        image.sync().map_err(|source| JournalError::Image { what: "sync", offset: 0, source })?;
+        let all = ApplyJob { cut: 0, unix_ms: 0, frames: self.staged.iter().copied().collect() };
+        apply_job(&self.file, &all, image, buffer)?;
         let applied = self.staged_bytes;
         self.clear_staged();
         self.superblock.head = self.tail;
@@ -525,14 +589,8 @@ impl<F: Storage> Journal<F> {
     /// record never ends closer to the ring's end than a header, so a Wrap record always fits
     /// there (written here, durably); the waste counts against the free space.
     fn place(&mut self, payload_bytes: u32, reserve: u64) -> Result<Option<Placement>, JournalError> {
-        let capacity = self.superblock.capacity;
+        let Some(wraps) = self.room_for(payload_bytes, reserve) else { return Ok(None) };
         let size = format::record_ring_bytes(payload_bytes);
-        let header = RECORD_HEADER_BYTES as u64;
-        let wraps = self.tail + size + header > capacity;
-        let waste = if wraps { capacity - self.tail } else { 0 };
-        if self.free_bytes() < waste + size + reserve {
-            return Ok(None);
-        }
         if wraps {
             let wrap = RecordHeader {
                 kind: RecordKind::Wrap,
@@ -553,6 +611,22 @@ impl<F: Storage> Journal<F> {
         self.next_seq += 1;
         self.tail += size;
         Ok(Some(placement))
+    }
+
+    /// Whether a staged record of `payload_bytes` would fit now (`stage` would place it).
+    pub fn has_room(&self, payload_bytes: u32) -> bool {
+        self.room_for(payload_bytes, COMMIT_RESERVE_BYTES).is_some()
+    }
+
+    /// `Some(wraps)` if a record of `payload_bytes` fits with `reserve` bytes left after it:
+    /// whether it goes to the ring's start (the rest of the ring's end wasted: a record never
+    /// ends closer to the end than a header, so a Wrap record always fits there).
+    fn room_for(&self, payload_bytes: u32, reserve: u64) -> Option<bool> {
+        let capacity = self.superblock.capacity;
+        let size = format::record_ring_bytes(payload_bytes);
+        let wraps = self.tail + size + RECORD_HEADER_BYTES as u64 > capacity;
+        let waste = if wraps { capacity - self.tail } else { 0 };
+        (self.free_bytes() >= waste + size + reserve).then_some(wraps)
     }
 
     /// Ring bytes not holding a record still to read (from the head to the tail, wrapping).
@@ -582,64 +656,6 @@ impl<F: Storage> Journal<F> {
 
     fn overlaps_staged(&self, offset: u64, len: u64) -> bool {
         self.staged_extents.range(self.extents_of(offset, len)).next().is_some()
-    }
-
-    /// Applies every staged frame of a cut up to `cut` in ring order, syncs the image, and
-    /// moves the superblock's head to the first frame left (J2: from here the image is `cut`).
-    /// Returns the bytes applied.
-    fn apply_through(
-        &mut self,
-        cut: u64,
-        unix_ms: u64,
-        image: &impl Storage,
-        buffer: &mut [u8],
-    ) -> Result<u64, JournalError> {
-        let applying: Vec<Staged> = self.staged.iter().filter(|s| s.tag <= cut).copied().collect();
-        let applied = applying.iter().map(|s| s.image_len).sum();
-        for staged in &applying {
-            self.apply(staged, image, buffer)?;
-        }
-        image.sync().map_err(|source| JournalError::Image { what: "sync", offset: 0, source })?;
-        let left: Vec<Staged> = self.staged.iter().filter(|s| s.tag > cut).copied().collect();
-        self.clear_staged();
-        for staged in left {
-            self.push_staged(staged);
-        }
-        let sb = &mut self.superblock;
-        sb.committed_cut = cut;
-        sb.committed_unix_ms = unix_ms;
-        sb.inconsistent_until = match sb.inconsistent_until {
-            // A first sync: frames before this commit may be of the next cut (see `route`).
-            u64::MAX => cut + 1,
-            until if cut >= until => 0,
-            until => until,
-        };
-        let (head, head_seq) = self.staged.front().map_or((self.tail, self.next_seq), |s| (s.ring_at, s.seq));
-        sb.head = head;
-        sb.head_seq = head_seq;
-        self.write_superblock()?;
-        Ok(applied)
-    }
-
-    /// Writes one staged frame to the image, `buffer` at a time.
-    fn apply(&self, staged: &Staged, image: &impl Storage, buffer: &mut [u8]) -> Result<(), JournalError> {
-        let image_error = |what, offset| move |source| JournalError::Image { what, offset, source };
-        if staged.kind == RecordKind::Zeroes {
-            let unmap = staged.flags & FLAG_UNMAP != 0;
-            return image
-                .zero(staged.image_offset, staged.image_len, unmap)
-                .map_err(image_error("zeroing", staged.image_offset));
-        }
-        let mut done = 0;
-        while done < staged.image_len {
-            let len = (staged.image_len - done).min(buffer.len() as u64) as usize;
-            let chunk = &mut buffer[..len];
-            self.file.read_at(chunk, staged.payload_file_offset() + done).map_err(journal_error("read"))?;
-            let at = staged.image_offset + done;
-            image.write_at(chunk, at).map_err(image_error("write", at))?;
-            done += len as u64;
-        }
-        Ok(())
     }
 
     fn write_superblock(&mut self) -> Result<(), JournalError> {
@@ -674,6 +690,56 @@ impl<F: Storage> Journal<F> {
         self.tail = 0;
         self.write_superblock()
     }
+}
+
+/// What `inconsistent_until` becomes once cut `cut` is applied: a first sync's image is a cut
+/// from the commit after its first (frames before that first may be of the next cut: see
+/// `route`); an image inconsistent until a cut is consistent once that cut is applied.
+fn until_after(until: u64, cut: u64) -> u64 {
+    match until {
+        u64::MAX => cut + 1,
+        until if cut >= until => 0,
+        until => until,
+    }
+}
+
+/// Writes `job`'s frames from the journal `file` to `image`, `buffer` at a time, in order, then
+/// syncs the image. Free of the journal's state: an applier thread runs it on its own handles.
+pub fn apply_job(
+    file: &impl Storage,
+    job: &ApplyJob,
+    image: &impl Storage,
+    buffer: &mut [u8],
+) -> Result<(), JournalError> {
+    for staged in &job.frames {
+        apply_frame(file, staged, image, buffer)?;
+    }
+    image.sync().map_err(|source| JournalError::Image { what: "sync", offset: 0, source })
+}
+
+fn apply_frame(
+    file: &impl Storage,
+    staged: &Staged,
+    image: &impl Storage,
+    buffer: &mut [u8],
+) -> Result<(), JournalError> {
+    let image_error = |what, offset| move |source| JournalError::Image { what, offset, source };
+    if staged.kind == RecordKind::Zeroes {
+        let unmap = staged.flags & FLAG_UNMAP != 0;
+        return image
+            .zero(staged.image_offset, staged.image_len, unmap)
+            .map_err(image_error("zeroing", staged.image_offset));
+    }
+    let mut done = 0;
+    while done < staged.image_len {
+        let len = (staged.image_len - done).min(buffer.len() as u64) as usize;
+        let chunk = &mut buffer[..len];
+        file.read_at(chunk, staged.payload_file_offset() + done).map_err(journal_error("read"))?;
+        let at = staged.image_offset + done;
+        image.write_at(chunk, at).map_err(image_error("write", at))?;
+        done += len as u64;
+    }
+    Ok(())
 }
 
 /// The valid superblock slot of the higher generation, if any.
@@ -722,6 +788,7 @@ fn scan(file: &impl Storage, superblock: &Superblock, geometry: &Geometry) -> Re
                     image_offset: header.offset,
                     image_len,
                     ring_at: at,
+                    applying: false,
                 });
                 at += header.ring_bytes();
             }

@@ -165,6 +165,8 @@ struct Primary {
     acked_commit: u64,
     /// Seqs of staged frames the secondary acknowledged, with their tags.
     acked_staged: Vec<(u64, u64)>,
+    /// Commits acknowledged whose frames the applier has not written yet.
+    jobs: std::collections::VecDeque<ApplyJob>,
     counter: u64,
 }
 
@@ -179,6 +181,7 @@ impl Primary {
             issued: vec![0],
             acked_commit: 0,
             acked_staged: Vec::new(),
+            jobs: std::collections::VecDeque::new(),
             counter: 0,
         }
     }
@@ -263,7 +266,12 @@ fn receive(
         match journal.stage(RecordKind::Data, 0, &info, EXTENT as u32).map_err(to_io)? {
             Some(placement) => break placement,
             None => {
-                // Applied in place from here: durable on the image, not staged any more.
+                // The jobs out first (the session waits for its applier), then applied in
+                // place from here: durable on the image, not staged any more.
+                while let Some(job) = primary.jobs.pop_front() {
+                    apply_job(journal.file(), &job, image, buffer).map_err(to_io)?;
+                    journal.applied(&job).map_err(to_io)?;
+                }
                 primary.acked_staged.clear();
                 journal.overflow(image, buffer).map_err(to_io)?;
             }
@@ -286,8 +294,16 @@ fn step(
     rng: &mut Rng,
     buffer: &mut [u8],
 ) -> std::io::Result<()> {
-    match rng.below(10) {
+    let to_io = |e: JournalError| std::io::Error::other(e.to_string());
+    match rng.below(12) {
         0..=3 => primary.write(rng),
+        10 | 11 => {
+            // The applier: the oldest job handed out, applied on its own handles.
+            if let Some(job) = primary.jobs.pop_front() {
+                apply_job(journal.file(), &job, image, buffer).map_err(to_io)?;
+                journal.applied(&job).map_err(to_io)?;
+            }
+        }
         4..=6 => {
             let needed = primary.needed();
             if let Some(&x) = needed.get(rng.below(needed.len().max(1) as u64) as usize) {
@@ -301,9 +317,11 @@ fn step(
             let clean = !primary.written_this_epoch.iter().any(|&w| w) || rng.below(2) == 0;
             if primary.needed().is_empty() && clean && primary.issued.last() != Some(&cut) {
                 primary.issued.push(cut);
-                journal
-                    .commit(cut, cut * 1000, image, buffer)
-                    .map_err(|e| std::io::Error::other(e.to_string()))?;
+                if rng.below(2) == 0 && primary.jobs.is_empty() {
+                    journal.commit(cut, cut * 1000, image, buffer).map_err(to_io)?;
+                } else if let Some(job) = journal.commit_record(cut, cut * 1000).map_err(to_io)? {
+                    primary.jobs.push_back(job); // acknowledged now, applied later
+                }
                 primary.acked_commit = cut;
             }
         }
