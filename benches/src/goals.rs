@@ -17,11 +17,12 @@ type GoalsOf = fn(&Value) -> Vec<Goal>;
 
 /// The markdown table of every goal whose scenario has results.
 pub fn table(results: &serde_json::Map<String, Value>) -> String {
-    let scenarios: [(&str, GoalsOf); 4] = [
+    let scenarios: [(&str, GoalsOf); 5] = [
         ("tracker-overhead", tracker_overhead),
         ("ship-throughput", ship_throughput),
         ("resync", resync),
         ("export-latency", export_latency),
+        ("cuts", cuts),
     ];
     let mut goals = Vec::new();
     for (name, check) in scenarios {
@@ -128,6 +129,31 @@ fn resync(r: &Value) -> Vec<Goal> {
         }
     }
     goals
+}
+
+fn cuts(r: &Value) -> Vec<Goal> {
+    let latency = r["latency"].as_array().cloned().unwrap_or_default();
+    let every_second =
+        latency.iter().find(|l| l["interval_ms"] == 1000).map_or(f64::NAN, |l| f(&l["ratio_to_no_cuts"]));
+    let points = r["recovery_point"].as_array().cloned().unwrap_or_default();
+    let half = points
+        .iter()
+        .find(|p| (f(&p["load"]) - 0.5).abs() < 1e-9)
+        .map_or(f64::NAN, |p| f(&p["cut_age_p99_ms"]));
+    vec![
+        Goal {
+            what: "cuts every 1 s: application write p99 within 5% of no cuts",
+            value: every_second,
+            measured: format!("{every_second:.3}x"),
+            met: every_second <= 1.05,
+        },
+        Goal {
+            what: "cuts every 100 ms: recovery point p99 under 1 s at 50% load",
+            value: half,
+            measured: format!("{half:.0} ms"),
+            met: half < 1000.0,
+        },
+    ]
 }
 
 fn export_latency(r: &Value) -> Vec<Goal> {

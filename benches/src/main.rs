@@ -2,6 +2,7 @@
 //! baseline in the same run, alternating rounds so drift in the machine hits both sides alike,
 //! and reports ratios. Results go to `bench/results/<date>.json` and `<date>.md`.
 
+mod cuts;
 mod export_latency;
 mod fio;
 mod goals;
@@ -21,7 +22,7 @@ use clap::Parser;
 #[command(about = "replicator benchmarks; each scenario runs with its baseline")]
 struct Args {
     /// Scenarios to run (default: all). Known: tracker-overhead, ship-throughput, resync, lag,
-    /// verify, export-latency.
+    /// verify, export-latency, cuts.
     scenarios: Vec<String>,
     /// Seconds per fio round.
     #[arg(long, default_value_t = 8)]
@@ -38,8 +39,8 @@ struct Args {
 /// relative to the workspace root (`cargo xtask bench` runs the harness there).
 const BENCHMARKS_DOC: &str = "docs/benchmarks.md";
 
-const SCENARIOS: [&str; 6] =
-    ["tracker-overhead", "ship-throughput", "resync", "lag", "verify", "export-latency"];
+const SCENARIOS: [&str; 7] =
+    ["tracker-overhead", "ship-throughput", "resync", "lag", "verify", "export-latency", "cuts"];
 
 fn main() -> anyhow::Result<()> {
     if let Some(outcome) = round_trip::dispatch(&std::env::args().collect::<Vec<_>>()) {
@@ -72,6 +73,7 @@ fn main() -> anyhow::Result<()> {
             "lag" => lag::run(binary.as_deref().expect("resolved above"))?,
             "verify" => resync::run_verify(binary.as_deref().expect("resolved above"))?,
             "export-latency" => export_latency::run(binary.as_deref().expect("resolved above"))?,
+            "cuts" => cuts::run(binary.as_deref().expect("resolved above"))?,
             other => bail!("unknown scenario {other:?}; known: {}", SCENARIOS.join(", ")),
         };
         // Stamped, so that a table kept from an earlier run of the day says so.
